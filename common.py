@@ -57,6 +57,13 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`error: ...`), exit code 2, not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(cls, argv: list[str] | None = None, description: str | None = None):
     """Build an argparse parser from a dataclass `Args` and return a filled instance.
 
@@ -66,7 +73,7 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
     """
     docs = _field_docs(cls)
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         tp, optional = hints[f.name], False
@@ -210,10 +217,12 @@ def _fmt(v) -> str:
 #####################################################################################################
 
 
-def read_jsonl(path: str | Path, required: tuple[str, ...] = (), flag: str = "--data") -> list[dict]:
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (), flag: str = "--data",
+               validate=None) -> list[dict]:
     """Read a JSONL file: one JSON object per non-blank line, each with the `required` keys.
 
-    A bad line raises `UsageError("FILE:LINE: reason")`, so the user can open the file there.
+    `validate(row)` may return a reason why a row is unusable (else None). A bad line raises
+    `UsageError("FILE:LINE: reason")`, so the user can open the file there.
     """
     p = Path(path)
     check(p.is_file(), f"{flag} {p}: no such file")
@@ -229,6 +238,8 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), flag: str = "--
             check(isinstance(row, dict), f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
             missing = [k for k in required if k not in row]
             check(not missing, f"{p}:{n}: missing key(s) {', '.join(map(repr, missing))}")
+            reason = validate(row) if validate is not None else None
+            check(reason is None, f"{p}:{n}: {reason}")
             rows.append(row)
     check(len(rows) > 0, f"{flag} {p}: the file holds no rows")
     return rows
@@ -333,6 +344,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
                                    and not Path(name_or_path).exists() and name_or_path.count("/") != 1):
         check(Path(name_or_path).expanduser().exists(), f"--model {name_or_path}: no such folder")
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars on stderr, which is for errors
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -388,6 +400,9 @@ def tiny_model_path(quiet: bool = False) -> Path:
         return path
     import shutil
     import tempfile
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     t0 = time.time()
     if not quiet:
         print(f"building the embedded model 'tiny' (once) into {path}", flush=True)
@@ -564,23 +579,29 @@ def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT) -> tuple[list
     fifth of the file) are held out."""
     if data is None:
         return arithmetic_task()
-    rows = read_jsonl(data, required=("prompt", "answer"))
-    for n, r in enumerate(rows, 1):
-        check(isinstance(r["prompt"], str) and r["prompt"] != "",
-              f"{data}: row {n}: 'prompt' must be a non-empty string")
-        check(parse_number(str(r["answer"])) is not None,
-              f"{data}: row {n}: 'answer' {r['answer']!r} is not a number")
+    def why_bad(r):
+        if not isinstance(r["prompt"], str) or r["prompt"] == "":
+            return "'prompt' must be a non-empty string"
+        if parse_number(str(r["answer"])) is None:
+            return f"'answer' {r['answer']!r} is not a number"
+        return None
+    rows = read_jsonl(data, required=("prompt", "answer"), validate=why_bad)
+    for r in rows:
         r["answer"] = str(r["answer"])
     check(len(rows) >= 2, f"--data {data}: need at least 2 rows (train and held-out)")
     k = max(1, min(heldout_size, len(rows) // 5))
     return rows[:-k], rows[-k:]
 
 
-def parse_number(s: str) -> float | None:
-    """'1,234' -> 1234.0, '-3.5' -> -3.5, anything else -> None."""
+def parse_number(s: str):
+    """'1,234' -> 1234, '-3.5' -> -7/2, anything else -> None. An exact `Fraction`, so that two
+    long integers that differ in the last digit never compare equal (as floats they could)."""
     import re
+    from fractions import Fraction
     s = s.strip().replace(",", "")
-    return float(s) if re.fullmatch(r"-?\d+(\.\d+)?", s) else None
+    if len(s) > 200:  # no answer is that long; Python also refuses int() of > 4300 digits
+        return None
+    return Fraction(s) if re.fullmatch(r"-?\d+(\.\d+)?", s) else None
 
 
 def score(completion: str, answer: str, finished: bool, strict: bool = True) -> float:
@@ -634,3 +655,280 @@ def digit_step_rewards(completion_ids: torch.Tensor, comp_mask: torch.Tensor,
         target[i, :n] = torch.tensor(t[:n], dtype=torch.long)
     hit = (completion_ids == target) & comp_mask.bool()  # [B, T]
     return hit.float()  # [B, T]
+
+
+#####################################################################################################
+#####  the preference task: a hidden gold reward, the embedded SFT policy `tiny-pref`, noisy pairs
+#####################################################################################################
+#
+# Used by reward_model.py and dpo.py (and ppo.py). Real human labels cannot be used offline, so this
+# synthetic task keeps what matters about them (notes `003`, "Training the reward model"): every
+# text has a true scalar reward, which nobody observes; an annotator compares two texts and prefers
+# one with the Bradley–Terry probability P(a ≻ b) = σ(r_gold(a) − r_gold(b)), so the labels are
+# noisy. The gold reward is used only to label pairs and to evaluate, never to train.
+#
+#   prompt      "the hotel"                      (one of the PREF_TOPICS)
+#   completion  "was really great but the staff was rude"      (sampled from the SFT policy)
+#   r_gold      #positive words − #negative words − 0.5 · max(0, #words − 15)      = 1 − 1 = 0
+#
+# `tiny-pref` is the SFT policy: a word-level Llama-style model (built in code, like `tiny`), fitted
+# to a small grammar of short reviews whose adjectives are positive, negative or neutral at random,
+# so its samples have a mean gold reward near 0 and a lot of room to improve (the best texts the
+# grammar allows score +3). The preference pairs are two samples of that policy for one prompt,
+# written as JSONL {"prompt", "chosen", "rejected"}, the format of TRL and of public preference
+# datasets; `--data FILE.jsonl` swaps in a user's own file of that format.
+
+PREF_POSITIVE = ("great", "good", "lovely", "excellent", "wonderful", "nice", "perfect", "amazing",
+                 "friendly", "fun")
+PREF_NEGATIVE = ("bad", "awful", "terrible", "poor", "boring", "rude", "dirty", "slow", "broken",
+                 "horrible")
+PREF_NEUTRAL = ("ok", "small", "big", "new", "old", "loud", "quiet", "cheap", "busy", "simple")
+PREF_INTENSIFIERS = ("very", "really", "quite", "so")
+PREF_TOPICS = ("hotel", "food", "movie", "book", "phone", "car", "city", "beach", "show", "class",
+               "team", "coffee", "pizza", "park", "trip", "game", "song", "laptop", "museum", "bus")
+PREF_ASPECTS = ("price", "staff", "view", "ending", "start", "story", "sound", "owner", "menu",
+                "screen", "seat", "music")
+PREF_VERBS = ("was", "looked", "felt", "seemed")
+GOLD_FREE_WORDS = 15  # a completion of up to this many words pays no length cost (the grammar's longest)
+GOLD_LENGTH_COST = 0.5  # gold reward lost per word beyond GOLD_FREE_WORDS
+
+# The embedded SFT policy and its preference data. Changing anything here changes the folder name,
+# so old caches are not reused.
+TINY_PREF = dict(version=1, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, sft_batch=64, sft_lr=3e-3, sft_steps=200,
+                 train_pairs=4000, heldout_pairs=1000, max_new_tokens=20, seed=0)
+PREF_HELDOUT = 1000  # held-out pairs of a --data file: at most this many, and at most a fifth
+
+
+def gold_reward(text: str) -> float:
+    """The hidden gold reward of a completion (sentiment from word lists, with a length cost):
+
+        r_gold(y) = #{words of y in PREF_POSITIVE} − #{words in PREF_NEGATIVE}
+                    − GOLD_LENGTH_COST · max(0, #words − GOLD_FREE_WORDS)
+
+    Words are split on white space and lower-cased. The length cost stops a policy from gaming the
+    count by writing ever longer lists of positive words: past 15 words, every word costs 0.5.
+    >>> gold_reward("was really great but the staff was rude"), gold_reward("was great and the view was nice")
+    (0.0, 2.0)
+    """
+    words = text.lower().split()
+    pos = sum(w in PREF_POSITIVE for w in words)
+    neg = sum(w in PREF_NEGATIVE for w in words)
+    return float(pos - neg) - GOLD_LENGTH_COST * max(0, len(words) - GOLD_FREE_WORDS)
+
+
+def sample_review(rng: np.random.Generator) -> tuple[str, str]:
+    """One (prompt, completion) of the SFT grammar, the text `tiny-pref` is fitted to:
+
+        prompt      the TOPIC
+        completion  VERB [INTENSIFIER] ADJ  { and|but the ASPECT was [INTENSIFIER] ADJ }   (0-2 times)
+
+    with 1, 2 or 3 clauses (probabilities 0.3, 0.4, 0.3), an intensifier with probability 0.3, and
+    each adjective positive, negative or neutral with probabilities 0.4, 0.4, 0.2. So the gold
+    reward of a text runs from −3 to +3, with mean 0.
+    """
+    def pick(seq):
+        return seq[rng.integers(len(seq))]
+    words: list[str] = []
+    for k in range(rng.choice(3, p=[0.3, 0.4, 0.3]) + 1):
+        if k > 0:
+            words += [pick(("and", "but")), "the", pick(PREF_ASPECTS), "was"]
+        else:
+            words.append(pick(PREF_VERBS))
+        if rng.random() < 0.3:
+            words.append(pick(PREF_INTENSIFIERS))
+        words.append(pick((PREF_POSITIVE, PREF_NEGATIVE, PREF_NEUTRAL)[rng.choice(3, p=[0.4, 0.4, 0.2])]))
+    return f"the {pick(PREF_TOPICS)}", " ".join(words)
+
+
+def build_word_tokenizer():
+    """A word-level tokenizer built in code: <pad>=0, <eos>=1, <unk>=2, then every word of the
+    grammar. Text is split on white space; decoding joins the words with single spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(PREF_POSITIVE + PREF_NEGATIVE + PREF_NEUTRAL + PREF_INTENSIFIERS + PREF_TOPICS
+                       + PREF_ASPECTS + PREF_VERBS + ("the", "and", "but")))
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`tiny` and `tiny-pref` (the embedded models, built on first use) -> their cached folder;
+    anything else is returned unchanged, for `load_model`."""
+    if name_or_path == "tiny":
+        return str(tiny_model_path())
+    if name_or_path == "tiny-pref":
+        return str(tiny_pref_model_path())
+    return name_or_path
+
+
+def tiny_pref_model_path(quiet: bool = False) -> Path:
+    """Folder of the embedded SFT policy `tiny-pref` and its preference pairs (`pairs_train.jsonl`,
+    `pairs_heldout.jsonl`), built on first use (seconds on 2 CPU cores). Like `tiny_model_path`,
+    the build is deterministic and written to a temporary folder that is then renamed."""
+    key = "-".join(f"{v}" for v in TINY_PREF.values())
+    path = cache_root() / f"tiny-pref-{key}"
+    if (path / "config.json").exists() and (path / "pairs_heldout.jsonl").exists():
+        return path
+    import shutil
+    import tempfile
+    t0 = time.time()
+    if not quiet:
+        print(f"building the embedded model 'tiny-pref' and its preference pairs (once) into {path}",
+              flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-tiny-pref-"))
+    info = build_tiny_pref(tmp)
+    (tmp / "build.json").write_text(json.dumps({**TINY_PREF, **info,
+                                                "build_seconds": round(time.time() - t0, 1)}, indent=1))
+    try:
+        tmp.rename(path)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not quiet:
+        print(f"built 'tiny-pref' in {time.time() - t0:.1f}s: samples' mean gold reward "
+              f"{info['sample_gold_mean']:+.2f} (std {info['sample_gold_std']:.2f}), pair-label "
+              f"ceiling {info['heldout_ceiling']:.3f}", flush=True)
+    return path
+
+
+def build_tiny_pref(folder: Path) -> dict:
+    """Fit `tiny-pref` to the grammar of `sample_review` (next-token NLL on the completion and its
+    EOS, a fixed number of steps), save it into `folder`, then sample the preference pairs from it
+    and write them there as JSONL. Returns facts for build.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = TINY_PREF
+    state = torch.random.get_rng_state()
+    torch.manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"])
+    tok = build_word_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_attention_heads"], max_position_embeddings=64,
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=None))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg["sft_steps"])
+    for _ in range(cfg["sft_steps"]):
+        prompts, completions = zip(*(sample_review(rng) for _ in range(cfg["sft_batch"])))
+        ids, mask, c_mask, T = encode_prompt_completion(tok, prompts, completions)
+        logp, _ = token_logprobs(model, ids, mask, T)  # [B, T]
+        loss = -masked_mean(logp, c_mask)  # next-token NLL on the completion and its EOS
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+    facts = {"sft_final_nll": round(loss.item(), 4)}
+    for split, n, seed in (("train", cfg["train_pairs"], cfg["seed"] + 1),
+                           ("heldout", cfg["heldout_pairs"], cfg["seed"] + 2)):
+        pairs, golds = sample_preference_pairs(model, tok, n, seed, cfg["max_new_tokens"])
+        with open(folder / f"pairs_{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in pairs)
+        facts[f"{split}_ceiling"] = round(ceiling_accuracy(pairs), 4)
+        if split == "heldout":
+            facts.update(sample_gold_mean=round(float(np.mean(golds)), 4),
+                         sample_gold_std=round(float(np.std(golds)), 4))
+    torch.random.set_rng_state(state)
+    return facts
+
+
+@torch.no_grad()
+def sample_preference_pairs(model, tokenizer, n_pairs: int, seed: int, max_new_tokens: int = 20,
+                            batch_size: int = 1000) -> tuple[list[dict], list[float]]:
+    """`n_pairs` preference pairs labelled like annotators: for a prompt x (a random topic), two
+    completions a, b ~ π_SFT(·|x) at temperature 1, then a ≻ b with the Bradley–Terry probability
+
+        P(a ≻ b) = σ(r_gold(a) − r_gold(b))
+
+    (a coin flip, so about one label in four goes against the gold reward). Pairs where a == b, or
+    where a sample did not finish within `max_new_tokens`, are dropped and drawn again. Returns the
+    rows {"prompt", "chosen", "rejected"} and the gold rewards of all kept samples."""
+    rng = np.random.default_rng(seed)
+    pairs: list[dict] = []
+    golds: list[float] = []
+    with torch.random.fork_rng(devices=[]):  # sampling reseeds torch's CPU RNG; the caller's is kept
+        torch.manual_seed(seed)
+        while len(pairs) < n_pairs:
+            prompts = [f"the {PREF_TOPICS[i]}" for i in rng.integers(len(PREF_TOPICS), size=batch_size)]
+            *_, texts, finished = generate_text(model, tokenizer, [p for p in prompts for _ in (0, 1)],
+                                                max_new_tokens)  # two samples per prompt, consecutive
+            for i, x in enumerate(prompts):
+                a, b = texts[2 * i], texts[2 * i + 1]
+                if a == b or not (finished[2 * i] and finished[2 * i + 1]) or len(pairs) == n_pairs:
+                    continue
+                p_a = 1.0 / (1.0 + np.exp(-(gold_reward(a) - gold_reward(b))))  # σ(r(a) − r(b))
+                a_wins = rng.random() < p_a
+                pairs.append({"prompt": x, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
+                golds += [gold_reward(a), gold_reward(b)]
+    return pairs, golds
+
+
+def ceiling_accuracy(pairs: list[dict]) -> float:
+    """How often the gold reward itself agrees with the labels: the mean over pairs of
+    1[r_gold(chosen) > r_gold(rejected)] + ½·1[equal]. The labels are drawn from σ(Δr_gold), so the
+    best any predictor can do on average is to side with the gold reward: no reward model beats
+    this number except by chance."""
+    agree = [float(np.sign(gold_reward(p["chosen"]) - gold_reward(p["rejected"]))) for p in pairs]
+    return float(np.mean([(a + 1) / 2 for a in agree]))  # +1 -> 1, 0 (a tie) -> ½, −1 -> 0
+
+
+def read_preference_jsonl(path: str | Path, flag: str = "--data") -> list[dict]:
+    """Read preference pairs: JSONL lines {"prompt": str, "chosen": str, "rejected": str} (other
+    keys are ignored). A bad line raises `UsageError("FILE:LINE: reason")`: a missing key, a value
+    that is not a string, an empty prompt or completion, or a chosen equal to its rejected."""
+    def why_bad(r):
+        for k in ("prompt", "chosen", "rejected"):
+            if not isinstance(r[k], str):
+                return f"{k!r} must be a string, got {type(r[k]).__name__}"
+            if r[k].strip() == "":
+                return f"{k!r} is empty"
+        if r["chosen"] == r["rejected"]:
+            return "'chosen' and 'rejected' are the same text, so the pair says nothing"
+        return None
+    rows = read_jsonl(path, required=("prompt", "chosen", "rejected"), flag=flag, validate=why_bad)
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+
+
+def load_preferences(data: str | None, heldout_size: int = PREF_HELDOUT) -> tuple[list[dict], list[dict]]:
+    """(train, heldout) preference pairs. No `--data`: the built-in task's pairs, sampled from
+    `tiny-pref` (4,000 train, 1,000 held out). With `--data FILE.jsonl`: the last `heldout_size` rows
+    (at most a fifth of the file) are held out."""
+    if data is None:
+        path = tiny_pref_model_path()
+        return (read_preference_jsonl(path / "pairs_train.jsonl"),
+                read_preference_jsonl(path / "pairs_heldout.jsonl"))
+    rows = read_preference_jsonl(data)
+    check(len(rows) >= 2, f"--data {data}: need at least 2 pairs (train and held-out)")
+    k = max(1, min(heldout_size, len(rows) // 5))
+    return rows[:-k], rows[-k:]
+
+
+def encode_prompt_completion(tokenizer, prompts, completions, device=None):
+    """Tokenize (prompt, completion) text for scoring: [left-padded prompt | completion + EOS,
+    right-padded]. The prompt and the completion are tokenized separately (no special tokens added),
+    and EOS is appended to every completion, so a completion ends the way a sampled one does.
+
+    Returns input_ids, attention_mask [B, P+T], the completion mask [B, T] (1 on the completion's
+    tokens and its EOS) and T. The mask comes from the lengths, so it is right even when the pad
+    token equals the EOS token.
+    """
+    p_ids, p_mask = left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts],
+                             tokenizer.pad_token_id, device)  # [B, P]
+    comps = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id] for c in completions]
+    T = max(map(len, comps))
+    c_ids = torch.tensor([c + [tokenizer.pad_token_id] * (T - len(c)) for c in comps],
+                         dtype=torch.long, device=device)  # [B, T]
+    c_mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in comps], dtype=torch.long,
+                          device=device)  # [B, T]
+    ids, mask = concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
+    return ids, mask, c_mask, T

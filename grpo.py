@@ -261,7 +261,6 @@ def train(args: Args) -> dict:
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     dtype = common.pick_dtype(device, args.dtype)
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("grpo", args.seed), args.overwrite)
     train_rows, heldout = common.load_task(args.data)
     heldout = heldout[: args.eval_size]
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
@@ -271,6 +270,8 @@ def train(args: Args) -> dict:
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     ref = common.load_model(args.model, device, dtype, trainable=False)[0] if args.beta > 0 else None
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    # the run folder is made only once the flags, the data and the model have all been accepted
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("grpo", args.seed), args.overwrite)
 
     def lr_factor(step: int) -> float:  # step counts from 0; multiplies --lr
         if step < args.warmup_steps:

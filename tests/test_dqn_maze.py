@@ -12,6 +12,7 @@ Actions are 0 up, 1 down, 2 left, 3 right; a move into an edge or a wall leaves 
 from __future__ import annotations
 
 import copy
+import doctest
 import json
 
 import numpy as np
@@ -84,8 +85,14 @@ def test_td_target_by_hand():
     # Terminal: the future is cut off, y = r = 10 (next_q = 5 is ignored).
     assert D.td_target(10.0, 5.0, True, GAMMA) == pytest.approx(10.0)
     # The same two as a torch batch, with done as a float as the replay buffer stores it.
-    y = D.td_target(torch.tensor([1.0, 10.0]), torch.tensor([5.0, 5.0]), torch.tensor([0.0, 1.0]), GAMMA)
+    reward, next_q, done = torch.tensor([1.0, 10.0]), torch.tensor([5.0, 5.0]), torch.tensor([0.0, 1.0])
+    y = D.td_target(reward, next_q, done, GAMMA)
     assert torch.allclose(y, torch.tensor([5.5, 10.0]))
+
+
+def test_docstring_examples_are_true():
+    # td_target's docstring shows two worked examples; doctest runs them.
+    assert doctest.testmod(D).failed == 0
 
 
 def test_double_dqn_next_q_by_hand():
@@ -178,8 +185,8 @@ def test_target_network_is_fixed_between_syncs_and_equal_after_one():
     frozen = copy.deepcopy(target_net.state_dict())
     opt = torch.optim.Adam(q_net.parameters(), lr=1e-2)
     obs = torch.eye(6)[torch.tensor([0, 1, 2, 3])]
-    actions, rewards, dones = torch.tensor([3, 3, 1, 0]), torch.tensor([0.0, 0.0, 10.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0])
-    next_obs = torch.eye(6)[torch.tensor([1, 2, 5, 0])]
+    actions, next_obs = torch.tensor([3, 3, 1, 0]), torch.eye(6)[torch.tensor([1, 2, 5, 0])]
+    rewards, dones = torch.tensor([0.0, 0.0, 10.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0])
     for _ in range(5):  # five gradient steps, no sync
         with torch.no_grad():
             y = D.td_target(rewards, target_net(next_obs).max(dim=-1).values, dones, GAMMA)
@@ -249,7 +256,8 @@ def test_malformed_maze_via_cli_exits_2_with_one_line(tmp_path, run_script):
     r = run_script("dqn_maze.py", "--maze", str(bad), "--out-dir", str(out), timeout=120)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: {bad}:2: ragged rows: this row has 2 cells, line 1 has 3"]
+    expected = f"error: {bad}:2: ragged rows: this row has 2 cells, line 1 has 3"
+    assert r.stderr.strip().splitlines() == [expected]
     assert not out.exists()  # the maze is checked before a run folder is made
 
 
@@ -273,7 +281,8 @@ def test_short_run_writes_metrics_summary_and_weights(tmp_path, run_script):
     assert any("tabular/max_q_error" in row for row in rows)
     summary = json.loads((out / "summary.json").read_text())
     for learner in ("tabular", "dqn"):
-        assert {"max_q_error", "optimal_everywhere", "env_steps", "wall_seconds"} <= set(summary[learner])
+        keys = {"max_q_error", "optimal_everywhere", "env_steps", "steps_to_optimal", "wall_seconds"}
+        assert keys <= set(summary[learner])
         assert summary[learner]["env_steps"] == 300
     assert summary["config"]["double_dqn"] is True
     net = D.q_network(9, 4, summary["config"]["hidden"])

@@ -32,7 +32,7 @@ def random_llama(seed: int = 0, vocab: int = 32):
 
 
 def batch_with_different_lengths():
-    """A group of 4 completions of one prompt (and a second prompt), lengths 4, 2, 3, 1.
+    """Two prompts with two completions each (B = 4), of lengths 4, 2, 3 and 1.
     Returns ids, mask [B, P+T], completion mask [B, T], T."""
     p_ids, p_mask = common.left_pad([[5, 6, 7], [5, 6, 7], [8, 9], [8, 9]], 0)  # [4, 3]
     c_ids = torch.tensor([[10, 11, 12, 1], [13, 1, 0, 0], [14, 15, 1, 0], [1, 0, 0, 0]])  # [4, 4]

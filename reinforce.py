@@ -1,0 +1,476 @@
+"""REINFORCE: the policy gradient itself, with every Ψ_t of the notes, on a verifiable task (RLVR).
+
+Notes: `000_e75205f5b80b652d.txt` and `001_f61164bbf1e6de76.txt`, "Policy gradient" (the
+log-derivative trick, the estimator ĝ, and the loss with "THERE IS NO MEANING");
+`002_53ad65790e79eb4c.txt` §4.4, "Variants of the Basic Policy Gradient" (the choices of Ψ_t);
+`004_e77bb721393eb42b.txt`, "Policy Gradient Algorithm" (reward-to-go by causality, "Why is the
+Baseline Unbiased?"), "REINFORCE" (its variance), and "PPO's Advantage Estimator" (the per-token
+RLHF reward with the sequence's reward added at the terminal token).
+
+State s_t = the prompt x and the tokens generated so far y_<t; action a_t = the next token y_t; the
+episode ends with EOS (or at --max-new-tokens). Every token earns a reward:
+
+    r_t = −β (log π_θ(y_t|s_t) − log π_ref(y_t|s_t))      on every completion token (KL shaping)
+        + score(x, y)                                     on the last completion token only
+
+The task's score (1 if the answer is exactly right, else 0) lands on the LAST completion token,
+t = |y| − 1: the EOS when there is one, i.e. the action that ends the episode, since the score
+depends on the whole of y. A completion cut off at the token limit has no EOS and scores 0, so
+only its KL terms remain. The KL terms are rewards like any other: computed from the sampled
+tokens, with no gradient through them. (Their score-function gradient is still the exact gradient
+of −β·KL, because E[∇ log π] = 0; see "Why is the Baseline Unbiased?".)
+
+    for step = 1 .. steps:
+        draw `prompts_per_step` prompts x; sample K completions y ~ π_θ(·|x) of each       (KV cache)
+        r_t as above (π_ref is loaded and run only when β > 0)                             [B, T]
+        G_t  = Σ_{k=t}^{|y|−1} γ^{k−t} r_k                  reward-to-go
+        R(τ) = Σ_t γ^t r_t = G_0                            return
+        Ψ_t  = R(τ) − b   (--psi return)   or   G_t − b   (--psi reward-to-go)
+               b = 0 (--baseline none),  mean of R over the batch (mean),
+                   or (Σ_j R_j − R_i)/(K−1) over the K samples of the same prompt (rloo)
+        L    = −1/|D| Σ_τ Σ_t log π_θ(a_t|s_t) Ψ_t            the pseudo-loss: ∇_θ L = −ĝ
+        θ ← θ − lr ∇_θ L                                                                 (AdamW)
+        every `eval_every` steps: held-out greedy accuracy
+
+γ, the discount. The episode is at most --max-new-tokens long, so γ = 1 (the default, the notes'
+finite-horizon return) is well defined, and then `return` and `reward-to-go` have the same
+expected gradient: the terms they differ by, ∇log π(a_t|s_t)·r_k for k < t, average to 0
+(causality). With γ < 1, the score reaches token t only as γ^{|y|−1−t}·score, so early tokens of
+long answers get less credit; and the two Ψ no longer estimate the same thing: `return` is the
+unbiased gradient of J_γ = E[Σ_t γ^t r_t], while G_t as the notes write it (and as most code does)
+drops the factor γ^t that ∇J_γ puts on step t (Thomas, 2014; Nota and Thomas, 2020).
+
+Variance. Every Ψ_t above gives the same expected gradient (up to the (1 − 1/B) factor of the
+batch mean, which includes each sample's own return); they differ in the variance of ĝ. The run
+logs two measures each step: `policy/grad_var`, an estimate of tr Cov(ĝ) from the gradients of the
+two halves of the batch, and `psi/second_moment`, E[Ψ²], the cheap proxy (the variance of ĝ grows
+with E[Ψ² ‖∇log π‖²]; Var(Ψ) would be the wrong proxy, since subtracting a constant leaves it unchanged).
+
+Run:
+    python reinforce.py                                  # embedded `tiny` model, arithmetic, CPU, minutes
+    python reinforce.py --psi return --baseline none     # the notes' basic policy gradient, Ψ = R(τ)
+    python reinforce.py --baseline mean                  # reward-to-go minus the batch mean
+    python reinforce.py --beta 0                         # no KL shaping, no reference model
+    python reinforce.py --model Qwen/Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --chat-template \\
+        --max-new-tokens 256 --prompts-per-step 8 --samples-per-prompt 8 --lr 1e-6 \\
+        --micro-batch 16 --no-grad-var                   # one GPU
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+import common
+from common import check, masked_mean, masked_sum
+
+PSI = ("return", "reward-to-go")
+BASELINES = ("none", "mean", "rloo")
+
+
+@dataclass
+class Args:
+    model: str = "tiny"
+    """--model NAME_OR_PATH: a Hugging Face causal LM folder (or hub name, if cached), or `tiny`,
+    the embedded default that is built on first use"""
+    data: Optional[str] = None
+    """JSONL file with {"prompt", "answer"} lines (e.g. a GSM8K export), scored by the last number
+    in the completion; default: the built-in arithmetic task, scored strictly"""
+    chat_template: bool = False
+    """wrap each prompt in the tokenizer's chat template (for instruct models)"""
+    out_dir: Optional[str] = None
+    """run folder for metrics.jsonl, summary.json and the final model; default
+    runs/reinforce__s<seed>__<time>"""
+    overwrite: bool = False
+    """allow --out-dir to name a folder that already holds a run"""
+    seed: int = 1
+    """seed of Python's random, numpy and torch (sampling included)"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16"""
+
+    psi: str = "reward-to-go"
+    """Ψ_t, what multiplies ∇log π(a_t|s_t) (notes 002 §4.4): `return` (the whole R(τ), the same
+    for every token) or `reward-to-go` (G_t, the rewards from t on)"""
+    baseline: str = "rloo"
+    """b, subtracted from Ψ_t: `none`, `mean` (the batch mean of R(τ)) or `rloo` (the mean R(τ)
+    of the other K−1 samples of the same prompt; needs K ≥ 2)"""
+    gamma: float = 1.0
+    """γ, the discount in G_t and R(τ), in [0, 1]; 1 is the finite-horizon return (the episode ends
+    within --max-new-tokens), < 1 discounts the score for the early tokens of long answers"""
+    beta: float = 0.05
+    """β, the weight of the per-token KL penalty r_t = −β(log π − log π_ref) (RLHF uses 0.01..0.1);
+    0 skips the reference model entirely"""
+
+    steps: int = 1000
+    """number of REINFORCE steps (each: generate, score, one optimiser step)"""
+    prompts_per_step: int = 16
+    """prompts x per step; the batch D holds prompts_per_step × K completions"""
+    samples_per_prompt: int = 8
+    """K, completions sampled per prompt (≥ 2 for --baseline rloo; the RLOO paper uses 2..4)"""
+    max_new_tokens: int = 4
+    """completion token limit (4 fits a 3-digit sum and EOS; ~256+ for GSM8K)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs (and the KL) are taken of the same tempered distribution"""
+    lr: float = 1e-3
+    """peak learning rate of AdamW (tiny: 3e-4..1e-3, 3e-3 collapses it; a 0.5B model: ~1e-6)"""
+    warmup_steps: int = 20
+    """steps of linear learning-rate warm-up from 0 (Adam's first steps are sign-like and large)"""
+    lr_schedule: Literal["constant", "linear"] = "linear"
+    """after warm-up: keep the rate (constant) or decay it linearly to 0 at the last step (linear)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this value (0 disables)"""
+    micro_batch: Optional[int] = None
+    """completions per forward/backward pass (gradient accumulation); default: the whole batch"""
+    grad_var: bool = True
+    """estimate tr Cov(ĝ) each step from the gradients of the two halves of the batch (keeps one
+    extra copy of the gradient; --no-grad-var on big models)"""
+
+    eval_every: int = 100
+    """steps between held-out greedy evaluations"""
+    eval_size: int = 500
+    """held-out prompts per evaluation"""
+    log_every: int = 50
+    """steps between printed lines (every step is written to metrics.jsonl)"""
+    save_model: bool = True
+    """save the final policy with save_pretrained into <out-dir>/model"""
+
+
+#####################################################################################################
+#####  the maths: rewards, Ψ_t and the pseudo-loss (pure functions, no state, only torch)
+#####################################################################################################
+
+
+def per_token_rewards(scores: torch.Tensor, mask: torch.Tensor, log_ratio: torch.Tensor | None = None,
+                      beta: float = 0.0) -> torch.Tensor:
+    """The reward of every completion token (notes 004, "PPO's Advantage Estimator").  -> [B, T]
+
+    scores: [B], the task's score of each completion. mask: [B, T], 1 on completion tokens up to and
+    including the first EOS. log_ratio: [B, T], log π_θ(y_t|s_t) − log π_ref(y_t|s_t) of the sampled
+    tokens (no gradient), or None when β = 0.
+        r_t  = −β (log π_θ(y_t|s_t) − log π_ref(y_t|s_t))       for t < |y|
+        r_t += score(x, y)                                      at t = |y| − 1 (the EOS, if any)
+    Positions outside the mask are 0.
+    """
+    mask = mask.bool()
+    rewards = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)  # [B, T]
+    if log_ratio is not None and beta != 0.0:
+        rewards = -beta * log_ratio.detach().to(scores.dtype)  # r_t = −β log(π/π_ref)   [B, T]
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))  # [B, T]
+    last = (mask.sum(dim=1) - 1).clamp(min=0)  # index of the last completion token   [B]
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores  # + score at |y|−1
+    return rewards  # [B, T]
+
+
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = Σ_{k=t}^{T−1} γ^{k−t} r_k, the discounted rewards from t on (notes 004, "REINFORCE";
+    002 §4.4, "Reward-to-Go").  rewards, mask: [B, T] -> [B, T], 0 where mask is 0.
+
+    Rewards outside the mask are ignored. G_0 is the return R(τ) = Σ_t γ^t r_t. For example, one
+    row r = [1, 2, 3] with mask [1, 1, 0]: γ = 1 gives [3, 2, 0]; γ = 0.5 gives [2, 2, 0].
+    """
+    r = torch.where(mask.bool(), rewards, torch.zeros_like(rewards))  # [B, T]
+    G = torch.zeros_like(r)  # [B, T]
+    running = torch.zeros_like(r[:, 0])  # G_{t+1}   [B]
+    for t in reversed(range(r.shape[1])):
+        running = r[:, t] + gamma * running  # G_t = r_t + γ G_{t+1}   [B]
+        G[:, t] = running
+    return torch.where(mask.bool(), G, torch.zeros_like(G))  # [B, T]
+
+
+def rloo_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out baseline (Kool et al., 2019; Ahmadian et al., 2024): for each sample, the mean
+    return of the other K−1 samples of the same prompt.  returns: [B], B = n_prompts × K with the K
+    samples of a prompt consecutive.  -> [B]
+        b_i = (Σ_j R_j − R_i) / (K − 1)
+    b_i does not depend on sample i at all, so it is a baseline in the notes' sense (it does not
+    depend on the action) and E[∇log π · b_i] = 0 exactly. [1, 0, 0, 0] -> [0, 1/3, 1/3, 1/3].
+    """
+    if k < 2:
+        raise ValueError(f"the leave-one-out baseline needs K ≥ 2 samples per prompt (got {k})")
+    if returns.shape[0] % k:
+        raise ValueError(f"{returns.shape[0]} returns do not split into groups of K = {k}")
+    R = returns.view(-1, k)  # [n, K]
+    b = (R.sum(dim=1, keepdim=True) - R) / (k - 1)  # b_i = (Σ_j R_j − R_i) / (K − 1)   [n, K]
+    return b.reshape(-1)  # [B]
+
+
+def psi_values(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, psi: str = "reward-to-go",
+               baseline: str = "none", k: int | None = None) -> torch.Tensor:
+    """Ψ_t, the weight of ∇log π(a_t|s_t) in ĝ (notes 002 §4.4).  rewards, mask: [B, T] -> [B, T]
+
+        psi="return":        Ψ_t = R(τ) − b  for every t, R(τ) = Σ_t γ^t r_t = G_0
+        psi="reward-to-go":  Ψ_t = G_t − b
+        baseline="none": b = 0;  "mean": b = mean_j R_j over the whole batch;
+        "rloo": b_i = (Σ_{j in i's group} R_j − R_i)/(K−1), groups of K consecutive rows
+    The baseline is one number per completion, computed from returns, and subtracted at every
+    token. Positions outside the mask are 0.
+    """
+    G = reward_to_go(rewards, mask, gamma)  # G_t   [B, T]
+    R = G[:, 0]  # R(τ) = G_0   [B]
+    if psi == "return":
+        out = R.unsqueeze(1).expand_as(G)  # Ψ_t = R(τ)   [B, T]
+    elif psi == "reward-to-go":
+        out = G  # Ψ_t = G_t   [B, T]
+    else:
+        raise ValueError(f"unknown psi {psi!r}: expected one of {', '.join(PSI)}")
+    if baseline == "mean":
+        b = R.mean().expand_as(R)  # b = 1/B Σ_j R_j   [B]
+    elif baseline == "rloo":
+        b = rloo_baseline(R, k)  # b_i = (Σ_j R_j − R_i)/(K−1)   [B]
+    elif baseline == "none":
+        b = torch.zeros_like(R)  # [B]
+    else:
+        raise ValueError(f"unknown baseline {baseline!r}: expected one of {', '.join(BASELINES)}")
+    out = out - b.unsqueeze(1)  # Ψ_t − b   [B, T]
+    return torch.where(mask.bool(), out, torch.zeros_like(out))  # [B, T]
+
+
+def reinforce_loss(logp: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor):
+    """The policy-gradient pseudo-loss (notes 000/001, "Policy gradient"; its sign flipped, to
+    minimise):
+        L = −1/|D| Σ_{τ∈D} Σ_t log π_θ(a_t|s_t) Ψ_t,      so that   −∇_θ L = ĝ
+    logp: [B, T], log π_θ of the sampled tokens (with gradient); psi: [B, T], Ψ_t (treated as a
+    constant); mask: [B, T]. |D| = B, the number of completions.
+
+    THERE IS NO MEANING in the value of L (the notes' warning): it is not a performance measure,
+    it changes when a baseline is subtracted although the expected gradient does not, and it can
+    fall while the policy gets worse. Only its gradient, the estimator ĝ, means anything.
+    Returns (loss, metrics): E[Ψ] and E[Ψ²] over the completion tokens (detached).
+    """
+    psi = psi.detach()  # Ψ is a number given by the samples, not a function of θ   [B, T]
+    per_seq = masked_sum(logp * psi, mask, dim=1)  # Σ_t log π(a_t|s_t) Ψ_t   [B]
+    loss = -per_seq.mean()  # −1/|D| Σ_τ   (a scalar whose value means nothing)
+    with torch.no_grad():
+        metrics = {"psi_mean": masked_mean(psi, mask), "psi_second_moment": masked_mean(psi ** 2, mask)}
+    return loss, metrics
+
+
+def split_half_variance(g1: torch.Tensor, g2: torch.Tensor, n1: int, n2: int) -> float:
+    """tr Cov(ĝ) of the full-batch estimator ĝ = (n1 ĝ_1 + n2 ĝ_2)/n, from the estimates ĝ_1, ĝ_2
+    of two disjoint parts of n1 and n2 independent prompts (flat vectors).
+        Cov(ĝ_j) = Σ/n_j  =>  E‖ĝ_1 − ĝ_2‖² = tr Σ (1/n1 + 1/n2),   tr Cov(ĝ) = tr Σ / n
+        =>  tr Cov(ĝ) ≈ ‖ĝ_1 − ĝ_2‖² · n1 n2 / n²          (n1 = n2: ‖ĝ_1 − ĝ_2‖² / 4)
+    One step gives an unbiased but noisy estimate; average it over steps.
+    """
+    n = n1 + n2
+    return float(((g1 - g2) ** 2).sum()) * n1 * n2 / n ** 2
+
+
+#####################################################################################################
+#####  training
+#####################################################################################################
+
+
+def validate(args: Args) -> None:
+    """Bad flags get one clear line that names the flag."""
+    check(args.psi in PSI, f"--psi {args.psi!r}: expected one of {', '.join(PSI)}")
+    check(args.baseline in BASELINES, f"--baseline {args.baseline!r}: expected one of {', '.join(BASELINES)}")
+    check(args.baseline != "rloo" or args.samples_per_prompt >= 2,
+          f"--samples-per-prompt (K) must be ≥ 2 with --baseline rloo (got {args.samples_per_prompt}): "
+          "the leave-one-out baseline of a sample is the mean return of the other K−1")
+    check(0.0 <= args.gamma <= 1.0, f"--gamma must be in [0, 1] (got {args.gamma}): it is a discount")
+    check(args.beta >= 0, f"--beta must be ≥ 0 (got {args.beta}): it weights a KL penalty")
+    for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "eval_every",
+                 "eval_size", "log_every"):
+        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
+    check(args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})")
+    check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
+    check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
+    check(args.lr_schedule in ("constant", "linear"),
+          f"--lr-schedule {args.lr_schedule!r}: expected constant or linear")
+    check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
+    check(args.micro_batch is None or args.micro_batch >= 1, "--micro-batch must be ≥ 1")
+
+
+def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
+    """The accumulated .grad of `params` as one float32 vector (zeros where a parameter has none)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for p in params])
+
+
+def train(args: Args) -> dict:
+    validate(args)
+    t_start = time.time()
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(device, args.dtype)
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reinforce", args.seed),
+                                 args.overwrite)
+    train_rows, heldout = common.load_task(args.data)
+    heldout = heldout[: args.eval_size]
+    strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
+
+    ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
+    policy, tok = common.load_model(args.model, device, dtype)
+    policy.eval()  # no dropout: the log-probs of the loss are those of the policy that sampled
+    ref = common.load_model(args.model, device, dtype, trainable=False)[0] if args.beta > 0 else None
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+    def lr_factor(step: int) -> float:  # step counts from 0; multiplies --lr
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        if args.lr_schedule == "constant":
+            return 1.0
+        return max(0.0, (args.steps - step) / max(1, args.steps - args.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    load_seconds = time.time() - t_start
+
+    def prompt_text(row):
+        if args.chat_template:
+            return tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                           tokenize=False, add_generation_prompt=True)
+        return row["prompt"]
+    for r in heldout:
+        r["text"] = prompt_text(r)
+
+    def evaluate():
+        rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
+        return common.greedy_accuracy(policy, tok, rows, args.max_new_tokens, strict)
+
+    log = common.RunLogger(out)
+    print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} "
+          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
+          f"Ψ = {'R(τ)' if args.psi == 'return' else 'G_t'} − b[{args.baseline}], γ = {args.gamma}, "
+          f"β = {args.beta}{'' if ref is not None else ' (no reference model)'}")
+    start_acc = evaluate()
+    log.log(0, {"eval/accuracy": start_acc})
+    print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)")
+
+    K, n = args.samples_per_prompt, args.prompts_per_step
+    B = n * K
+    mb = args.micro_batch or B
+    # two halves of whole prompt groups (for the variance estimate); one part if there is 1 prompt
+    n1 = n // 2 if (args.grad_var and n >= 2) else n
+    parts = [(0, n1 * K), (n1 * K, B)] if n1 < n else [(0, B)]
+    rng = np.random.default_rng(args.seed)
+    acc, t_train = start_acc, time.time()
+    for step in range(1, args.steps + 1):
+        t0 = time.time()
+        ##### 1. sample K completions of each prompt from π_θ
+        rows = [train_rows[i] for i in rng.choice(len(train_rows), n, replace=False)]
+        prompts = [prompt_text(r) for r in rows for _ in range(K)]  # the K samples of x are consecutive
+        answers = [r["answer"] for r in rows for _ in range(K)]
+        p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
+            policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
+        t_gen = time.time() - t0
+        ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
+        T = c_ids.shape[1]
+
+        ##### 2. per-token rewards r_t and Ψ_t (no gradient)
+        scores = torch.tensor([common.score(t, a, f, strict) for t, a, f in zip(texts, answers, finished)],
+                              device=device)  # [B]
+        log_ratio = None
+        if ref is not None:
+            with torch.no_grad():
+                chunks = [slice(i, i + mb) for i in range(0, B, mb)]
+                logp_s = torch.cat([common.token_logprobs(policy, ids[c], mask[c], T, args.temperature)[0]
+                                    for c in chunks])  # log π_θ(y_t|s_t)   [B, T]
+                ref_logp = torch.cat([common.token_logprobs(ref, ids[c], mask[c], T, args.temperature)[0]
+                                      for c in chunks])  # log π_ref(y_t|s_t)   [B, T]
+            log_ratio = logp_s - ref_logp  # log(π_θ/π_ref), the per-token KL sample (k1)   [B, T]
+        rewards = per_token_rewards(scores, c_mask, log_ratio, args.beta)  # r_t   [B, T]
+        psi = psi_values(rewards, c_mask, args.gamma, args.psi, args.baseline, K)  # Ψ_t   [B, T]
+
+        ##### 3. ĝ = −∇L, accumulated over micro-batches, part by part
+        stats = {"loss": 0.0, "psi_mean": 0.0, "psi_second_moment": 0.0, "entropy": 0.0}
+        n_tokens = c_mask.sum()
+        part_grads = []
+        for lo, hi in parts:
+            for i in range(lo, hi, mb):
+                sl = slice(i, min(i + mb, hi))
+                logp, ent = common.token_logprobs(policy, ids[sl], mask[sl], T, args.temperature,
+                                                  with_entropy=True)  # log π_θ(a_t|s_t), H_t   [b, T]
+                loss, m = reinforce_loss(logp, psi[sl], c_mask[sl])
+                w = logp.shape[0] / B  # this micro-batch's share of 1/|D| Σ_τ
+                (loss * w).backward()
+                stats["loss"] += loss.item() * w
+                w_tok = float(c_mask[sl].sum() / n_tokens)  # token-mean metrics, weighted by tokens
+                stats["psi_mean"] += float(m["psi_mean"]) * w_tok
+                stats["psi_second_moment"] += float(m["psi_second_moment"]) * w_tok
+                stats["entropy"] += float(masked_mean(ent, c_mask[sl])) * w_tok
+            if len(parts) == 2:
+                part_grads.append(flat_grad(params))  # cumulative: (n1/n) ĝ_1, then ĝ
+        grad_var = None
+        if len(parts) == 2:
+            g_first, g_all = part_grads  # [P], [P]
+            g1 = g_first * (n / n1)  # ĝ_1 over the first n1 prompts   [P]
+            g2 = (g_all - g_first) * (n / (n - n1))  # ĝ_2 over the other n − n1 prompts   [P]
+            grad_var = split_half_variance(g1, g2, n1, n - n1)  # ≈ tr Cov(ĝ)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+
+        ##### 4. log
+        returns = reward_to_go(rewards, c_mask, args.gamma)[:, 0]  # R(τ) = G_0   [B]
+        metrics = {
+            "reward/mean": float(scores.mean()),  # the task's score, before any KL shaping
+            "reward/std": float(scores.std()),
+            "reward/return_mean": float(returns.mean()),  # R(τ), with the KL terms
+            "reward/frac_zero_std_groups": float((scores.view(-1, K).std(1) == 0).float().mean()) if K > 1 else 1.0,
+            "loss/pseudo": stats["loss"],  # logged for completeness: its value has no meaning
+            "psi/mean": stats["psi_mean"],
+            "psi/second_moment": stats["psi_second_moment"],
+            "policy/grad_norm": float(grad_norm),
+            "policy/entropy": stats["entropy"],
+            "charts/lr": opt.param_groups[0]["lr"],
+            "completions/mean_length": float(c_mask.sum(1).float().mean()),
+            "completions/no_eos_frac": 1.0 - float(np.mean(finished)),
+            "time/step_seconds": time.time() - t0,
+            "time/generate_seconds": t_gen,
+            "charts/completions_per_second": B / (time.time() - t0),
+        }
+        if grad_var is not None:
+            metrics["policy/grad_var"] = grad_var  # ≈ tr Cov(ĝ), before clipping
+        if log_ratio is not None:
+            metrics["kl/ref"] = float(masked_mean(log_ratio, c_mask))  # per token
+            metrics["kl/ref_seq"] = float(masked_sum(log_ratio, c_mask, dim=1).mean())  # per completion
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate()
+            metrics["eval/accuracy"] = acc
+        keys = ["reward/mean", "kl/ref", "psi/second_moment", "policy/grad_var", "policy/entropy",
+                "completions/mean_length", "eval/accuracy"]
+        log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
+                                        or "eval/accuracy" in metrics) else [])
+
+    ##### 5. save and summarise
+    train_seconds = time.time() - t_train
+    if args.save_model:
+        policy.save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+    examples = heldout[:4]
+    *_, ex_texts, _ = common.generate_text(policy, tok, [r["text"] for r in examples],
+                                           args.max_new_tokens, greedy=True)
+    summary = log.summary({
+        "script": "reinforce",
+        "start_accuracy": start_acc,
+        "final_accuracy": acc,
+        "steps": args.steps,
+        "wall_seconds": round(time.time() - t_start, 2),
+        "train_seconds": round(train_seconds, 2),
+        "load_seconds": round(load_seconds, 2),
+        "completions": args.steps * B,
+        "model_dir": str(out / "model") if args.save_model else None,
+        "config": asdict(args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    })
+    log.close()
+    print(f"\n=== REINFORCE summary ({out})")
+    print(f"held-out greedy accuracy: {start_acc:.3f} -> {acc:.3f} ({100 * (acc - start_acc):+.1f} points)"
+          f" in {args.steps} steps, {summary['wall_seconds']:.0f}s wall ({train_seconds:.0f}s training)")
+    for r, t in zip(examples, ex_texts):
+        print(f"  {r['prompt']!r:>14} -> {t!r:8} (answer {r['answer']})")
+    return summary
+
+
+if __name__ == "__main__":
+    common.main(Args, train, __doc__)
