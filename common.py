@@ -329,6 +329,15 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     return table[name]
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """GPU only: run forward passes in `dtype` (bfloat16) while the weights that the optimiser
+    updates stay in float32. With float32 this does nothing."""
+    import contextlib
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
                trainable: bool = True):
     """Load (model, tokenizer) through the Auto classes. `tiny` is the embedded default, built on
@@ -850,8 +859,9 @@ def sample_preference_pairs(model, tokenizer, n_pairs: int, seed: int, max_new_t
 
         P(a ≻ b) = σ(r_gold(a) − r_gold(b))
 
-    (a coin flip, so about one label in four goes against the gold reward). Pairs where a == b, or
-    where a sample did not finish within `max_new_tokens`, are dropped and drawn again. Returns the
+    (a coin flip, so about one label in four goes against the gold reward). Pairs where a == b, where
+    a sample is empty, or where one did not finish within `max_new_tokens` are dropped and drawn
+    again. Returns the
     rows {"prompt", "chosen", "rejected"} and the gold rewards of all kept samples."""
     rng = np.random.default_rng(seed)
     pairs: list[dict] = []
@@ -864,7 +874,8 @@ def sample_preference_pairs(model, tokenizer, n_pairs: int, seed: int, max_new_t
                                                 max_new_tokens)  # two samples per prompt, consecutive
             for i, x in enumerate(prompts):
                 a, b = texts[2 * i], texts[2 * i + 1]
-                if a == b or not (finished[2 * i] and finished[2 * i + 1]) or len(pairs) == n_pairs:
+                if (a == b or not (a.strip() and b.strip()) or not (finished[2 * i] and finished[2 * i + 1])
+                        or len(pairs) == n_pairs):
                     continue
                 p_a = 1.0 / (1.0 + np.exp(-(gold_reward(a) - gold_reward(b))))  # σ(r(a) − r(b))
                 a_wins = rng.random() < p_a

@@ -28,9 +28,11 @@ Pseudocode (N is --tabular-steps or --dqn-steps):
         for t = 1..N:  a ← ε-greedy(Q(s,·));  s', r, done ← step(a)
             Q(s,a) ← Q(s,a) + α [r + γ (1 − done) max_a' Q(s',a') − Q(s,a)]
     DQN (3.2):  θ random;  θ' ← θ;  D ← empty replay buffer
-        for t = 1..N:  a ← ε-greedy(Q_θ(onehot(s),·));  s', r, done ← step(a);  store (s, a, r, s', done) in D
+        for t = 1..N:  a ← ε-greedy(Q_θ(onehot(s),·));  s', r, done ← step(a)
+            store (s, a, r, s', done) in D
             every k steps:  sample a batch B from D
-                y ← r + γ (1 − done) max_a' Q_θ'(s',a')     (Double DQN: Q_θ'(s', argmax_a' Q_θ(s',a')))
+                y ← r + γ (1 − done) max_a' Q_θ'(s',a')
+                    (Double DQN: Q_θ'(s', argmax_a' Q_θ(s',a')) instead of the max)
                 θ ← θ − lr ∇_θ mean_B (y − Q_θ(s,a))²
             every C updates:  θ' ← τ θ + (1 − τ) θ'      (τ = 1 is the notes' plain copy)
     report max |Q − Q*| and whether argmax_a Q(s,a) is Q*-optimal in every reachable state
@@ -42,7 +44,7 @@ Run it (the run folder gets metrics.jsonl, summary.json and the Q network's q_ne
 
     python dqn_maze.py                        # the notes' 2×3 maze
     python dqn_maze.py --maze 6x6             # the larger built-in maze (MAZES below)
-    python dqn_maze.py --maze my_maze.txt     # one row per line: S start, G goal, T trap, # wall, . free
+    python dqn_maze.py --maze my_maze.txt     # rows of S start, G goal, T trap, # wall, . free
     python dqn_maze.py --double-dqn --loss huber --tau 0.01 --target-update-every 1 --show-every 5000
 """
 
@@ -75,10 +77,11 @@ class Args:
     """γ, the discount in R(τ) = Σ_t γ^t r_t (notes 2.1); below 1, so a shorter path is worth more;
     0.8 to 0.99"""
     max_episode_steps: int = 100
-    """step limit of an episode; it truncates the episode, but s' is not terminal (still bootstrapped)"""
+    """step limit of an episode; it truncates the episode, but s' is not terminal: the target still
+    bootstraps from it"""
     tabular_steps: int = 300_000
-    """N of tabular Q-learning, in environment steps. Each step is cheap but updates one Q(s,a)
-    once, so the rarely visited states need many steps (on 6x6, 200k reached Q*-optimal in 2 of 5 seeds)"""
+    """N of tabular Q-learning, in environment steps. A step is cheap but updates one Q(s,a) once,
+    so rarely visited states need many steps (on 6x6, 200k were enough in 2 of 5 seeds, 300k in 5)"""
     dqn_steps: int = 40_000
     """N of DQN, in environment steps. Replay reuses each transition many times, so DQN needs far
     fewer steps than the table, but every k-th step costs a gradient step"""
@@ -112,7 +115,7 @@ class Args:
     """τ of the target update: 1 is the notes' copy; e.g. 0.005 with --target-update-every 1 is the
     mean teacher's moving average"""
     loss: Literal["mse", "huber"] = "mse"
-    """loss on the TD error y − Q_θ(s,a): `mse` as in the notes, or `huber` (linear beyond |δ| = 1)"""
+    """loss on the TD error δ = y − Q_θ(s,a): `mse` as in the notes, or `huber` (linear for |δ| > 1)"""
     double_dqn: bool = False
     """Double DQN: the online network picks argmax_a' and the target network scores it"""
     eval_every: int = 100
@@ -124,9 +127,10 @@ class Args:
     """print the maze with greedy arrows, and max_a Q beside V*, every this many steps; 0: only at
     the end"""
     device: Optional[str] = None
-    """cpu, cuda or cuda:N for the Q network; default: CUDA when present (the CPU is fine at this size)"""
+    """cpu, cuda or cuda:N for the Q network; default: CUDA when present (the CPU is fine here)"""
     out_dir: Optional[str] = None
-    """run folder for metrics.jsonl, summary.json and q_network.pt; default runs/dqn_maze__s<seed>__<time>"""
+    """run folder for metrics.jsonl, summary.json and q_network.pt; default:
+    runs/dqn_maze__s<seed>__<time>"""
     overwrite: bool = False
     """allow --out-dir to name a folder that already holds a run"""
 
@@ -184,9 +188,10 @@ class Maze:
         self.rows, self.max_episode_steps = rows, max_episode_steps
         self.n_states, self.n_actions = self.H * self.W, len(MOVES)
         self.start = starts[0][0] * self.W + starts[0][1]
-        self.next_state = np.zeros((self.n_states, self.n_actions), dtype=np.int64)  # s'  [S, A]
-        self.reward = np.zeros((self.n_states, self.n_actions))                      # r   [S, A]
-        self.done = np.zeros((self.n_states, self.n_actions), dtype=bool)            # s' terminal  [S, A]
+        shape = (self.n_states, self.n_actions)
+        self.next_state = np.zeros(shape, dtype=np.int64)  # s'  [S, A]
+        self.reward = np.zeros(shape)                      # r   [S, A]
+        self.done = np.zeros(shape, dtype=bool)            # s' is G or T  [S, A]
         for s in range(self.n_states):
             for a, (di, dj) in enumerate(MOVES):
                 i, j = s // self.W + di, s % self.W + dj
@@ -218,9 +223,10 @@ class Maze:
 
     def step(self, a: int) -> tuple[int, float, bool, bool]:
         """-> s', r, terminated (s' is G or T), truncated (the step limit cut the episode)."""
-        s2, r, done = int(self.next_state[self.s, a]), float(self.reward[self.s, a]), bool(self.done[self.s, a])
-        self.s, self.t = s2, self.t + 1
-        return s2, r, done, (not done and self.t >= self.max_episode_steps)
+        s, self.t = self.s, self.t + 1
+        self.s = int(self.next_state[s, a])
+        done = bool(self.done[s, a])
+        return self.s, float(self.reward[s, a]), done, (not done and self.t >= self.max_episode_steps)
 
 
 #####  the math: Bellman targets, value iteration, loss #########################################
@@ -232,8 +238,12 @@ def td_target(reward, next_q, done, gamma: float):
     `next_q` is Q(s', a*) for the action a* that the target picks ([B]; for plain DQN
     a* = argmax_a' Q_θ'(s', a')). `done` is 1 when s' is terminal (goal or trap) and 0 otherwise,
     also when the step limit cut the episode, because that s' still has a future. Works on floats,
-    numpy arrays and torch tensors (for torch, pass `done` as a float). E.g. r=0, next_q=10,
-    done=0, γ=0.9 -> 9.0; r=10, next_q=5, done=1 -> 10.0.
+    numpy arrays and torch tensors (for torch, pass `done` as a float).
+
+    >>> td_target(0.0, 10.0, 0.0, 0.9)  # one step before a state worth 10
+    9.0
+    >>> td_target(10.0, 5.0, 1.0, 0.9)  # s' is the goal: nothing after it counts
+    10.0
     """
     return reward + gamma * (1.0 - done) * next_q  # y = r + γ (1 − done) max_a' Q(s', a')
 
@@ -254,7 +264,8 @@ def value_iteration(next_state, reward, done, gamma: float, tol: float = 1e-10) 
     `tol`. It is a γ-contraction, so for γ < 1 the error shrinks by γ every sweep."""
     q = np.zeros(reward.shape)  # [S, A]
     for _ in range(100_000):
-        new_q = td_target(reward, q.max(axis=1)[next_state], done, gamma)  # Q(s,a) ← r + γ(1−done) max_a' Q(s',a')  [S, A]
+        # Q(s,a) ← r + γ (1 − done) max_a' Q(s',a') for every (s, a) at once
+        new_q = td_target(reward, q.max(axis=1)[next_state], done, gamma)  # [S, A]
         if np.abs(new_q - q).max() < tol:
             return new_q
         q = new_q
@@ -271,7 +282,7 @@ def dqn_loss(q_taken: torch.Tensor, y: torch.Tensor, kind: str = "mse") -> tuple
 
 @torch.no_grad()
 def update_target(target: nn.Module, online: nn.Module, tau: float) -> None:
-    """θ' ← τ θ + (1 − τ) θ' (notes 3.2: the mean teacher's moving average); τ = 1 copies θ exactly."""
+    """θ' ← τ θ + (1 − τ) θ' (notes 3.2, the mean teacher's moving average); τ = 1 copies θ."""
     if tau == 1.0:
         target.load_state_dict(online.state_dict())
         return
@@ -314,9 +325,12 @@ def render(maze: Maze, q: np.ndarray, q_star: np.ndarray) -> str:
         for s in range(i * maze.W, (i + 1) * maze.W):
             if s in is_optimal:
                 policy += f"{ARROWS[q[s].argmax()] + ('' if is_optimal[s] else '!'):>3}"
-                values, v_star = values + f"{q[s].max():7.2f}", v_star + f"{q_star[s].max():7.2f}"
+                values += f"{q[s].max():7.2f}"
+                v_star += f"{q_star[s].max():7.2f}"
             else:  # a wall, a goal, a trap, or a cell the agent cannot reach
-                policy, values, v_star = policy + f"{maze.cell(s):>3}", values + f"{maze.cell(s):>7}", v_star + f"{maze.cell(s):>7}"
+                policy += f"{maze.cell(s):>3}"
+                values += f"{maze.cell(s):>7}"
+                v_star += f"{maze.cell(s):>7}"
         lines.append(f"{policy}    {values}    {v_star}")
     return "\n".join(lines)
 
@@ -345,7 +359,8 @@ class ReplayBuffer:
 
     def add(self, obs, action: int, reward: float, next_obs, done: bool) -> None:
         i = self.pos
-        self.obs[i], self.actions[i], self.rewards[i], self.next_obs[i], self.dones[i] = obs, action, reward, next_obs, done
+        self.obs[i], self.actions[i], self.rewards[i] = obs, action, reward
+        self.next_obs[i], self.dones[i] = next_obs, done
         self.pos = (self.pos + 1) % self.capacity  # the slot after the newest holds the oldest entry
         self.size = min(self.size + 1, self.capacity)
 
@@ -365,9 +380,11 @@ def q_network(n_states: int, n_actions: int, hidden: int) -> nn.Module:
 class Tracker:
     """Measures a learner against Q* every --eval-every steps; logs, shows the maze, keeps history."""
 
-    def __init__(self, name: str, prefix: str, maze: Maze, q_star: np.ndarray, args: Args, total: int, logger=None):
-        self.name, self.prefix, self.maze, self.q_star, self.args, self.logger = name, prefix, maze, q_star, args, logger
-        self.total, self.log_every = total, max(1, total // args.eval_every // args.log_lines) * args.eval_every
+    def __init__(self, name: str, prefix: str, maze: Maze, q_star: np.ndarray, args: Args, total: int,
+                 logger: RunLogger | None = None):
+        self.name, self.prefix, self.maze, self.q_star, self.args = name, prefix, maze, q_star, args
+        self.total, self.logger = total, logger
+        self.log_every = max(1, total // args.eval_every // args.log_lines) * args.eval_every
         self.history, self.returns = [], []  # history: (step, max |Q − Q*|, optimal everywhere)
         self.t0 = self.t_end = time.time()
 
@@ -377,8 +394,10 @@ class Tracker:
         self.history.append((step, err, bool(optimal.all())))
         a = self.args
         if self.logger and (step % self.log_every == 0 or step == self.total):
-            ret = {f"{self.prefix}/episodic_return": float(np.mean(self.returns))} if self.returns else {}
-            metrics = {f"{self.prefix}/max_q_error": err, f"{self.prefix}/optimal_everywhere": bool(optimal.all()), **ret, **metrics}
+            p = self.prefix
+            ret = {f"{p}/episodic_return": float(np.mean(self.returns))} if self.returns else {}
+            metrics = {f"{p}/max_q_error": err, f"{p}/optimal_everywhere": bool(optimal.all()),
+                       **ret, **metrics}
             self.logger.log(step, metrics, keys=[k for k in metrics if not k.endswith("q_values")])
             self.returns = []
         if a.show_every and step % a.show_every == 0:
@@ -393,16 +412,18 @@ class Tracker:
                 break
             to_optimal = s
         return {"max_q_error": err, "optimal_everywhere": optimal, "env_steps": step,
-                "steps_to_optimal": to_optimal, "wall_seconds": round(self.t_end - self.t0, 3)}
+                "steps_to_optimal": to_optimal, "wall_seconds": round(self.t_end - self.t0, 3),
+                "max_q_error_at_start": self.history[0][1]}
 
 
-def tabular_q_learning(maze: Maze, args: Args, rng: np.random.Generator, tracker: Tracker) -> np.ndarray:
+def tabular_q_learning(maze: Maze, args: Args, rng: np.random.Generator, tracker: Tracker):
     """The notes' Q-table (3.1), started at zero, one ε-greedy step and one update at a time."""
     q = np.zeros((maze.n_states, maze.n_actions))  # Q(s, a) = 0 everywhere  [S, A]
+    decay = args.exploration_fraction * args.tabular_steps  # steps over which ε falls
     s, ep_return = maze.reset(), 0.0
     tracker.measure(0, q, {})
     for step in range(1, args.tabular_steps + 1):
-        eps = linear_epsilon(step, args.eps_start, args.eps_end, args.exploration_fraction * args.tabular_steps)
+        eps = linear_epsilon(step, args.eps_start, args.eps_end, decay)
         a = epsilon_greedy(q[s], eps, rng)
         s2, r, done, truncated = maze.step(a)
         y = td_target(r, q[s2].max(), done, args.gamma)  # y = r + γ (1 − done) max_a' Q(s', a')
@@ -425,11 +446,12 @@ def train_dqn(maze: Maze, args: Args, rng: np.random.Generator, tracker: Tracker
     target_net = copy.deepcopy(q_net)  # θ' ← θ
     optimizer = torch.optim.Adam(q_net.parameters(), lr=args.learning_rate)
     buffer = ReplayBuffer(args.buffer_size, maze.n_states)
+    decay = args.exploration_fraction * args.dqn_steps  # steps over which ε falls
     s, ep_return, updates, metrics, t0 = maze.reset(), 0.0, 0, {}, time.time()
     with torch.no_grad():
         tracker.measure(0, q_net(all_states).cpu().numpy(), {})
     for step in range(1, args.dqn_steps + 1):
-        eps = linear_epsilon(step, args.eps_start, args.eps_end, args.exploration_fraction * args.dqn_steps)
+        eps = linear_epsilon(step, args.eps_start, args.eps_end, decay)
         with torch.no_grad():
             q_s = q_net(all_states[s]).cpu().numpy()  # Q_θ(s, ·)  [A]
         a = epsilon_greedy(q_s, eps, rng)
@@ -448,7 +470,7 @@ def train_dqn(maze: Maze, args: Args, rng: np.random.Generator, tracker: Tracker
                     next_q = double_dqn_next_q(q_net(next_obs), target_next_q)  # [B]
                 else:
                     next_q = target_next_q.max(dim=-1).values  # max_a' Q_θ'(s', a')  [B]
-                y = td_target(rewards, next_q, dones, args.gamma)  # y = r + γ (1 − done) max_a' Q_θ'(s', a')  [B]
+                y = td_target(rewards, next_q, dones, args.gamma)  # r + γ (1 − done) next_q  [B]
             q_taken = q_net(obs).gather(1, actions[:, None]).squeeze(1)  # Q_θ(s, a)  [B]
             loss, metrics = dqn_loss(q_taken, y, args.loss)
             optimizer.zero_grad()
@@ -461,16 +483,17 @@ def train_dqn(maze: Maze, args: Args, rng: np.random.Generator, tracker: Tracker
         if step % args.eval_every == 0 or step == args.dqn_steps:
             with torch.no_grad():
                 q_all = q_net(all_states).cpu().numpy()  # Q_θ(s, a) for every s  [S, A]
-            tracker.measure(step, q_all, {"charts/epsilon": eps, **metrics, "charts/SPS": int(step / (time.time() - t0))})
+            sps = int(step / (time.time() - t0))
+            tracker.measure(step, q_all, {"charts/epsilon": eps, **metrics, "charts/SPS": sps})
     return q_net
 
 
 def train(args: Args) -> dict:
-    for name in ("tabular_steps", "dqn_steps", "max_episode_steps", "hidden", "batch_size", "train_every",
-                 "target_update_every", "eval_every", "log_lines"):
+    for name in ("tabular_steps", "dqn_steps", "max_episode_steps", "hidden", "batch_size",
+                 "train_every", "target_update_every", "eval_every", "log_lines"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
-    check(0 < args.gamma < 1, f"--gamma {args.gamma}: must be in (0, 1) so that value iteration converges")
-    check(0 <= args.eps_end <= args.eps_start <= 1, "--eps-start and --eps-end: need 0 <= end <= start <= 1")
+    check(0 < args.gamma < 1, f"--gamma {args.gamma}: must be in (0, 1), so that Q* is finite")
+    check(0 <= args.eps_end <= args.eps_start <= 1, "--eps-start, --eps-end: need 0 <= end <= start <= 1")
     check(0 < args.exploration_fraction <= 1, "--exploration-fraction must be in (0, 1]")
     check(0 < args.q_lr <= 1, "--q-lr (α) must be in (0, 1]")
     check(0 < args.tau <= 1, "--tau must be in (0, 1]")
@@ -503,10 +526,12 @@ def train(args: Args) -> dict:
     results = {"tabular": tab.result(), "dqn": dqn.result()}
     for name, q in (("tabular Q-learning", q_table), ("DQN", q_dqn)):
         print(f"\n{name}\n{render(maze, q, q_star)}")
-    print(f"\n{'learner':<10}{'steps to optimal':>18}{'max |Q - Q*|':>14}{'optimal everywhere':>20}{'wall s':>9}")
+    print(f"\n{'learner':<9}{'steps':>8}{'steps to optimal':>18}{'max|Q-Q*| at start':>20}"
+          f"{'at end':>10}{'optimal everywhere':>20}{'wall s':>8}")
     for name, r in results.items():
-        print(f"{name:<10}{str(r['steps_to_optimal']):>18}{r['max_q_error']:>14.4f}"
-              f"{str(r['optimal_everywhere']):>20}{r['wall_seconds']:>9.1f}")
+        print(f"{name:<9}{r['env_steps']:>8}{str(r['steps_to_optimal']):>18}"
+              f"{r['max_q_error_at_start']:>20.4f}{r['max_q_error']:>10.4f}"
+              f"{str(r['optimal_everywhere']):>20}{r['wall_seconds']:>8.1f}")
     summary = logger.summary({**results, "v_star_start": float(q_star[maze.start].max()),
                               "reachable_states": len(maze.reachable), "maze": maze.rows,
                               "q_network": "q_network.pt", "config": asdict(args)})

@@ -65,7 +65,8 @@ class Args:
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
     dtype: str = "auto"
-    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16"""
+    """compute dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or
+    float16; the policy's weights stay float32 (autocast), the frozen reference is stored in it"""
 
     steps: int = 2000
     """number of GRPO steps (each: generate, score, μ optimiser steps)"""
@@ -266,9 +267,10 @@ def train(args: Args) -> dict:
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
-    policy, tok = common.load_model(args.model, device, dtype)
+    policy, tok = common.load_model(args.model, device, torch.float32)  # fp32 master weights
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     ref = common.load_model(args.model, device, dtype, trainable=False)[0] if args.beta > 0 else None
+    amp = common.autocast(device, dtype)  # GPU only: bf16 forward passes over the fp32 policy
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("grpo", args.seed), args.overwrite)
@@ -292,7 +294,8 @@ def train(args: Args) -> dict:
 
     def evaluate():
         rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
-        return common.greedy_accuracy(policy, tok, rows, args.max_new_tokens, strict)
+        with amp:
+            return common.greedy_accuracy(policy, tok, rows, args.max_new_tokens, strict)
 
     log = common.RunLogger(out)
     print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} "
@@ -308,11 +311,14 @@ def train(args: Args) -> dict:
     for step in range(1, args.steps + 1):
         t0 = time.time()
         ##### 1. generate G completions per prompt from π_old (= π_θ right now)
-        rows = [train_rows[i] for i in rng.choice(len(train_rows), args.prompts_per_step, replace=False)]
+        picks = rng.choice(len(train_rows), args.prompts_per_step,
+                           replace=args.prompts_per_step > len(train_rows))
+        rows = [train_rows[i] for i in picks]
         prompts = [prompt_text(r) for r in rows for _ in range(G)]  # groups are consecutive
         answers = [r["answer"] for r in rows for _ in range(G)]
-        p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
-            policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
+        with amp:
+            p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
+                policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
         t_gen = time.time() - t0
 
         ##### 2. rewards and advantages
@@ -328,7 +334,7 @@ def train(args: Args) -> dict:
         ##### 3. cache log π_old and log π_ref (no gradient)
         ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
         T = c_ids.shape[1]
-        with torch.no_grad():
+        with torch.no_grad(), amp:
             # with μ = 1, π_old = π_θ at the only gradient step, so log π_old is logp.detach()
             # and this forward pass is skipped (TRL does the same)
             old_logp = torch.cat([common.token_logprobs(policy, ids[i:i + mb], mask[i:i + mb], T,
@@ -344,8 +350,9 @@ def train(args: Args) -> dict:
             stats: dict[str, float] = {}
             for i in range(0, B, mb):
                 sl = slice(i, i + mb)
-                logp, ent = common.token_logprobs(policy, ids[sl], mask[sl], T, args.temperature,
-                                                  with_entropy=(it == 0))  # [b, T]
+                with amp:
+                    logp, ent = common.token_logprobs(policy, ids[sl], mask[sl], T, args.temperature,
+                                                      with_entropy=(it == 0))  # [b, T]
                 loss, m = grpo_loss(logp, old_logp[sl] if old_logp is not None else logp.detach(),
                                     adv[sl], c_mask[sl], None if ref_logp is None else ref_logp[sl],
                                     args.beta, args.epsilon, args.epsilon_high, args.loss_agg,

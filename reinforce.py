@@ -107,7 +107,7 @@ class Args:
     """β, the weight of the per-token KL penalty r_t = −β(log π − log π_ref) (RLHF uses 0.01..0.1);
     0 skips the reference model entirely"""
 
-    steps: int = 1000
+    steps: int = 500
     """number of REINFORCE steps (each: generate, score, one optimiser step)"""
     prompts_per_step: int = 16
     """prompts x per step; the batch D holds prompts_per_step × K completions"""
@@ -412,7 +412,7 @@ def train(args: Args) -> dict:
         returns = reward_to_go(rewards, c_mask, args.gamma)[:, 0]  # R(τ) = G_0   [B]
         metrics = {
             "reward/mean": float(scores.mean()),  # the task's score, before any KL shaping
-            "reward/std": float(scores.std()),
+            "reward/std": float(scores.std()) if B > 1 else 0.0,
             "reward/return_mean": float(returns.mean()),  # R(τ), with the KL terms
             "reward/frac_zero_std_groups": float((scores.view(-1, K).std(1) == 0).float().mean()) if K > 1 else 1.0,
             "loss/pseudo": stats["loss"],  # logged for completeness: its value has no meaning

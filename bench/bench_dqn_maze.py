@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,13 +40,22 @@ class Args:
     """extra flags passed to dqn_maze.py, e.g. "--double-dqn" (the benchmark claim is for the defaults)"""
 
 
-def run_one(maze: str, seed: int, extra: list[str], out: Path) -> tuple[dict, float]:
-    cmd = [sys.executable, "dqn_maze.py", "--maze", maze, "--seed", str(seed), "--out-dir", str(out), *extra]
-    t0 = time.time()
+def cpu_seconds_of_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_one(maze: str, seed: int, extra: list[str], out: Path) -> tuple[dict, float, float]:
+    """-> summary.json, wall seconds and CPU seconds of one whole run (from process start to exit).
+    The script runs torch on one thread, so on a machine that other jobs keep busy its CPU
+    seconds are close to the wall time it would take on an idle one."""
+    cmd = [sys.executable, "dqn_maze.py", "--maze", maze, "--seed", str(seed), "--out-dir", str(out),
+           *extra]
+    t0, cpu0 = time.time(), cpu_seconds_of_children()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, cpu_seconds_of_children() - cpu0
     check(r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr.strip()}")
-    return json.loads((out / "summary.json").read_text()), wall
+    return json.loads((out / "summary.json").read_text()), wall, cpu
 
 
 def bench(args: Args) -> None:
@@ -54,18 +64,19 @@ def bench(args: Args) -> None:
     print(f"# dqn_maze.py benchmark: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
           f"at start, flags: defaults {' '.join(extra)}\n")
     print("| maze | seed | learner | env steps | steps to optimal | max abs(Q - Q*) | optimal everywhere "
-          "| learner s | whole run s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| learner s | run wall s | run CPU s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
         for maze in args.mazes.split(","):
             for seed in seeds:
-                summary, wall = run_one(maze, seed, extra, Path(tmp) / f"{Path(maze).stem}_{seed}")
+                summary, wall, cpu = run_one(maze, seed, extra, Path(tmp) / f"{Path(maze).stem}_{seed}")
+                load = os.getloadavg()[0]  # the 1-minute average just after the run
                 for learner in ("tabular", "dqn"):
                     r = summary[learner]
                     print(f"| {maze} | {seed} | {learner} | {r['env_steps']} | {r['steps_to_optimal']} "
                           f"| {r['max_q_error']:.4f} | {r['optimal_everywhere']} | {r['wall_seconds']:.1f} "
-                          f"| {wall:.1f} |", flush=True)
+                          f"| {wall:.1f} | {cpu:.1f} | {load:.1f} |", flush=True)
                 if not summary["dqn"]["optimal_everywhere"]:
                     failures.append(f"{maze} seed {seed}: the DQN greedy policy is not optimal everywhere")
                 if wall > args.time_limit:

@@ -1,0 +1,450 @@
+"""DPO: Direct Preference Optimization, and its variants (IPO, hinge, conservative, length-normalised,
+reference-free).
+
+Notes: `003_0bc5d2784dac14e1.txt`, "DPO" (the loss and its derivation), "DPO updates are scaled by
+the prediction error of the implied reward model" (the gradient weight) and "Variants of DPO";
+`000_e75205f5b80b652d.txt`, "Direct Preference Optimization".
+
+The KL-regularised objective max_π E[r(y)] − β D_KL(π ‖ π_ref) is solved by
+π*(y|x) = π_ref(y|x) exp(r(y)/β) / Z(x), so r(y) = β log π*(y|x)/π_ref(y|x) + β log Z(x). Put that
+into the Bradley–Terry likelihood and Z cancels: the policy is trained on the preference pairs
+directly, with the implicit reward β log π_θ/π_ref in place of a reward model. No sampling, no
+value network: a supervised loop over fixed pairs.
+
+    log π_ref(y_w|x), log π_ref(y_l|x) for every pair, once, before training      (summed over the
+                                                                completion's tokens; prompt excluded)
+    for epoch = 1 .. epochs:
+        for each batch of pairs (x, y_w, y_l):
+            Δ = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]
+            L = mean[ −log σ(β Δ) ]                            (or a variant, see `dpo_loss`)
+            θ ← θ − lr ∇_θ L          (∇ = −β σ(−βΔ) [∇log π_θ(y_w|x) − ∇log π_θ(y_l|x)])
+        every `eval_every` steps: held-out pair accuracy of the implicit reward; samples from π_θ:
+                                  their gold reward and the KL to π_ref
+
+On the built-in task (common.py, "the preference task") the pairs were labelled by a hidden gold
+reward, so the policy's samples can be scored with it before and after: the gold reward is used
+only there, never in training.
+
+Run:
+    python dpo.py                                     # the built-in task, `tiny-pref`, CPU, ~1 minute
+    python dpo.py --beta 0.5                          # stay closer to the reference
+    python dpo.py --loss-type ipo --beta 0.5          # IPO;  also: hinge, length_norm, reference_free
+    python dpo.py --label-smoothing 0.1               # conservative DPO (labels flipped 10% of the time)
+    python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --batch-size 8 \\
+        --lr 5e-7 --epochs 1 --max-new-tokens 256     # one GPU, your own pairs
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+from common import check, masked_sum
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "length_norm", "reference_free")
+PER_TOKEN_AVERAGED = ("ipo", "length_norm")  # these take log-probs averaged over the completion
+LOGISTIC = ("sigmoid", "length_norm", "reference_free")  # −log σ(βΔ): label smoothing applies
+
+
+@dataclass
+class Args:
+    model: str = "tiny-pref"
+    """--model NAME_OR_PATH: the SFT policy to start from, which is also the reference π_ref (a
+    Hugging Face causal LM folder, or hub name if cached), or `tiny-pref`, the embedded SFT policy"""
+    data: Optional[str] = None
+    """JSONL file of preference pairs {"prompt", "chosen", "rejected"} (the last fifth, at most
+    1,000 pairs, is held out); default: the built-in task's pairs, labelled by a hidden gold reward"""
+    out_dir: Optional[str] = None
+    """run folder for metrics.jsonl, summary.json and the final policy; default runs/dpo__s<seed>__<time>"""
+    overwrite: bool = False
+    """allow --out-dir to name a folder that already holds a run"""
+    seed: int = 1
+    """seed of Python's random, numpy and torch (data order; the evaluation samples use seed+1)"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16"""
+
+    beta: float = 0.1
+    """β, the strength of the KL regularisation that the implicit reward β log π/π_ref stands for:
+    small β lets π_θ move far from π_ref (DPO paper: 0.1..0.5; IPO and length_norm use larger β,
+    Tülu 3's length-normalised DPO used 5)"""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "length_norm", "reference_free"] = "sigmoid"
+    """sigmoid: the notes' DPO; ipo: (Δ − 1/(2β))² on per-token-averaged log-ratios; hinge:
+    max(0, 1 − βΔ); length_norm: DPO on per-token-averaged log-ratios (Tülu 3); reference_free:
+    DPO with log π_ref = 0. See `dpo_loss`"""
+    label_smoothing: float = 0.0
+    """ε of conservative DPO (cDPO): the probability that a label is flipped, for the logistic
+    losses (sigmoid, length_norm, reference_free); 0 is plain DPO, keep it below 0.5"""
+    epochs: int = 2
+    """passes over the training pairs (DPO papers: 1..3)"""
+    batch_size: int = 32
+    """preference pairs per optimiser step (each pair is two sequences)"""
+    lr: float = 3e-4
+    """peak learning rate of AdamW (tiny-pref: 1e-4..1e-3, where 1e-3 gains more gold reward at a
+    KL several times larger and breaks the grammar; a 0.5B+ model: ~5e-7, as in the DPO paper)"""
+    max_steps: Optional[int] = None
+    """stop after this many optimiser steps (for quick runs); default: epochs × pairs / batch size"""
+    warmup_steps: int = 10
+    """steps of linear learning-rate warm-up from 0; then linear decay to 0 at the last step"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this value (0 disables)"""
+
+    eval_every: int = 50
+    """steps between evaluations (held-out pair accuracy, gold reward and KL of samples)"""
+    eval_size: int = 1000
+    """held-out pairs per evaluation of the implicit reward's pair accuracy"""
+    eval_samples: int = 500
+    """completions sampled from π_θ per evaluation (held-out prompts, temperature 1, the same seed
+    every time), for their gold reward and the KL to π_ref"""
+    max_new_tokens: int = 20
+    """token limit of those samples (20 fits the built-in task; ~256+ for a real model)"""
+    log_every: int = 25
+    """steps between printed lines (every step is written to metrics.jsonl)"""
+    save_model: bool = True
+    """save the final policy with save_pretrained into <out-dir>/model"""
+
+
+#####################################################################################################
+#####  the maths: sequence log-probs and the DPO losses (pure functions, no state, only torch)
+#####################################################################################################
+
+
+def sequence_logps(token_logps: torch.Tensor, completion_mask: torch.Tensor,
+                   average: bool = False) -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over the completion's tokens only.  [B, T] -> [B]
+
+    token_logps: [B, T] from `common.token_logprobs`, which scores only the completion columns, so
+    the prompt's tokens never count. completion_mask: [B, T], 1 on the completion's tokens and EOS.
+    With `average`: (1/|y|) Σ_t, the per-token average (IPO, length-normalised DPO).
+    """
+    total = masked_sum(token_logps, completion_mask, dim=1)  # Σ_t log π(y_t|x, y_<t)   [B]
+    if average:
+        return total / completion_mask.sum(dim=1).clamp(min=1)  # (1/|y|) Σ_t   [B]
+    return total  # [B]
+
+
+def sigmoid_loss(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (notes `003`, "DPO"), and conservative DPO with label smoothing ε:  [B] -> [B]
+
+        L = −(1 − ε) log σ(β Δ) − ε log σ(−β Δ)
+
+    ε = 0 is the notes' loss −log σ(βΔ): Bradley–Terry with the implicit reward. ε > 0 is the
+    expected loss when each label is flipped with probability ε, so the loss no longer goes to 0 as
+    Δ grows: its minimum is at βΔ = log((1 − ε)/ε), not at +∞.
+    """
+    return (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
+            - label_smoothing * F.logsigmoid(-beta * delta))  # [B]
+
+
+def ipo_loss(delta: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023), with Δ built from per-token-averaged log-ratios:  [B] -> [B]
+
+        L = (Δ − 1/(2β))²
+
+    A squared loss that pulls Δ to a finite target 1/(2β) instead of pushing it to +∞, so it does
+    not overfit deterministic preferences. Here β plays the role of IPO's τ.
+    """
+    return (delta - 1 / (2 * beta)) ** 2  # [B]
+
+
+def hinge_loss(delta: torch.Tensor, beta: float) -> torch.Tensor:
+    """Hinge (SLiC, Zhao et al. 2023):  [B] -> [B]
+
+        L = max(0, 1 − β Δ)
+
+    Zero once the implicit reward margin βΔ reaches 1; below it, the gradient is a constant −β.
+    """
+    return torch.relu(1 - beta * delta)  # [B]
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """The DPO loss per pair, and the implicit rewards.
+
+    policy_chosen_logps, policy_rejected_logps: [B], log π_θ(y_w|x), log π_θ(y_l|x), with gradient
+    ref_chosen_logps, ref_rejected_logps:       [B], log π_ref(y_w|x), log π_ref(y_l|x) (ignored,
+                                                and may be None, for reference_free)
+    Each log-prob is summed over the completion's tokens, except for `ipo` and `length_norm`, whose
+    callers pass per-token averages (1/|y|) Σ_t (`sequence_logps(..., average=True)`).
+
+        Δ = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]
+
+        sigmoid         L = −log σ(βΔ)                       the notes' DPO
+                            −(1−ε) log σ(βΔ) − ε log σ(−βΔ)  with label_smoothing ε (cDPO)
+        ipo             L = (Δ − 1/(2β))²                    Δ of per-token-averaged log-probs
+        hinge           L = max(0, 1 − βΔ)                   SLiC
+        length_norm     L = −log σ(βΔ)                       Δ of per-token-averaged log-probs
+                                                             (Tülu 3's length-normalised DPO)
+        reference_free  L = −log σ(β [log π_θ(y_w|x) − log π_θ(y_l|x)])       log π_ref := 0
+
+    For sigmoid, ∂L/∂log π_θ(y_w|x) = −β σ(−βΔ) and ∂L/∂log π_θ(y_l|x) = +β σ(−βΔ): the notes'
+    weight, large when the implicit reward orders the pair wrongly, small when it is already right.
+
+    Returns (losses [B], chosen_rewards [B], rejected_rewards [B]), where the implicit rewards
+    β (log π_θ(y|x) − log π_ref(y|x)) are detached (they are for logging).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    if label_smoothing != 0.0 and loss_type not in LOGISTIC:
+        raise ValueError(f"label_smoothing applies to {', '.join(LOGISTIC)}, not to {loss_type!r}")
+    if loss_type == "reference_free":
+        ref_chosen_logps = torch.zeros_like(policy_chosen_logps)  # log π_ref := 0   [B]
+        ref_rejected_logps = torch.zeros_like(policy_rejected_logps)  # [B]
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log π_θ(y_w|x)/π_ref(y_w|x)   [B]
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # log π_θ(y_l|x)/π_ref(y_l|x)   [B]
+    delta = chosen_logratios - rejected_logratios  # Δ   [B]
+    if loss_type == "ipo":
+        losses = ipo_loss(delta, beta)  # (Δ − 1/(2β))²   [B]
+    elif loss_type == "hinge":
+        losses = hinge_loss(delta, beta)  # max(0, 1 − βΔ)   [B]
+    else:
+        losses = sigmoid_loss(delta, beta, label_smoothing)  # −log σ(βΔ)   [B]
+    chosen_rewards = beta * chosen_logratios.detach()  # r̂(x, y_w) = β log π_θ/π_ref   [B]
+    rejected_rewards = beta * rejected_logratios.detach()  # r̂(x, y_l)   [B]
+    return losses, chosen_rewards, rejected_rewards
+
+
+#####################################################################################################
+#####  log-probs of pairs, and the evaluation
+#####################################################################################################
+
+
+def pair_logps(model, tokenizer, pairs: list[dict], device, average: bool = False):
+    """log π(y_w|x), log π(y_l|x) of a batch of pairs in one forward pass of 2B sequences.
+    -> two tensors [B] (with a gradient if the model has one)."""
+    B = len(pairs)
+    ids, mask, c_mask, T = common.encode_prompt_completion(
+        tokenizer, [p["prompt"] for p in pairs] * 2,
+        [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device)  # [2B, P+T], [2B, T]
+    logp, _ = common.token_logprobs(model, ids, mask, T)  # log π(y_t|x, y_<t)   [2B, T]
+    seq = sequence_logps(logp, c_mask, average)  # log π(y|x)   [2B]
+    return seq[:B], seq[B:]  # chosen [B], rejected [B]
+
+
+@torch.no_grad()
+def all_pair_logps(model, tokenizer, pairs: list[dict], device, average: bool, batch_size: int = 256):
+    """`pair_logps` over many pairs, without gradient: two tensors [N]."""
+    c, r = zip(*(pair_logps(model, tokenizer, pairs[i:i + batch_size], device, average)
+                 for i in range(0, len(pairs), batch_size)))
+    return torch.cat(c), torch.cat(r)  # [N], [N]
+
+
+@torch.no_grad()
+def sample_and_score(policy, ref, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+                     gold: bool, batch_size: int = 250) -> dict:
+    """Sample one completion per prompt from π_θ (temperature 1, a fixed seed, so evaluations
+    before and after use the same random numbers) and measure:
+        gold reward   mean r_gold(y)                                    (built-in task only)
+        KL to π_ref   mean over samples of Σ_t [log π_θ(y_t|·) − log π_ref(y_t|·)], an unbiased
+                      estimate of D_KL(π_θ(·|x) ‖ π_ref(·|x)) in nats per completion (k1, y ~ π_θ)
+    """
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    golds, kls, lengths, texts_all = [], [], [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            p_ids, p_mask, c_ids, c_mask, texts, _ = common.generate_text(
+                policy, tokenizer, prompts[i:i + batch_size], max_new_tokens)  # c_ids, c_mask: [b, T]
+            ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [b, P+T]
+            T = c_ids.shape[1]
+            logp, _ = common.token_logprobs(policy, ids, mask, T)  # log π_θ   [b, T]
+            ref_logp, _ = common.token_logprobs(ref, ids, mask, T)  # log π_ref   [b, T]
+            kls.append(masked_sum(logp - ref_logp, c_mask, dim=1))  # Σ_t log π_θ/π_ref   [b]
+            lengths.append(c_mask.sum(1).float())  # [b]
+            texts_all += texts
+            if gold:
+                golds += [common.gold_reward(t) for t in texts]
+    policy.train(was_training)
+    kl = torch.cat(kls)  # [N]
+    return {"gold_reward": float(np.mean(golds)) if gold else None,
+            "gold_reward_std": float(np.std(golds)) if gold else None,
+            "kl_to_ref": float(kl.mean()), "mean_length": float(torch.cat(lengths).mean()),
+            "texts": texts_all}
+
+
+def implicit_reward_accuracy(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta: float,
+                             loss_type: str) -> float:
+    """Held-out pair accuracy of the implicit reward r̂ = β log π_θ/π_ref: the fraction of pairs
+    with r̂(y_w) > r̂(y_l), a tie counting ½ (so the untrained policy, where r̂ ≡ 0, scores 0.5)."""
+    _, r_c, r_r = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta, loss_type)
+    return float(((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean())
+
+
+#####################################################################################################
+#####  training
+#####################################################################################################
+
+
+def validate(args: Args) -> None:
+    """Bad flags get one clear line that names the flag."""
+    check(args.loss_type in LOSS_TYPES,
+          f"--loss-type {args.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    check(args.beta > 0, f"--beta must be > 0 (got {args.beta}): it scales the implicit reward")
+    check(0 <= args.label_smoothing < 0.5,
+          f"--label-smoothing must be in [0, 0.5) (got {args.label_smoothing}): it is the probability "
+          "that a label is wrong")
+    check(args.label_smoothing == 0 or args.loss_type in LOGISTIC,
+          f"--label-smoothing applies to the logistic losses ({', '.join(LOGISTIC)}), "
+          f"not to --loss-type {args.loss_type}")
+    for name in ("epochs", "batch_size", "eval_every", "eval_size", "eval_samples", "log_every",
+                 "max_new_tokens"):
+        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
+    check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
+    check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
+    check(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be ≥ 1 (got {args.max_steps})")
+
+
+def train(args: Args) -> dict:
+    validate(args)
+    t_start = time.time()
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(device, args.dtype)
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("dpo", args.seed), args.overwrite)
+    train_pairs, heldout = common.load_preferences(args.data)
+    heldout = heldout[: args.eval_size]
+    gold = args.data is None  # the hidden gold reward exists only for the built-in task
+    average = args.loss_type in PER_TOKEN_AVERAGED  # (1/|y|) Σ_t instead of Σ_t
+    eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
+
+    ##### models: the policy π_θ and the frozen reference π_ref, both the SFT policy at the start
+    path = common.resolve_model_path(args.model)
+    policy, tok = common.load_model(path, device, dtype)
+    policy.eval()  # no dropout: at the start π_θ must equal π_ref exactly
+    ref = common.load_model(path, device, dtype, trainable=False)[0]
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+    batches = [(epoch, order[i:i + args.batch_size]) for epoch in range(args.epochs)
+               for order in [rng.permutation(len(train_pairs))]
+               for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
+    total_steps = len(batches)
+
+    def lr_factor(step: int) -> float:  # step counts from 0; multiplies --lr
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+    ##### the reference log-probs, once, before training (π_ref never changes)
+    used = np.unique(np.concatenate([idx for _, idx in batches]))  # the pairs training will see
+    ref_c = torch.full((len(train_pairs),), float("nan"), device=device)  # log π_ref(y_w|x)   [N]
+    ref_r = torch.full((len(train_pairs),), float("nan"), device=device)  # log π_ref(y_l|x)   [N]
+    ref_c[used], ref_r[used] = all_pair_logps(ref, tok, [train_pairs[j] for j in used], device, average)
+    ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average)  # the same, held out   [M]
+    load_seconds = time.time() - t_start
+
+    def evaluate() -> dict:
+        pc, pr = all_pair_logps(policy, tok, heldout, device, average)  # [M], [M]
+        s = sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1, gold)
+        return {"eval/heldout_pair_accuracy": implicit_reward_accuracy(pc, pr, ref_hc, ref_hr, args.beta,
+                                                                       args.loss_type),
+                "eval/gold_reward": s["gold_reward"], "eval/kl_to_ref": s["kl_to_ref"],
+                "eval/mean_length": s["mean_length"], "texts": s["texts"]}
+
+    log = common.RunLogger(out)
+    ceiling = common.ceiling_accuracy(heldout) if gold else None
+    print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} "
+          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
+          f"{len(train_pairs)} train pairs, {len(heldout)} held out  |  loss {args.loss_type}, β {args.beta}")
+    start = evaluate()
+    start_texts = start.pop("texts")
+    log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
+    if gold:
+        print(f"before training: gold reward of samples {start['eval/gold_reward']:+.3f}, "
+              f"held-out pair accuracy {start['eval/heldout_pair_accuracy']:.3f} (ceiling {ceiling:.3f})")
+
+    ev, t_train = dict(start), time.time()
+    for step, (epoch, idx) in enumerate(batches, 1):
+        t0 = time.time()
+        batch = [train_pairs[j] for j in idx]
+        pc, pr = pair_logps(policy, tok, batch, device, average)  # log π_θ(y_w|x), (y_l|x)  [B]
+        losses, r_c, r_r = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], args.beta, args.loss_type,
+                                    args.label_smoothing)  # [B] each
+        loss = losses.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            policy.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        opt.step()
+        sched.step()
+
+        with torch.no_grad():
+            margins = r_c - r_r  # β Δ   [B]
+            metrics = {
+                "loss": loss.item(),
+                "rewards/chosen": r_c.mean().item(),
+                "rewards/rejected": r_r.mean().item(),
+                "rewards/accuracies": ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean().item(),
+                "rewards/margins": margins.mean().item(),
+                "dpo/grad_weight": torch.sigmoid(-margins).mean().item(),  # σ(−βΔ), notes' weight
+                "logps/chosen": pc.mean().item(),
+                "logps/rejected": pr.mean().item(),
+                "policy/grad_norm": float(grad_norm),
+                "charts/lr": opt.param_groups[0]["lr"],
+                "charts/epoch": epoch + 1,
+                "time/step_seconds": time.time() - t0,
+            }
+        if step % args.eval_every == 0 or step == total_steps:
+            ev = evaluate()
+            final_texts = ev.pop("texts")
+            metrics.update(ev)
+        keys = ["loss", "rewards/margins", "rewards/accuracies", "eval/heldout_pair_accuracy",
+                "eval/gold_reward", "eval/kl_to_ref"]
+        log.log(step, metrics, keys if (step % args.log_every == 0 or step == total_steps
+                                        or "eval/gold_reward" in metrics) else [])
+    train_seconds = time.time() - t_train
+
+    ##### save and summarise
+    if args.save_model:
+        policy.save_pretrained(out / "model")
+        tok.save_pretrained(out / "model")
+    summary = log.summary({
+        "script": "dpo",
+        "loss_type": args.loss_type,
+        "beta": args.beta,
+        "start_gold_reward": start["eval/gold_reward"],
+        "final_gold_reward": ev["eval/gold_reward"],
+        "kl_to_ref": ev["eval/kl_to_ref"],
+        "heldout_pair_accuracy": ev["eval/heldout_pair_accuracy"],
+        "start_heldout_pair_accuracy": start["eval/heldout_pair_accuracy"],
+        "ceiling_accuracy": ceiling,
+        "start_mean_length": start["eval/mean_length"],
+        "final_mean_length": ev["eval/mean_length"],
+        "eval_samples": args.eval_samples,
+        "examples_before": start_texts[:4],
+        "examples_after": final_texts[:4],
+        "steps": step,
+        "wall_seconds": round(time.time() - t_start, 2),
+        "train_seconds": round(train_seconds, 2),
+        "load_seconds": round(load_seconds, 2),
+        "model_dir": str(out / "model") if args.save_model else None,
+        "config": asdict(args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    })
+    log.close()
+    print(f"\n=== DPO summary ({out})")
+    if gold:
+        print(f"gold reward of samples: {summary['start_gold_reward']:+.3f} -> "
+              f"{summary['final_gold_reward']:+.3f}   KL to π_ref {summary['kl_to_ref']:.3f} nats")
+    print(f"held-out pair accuracy of the implicit reward: {summary['heldout_pair_accuracy']:.3f}"
+          + (f" (ceiling {ceiling:.3f})" if gold else "")
+          + f"   in {step} steps, {summary['wall_seconds']:.0f}s wall ({train_seconds:.0f}s training)")
+    for x, a, b in zip(eval_prompts[:4], start_texts[:4], final_texts[:4]):
+        print(f"  {x!r:>14}  before: {a!r}\n  {'':>14}  after:  {b!r}")
+    return summary
+
+
+if __name__ == "__main__":
+    common.main(Args, train, __doc__)

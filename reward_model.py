@@ -1,0 +1,422 @@
+"""A Bradley–Terry reward model: learn a scalar r_φ(x, y) from noisy pairwise preferences.
+
+Notes: `003_0bc5d2784dac14e1.txt`, "Training the reward model" and "Training objective";
+`000_e75205f5b80b652d.txt`, the reward model loss L_RM(φ) of InstructGPT.
+
+Annotators cannot say what a text is worth, but they can say which of two texts they prefer. The
+Bradley–Terry model turns a difference of scalar rewards into that probability,
+P(y_w ≻ y_l | x) = σ(r(x, y_w) − r(x, y_l)), and the reward model is logistic regression on the
+difference of its two scores. The model is the language model itself (the SFT policy, as in
+InstructGPT) with its LM head replaced by a linear head that outputs one number, read at the last
+real token of prompt + completion (the EOS that ends the completion): with causal attention, that
+is the only position that has seen the whole text.
+
+    r_φ(x, y) = w · h_L(x, y)[last non-pad token] + b       h: the LM's final hidden states
+    for epoch = 1 .. epochs:
+        for each batch of pairs (x, y_w, y_l):
+            L = mean[ −log σ(r_φ(x, y_w) − r_φ(x, y_l) − m) ] + c · mean[(r_φ(x, y_w) + r_φ(x, y_l))²]
+            φ ← φ − lr ∇_φ L                                                      (AdamW)
+        every `eval_every` steps: pair accuracy on train and held-out pairs, beside the ceiling
+    optionally: (μ, s) = mean and std of r_φ over completions sampled from the SFT policy,
+                and the saved model outputs (r_φ − μ) / s
+
+The built-in task (common.py, "the preference task") has a hidden gold reward, so the ceiling is
+known: how often the gold reward agrees with the noisy labels. No model beats it on average.
+
+The saved folder (`<out-dir>/model`) is the language model's `save_pretrained` folder plus
+`reward_head.pt`; `load_reward_model(folder)` rebuilds the reward model (ppo.py uses it).
+
+Run:
+    python reward_model.py                            # the built-in task, `tiny-pref`, CPU, ~1 minute
+    python reward_model.py --margin 0.5 --center-coef 0.01
+    python reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl \\
+        --batch-size 16 --lr 1e-5 --epochs 1 --max-new-tokens 256        # one GPU, your own pairs
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+from common import check
+
+
+@dataclass
+class Args:
+    model: str = "tiny-pref"
+    """--model NAME_OR_PATH: the backbone, usually the SFT policy (a Hugging Face causal LM folder
+    or hub name, if cached), or `tiny-pref`, the embedded SFT policy of the built-in task"""
+    data: Optional[str] = None
+    """JSONL file of preference pairs {"prompt", "chosen", "rejected"} (the last fifth, at most
+    1,000 pairs, is held out); default: the built-in task's pairs, labelled by a hidden gold reward"""
+    out_dir: Optional[str] = None
+    """run folder for metrics.jsonl, summary.json and the reward model; default runs/reward_model__s<seed>__<time>"""
+    overwrite: bool = False
+    """allow --out-dir to name a folder that already holds a run"""
+    seed: int = 1
+    """seed of Python's random, numpy and torch (head init, data order, sampling)"""
+    device: Optional[str] = None
+    """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
+    dtype: str = "auto"
+    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16"""
+
+    epochs: int = 2
+    """passes over the training pairs (InstructGPT trained its reward model for 1 epoch: more overfits)"""
+    batch_size: int = 32
+    """preference pairs per optimiser step (each pair is two sequences)"""
+    lr: float = 1e-3
+    """peak learning rate of AdamW, for the backbone and the head (tiny-pref: 3e-4..3e-3; a 0.5B+
+    model: ~1e-5)"""
+    max_steps: Optional[int] = None
+    """stop after this many optimiser steps (for quick runs); default: epochs × pairs / batch size"""
+    warmup_steps: int = 10
+    """steps of linear learning-rate warm-up from 0; then linear decay to 0 at the last step"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    margin: float = 0.0
+    """m in −log σ(r_w − r_l − m): the chosen must win by at least m before the loss lets go
+    (Llama 2 uses a margin that grows with the annotators' confidence); 0 is the notes' loss"""
+    center_coef: float = 0.0
+    """c, weight of the penalty c · mean((r_w + r_l)²) that keeps the rewards centred on 0 (TRL's
+    center_rewards_coefficient; Eisenstein et al. 2023 use 0.01); 0 disables"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this value (0 disables)"""
+
+    normalize: bool = True
+    """after training, sample completions from the SFT policy and store the mean μ and std s of
+    their rewards, so that the saved model outputs (r − μ) / s: mean 0, std 1 where PPO starts"""
+    norm_samples: int = 1000
+    """completions sampled from the SFT policy (the --model, before training) for the normalisation"""
+    max_new_tokens: int = 20
+    """token limit of those samples (20 fits the built-in task; ~256+ for a real model)"""
+
+    eval_every: int = 50
+    """steps between evaluations of train and held-out pair accuracy"""
+    eval_size: int = 1000
+    """held-out pairs per evaluation (and as many training pairs, for the train accuracy)"""
+    log_every: int = 25
+    """steps between printed lines (every step is written to metrics.jsonl)"""
+    save_model: bool = True
+    """save the reward model into <out-dir>/model (the LM's save_pretrained folder + reward_head.pt)"""
+
+
+#####################################################################################################
+#####  the maths: the Bradley–Terry loss and pair accuracy (pure functions, no state, only torch)
+#####################################################################################################
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       margin: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """The reward model's loss per pair (notes `003`, "Training objective"; InstructGPT's L_RM):
+
+        L_RM = −log σ(r_φ(x, y_w) − r_φ(x, y_l) − m)
+
+    r_chosen, r_rejected: [B], the rewards of y_w and y_l; margin m: a number or [B].  -> [B]
+    m = 0 is the notes' loss. With m > 0 the loss keeps pushing until the chosen wins by m (Llama 2).
+    Equal rewards and m = 0 give −log σ(0) = ln 2. ∂L/∂r_w = −σ(−(r_w − r_l − m)) = −∂L/∂r_l.
+    Computed as softplus(−z) = log(1 + e^{−z}), which is exact for large |z| (−log σ(z) is not).
+    """
+    z = r_chosen - r_rejected - margin  # r_w − r_l − m   [B]
+    return F.softplus(-z)  # −log σ(z)   [B]
+
+
+def centering_penalty(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """(r_w + r_l)² per pair, [B] -> [B]. The Bradley–Terry loss only sees differences, so the
+    rewards can drift as a whole; a small weight on this keeps them near 0 (Eisenstein et al. 2023)."""
+    return (r_chosen + r_rejected) ** 2  # [B]
+
+
+def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs that the rewards order like the label: 1[r_w > r_l] + ½·1[r_w = r_l],
+    averaged over the pairs ([B], [B] -> scalar). A tie counts ½, as a coin flip would."""
+    return ((r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()).mean()
+
+
+#####################################################################################################
+#####  the reward model: the LM's last hidden state at the last real token, then a linear head
+#####################################################################################################
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position where attention_mask is 1, per row.  [B, L] -> [B]
+
+    The running count of real tokens reaches its maximum at the last real token and stays flat
+    after it; argmax returns the first position of the maximum. Works for left, right and
+    both-sided padding.
+    """
+    return attention_mask.long().cumsum(-1).argmax(-1)  # [B]
+
+
+class RewardModel(torch.nn.Module):
+    """r_φ(x, y): a causal LM's transformer (its LM head unused) and a linear head, d -> 1.
+
+    The head is read at the last real token (see `last_token_index`), the EOS that ends the
+    completion: in a causal LM it is the one position that attends to the whole prompt and
+    completion. Its weight is drawn from N(0, 1/(d+1)), i.e. std 1/√(d+1) (as in OpenAI's
+    summarize-from-feedback reward model), and the bias is 0, so the first rewards are O(1) for
+    hidden states of unit scale. `reward_mean` and `reward_std` (0 and 1 until `normalize` sets
+    them) are applied to every output: r = (w · h + b − μ) / s.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm  # the whole causal LM, so that it saves and loads as one (`save_pretrained`)
+        d = lm.config.hidden_size
+        self.head = torch.nn.Linear(d, 1, device=lm.device, dtype=lm.dtype)
+        torch.nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))  # std 1/√(d+1)
+        torch.nn.init.zeros_(self.head.bias)
+        self.register_buffer("reward_mean", torch.zeros((), device=lm.device))
+        self.register_buffer("reward_std", torch.ones((), device=lm.device))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: [B, L], any padding on either side.  -> rewards [B] (float32)
+
+        Position ids come from the attention mask, as in `common.token_logprobs`, so a row's
+        reward does not depend on how much padding it has.
+        """
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        h = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state  # [B, L, d]
+        last = last_token_index(attention_mask)  # [B]
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, d]
+        r = self.head(h_last).squeeze(-1).float()  # r_φ(x, y) = w · h + b   [B]
+        return (r - self.reward_mean) / self.reward_std  # (r − μ) / s   [B]
+
+
+def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
+    """Write the format that `load_reward_model` reads:
+        folder/  config.json, model.safetensors, tokenizer files   (the LM: `save_pretrained`)
+        folder/reward_head.pt   {"weight": [d], "bias": [], "reward_mean": [], "reward_std": []}
+    The LM folder also loads on its own with `from_pretrained` (e.g. to start a value model from it)."""
+    folder = Path(folder)
+    rm.lm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save({"weight": rm.head.weight.detach().float().cpu().reshape(-1),
+                "bias": rm.head.bias.detach().float().cpu().reshape(()),
+                "reward_mean": rm.reward_mean.detach().float().cpu(),
+                "reward_std": rm.reward_std.detach().float().cpu()}, folder / "reward_head.pt")
+    return folder
+
+
+def load_reward_model(folder: str | Path, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32, trainable: bool = False):
+    """(RewardModel, tokenizer) from a folder written by `save_reward_model` (`<out-dir>/model` of
+    reward_model.py). Frozen and in eval mode unless `trainable`. Outputs are normalised if the run
+    normalised them."""
+    folder = Path(folder)
+    check((folder / "reward_head.pt").is_file(),
+          f"{folder}: no reward_head.pt here, so this is not a reward model saved by reward_model.py")
+    lm, tok = common.load_model(str(folder), torch.device(device), dtype, trainable=True)
+    rm = RewardModel(lm)
+    state = torch.load(folder / "reward_head.pt", map_location="cpu", weights_only=True)
+    check(state["weight"].numel() == lm.config.hidden_size,
+          f"{folder}: reward_head.pt has {state['weight'].numel()} weights, the LM's hidden size is "
+          f"{lm.config.hidden_size}")
+    with torch.no_grad():
+        rm.head.weight.copy_(state["weight"].reshape(1, -1))
+        rm.head.bias.copy_(state["bias"].reshape(1))
+        rm.reward_mean.copy_(state["reward_mean"])
+        rm.reward_std.copy_(state["reward_std"])
+    rm.eval()
+    if not trainable:
+        rm.requires_grad_(False)
+    return rm, tok
+
+
+def score_pairs(rm: RewardModel, tokenizer, pairs: list[dict], device, batch_size: int = 256):
+    """Rewards of every pair's chosen and rejected completion: two tensors [N] (no gradient)."""
+    r_c, r_r = [], []
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            ids, mask, _, _ = common.encode_prompt_completion(
+                tokenizer, [p["prompt"] for p in chunk] * 2,
+                [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk], device)  # [2b, P+T]
+            r = rm(ids, mask)  # [2b]
+            r_c.append(r[:len(chunk)])
+            r_r.append(r[len(chunk):])
+    return torch.cat(r_c), torch.cat(r_r)  # [N], [N]
+
+
+#####################################################################################################
+#####  training
+#####################################################################################################
+
+
+def validate(args: Args) -> None:
+    """Bad flags get one clear line that names the flag."""
+    for name in ("epochs", "batch_size", "eval_every", "eval_size", "log_every", "max_new_tokens"):
+        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
+    check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
+    check(args.margin >= 0, f"--margin must be ≥ 0 (got {args.margin}): the chosen must win by m")
+    check(args.center_coef >= 0, f"--center-coef must be ≥ 0 (got {args.center_coef})")
+    check(args.weight_decay >= 0, f"--weight-decay must be ≥ 0 (got {args.weight_decay})")
+    check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
+    check(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be ≥ 1 (got {args.max_steps})")
+    check(not args.normalize or args.norm_samples >= 2,
+          f"--norm-samples must be ≥ 2 to estimate a std (got {args.norm_samples}), or pass --no-normalize")
+
+
+def train(args: Args) -> dict:
+    validate(args)
+    t_start = time.time()
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    dtype = common.pick_dtype(device, args.dtype)
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reward_model", args.seed),
+                                 args.overwrite)
+    train_pairs, heldout = common.load_preferences(args.data)
+    heldout = heldout[: args.eval_size]
+    rng = np.random.default_rng(args.seed)
+    train_probe = [train_pairs[i] for i in rng.choice(len(train_pairs), min(len(train_pairs), len(heldout)),
+                                                       replace=False)]  # the train accuracy's pairs
+    gold = args.data is None  # the hidden gold reward exists only for the built-in task
+
+    ##### the model: the SFT policy's transformer and a fresh scalar head
+    lm, tok = common.load_model(common.resolve_model_path(args.model), device, dtype)
+    rm = RewardModel(lm)
+    rm.eval()  # no dropout: a pair's two rewards come from the same function
+    opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    batches = [(epoch, order[i:i + args.batch_size]) for epoch in range(args.epochs)
+               for order in [rng.permutation(len(train_pairs))]
+               for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
+    total_steps = len(batches)
+
+    def lr_factor(step: int) -> float:  # step counts from 0; multiplies --lr
+        if step < args.warmup_steps:
+            return (step + 1) / (args.warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+    ##### completions from the SFT policy for the normalisation, sampled now, before training
+    norm_prompts, norm_texts = [], []
+    if args.normalize:
+        lm.eval()
+        norm_prompts = [train_pairs[i]["prompt"] for i in rng.integers(len(train_pairs), size=args.norm_samples)]
+        for i in range(0, len(norm_prompts), 256):
+            *_, texts, _ = common.generate_text(lm, tok, norm_prompts[i:i + 256], args.max_new_tokens)
+            norm_texts += texts
+        norm_texts = [t if t.strip() else tok.eos_token for t in norm_texts]  # never an empty string
+    load_seconds = time.time() - t_start
+
+    log = common.RunLogger(out)
+    ceiling = common.ceiling_accuracy(heldout) if gold else None
+    train_ceiling = common.ceiling_accuracy(train_probe) if gold else None
+    print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} "
+          f"({sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters)  |  "
+          f"{len(train_pairs)} train pairs, {len(heldout)} held out")
+
+    def evaluate() -> dict:
+        m = {}
+        for name, pairs in (("train", train_probe), ("heldout", heldout)):
+            r_c, r_r = score_pairs(rm, tok, pairs, device)  # [N], [N]
+            m[f"eval/{name}_accuracy"] = float(pair_accuracy(r_c, r_r))
+        return m
+
+    start = evaluate()
+    log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
+    print(f"held-out pair accuracy before training: {start['eval/heldout_accuracy']:.3f}"
+          + (f"  (ceiling {ceiling:.3f})" if gold else ""))
+
+    ev, t_train = start, time.time()
+    for step, (epoch, idx) in enumerate(batches, 1):
+        t0 = time.time()
+        batch = [train_pairs[j] for j in idx]
+        B = len(batch)
+        ids, mask, _, _ = common.encode_prompt_completion(
+            tok, [p["prompt"] for p in batch] * 2,
+            [p["chosen"] for p in batch] + [p["rejected"] for p in batch], device)  # [2B, P+T]
+        r = rm(ids, mask)  # [2B]: the B chosen, then the B rejected
+        r_c, r_r = r[:B], r[B:]  # r_φ(x, y_w), r_φ(x, y_l)   [B], [B]
+        bt = bradley_terry_loss(r_c, r_r, args.margin).mean()  # L_RM
+        center = centering_penalty(r_c, r_r).mean()  # mean (r_w + r_l)²
+        loss = bt + args.center_coef * center if args.center_coef > 0 else bt
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            rm.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        opt.step()
+        sched.step()
+
+        metrics = {
+            "loss/bt": bt.item(),
+            "loss/center": center.item(),
+            "loss/total": loss.item(),
+            "rewards/chosen": r_c.mean().item(),
+            "rewards/rejected": r_r.mean().item(),
+            "rewards/margins": (r_c - r_r).mean().item(),
+            "rewards/accuracies": float(pair_accuracy(r_c.detach(), r_r.detach())),
+            "rm/grad_norm": float(grad_norm),
+            "charts/lr": opt.param_groups[0]["lr"],
+            "charts/epoch": epoch + 1,
+            "time/step_seconds": time.time() - t0,
+        }
+        if step % args.eval_every == 0 or step == total_steps:
+            ev = evaluate()
+            metrics.update(ev)
+        keys = ["loss/bt", "rewards/margins", "rewards/accuracies", "eval/train_accuracy",
+                "eval/heldout_accuracy"]
+        log.log(step, metrics, keys if (step % args.log_every == 0 or step == total_steps
+                                        or "eval/heldout_accuracy" in metrics) else [])
+    train_seconds = time.time() - t_train
+
+    ##### normalise over the SFT samples: (μ, s) = mean and std of r_φ, then r ← (r − μ) / s
+    norm = {}
+    if args.normalize:
+        with torch.no_grad():
+            raw = torch.cat([rm(*common.encode_prompt_completion(
+                tok, norm_prompts[i:i + 256], norm_texts[i:i + 256], device)[:2])
+                for i in range(0, len(norm_texts), 256)])  # [N]
+        rm.reward_mean.fill_(raw.mean().item())  # μ
+        rm.reward_std.fill_(raw.std().clamp(min=1e-6).item())  # s (Bessel-corrected)
+        norm = {"reward_mean": rm.reward_mean.item(), "reward_std": rm.reward_std.item()}
+        if gold:  # how well the learned reward tracks the gold reward where PPO will start
+            g = torch.tensor([common.gold_reward(t) for t in norm_texts])  # [N]
+            norm["gold_correlation"] = float(torch.corrcoef(torch.stack([raw.cpu(), g]))[0, 1])
+
+    ##### save and summarise
+    if args.save_model:
+        save_reward_model(rm, tok, out / "model")
+    summary = log.summary({
+        "script": "reward_model",
+        "start_heldout_accuracy": start["eval/heldout_accuracy"],
+        "heldout_accuracy": ev["eval/heldout_accuracy"],
+        "train_accuracy": ev["eval/train_accuracy"],
+        "ceiling_accuracy": ceiling,
+        "train_ceiling_accuracy": train_ceiling,
+        "heldout_pairs": len(heldout),
+        "train_pairs": len(train_pairs),
+        **norm,
+        "steps": step,
+        "wall_seconds": round(time.time() - t_start, 2),
+        "train_seconds": round(train_seconds, 2),
+        "load_seconds": round(load_seconds, 2),
+        "model_dir": str(out / "model") if args.save_model else None,
+        "config": asdict(args),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    })
+    log.close()
+    print(f"\n=== reward model summary ({out})")
+    print(f"pair accuracy   train {ev['eval/train_accuracy']:.3f}"
+          + (f" (ceiling {train_ceiling:.3f})" if gold else "")
+          + f"   held-out {ev['eval/heldout_accuracy']:.3f}" + (f" (ceiling {ceiling:.3f})" if gold else "")
+          + f"   in {step} steps, {summary['wall_seconds']:.0f}s wall")
+    if norm:
+        print(f"normalised over {len(norm_texts)} SFT samples: μ {norm['reward_mean']:+.3f}, "
+              f"s {norm['reward_std']:.3f}"
+              + (f"; correlation with the gold reward {norm['gold_correlation']:.3f}" if gold else ""))
+    return summary
+
+
+if __name__ == "__main__":
+    common.main(Args, train, __doc__)
