@@ -106,8 +106,9 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
 
 
 def main(cls, train, doc: str | None = None, argv: list[str] | None = None):
-    """`python script.py [flags]`: parse flags, run `train(args)`, and turn a `UsageError` (or a
-    missing file) into one line on stderr and exit code 2, never a traceback."""
+    """`python script.py [flags]`: parse flags, run `train(args)`, and turn a `UsageError` into one
+    line on stderr and exit code 2, never a traceback. (Scripts check files and paths themselves
+    and raise `UsageError`, so that the message names the flag.)"""
     args = parse_args(cls, argv, description=doc)
     try:
         return train(args)

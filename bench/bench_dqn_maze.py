@@ -80,7 +80,8 @@ def bench(args: Args) -> None:
                 if not summary["dqn"]["optimal_everywhere"]:
                     failures.append(f"{maze} seed {seed}: the DQN greedy policy is not optimal everywhere")
                 if wall > args.time_limit:
-                    failures.append(f"{maze} seed {seed}: the run took {wall:.0f} s > {args.time_limit:.0f} s")
+                    failures.append(f"{maze} seed {seed}: the run took {wall:.0f} s "
+                                    f"> {args.time_limit:.0f} s")
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     print("\n".join(["FAIL: " + f for f in failures]) or "PASS: DQN optimal everywhere, every run in time")
     if failures:

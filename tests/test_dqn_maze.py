@@ -275,9 +275,10 @@ def test_short_run_writes_metrics_summary_and_weights(tmp_path, run_script):
     assert r.returncode == 0, r.stderr
     assert "greedy" in r.stdout and "V*(s)" in r.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    dqn_rows = [row for row in rows if "eval/max_q_error" in row]
+    dqn_rows = [row for row in rows if "dqn/max_q_error" in row]
     assert [row["step"] for row in dqn_rows] == [0, 100, 200, 300]  # step 0 is the "before"
-    assert {"losses/td_loss", "charts/epsilon", "eval/optimal_everywhere"} <= set(dqn_rows[-1])
+    expected_keys = {"dqn/optimal_everywhere", "dqn/episodic_return", "dqn/epsilon", "losses/td_loss"}
+    assert expected_keys <= set(dqn_rows[-1])
     assert any("tabular/max_q_error" in row for row in rows)
     summary = json.loads((out / "summary.json").read_text())
     for learner in ("tabular", "dqn"):

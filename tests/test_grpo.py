@@ -515,7 +515,8 @@ def runs(request, tmp_path_factory, tiny_path, tiny_random_other_arch, run_scrip
         "default": SHORT,
         "other_arch": SHORT + ["--model", str(tiny_random_other_arch)],
         "process": SHORT + ["--reward", "process"],
-        "beta_mu": SHORT + ["--beta", "0.04", "--mu", "2"],
+        # also the GPU path's autocast (bfloat16 forward passes over fp32 weights), run on the CPU
+        "beta_mu": SHORT + ["--beta", "0.04", "--mu", "2", "--dtype", "bfloat16"],
         "data": SHORT + ["--data", str(data)],
     }
 
@@ -642,6 +643,7 @@ def test_short_run_with_kl_and_inner_iterations(runs):
     out, fut = runs["beta_mu"]
     rows, summary = check_run(out, fut.result(), "llama")
     assert summary["config"]["beta"] == 0.04 and summary["config"]["mu"] == 2
+    assert summary["config"]["dtype"] == "bfloat16"
     # the KL is measured on the last inner iteration, after the policy has moved off the reference
     assert all(r["kl/ref"] >= 0 for r in rows[1:]) and max(r["kl/ref"] for r in rows[1:]) > 0
 
