@@ -786,6 +786,9 @@ def tiny_pref_model_path(quiet: bool = False) -> Path:
         return path
     import shutil
     import tempfile
+
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # stderr is for errors
     t0 = time.time()
     if not quiet:
         print(f"building the embedded model 'tiny-pref' and its preference pairs (once) into {path}",

@@ -186,7 +186,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         reference_free  L = −log σ(β [log π_θ(y_w|x) − log π_θ(y_l|x)])       log π_ref := 0
 
     For sigmoid, ∂L/∂log π_θ(y_w|x) = −β σ(−βΔ) and ∂L/∂log π_θ(y_l|x) = +β σ(−βΔ): the notes'
-    weight, large when the implicit reward orders the pair wrongly, small when it is already right.
+    weight κ σ(−κΔ) with κ = β, large when the implicit reward orders the pair wrongly, small when
+    it already orders it right by a wide margin.
 
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B]), where the implicit rewards
     β (log π_θ(y|x) − log π_ref(y|x)) are detached (they are for logging).
@@ -298,7 +299,8 @@ def validate(args: Args) -> None:
           f"not to --loss-type {args.loss_type}")
     for name in ("epochs", "batch_size", "eval_every", "eval_size", "eval_samples", "log_every",
                  "max_new_tokens"):
-        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
+        value = getattr(args, name)
+        check(value >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {value})")
     check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be ≥ 1 (got {args.max_steps})")

@@ -17,8 +17,8 @@ The task's score (1 if the answer is exactly right, else 0) lands on the LAST co
 t = |y| − 1: the EOS when there is one, i.e. the action that ends the episode, since the score
 depends on the whole of y. A completion cut off at the token limit has no EOS and scores 0, so
 only its KL terms remain. The KL terms are rewards like any other: computed from the sampled
-tokens, with no gradient through them. (Their score-function gradient is still the exact gradient
-of −β·KL, because E[∇ log π] = 0; see "Why is the Baseline Unbiased?".)
+tokens, with no gradient through them. The estimator stays unbiased for ∇(−β·KL) all the same:
+the term this leaves out, −β·E[∇log π], is 0 (the argument of "Why is the Baseline Unbiased?").
 
     for step = 1 .. steps:
         draw `prompts_per_step` prompts x; sample K completions y ~ π_θ(·|x) of each       (KV cache)
@@ -40,11 +40,14 @@ long answers get less credit; and the two Ψ no longer estimate the same thing: 
 unbiased gradient of J_γ = E[Σ_t γ^t r_t], while G_t as the notes write it (and as most code does)
 drops the factor γ^t that ∇J_γ puts on step t (Thomas, 2014; Nota and Thomas, 2020).
 
-Variance. Every Ψ_t above gives the same expected gradient (up to the (1 − 1/B) factor of the
-batch mean, which includes each sample's own return); they differ in the variance of ĝ. The run
-logs two measures each step: `policy/grad_var`, an estimate of tr Cov(ĝ) from the gradients of the
-two halves of the batch, and `psi/second_moment`, E[Ψ²], the cheap proxy (the variance of ĝ grows
-with E[Ψ² ‖∇log π‖²]; Var(Ψ) would be the wrong proxy, since subtracting a constant leaves it unchanged).
+Variance. Every Ψ_t above gives the same expected gradient (the batch mean up to a factor
+(1 − 1/B), since b then includes each sample's own return); they differ in the variance of ĝ.
+Each step logs `policy/grad_var`, an estimate of tr Cov(ĝ) from the gradients of the two halves of
+the batch (nearly free: the backward pass is only split in two), and `psi/second_moment`, E[Ψ²].
+E[Ψ²] is the usual cheap proxy, but tr Cov(ĝ) = (E‖Σ_t ∇log π(a_t|s_t) Ψ_t‖² − ‖∇J‖²)/|D|
+(independent samples), which E[Ψ²] tracks only when ‖∇log π‖ does not depend on Ψ. Here it does: wrong answers tend to contain unlikely tokens, whose
+‖∇log π‖ is large, and with a 0/1 score `return` gives them Ψ = 0 while a baseline gives them −b.
+So a baseline can lower E[Ψ²] and raise tr Cov(ĝ); bench/bench_reinforce.py measures both.
 
 Run:
     python reinforce.py                                  # embedded `tiny` model, arithmetic, CPU, minutes

@@ -14,7 +14,7 @@ is the only position that has seen the whole text.
     r_φ(x, y) = w · h_L(x, y)[last non-pad token] + b       h: the LM's final hidden states
     for epoch = 1 .. epochs:
         for each batch of pairs (x, y_w, y_l):
-            L = mean[ −log σ(r_φ(x, y_w) − r_φ(x, y_l) − m) ] + c · mean[(r_φ(x, y_w) + r_φ(x, y_l))²]
+            L = mean[−log σ(r_φ(x,y_w) − r_φ(x,y_l) − m)] + c · mean[(r_φ(x,y_w) + r_φ(x,y_l))²]
             φ ← φ − lr ∇_φ L                                                      (AdamW)
         every `eval_every` steps: pair accuracy on train and held-out pairs, beside the ceiling
     optionally: (μ, s) = mean and std of r_φ over completions sampled from the SFT policy,
@@ -58,7 +58,8 @@ class Args:
     """JSONL file of preference pairs {"prompt", "chosen", "rejected"} (the last fifth, at most
     1,000 pairs, is held out); default: the built-in task's pairs, labelled by a hidden gold reward"""
     out_dir: Optional[str] = None
-    """run folder for metrics.jsonl, summary.json and the reward model; default runs/reward_model__s<seed>__<time>"""
+    """run folder for metrics.jsonl, summary.json and the reward model; default
+    runs/reward_model__s<seed>__<time>"""
     overwrite: bool = False
     """allow --out-dir to name a folder that already holds a run"""
     seed: int = 1
@@ -254,7 +255,8 @@ def score_pairs(rm: RewardModel, tokenizer, pairs: list[dict], device, batch_siz
 def validate(args: Args) -> None:
     """Bad flags get one clear line that names the flag."""
     for name in ("epochs", "batch_size", "eval_every", "eval_size", "log_every", "max_new_tokens"):
-        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
+        value = getattr(args, name)
+        check(value >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {value})")
     check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
     check(args.margin >= 0, f"--margin must be ≥ 0 (got {args.margin}): the chosen must win by m")
     check(args.center_coef >= 0, f"--center-coef must be ≥ 0 (got {args.center_coef})")
@@ -299,12 +301,11 @@ def train(args: Args) -> dict:
     ##### completions from the SFT policy for the normalisation, sampled now, before training
     norm_prompts, norm_texts = [], []
     if args.normalize:
-        lm.eval()
-        norm_prompts = [train_pairs[i]["prompt"] for i in rng.integers(len(train_pairs), size=args.norm_samples)]
+        picks = rng.integers(len(train_pairs), size=args.norm_samples)
+        norm_prompts = [train_pairs[i]["prompt"] for i in picks]
         for i in range(0, len(norm_prompts), 256):
             *_, texts, _ = common.generate_text(lm, tok, norm_prompts[i:i + 256], args.max_new_tokens)
-            norm_texts += texts
-        norm_texts = [t if t.strip() else tok.eos_token for t in norm_texts]  # never an empty string
+            norm_texts += texts  # an empty text is scored as just its EOS
     load_seconds = time.time() - t_start
 
     log = common.RunLogger(out)
@@ -336,9 +337,9 @@ def train(args: Args) -> dict:
             [p["chosen"] for p in batch] + [p["rejected"] for p in batch], device)  # [2B, P+T]
         r = rm(ids, mask)  # [2B]: the B chosen, then the B rejected
         r_c, r_r = r[:B], r[B:]  # r_φ(x, y_w), r_φ(x, y_l)   [B], [B]
-        bt = bradley_terry_loss(r_c, r_r, args.margin).mean()  # L_RM
+        bt = bradley_terry_loss(r_c, r_r, args.margin).mean()  # L_RM = mean −log σ(r_w − r_l − m)
         center = centering_penalty(r_c, r_r).mean()  # mean (r_w + r_l)²
-        loss = bt + args.center_coef * center if args.center_coef > 0 else bt
+        loss = bt + args.center_coef * center if args.center_coef > 0 else bt  # L = L_RM + c · center
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -8,7 +8,7 @@ wall time includes building the embedded `tiny` model. The target (issue "Founda
 held-out greedy accuracy ≥ 0.90, at least 25 points above the start, in under 10 minutes on 2
 CPU cores. The other variants reuse the built model and change one thing each, on the same seed.
 
-Results go to bench/results/grpo.json, and a markdown table is printed for the README.
+Results go to bench/results/grpo.json (grpo_<variants>.json with --only), and a markdown table is printed for the README.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def main():
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
               "cpus": os.cpu_count(), "load_before": load, "rows": rows}
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "grpo.json").write_text(json.dumps(result, indent=1))
+    name = "grpo.json" if a.only is None else f"grpo_{'_'.join(names)}.json"
+    (ROOT / "bench" / "results" / name).write_text(json.dumps(result, indent=1))
     print("\n| variant | command | start acc. | final acc. | wall time (s) | first step ≥ 0.90 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:

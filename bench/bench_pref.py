@@ -3,6 +3,8 @@ measured against the hidden gold reward of the built-in task.
 
     python bench/bench_pref.py                        # every run below, about 15 minutes on 2 CPU cores
     python bench/bench_pref.py --only rm dpo-beta-0.1 dpo-beta-0.5     # just the targets
+    python bench/bench_pref.py --only rm dpo-beta-0.1 dpo-beta-0.5 --seeds 2 3 \
+        --out bench/results/pref_seeds.json                                # the targets on other seeds
 
 Targets (issue "reward_model.py and dpo.py"):
   * the reward model's held-out pair accuracy is within 3 points of the ceiling (how often the gold
@@ -44,9 +46,10 @@ RUNS = {  # name: (script, extra flags)
 }
 
 
-def run(name: str, cache: str, out_root: Path) -> dict:
+def run(name: str, seed: int, cache: str, out_root: Path) -> dict:
     script, extra = RUNS[name]
-    out = out_root / name
+    extra = extra + (["--seed", str(seed)] if seed != 1 else [])
+    out = out_root / f"{name}__s{seed}"
     cmd = [sys.executable, script, "--out-dir", str(out), "--no-save-model", *extra]
     env = {**os.environ, "RL_REF_CACHE": cache}
     load_before = os.getloadavg()[0]
@@ -56,7 +59,7 @@ def run(name: str, cache: str, out_root: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
-    row = {"run": name, "command": f"python {script} " + " ".join(extra),
+    row = {"run": name, "seed": seed, "command": f"python {script} " + " ".join(extra),
            "process_wall_seconds": round(wall, 1), "train_seconds": s["train_seconds"],
            "load_seconds": s["load_seconds"], "load_average_before": round(load_before, 2),
            "load_average_after": round(os.getloadavg()[0], 2)}
@@ -65,7 +68,7 @@ def run(name: str, cache: str, out_root: Path) -> dict:
                                       "train_accuracy", "train_ceiling_accuracy", "gold_correlation",
                                       "reward_mean", "reward_std")})
         row["gap_to_ceiling_points"] = round(100 * (s["ceiling_accuracy"] - s["heldout_accuracy"]), 2)
-        print(f"{name:15} held-out {s['heldout_accuracy']:.3f} vs ceiling {s['ceiling_accuracy']:.3f} "
+        print(f"{name:15} s{seed} held-out {s['heldout_accuracy']:.3f} vs ceiling {s['ceiling_accuracy']:.3f} "
               f"(gap {row['gap_to_ceiling_points']:+.1f} points), train {s['train_accuracy']:.3f}, "
               f"gold correlation {s['gold_correlation']:.3f}; wall {wall:.0f}s (load {load_before:.1f})",
               flush=True)
@@ -76,7 +79,7 @@ def run(name: str, cache: str, out_root: Path) -> dict:
                                       "heldout_pair_accuracy", "ceiling_accuracy", "start_mean_length",
                                       "final_mean_length", "examples_after")})
         row["curve_step_gold_kl"] = curve
-        print(f"{name:15} gold {s['start_gold_reward']:+.3f} -> {s['final_gold_reward']:+.3f}, "
+        print(f"{name:15} s{seed} gold {s['start_gold_reward']:+.3f} -> {s['final_gold_reward']:+.3f}, "
               f"KL {s['kl_to_ref']:.3f}, held-out pair acc. {s['heldout_pair_accuracy']:.3f}; "
               f"wall {wall:.0f}s (load {load_before:.1f})", flush=True)
     return row
@@ -85,37 +88,39 @@ def run(name: str, cache: str, out_root: Path) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=list(RUNS), help="runs to do (default: all)")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[1], help="--seed of every run (default: 1)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pref.json"), help="results file")
     a = ap.parse_args()
     names = a.only or list(RUNS)
     cache = tempfile.mkdtemp(prefix="bench_pref_cache_")  # empty: the first run builds `tiny-pref`
     out_root = Path(tempfile.mkdtemp(prefix="bench_pref_runs_"))
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    rows = [run(n, cache, out_root) for n in names]
+    rows = [run(n, seed, cache, out_root) for seed in a.seeds for n in names]
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
               "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "uptime_before": uptime,
               "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
               "rows": rows}
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "pref.json").write_text(json.dumps(result, indent=1))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
 
     rm_rows = [r for r in rows if "heldout_accuracy" in r]
     if rm_rows:
-        print("\n| run | command | held-out pair acc. | ceiling | gap (points) | train acc. (ceiling) "
+        print("\n| run | seed | command | held-out pair acc. | ceiling | gap (points) | train acc. (ceiling) "
               "| corr. with gold | wall time (s) |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rm_rows:
-            print(f"| {r['run']} | `{r['command'].strip()}` | {r['heldout_accuracy']:.3f} | "
+            print(f"| {r['run']} | {r['seed']} | `{r['command'].strip()}` | {r['heldout_accuracy']:.3f} | "
                   f"{r['ceiling_accuracy']:.3f} | {r['gap_to_ceiling_points']:+.1f} | "
                   f"{r['train_accuracy']:.3f} ({r['train_ceiling_accuracy']:.3f}) | "
                   f"{r['gold_correlation']:.3f} | {r['process_wall_seconds']:.0f} |")
     dpo_rows = [r for r in rows if "final_gold_reward" in r]
     if dpo_rows:
-        print("\n| run | command | gold reward before → after | KL to π_ref (nats) | held-out pair acc. "
+        print("\n| run | seed | command | gold reward before → after | KL to π_ref (nats) | held-out pair acc. "
               "| wall time (s) |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in dpo_rows:
-            print(f"| {r['run']} | `{r['command'].strip()}` | {r['start_gold_reward']:+.2f} → "
+            print(f"| {r['run']} | {r['seed']} | `{r['command'].strip()}` | {r['start_gold_reward']:+.2f} → "
                   f"{r['final_gold_reward']:+.2f} | {r['kl_to_ref']:.2f} | {r['heldout_pair_accuracy']:.3f} | "
                   f"{r['process_wall_seconds']:.0f} |")
     print(f"\nload: {result['uptime_before']}  ->  {result['uptime_after']}")

@@ -207,14 +207,10 @@ SHORT = ["--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-s
 
 
 @pytest.fixture(scope="module")
-def pref_path():
-    """The embedded SFT policy `tiny-pref` and its pairs, built on first use into $RL_REF_CACHE."""
-    return common.tiny_pref_model_path(quiet=True)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, pref_path, run_script):
-    """Start every subprocess of this module at once on a small pool: {name: (out_dir, future)}."""
+def runs(tmp_path_factory, run_script):
+    """Start every subprocess of this module on a small pool: {name: (out_dir, future)}. The bad-input
+    runs need no model, so they start first and run while this process builds `tiny-pref` (once per
+    test session, into $RL_REF_CACHE); the short runs start after the build."""
     base = tmp_path_factory.mktemp("dpo_runs")
     good = [json.dumps(p) for p in PAIRS] * 4  # 12 pairs: 10 train, 2 held out
     files = {
@@ -225,14 +221,16 @@ def runs(tmp_path_factory, pref_path, run_script):
     }
     for name, lines in files.items():
         (base / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
-    jobs = {
-        "default": SHORT,
-        "data_ipo": SHORT + ["--data", str(base / "data.jsonl"), "--loss-type", "ipo", "--beta", "0.5"],
+    bad_jobs = {
         "missing_key": ["--data", str(base / "missing_key.jsonl")],
         "empty": ["--data", str(base / "empty.jsonl")],
         "equal": ["--data", str(base / "equal.jsonl")],
         "bad_loss_type": ["--loss-type", "bogus"],
         "bad_smoothing": ["--loss-type", "hinge", "--label-smoothing", "0.1"],
+    }
+    jobs = {
+        "default": SHORT,
+        "data_ipo": SHORT + ["--data", str(base / "data.jsonl"), "--loss-type", "ipo", "--beta", "0.5"],
     }
 
     def run(name, argv):
@@ -243,7 +241,10 @@ def runs(tmp_path_factory, pref_path, run_script):
         return result, run_script("dpo.py", *argv, "--out-dir", str(base / name))
 
     pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
-    yield {name: (base / name, pool.submit(run, name, argv)) for name, argv in jobs.items()}, base
+    futures = {name: (base / name, pool.submit(run, name, argv)) for name, argv in bad_jobs.items()}
+    common.tiny_pref_model_path(quiet=True)  # build now, so that the short runs do not each build it
+    futures.update({name: (base / name, pool.submit(run, name, argv)) for name, argv in jobs.items()})
+    yield futures, base
     pool.shutdown(wait=True)
 
 

@@ -91,8 +91,14 @@ ROWS = [("the hotel", "was great"), ("the car the bus", "felt very good but the 
         ("the pizza", "seemed ok and the view was nice")]
 
 
-def test_reward_is_read_at_the_eos_and_invariant_to_padding():
-    lm, tok = random_word_llama()
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_reward_is_read_at_the_eos_and_invariant_to_padding(arch, request):
+    if arch == "llama":
+        lm, tok = random_word_llama()
+    else:  # learned absolute positions, LayerNorm, Conv1D, and the character tokenizer
+        lm, tok = common.load_model(str(request.getfixturevalue("tiny_random_other_arch")),
+                                    torch.device("cpu"))
+        lm.eval()
     rm = RewardModel(lm).eval()
     ids, mask, _, _ = common.encode_prompt_completion(tok, *zip(*ROWS))  # [3, P+T], both-side padding
     with torch.no_grad():
@@ -187,21 +193,31 @@ SHORT = ["--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-s
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, pref_path, run_script):
-    """Start every subprocess of this module at once on a small pool: {name: (out_dir, future)}."""
+def runs(tmp_path_factory, run_script):
+    """Start every subprocess of this module on a small pool: {name: (out_dir, future)}. The bad-input
+    runs need no model, so they start first and run while this process builds `tiny-pref` (once per
+    test session, into $RL_REF_CACHE); the short runs start after the build."""
     base = tmp_path_factory.mktemp("rm_runs")
     good = [json.dumps({"prompt": x, "chosen": y, "rejected": "was bad"}) for x, y in ROWS] * 4
     (base / "data.jsonl").write_text("\n".join(good) + "\n")
     (base / "missing.jsonl").write_text(good[0] + "\n\n" + json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
-    jobs = {
-        "default": SHORT,
-        "data": SHORT + ["--data", str(base / "data.jsonl"), "--margin", "0.5", "--center-coef", "0.01"],
+    bad_jobs = {
         "missing_key": ["--data", str(base / "missing.jsonl")],
         "bad_margin": ["--margin", "-1"],
     }
+    jobs = {
+        "default": SHORT,
+        "data": SHORT + ["--data", str(base / "data.jsonl"), "--margin", "0.5", "--center-coef", "0.01"],
+    }
+
+    def submit(name, argv):
+        return base / name, pool.submit(run_script, "reward_model.py", *argv, "--out-dir", str(base / name))
+
     pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
-    yield {name: (base / name, pool.submit(run_script, "reward_model.py", *argv, "--out-dir", str(base / name)))
-           for name, argv in jobs.items()}
+    futures = {name: submit(name, argv) for name, argv in bad_jobs.items()}
+    common.tiny_pref_model_path(quiet=True)  # build now, so that the short runs do not each build it
+    futures.update({name: submit(name, argv) for name, argv in jobs.items()})
+    yield futures
     pool.shutdown(wait=True)
 
 

@@ -1,0 +1,54 @@
+"""Keeps the README's notes index honest: every function and every test it names must exist.
+
+The index is the table between the lines `<!-- notes-index:start -->` and `<!-- notes-index:end -->`
+in README.md. Its code cells hold `file.py:function` (or `file.py:Class.method`), and its test cells
+hold `tests/test_x.py::test_name`.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def index_rows() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    start, end = text.index("<!-- notes-index:start -->"), text.index("<!-- notes-index:end -->")
+    return [line for line in text[start:end].splitlines() if line.startswith("|")][2:]
+
+
+def defined_names(path: Path) -> set[str]:
+    """Top-level functions and classes, and `Class.method` for methods, found by parsing (no import)."""
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            names.update(f"{node.name}.{n.name}" for n in node.body if isinstance(n, ast.FunctionDef))
+    return names
+
+
+def test_the_index_has_rows():
+    assert len(index_rows()) >= 10
+
+
+def test_every_function_and_test_named_in_the_index_exists():
+    missing = []
+    for row in index_rows():
+        for file, name in re.findall(r"`([\w/]+\.py):(?!:)([\w.]+)`", row):
+            if name not in defined_names(ROOT / file):
+                missing.append(f"{file}:{name}")
+        for file, name in re.findall(r"`(tests/[\w]+\.py)::(\w+)`", row):
+            if name not in defined_names(ROOT / file):
+                missing.append(f"{file}::{name}")
+    assert not missing, f"the README's notes index names what does not exist: {missing}"
+
+
+def test_every_row_names_code_and_a_test():
+    for row in index_rows():
+        assert re.search(r"`[\w/]+\.py:[\w.]+`", row), f"no code named in: {row}"
+        assert re.search(r"`tests/\w+\.py::\w+`", row), f"no test named in: {row}"
