@@ -341,16 +341,17 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
                trainable: bool = True):
-    """Load (model, tokenizer) through the Auto classes. `tiny` is the embedded default, built on
-    first use and cached on disk (see `tiny_model_path`). The tokenizer pads on the left.
+    """Load (model, tokenizer) through the Auto classes. `tiny` (arithmetic) and `tiny-pref` (the
+    preference task) are the embedded defaults, built on first use and cached on disk (see
+    `tiny_model_path`, `tiny_pref_model_path`). The tokenizer pads on the left.
 
     A frozen copy (`trainable=False`) is put in eval mode with gradients off: the reference policy.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    path = tiny_model_path() if name_or_path == "tiny" else name_or_path
-    if name_or_path != "tiny" and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path
+    path = resolve_model_path(name_or_path)  # `tiny`, `tiny-pref`: the embedded models
+    if name_or_path not in ("tiny", "tiny-pref") and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path
                                    and not Path(name_or_path).exists() and name_or_path.count("/") != 1):
         check(Path(name_or_path).expanduser().exists(), f"--model {name_or_path}: no such folder")
     hf_logging.set_verbosity_error()
