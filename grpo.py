@@ -271,6 +271,8 @@ def train(args: Args) -> dict:
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     ref = common.load_model(args.model, device, dtype, trainable=False)[0] if args.beta > 0 else None
     amp = common.autocast(device, dtype)  # GPU only: bf16 forward passes over the fp32 policy
+    check(not args.chat_template or getattr(tok, "chat_template", None),
+          f"--chat-template: the tokenizer of --model {args.model} has no chat template")
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("grpo", args.seed), args.overwrite)

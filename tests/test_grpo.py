@@ -511,6 +511,7 @@ def runs(request, tmp_path_factory, tiny_path, tiny_random_other_arch, run_scrip
         "bad_loss_agg": ["--loss-agg", "bogus"],
         "bad_data": ["--data", str(bad)],
         "bad_model": ["--model", "/nonexistent/model"],
+        "bad_chat_template": ["--chat-template"],  # `tiny`'s tokenizer has no chat template
         # short runs
         "default": SHORT,
         "other_arch": SHORT + ["--model", str(tiny_random_other_arch)],
@@ -550,6 +551,7 @@ def one_line_error(result, must_name: str):
     ("bad_epsilon", "--epsilon"),
     ("bad_beta", "--beta"),
     ("bad_model", "--model /nonexistent/model"),
+    ("bad_chat_template", "--chat-template"),
 ])
 def test_bad_input_gives_one_line(runs, name, must_name):
     result = runs[name][1].result()
