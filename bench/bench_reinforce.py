@@ -82,10 +82,15 @@ def run_one(name: str, seed: int, steps: int, extra: list[str], out: Path, threa
     cmd = [sys.executable, "reinforce.py", "--seed", str(seed), "--steps", str(steps), "--psi", psi,
            "--baseline", baseline, "--out-dir", str(out), "--log-every", "1000000", *extra]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    log_path = out.parent / f"{out.name}.log"
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own CPU time, whatever else runs
+        p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.time() - t0
-    check(r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stderr.strip()[-2000:]}")
+    check(p.returncode == 0,
+          f"{' '.join(cmd)} failed:\n{log_path.read_text().strip()[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if r["step"] > 0]
@@ -95,6 +100,7 @@ def run_one(name: str, seed: int, steps: int, extra: list[str], out: Path, threa
         "start_accuracy": summary["start_accuracy"], "final_accuracy": summary["final_accuracy"],
         "gain": summary["final_accuracy"] - summary["start_accuracy"],
         "process_seconds": round(wall, 1), "wall_seconds": summary["wall_seconds"],
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
         "mean_grad_var": float(np.mean([r["policy/grad_var"] for r in steps_rows])),
         "mean_psi_second_moment": float(np.mean([r["psi/second_moment"] for r in steps_rows])),
         "mean_reward": float(np.mean([r["reward/mean"] for r in steps_rows])),
@@ -194,13 +200,15 @@ def bench(args: Args) -> None:
         pool = ThreadPoolExecutor(max_workers=args.jobs)
         futures = [pool.submit(run_one, n, s, args.steps, extra, Path(tmp) / f"{n}_s{s}", args.threads)
                    for s in seeds for n in names]
-        print("| variant | seed | start acc | final acc | gain | run s | mean tr Cov(ĝ) in run | mean E[Ψ²] |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| variant | seed | start acc | final acc | gain | run s | CPU s | mean tr Cov(ĝ) in run "
+              "| mean E[Ψ²] |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for f in futures:
             r = f.result()
             results.append(r)
             print(f"| {r['variant']} | {r['seed']} | {r['start_accuracy']:.3f} | {r['final_accuracy']:.3f} "
-                  f"| {100 * r['gain']:+.1f} | {r['process_seconds']:.0f} | {r['mean_grad_var']:.3g} "
+                  f"| {100 * r['gain']:+.1f} | {r['process_seconds']:.0f} | {r['cpu_seconds']:.0f} "
+                  f"| {r['mean_grad_var']:.3g} "
                   f"| {r['mean_psi_second_moment']:.3f} |", flush=True)
         pool.shutdown()
 
