@@ -186,20 +186,20 @@ def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> tor
     return torch.where(mask.bool(), G, torch.zeros_like(G))  # [B, T]
 
 
-def rloo_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
+def rloo_baseline(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """Leave-one-out baseline (Kool et al., 2019; Ahmadian et al., 2024): for each sample, the mean
-    return of the other K−1 samples of the same prompt.  returns: [B], B = n_prompts × K with the K
-    samples of a prompt consecutive.  -> [B]
-        b_i = (Σ_j R_j − R_i) / (K − 1)
+    reward of the other K−1 samples of the same prompt.  rewards: [B], one number per sample (this
+    script passes the returns R(τ)), B = n_prompts × K with the K samples of a prompt consecutive.
+        b_i = (Σ_j r_j − r_i) / (K − 1)                                                     -> [B]
     b_i does not depend on sample i at all, so it is a baseline in the notes' sense (it does not
     depend on the action) and E[∇log π · b_i] = 0 exactly. [1, 0, 0, 0] -> [0, 1/3, 1/3, 1/3].
     """
     if k < 2:
         raise ValueError(f"the leave-one-out baseline needs K ≥ 2 samples per prompt (got {k})")
-    if returns.shape[0] % k:
-        raise ValueError(f"{returns.shape[0]} returns do not split into groups of K = {k}")
-    R = returns.view(-1, k)  # [n, K]
-    b = (R.sum(dim=1, keepdim=True) - R) / (k - 1)  # b_i = (Σ_j R_j − R_i) / (K − 1)   [n, K]
+    if rewards.shape[0] % k:
+        raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of K = {k}")
+    r = rewards.view(-1, k)  # [n, K]
+    b = (r.sum(dim=1, keepdim=True) - r) / (k - 1)  # b_i = (Σ_j r_j − r_i) / (K − 1)   [n, K]
     return b.reshape(-1)  # [B]
 
 
