@@ -186,7 +186,7 @@ def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> tor
     return torch.where(mask.bool(), G, torch.zeros_like(G))  # [B, T]
 
 
-def rloo_baseline(rewards: torch.Tensor, k: int) -> torch.Tensor:
+def rloo_baseline(rewards: torch.Tensor, k: int | None) -> torch.Tensor:
     """Leave-one-out baseline (Kool et al., 2019; Ahmadian et al., 2024): for each sample, the mean
     reward of the other K−1 samples of the same prompt.  rewards: [B], one number per sample (this
     script passes the returns R(τ)), B = n_prompts × K with the K samples of a prompt consecutive.
@@ -194,7 +194,7 @@ def rloo_baseline(rewards: torch.Tensor, k: int) -> torch.Tensor:
     b_i does not depend on sample i at all, so it is a baseline in the notes' sense (it does not
     depend on the action) and E[∇log π · b_i] = 0 exactly. [1, 0, 0, 0] -> [0, 1/3, 1/3, 1/3].
     """
-    if k < 2:
+    if k is None or k < 2:
         raise ValueError(f"the leave-one-out baseline needs K ≥ 2 samples per prompt (got {k})")
     if rewards.shape[0] % k:
         raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of K = {k}")
