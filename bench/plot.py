@@ -35,6 +35,7 @@ PANELS = [  # (title, candidate keys: every one the run logged is drawn)
     ("evaluation", ["eval/accuracy", "eval/gold_reward", "eval/score", "eval/heldout_accuracy",
                     "eval/heldout_pair_accuracy", "dqn/max_q_error", "tabular/max_q_error"]),
     ("KL to the reference (nats)", ["kl/ref", "kl/ref_seq", "objective/kl", "eval/kl_to_ref"]),
+    ("entropy (nats per token)", ["policy/entropy"]),
     ("loss", ["loss/policy", "loss/pseudo", "loss/value", "loss/ptx", "loss", "loss/bt",
               "losses/td_loss"]),
 ]
@@ -63,7 +64,10 @@ def moving_average(y: np.ndarray, window: int) -> np.ndarray:
 def plot_run(run: Path, out: Path, maze: bool = False) -> Path:
     rows = read_metrics(run)
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
-    panels = [(t, [k for k in keys if series(rows, k)[0] is not None]) for t, keys in PANELS]
+    def drawn(k):  # logged, and not identically 0 (e.g. the KL of a run with β = 0)
+        y = series(rows, k)[1]
+        return y is not None and bool(np.any(y != 0))
+    panels = [(t, [k for k in keys if drawn(k)]) for t, keys in PANELS]
     panels = [(t, ks) for t, ks in panels if ks]
     extra = 1 if maze else 0
     fig, axes = plt.subplots(1, len(panels) + extra, figsize=(4.2 * (len(panels) + extra), 3.4), squeeze=False)
@@ -110,8 +114,11 @@ def draw_maze(run: Path, summary: dict, ax) -> None:
                                        alpha=0.35 if ch in "ST" or ch == "G" else 1))
             s = i * m.W + j
             if s in set(m.reachable.tolist()) and ch not in "GT#":
-                ax.text(j + 0.5, -i - 0.5, dqn_maze.ARROWS[int(q[s].argmax())], ha="center", va="center",
-                        fontsize=14)
+                arrow = dqn_maze.ARROWS[int(q[s].argmax())]
+                ax.text(j + 0.5, -i - 0.5, {"^": "↑", "v": "↓", "<": "←", ">": "→"}.get(arrow, arrow),
+                        ha="center", va="center", fontsize=14)
+            if ch in "SGT":
+                ax.text(j + 0.1, -i - 0.15, ch, ha="left", va="top", fontsize=7)
     ax.set_xlim(0, m.W)
     ax.set_ylim(-m.H, 0)
     ax.set_aspect("equal")
@@ -122,17 +129,18 @@ def draw_maze(run: Path, summary: dict, ax) -> None:
 def plot_overopt(results: Path, out: Path) -> Path:
     res = json.loads(results.read_text())
     rows = {r["run"]: r for r in res["rows"]}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
-    for name, style in (("overopt-beta-0", "-"), ("overopt-beta-0.05", "--")):
-        if name not in rows:
-            continue
-        c = rows[name]["curve"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
+    if "overopt-beta-0" in rows:  # the run that games the reward model: a line through its evaluations
+        c = rows["overopt-beta-0"]["curve"]
         kl = [p["kl"] for p in c]
-        label = "β = 0" if name.endswith("-0") else "β = 0.05"
-        axes[0].plot(kl, [p["score"] for p in c], style, marker="o", ms=3, color="tab:orange",
-                     label=f"PPO {label}: proxy (reward model)")
-        axes[0].plot(kl, [p["gold"] for p in c], style, marker="o", ms=3, color="tab:blue",
-                     label=f"PPO {label}: gold")
+        axes[0].plot(kl, [p["score"] for p in c], "-o", ms=3, color="tab:orange", label="PPO β = 0: proxy (reward model)")
+        axes[0].plot(kl, [p["gold"] for p in c], "-o", ms=3, color="tab:blue", label="PPO β = 0: gold")
+    if "overopt-beta-0.05" in rows:  # the same with the KL penalty: it stays put, so only markers
+        c = rows["overopt-beta-0.05"]["curve"]
+        kl = [p["kl"] for p in c]
+        axes[0].plot(kl, [p["score"] for p in c], "x", ms=6, color="tab:orange", label="PPO β = 0.05: proxy")
+        axes[0].plot(kl, [p["gold"] for p in c], "x", ms=6, color="tab:blue", label="PPO β = 0.05: gold")
+    axes[0].set_xscale("symlog", linthresh=1)
     if "best-of-n" in rows:
         b = rows["best-of-n"]["rows"]
         axes[1].plot([p["kl"] for p in b], [p["gold"] for p in b], "s-", color="tab:green", label="best-of-n (gold)")
@@ -151,7 +159,6 @@ def plot_overopt(results: Path, out: Path) -> Path:
     axes[0].set_title("over-optimisation: proxy vs gold as KL grows")
     axes[1].set_title("gold reward at the KL each method spends")
     for ax in axes:
-        ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("KL(π ‖ π_ref), nats per completion")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
