@@ -207,6 +207,24 @@ class RunLogger:
         self.file.close()
 
 
+def run_facts(args, device, t_start: float, train_seconds: float, load_seconds: float) -> dict:
+    """The facts that end every summary.json: wall time (process start of `train` to now), time in
+    the training loop, time spent loading and preparing, the full config, and where it ran."""
+    return {"wall_seconds": round(time.time() - t_start, 2), "train_seconds": round(train_seconds, 2),
+            "load_seconds": round(load_seconds, 2), "config": dataclasses.asdict(args),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+
+
+def save_policy(model, tokenizer, out: Path, enabled: bool = True) -> str | None:
+    """`save_pretrained` the model and its tokenizer into out/model, so that `from_pretrained`
+    loads it; returns that folder (None when saving is off)."""
+    if not enabled:
+        return None
+    model.save_pretrained(Path(out) / "model")
+    tokenizer.save_pretrained(Path(out) / "model")
+    return str(Path(out) / "model")
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"

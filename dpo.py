@@ -37,7 +37,7 @@ Run:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -407,9 +407,7 @@ def train(args: Args) -> dict:
     train_seconds = time.time() - t_train
 
     ##### save and summarise
-    if args.save_model:
-        policy.save_pretrained(out / "model")
-        tok.save_pretrained(out / "model")
+    model_dir = common.save_policy(policy, tok, out, args.save_model)
     summary = log.summary({
         "script": "dpo",
         "loss_type": args.loss_type,
@@ -426,14 +424,8 @@ def train(args: Args) -> dict:
         "examples_before": start_texts[:4],
         "examples_after": final_texts[:4],
         "steps": step,
-        "wall_seconds": round(time.time() - t_start, 2),
-        "train_seconds": round(train_seconds, 2),
-        "load_seconds": round(load_seconds, 2),
-        "model_dir": str(out / "model") if args.save_model else None,
-        "config": asdict(args),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
+        "model_dir": model_dir,
+        **common.run_facts(args, device, t_start, train_seconds, load_seconds),
     })
     log.close()
     print(f"\n=== DPO summary ({out})")

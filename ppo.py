@@ -52,9 +52,8 @@ Run:
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -674,9 +673,8 @@ def train(args: Args) -> dict:
     train_seconds = time.time() - t_train
 
     ##### 7. save and summarise
-    if args.save_model:
-        policy.save_pretrained(out / "model")
-        tok.save_pretrained(out / "model")
+    model_dir = common.save_policy(policy, tok, out, args.save_model)
+    if args.save_model:  # the value model too: its LM folder and its head
         value.lm.save_pretrained(out / "value_model")
         torch.save({"weight": value.head.weight.detach().cpu().reshape(-1),
                     "bias": value.head.bias.detach().cpu().reshape(())}, out / "value_model" / "value_head.pt")
@@ -695,14 +693,8 @@ def train(args: Args) -> dict:
         "examples_before": start_texts[:4],
         "examples_after": final_texts[:4],
         "steps": args.steps,
-        "wall_seconds": round(time.time() - t_start, 2),
-        "train_seconds": round(train_seconds, 2),
-        "load_seconds": round(load_seconds, 2),
-        "model_dir": str(out / "model") if args.save_model else None,
-        "config": asdict(args),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
+        "model_dir": model_dir,
+        **common.run_facts(args, device, t_start, train_seconds, load_seconds),
     })
     log.close()
     print(f"\n=== PPO summary ({out})")

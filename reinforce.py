@@ -62,7 +62,7 @@ Run:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -445,9 +445,7 @@ def train(args: Args) -> dict:
 
     ##### 5. save and summarise
     train_seconds = time.time() - t_train
-    if args.save_model:
-        policy.save_pretrained(out / "model")
-        tok.save_pretrained(out / "model")
+    model_dir = common.save_policy(policy, tok, out, args.save_model)
     examples = heldout[:4]
     *_, ex_texts, _ = common.generate_text(policy, tok, [r["text"] for r in examples],
                                            args.max_new_tokens, greedy=True)
@@ -456,15 +454,9 @@ def train(args: Args) -> dict:
         "start_accuracy": start_acc,
         "final_accuracy": acc,
         "steps": args.steps,
-        "wall_seconds": round(time.time() - t_start, 2),
-        "train_seconds": round(train_seconds, 2),
-        "load_seconds": round(load_seconds, 2),
         "completions": args.steps * B,
-        "model_dir": str(out / "model") if args.save_model else None,
-        "config": asdict(args),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
+        "model_dir": model_dir,
+        **common.run_facts(args, device, t_start, train_seconds, load_seconds),
     })
     log.close()
     print(f"\n=== REINFORCE summary ({out})")

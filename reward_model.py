@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -384,8 +384,7 @@ def train(args: Args) -> dict:
             norm["gold_correlation"] = float(torch.corrcoef(torch.stack([raw.cpu(), g]))[0, 1])
 
     ##### save and summarise
-    if args.save_model:
-        save_reward_model(rm, tok, out / "model")
+    model_dir = str(save_reward_model(rm, tok, out / "model")) if args.save_model else None
     summary = log.summary({
         "script": "reward_model",
         "start_heldout_accuracy": start["eval/heldout_accuracy"],
@@ -397,14 +396,8 @@ def train(args: Args) -> dict:
         "train_pairs": len(train_pairs),
         **norm,
         "steps": step,
-        "wall_seconds": round(time.time() - t_start, 2),
-        "train_seconds": round(train_seconds, 2),
-        "load_seconds": round(load_seconds, 2),
-        "model_dir": str(out / "model") if args.save_model else None,
-        "config": asdict(args),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": str(device),
+        "model_dir": model_dir,
+        **common.run_facts(args, device, t_start, train_seconds, load_seconds),
     })
     log.close()
     print(f"\n=== reward model summary ({out})")

@@ -20,7 +20,6 @@ of the step spent generating. Results go to bench/results/overhead.json.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ def main(repeats: int = 60):
     policy.eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-9, weight_decay=0.0)  # a step that changes ~nothing
     train_rows, _ = common.load_task(None)
-    G, B = args.group_size, args.prompts_per_step * args.group_size
+    G = args.group_size
     rng = np.random.default_rng(0)
     rows = [train_rows[i] for i in rng.choice(len(train_rows), args.prompts_per_step, replace=False)]
     prompts = [r["prompt"] for r in rows for _ in range(G)]
