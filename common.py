@@ -419,36 +419,55 @@ def cache_root() -> Path:
     return Path(os.environ.get("RL_REF_CACHE", Path.home() / ".cache" / "rl-llm-ref")).expanduser()
 
 
-def tiny_model_path(quiet: bool = False) -> Path:
-    """Path of the embedded `tiny` model, building it on first use (well under a minute on 2 CPU
-    cores). The build is deterministic, and written to a temporary folder then renamed, so two
-    processes that build at once do not corrupt the cache."""
-    key = "-".join(f"{v}" for v in TINY.values())
-    path = cache_root() / f"tiny-{key}"
-    if (path / "config.json").exists():
-        return path
+def build_once(path: Path, build) -> dict:
+    """Run `build(folder)` into a new temporary folder beside `path`, then rename it to `path`.
+
+    The rename is atomic, so a cache folder is either complete or absent: an interrupted build
+    leaves only a `.tmp-*` folder, and when two processes build at once the second rename fails
+    and its copy (identical: the builds are deterministic) is deleted. Returns what `build` returns.
+    """
     import shutil
     import tempfile
 
     from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # stderr is for errors
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name[:24]}-"))
+    try:
+        facts = build(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return facts
+
+
+def tiny_model_path(quiet: bool = False) -> Path:
+    """Path of the embedded `tiny` model, building it on first use (well under a minute on 2 CPU
+    cores). The build is deterministic and written by `build_once`, so two processes that build
+    at once do not corrupt the cache."""
+    key = "-".join(f"{v}" for v in TINY.values())
+    path = cache_root() / f"tiny-{key}"
+    if (path / "config.json").exists():
+        return path
     t0 = time.time()
     if not quiet:
         print(f"building the embedded model 'tiny' (once) into {path}", flush=True)
-    model, tok, acc, steps = build_tiny()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-tiny-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "build.json").write_text(json.dumps({**TINY, "heldout_accuracy": acc, "sft_steps": steps,
-                                                "build_seconds": round(time.time() - t0, 1)}))
-    try:
-        tmp.rename(path)
-    except OSError:  # another process won the race; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(folder: Path) -> dict:
+        model, tok, acc, steps = build_tiny()
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        facts = {"heldout_accuracy": acc, "sft_steps": steps, "build_seconds": round(time.time() - t0, 1)}
+        (folder / "build.json").write_text(json.dumps({**TINY, **facts}))
+        return facts
+    facts = build_once(path, build)
     if not quiet:
-        print(f"built 'tiny' in {time.time() - t0:.1f}s ({steps} warm-up steps): held-out greedy "
-              f"accuracy {acc:.3f}", flush=True)
+        print(f"built 'tiny' in {time.time() - t0:.1f}s ({facts['sft_steps']} warm-up steps): held-out "
+              f"greedy accuracy {facts['heldout_accuracy']:.3f}", flush=True)
     return path
 
 
@@ -798,29 +817,22 @@ def resolve_model_path(name_or_path: str) -> str:
 def tiny_pref_model_path(quiet: bool = False) -> Path:
     """Folder of the embedded SFT policy `tiny-pref` and its preference pairs (`pairs_train.jsonl`,
     `pairs_heldout.jsonl`), built on first use (seconds on 2 CPU cores). Like `tiny_model_path`,
-    the build is deterministic and written to a temporary folder that is then renamed."""
+    the build is deterministic and written by `build_once`."""
     key = "-".join(f"{v}" for v in TINY_PREF.values())
     path = cache_root() / f"tiny-pref-{key}"
     if (path / "config.json").exists() and (path / "pairs_heldout.jsonl").exists():
         return path
-    import shutil
-    import tempfile
-
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # stderr is for errors
     t0 = time.time()
     if not quiet:
         print(f"building the embedded model 'tiny-pref' and its preference pairs (once) into {path}",
               flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-tiny-pref-"))
-    info = build_tiny_pref(tmp)
-    (tmp / "build.json").write_text(json.dumps({**TINY_PREF, **info,
-                                                "build_seconds": round(time.time() - t0, 1)}, indent=1))
-    try:
-        tmp.rename(path)
-    except OSError:  # another process won the race; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(folder: Path) -> dict:
+        info = build_tiny_pref(folder)
+        (folder / "build.json").write_text(json.dumps({**TINY_PREF, **info,
+                                                       "build_seconds": round(time.time() - t0, 1)}, indent=1))
+        return info
+    info = build_once(path, build)
     if not quiet:
         print(f"built 'tiny-pref' in {time.time() - t0:.1f}s: samples' mean gold reward "
               f"{info['sample_gold_mean']:+.2f} (std {info['sample_gold_std']:.2f}), pair-label "

@@ -371,36 +371,26 @@ def value_model_from_reward_model(rm) -> ValueModel:
 
 
 def default_reward_model(args: Args, out: Path | None) -> Path:
-    """No --reward-model: train one with reward_model.py's defaults on --model and --data. For the
-    built-in task (tiny-pref, no --data) it is cached next to tiny-pref, so it is trained once."""
-    import shutil
-    import tempfile
-
+    """No --reward-model: train one with reward_model.py's defaults (seed 1) on --model and --data,
+    into <out-dir>/reward_model. For the built-in task (tiny-pref, no --data) the run is cached
+    next to tiny-pref instead, so it is trained once. Returns the folder of the reward model."""
     builtin = args.model == "tiny-pref" and args.data is None
-    if builtin:
-        key = "-".join(f"{v}" for v in common.TINY_PREF.values())
-        path = common.cache_root() / f"reward-model-tiny-pref-{key}"
-        if (path / "reward_head.pt").is_file():
-            print(f"no --reward-model given: using the cached one trained on the built-in task ({path})")
-            return path
+    key = "-".join(f"{v}" for v in common.TINY_PREF.values())
+    cached = common.cache_root() / f"reward-model-run-tiny-pref-{key}"
+    if builtin and (cached / "model" / "reward_head.pt").is_file():
+        print(f"no --reward-model given: using the one trained on the built-in task ({cached / 'model'})")
+        return cached / "model"
     print("no --reward-model given: training one first (reward_model.py, its defaults, seed 1, "
           f"--model {args.model}" + (f", --data {args.data}" if args.data else "") + ")", flush=True)
-    common.cache_root().mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=common.cache_root() if builtin else out, prefix=".tmp-rm-"))
-    summary = rm_lib.train(rm_lib.Args(model=args.model, data=args.data, out_dir=str(tmp / "run"),
-                                       overwrite=True, seed=1, device=args.device, dtype=args.dtype))
-    if not builtin:
-        (tmp / "run").rename(out / "reward_model")
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out / "reward_model" / "model"
-    (tmp / "run" / "model" / "summary.json").write_text((tmp / "run" / "summary.json").read_text())
-    try:
-        (tmp / "run" / "model").rename(path)
-    except OSError:  # another process won the race
-        pass
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(f"reward model trained: held-out pair accuracy {summary['heldout_accuracy']:.3f}; cached in {path}")
-    return path
+
+    def train_into(folder: Path) -> dict:
+        return rm_lib.train(rm_lib.Args(model=args.model, data=args.data, out_dir=str(folder),
+                                        overwrite=True, seed=1, device=args.device, dtype=args.dtype))
+    run = cached if builtin else out / "reward_model"
+    summary = common.build_once(cached, train_into) if builtin else train_into(run)
+    print(f"reward model trained: held-out pair accuracy {summary['heldout_accuracy']:.3f}; "
+          f"saved in {run / 'model'}")
+    return run / "model"
 
 
 def check_same_vocab(tok, rm_tok, where: str) -> None:
