@@ -305,12 +305,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     where generation appends the next token.
     """
     P = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, P - len(s):] = 1
+    ids = torch.tensor([[pad_id] * (P - len(s)) + list(s) for s in seqs], dtype=torch.long)  # [B, P]
+    mask = torch.tensor([[0] * (P - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)  # [B, P]
     return ids.to(device), mask.to(device)
 
 
@@ -594,12 +590,14 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     """Tokenize `prompts`, generate, and return (prompt_ids, prompt_mask, completion_ids,
     completion_mask, completion_texts, finished) where `finished[i]` says the row emitted EOS."""
     device = next(model.parameters()).device
-    p_ids, p_mask = left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts],
-                             tokenizer.pad_token_id, device)
+    encoded = {p: tokenizer.encode(p, add_special_tokens=False) for p in dict.fromkeys(prompts)}  # once each
+    p_ids, p_mask = left_pad([encoded[p] for p in prompts], tokenizer.pad_token_id, device)  # [B, P]
     c_ids, c_mask = generate(model, p_ids, p_mask, max_new_tokens, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, temperature, greedy)
     finished = ((c_ids == tokenizer.eos_token_id) & c_mask.bool()).any(-1)  # [B]
-    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(c_ids, c_mask)]
+    lengths = c_mask.sum(1).tolist()  # the mask is a prefix: the tokens up to and including the first EOS
+    texts = tokenizer.batch_decode([row[:n] for row, n in zip(c_ids.tolist(), lengths)],
+                                   skip_special_tokens=True)
     return p_ids, p_mask, c_ids, c_mask, texts, finished.tolist()
 
 
