@@ -84,7 +84,8 @@ class Args:
     """steps of linear learning-rate warm-up from 0 (Adam's first steps are sign-like and large)"""
     lr_schedule: Literal["constant", "linear"] = "linear"
     """after warm-up: keep the rate (constant) or decay it linearly to 0 at the last step
-    (linear, the default of TRL's GRPOConfig)"""
+    (linear, the shape of TRL's default schedule; HF's version starts its warm-up at 0, this one
+    at lr/(warmup+1))"""
     mu: int = 1
     """μ, inner optimiser steps on each batch, reusing the cached π_old log-probs (GRPO paper: 1)"""
     epsilon: float = 0.2
