@@ -832,3 +832,27 @@ def test_short_run_writes_its_outputs_and_the_model_reloads(runs):
     AutoModelForCausalLM.from_pretrained(out / "value_model")
     head = torch.load(out / "value_model" / "value_head.pt", weights_only=True)
     assert head["weight"].shape == (policy.config.hidden_size,) and head["bias"].shape == ()
+
+
+def test_other_architecture_and_data_file_train_their_own_reward_model(tiny_random_other_arch, tmp_path):
+    # The real-model path, offline: a GPT-2 (not Llama) with the character tokenizer, a user's
+    # --data file, and no --reward-model. With a model other than tiny-pref, ppo.py must first
+    # train a reward model on that model and data (reward_model.py's defaults), into
+    # <out-dir>/reward_model, then start the value model from it. PPO-ptx draws its SFT text from
+    # the chosen completions of --data. There is no gold reward for a user's data: None, not NaN.
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"review {i}:", "chosen": " good", "rejected": " bad"}) + "\n"
+                            for i in range(20)))
+    out = tmp_path / "run"
+    s = ppo.train(ppo.Args(model=str(tiny_random_other_arch), data=str(data), out_dir=str(out), steps=2,
+                           batch_size=4, mini_batches=2, ppo_epochs=1, eval_samples=8, eval_every=1,
+                           max_new_tokens=6, ptx_coef=0.5, ptx_batch=4, log_every=1))
+    assert (out / "reward_model" / "model" / "reward_head.pt").is_file()
+    assert s["reward_model"] == str(out / "reward_model" / "model")
+    assert s["start_gold_reward"] is None and s["final_gold_reward"] is None
+    assert math.isfinite(s["final_score"]) and math.isfinite(s["kl_to_ref"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("objective/gold_reward" not in r for r in rows)
+    assert all(math.isfinite(r["loss/ptx"]) for r in rows if r["step"] > 0)
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.model_type == "gpt2"
