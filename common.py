@@ -966,9 +966,10 @@ def encode_prompt_completion(tokenizer, prompts, completions, device=None):
     tokens and its EOS) and T. The mask comes from the lengths, so it is right even when the pad
     token equals the EOS token.
     """
-    p_ids, p_mask = left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts],
-                             tokenizer.pad_token_id, device)  # [B, P]
-    comps = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id] for c in completions]
+    def encode(texts):  # one batched call of the tokenizer, not one call per text
+        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    p_ids, p_mask = left_pad(encode(prompts), tokenizer.pad_token_id, device)  # [B, P]
+    comps = [c + [tokenizer.eos_token_id] for c in encode(completions)]
     T = max(map(len, comps))
     c_ids = torch.tensor([c + [tokenizer.pad_token_id] * (T - len(c)) for c in comps],
                          dtype=torch.long, device=device)  # [B, T]
