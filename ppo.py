@@ -96,7 +96,7 @@ class Args:
     mini_batches: int = 4
     """mini-batches per rollout batch: one optimiser step each (batch_size must divide evenly)"""
     ppo_epochs: int = 4
-    """passes over each rollout batch (InstructGPT, TRL: 4)"""
+    """passes over each rollout batch (TRL's default: 4)"""
     micro_batch: Optional[int] = None
     """sequences per forward/backward pass inside a mini-batch (gradient accumulation); default:
     the whole mini-batch"""
@@ -261,7 +261,8 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
 
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                        mask: torch.Tensor, clip: float = 0.2):
-    """The clipped value loss of PPO implementations (OpenAI baselines, InstructGPT, TRL):
+    """The clipped value loss of PPO implementations (OpenAI baselines, Ziegler et al.'s
+    lm-human-preferences, TRL):
 
         V_clip = V_old + clip(V − V_old, −ε_v, +ε_v)
         L_V    = ½ mean_t max((V − R)², (V_clip − R)²)
