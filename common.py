@@ -917,6 +917,46 @@ def sample_preference_pairs(model, tokenizer, n_pairs: int, seed: int, max_new_t
     return pairs, golds
 
 
+@torch.no_grad()
+def sample_and_score(policy, ref, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+                     gold: bool, score_fn=None, batch_size: int = 250) -> dict:
+    """The sampled evaluation of dpo.py and ppo.py, one code path so their numbers compare.
+
+    Sample one completion per prompt from π_θ (temperature 1, a fixed seed, so evaluations before
+    and after use the same random numbers; the caller's RNG state is kept) and measure:
+        gold reward   mean r_gold(y)                                    (built-in task only)
+        KL to π_ref   mean over samples of Σ_t [log π_θ(y_t|·) − log π_ref(y_t|·)], an unbiased
+                      estimate of D_KL(π_θ(·|x) ‖ π_ref(·|x)) in nats per completion (k1, y ~ π_θ)
+        score         mean score_fn(input_ids, attention_mask, finished) [b] -> [b], if given
+                      (ppo.py: the reward model minus the EOS penalty)
+    """
+    device = next(policy.parameters()).device
+    was_training = policy.training
+    policy.eval()
+    golds, kls, lengths, scores, texts_all = [], [], [], [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            p_ids, p_mask, c_ids, c_mask, texts, finished = generate_text(
+                policy, tokenizer, prompts[i:i + batch_size], max_new_tokens)  # c_ids, c_mask: [b, T]
+            ids, mask = concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [b, P+T]
+            T = c_ids.shape[1]
+            logp, _ = token_logprobs(policy, ids, mask, T)  # log π_θ   [b, T]
+            ref_logp, _ = token_logprobs(ref, ids, mask, T)  # log π_ref   [b, T]
+            kls.append(masked_sum(logp - ref_logp, c_mask, dim=1))  # Σ_t log π_θ/π_ref   [b]
+            lengths.append(c_mask.sum(1).float())  # [b]
+            if score_fn is not None:
+                scores.append(score_fn(ids, mask, torch.tensor(finished, device=device)).float())  # [b]
+            texts_all += texts
+            if gold:
+                golds += [gold_reward(t) for t in texts]
+    policy.train(was_training)
+    return {"gold_reward": float(np.mean(golds)) if gold else None,
+            "gold_reward_std": float(np.std(golds)) if gold else None,
+            "kl_to_ref": float(torch.cat(kls).mean()), "mean_length": float(torch.cat(lengths).mean()),
+            "score": float(torch.cat(scores).mean()) if scores else None, "texts": texts_all}
+
+
 def ceiling_accuracy(pairs: list[dict]) -> float:
     """How often the gold reward itself agrees with the labels: the mean over pairs of
     1[r_gold(chosen) > r_gold(rejected)] + ½·1[equal]. The labels are drawn from σ(Δr_gold), so the

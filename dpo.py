@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common import check, masked_sum
+from common import check, masked_sum, sample_and_score  # sample_and_score: the evaluation ppo.py shares
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "length_norm", "reference_free")
 PER_TOKEN_AVERAGED = ("ipo", "length_norm")  # these take log-probs averaged over the completion
@@ -236,41 +236,6 @@ def all_pair_logps(model, tokenizer, pairs: list[dict], device, average: bool, b
     c, r = zip(*(pair_logps(model, tokenizer, pairs[i:i + batch_size], device, average)
                  for i in range(0, len(pairs), batch_size)))
     return torch.cat(c), torch.cat(r)  # [N], [N]
-
-
-@torch.no_grad()
-def sample_and_score(policy, ref, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-                     gold: bool, batch_size: int = 250) -> dict:
-    """Sample one completion per prompt from π_θ (temperature 1, a fixed seed, so evaluations
-    before and after use the same random numbers) and measure:
-        gold reward   mean r_gold(y)                                    (built-in task only)
-        KL to π_ref   mean over samples of Σ_t [log π_θ(y_t|·) − log π_ref(y_t|·)], an unbiased
-                      estimate of D_KL(π_θ(·|x) ‖ π_ref(·|x)) in nats per completion (k1, y ~ π_θ)
-    """
-    device = next(policy.parameters()).device
-    was_training = policy.training
-    policy.eval()
-    golds, kls, lengths, texts_all = [], [], [], []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for i in range(0, len(prompts), batch_size):
-            p_ids, p_mask, c_ids, c_mask, texts, _ = common.generate_text(
-                policy, tokenizer, prompts[i:i + batch_size], max_new_tokens)  # c_ids, c_mask: [b, T]
-            ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [b, P+T]
-            T = c_ids.shape[1]
-            logp, _ = common.token_logprobs(policy, ids, mask, T)  # log π_θ   [b, T]
-            ref_logp, _ = common.token_logprobs(ref, ids, mask, T)  # log π_ref   [b, T]
-            kls.append(masked_sum(logp - ref_logp, c_mask, dim=1))  # Σ_t log π_θ/π_ref   [b]
-            lengths.append(c_mask.sum(1).float())  # [b]
-            texts_all += texts
-            if gold:
-                golds += [common.gold_reward(t) for t in texts]
-    policy.train(was_training)
-    kl = torch.cat(kls)  # [N]
-    return {"gold_reward": float(np.mean(golds)) if gold else None,
-            "gold_reward_std": float(np.std(golds)) if gold else None,
-            "kl_to_ref": float(kl.mean()), "mean_length": float(torch.cat(lengths).mean()),
-            "texts": texts_all}
 
 
 def implicit_reward_accuracy(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta: float,

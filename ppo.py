@@ -62,7 +62,7 @@ import torch
 
 import common
 import reward_model as rm_lib
-from common import check, masked_mean, masked_sum
+from common import check, masked_mean
 
 
 @dataclass
@@ -483,7 +483,7 @@ def train(args: Args) -> dict:
     if args.value_init == "reward":
         value = value_model_from_reward_model(rm)  # V_ψ = r_φ's head on every prefix
     else:
-        value = ValueModel(common.load_model(path, device, torch.float32)[0])  # the SFT LM, head = 0
+        value = ValueModel(copy.deepcopy(policy))  # the SFT policy's LM, head = 0
     value.eval()  # no dropout in the value model either
     common.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
     params = [{"params": list(policy.parameters())}, {"params": list(value.parameters())}]
@@ -500,30 +500,14 @@ def train(args: Args) -> dict:
             s = rm(ids, mask).float()  # [b]
         return s - args.missing_eos_penalty * (~finished).float()  # [b]
 
-    @torch.no_grad()
     def evaluate() -> dict:
-        """Samples for the held-out prompts (fixed seed): gold reward, score, KL to π_ref (k1, summed
-        over the completion: nats per completion, as dpo.py reports it), length."""
-        golds, scores, kls, lengths, texts_all = [], [], [], [], []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed + 1)
-            for i in range(0, len(eval_prompts), 250):
-                with amp:
-                    p_ids, p_mask, c_ids, c_mask, texts, fin = common.generate_text(
-                        policy, tok, eval_prompts[i:i + 250], args.max_new_tokens)  # [b, T]
-                ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [b, P+T]
-                T = c_ids.shape[1]
-                with amp:
-                    logp = common.token_logprobs(policy, ids, mask, T)[0]  # [b, T]
-                    ref_logp = common.token_logprobs(ref, ids, mask, T)[0]  # [b, T]
-                kls.append(masked_sum(logp - ref_logp, c_mask, dim=1))  # Σ_t log π/π_ref   [b]
-                scores.append(score(ids, mask, torch.tensor(fin, device=device)))  # [b]
-                lengths.append(c_mask.sum(1).float())
-                texts_all += texts
-                golds += [common.gold_reward(t) for t in texts] if gold else []
-        return {"eval/gold_reward": float(np.mean(golds)) if gold else None,
-                "eval/score": float(torch.cat(scores).mean()), "eval/kl_to_ref": float(torch.cat(kls).mean()),
-                "eval/mean_length": float(torch.cat(lengths).mean()), "texts": texts_all}
+        """Samples for the held-out prompts (fixed seed): gold reward, score, KL to π_ref and length,
+        by the same function as dpo.py's evaluation, so that the two compare."""
+        with amp:
+            s = common.sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1,
+                                        gold, score_fn=score)
+        return {"eval/gold_reward": s["gold_reward"], "eval/score": s["score"],
+                "eval/kl_to_ref": s["kl_to_ref"], "eval/mean_length": s["mean_length"], "texts": s["texts"]}
 
     log = common.RunLogger(out)
     n_params = sum(p.numel() for p in policy.parameters()) / 1e6
