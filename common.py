@@ -353,11 +353,24 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# The embedded models are files of this repository (models/build.py made them; see its docstring).
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+EMBEDDED = ("tiny", "tiny-pref", "tiny-pref-rm")  # names that --model / --reward-model accept as such
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`tiny`, `tiny-pref` and `tiny-pref-rm` (the embedded models) -> their folder in models/;
+    anything else is returned unchanged, for `load_model`."""
+    if name_or_path in EMBEDDED:
+        return str(MODELS_DIR / name_or_path)
+    return name_or_path
+
+
 def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
                trainable: bool = True):
     """Load (model, tokenizer) through the Auto classes. `tiny` (arithmetic) and `tiny-pref` (the
-    preference task) are the embedded defaults, built on first use and cached on disk (see
-    `tiny_model_path`, `tiny_pref_model_path`). The tokenizer pads on the left.
+    preference task) are the embedded defaults, folders of this repository (`models/`), loaded
+    like any other with `from_pretrained`. The tokenizer pads on the left.
 
     A frozen copy (`trainable=False`) is put in eval mode with gradients off: the reference policy.
     """
@@ -365,7 +378,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name_or_path)  # `tiny`, `tiny-pref`: the embedded models
-    if name_or_path not in ("tiny", "tiny-pref") and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path
+    if name_or_path not in EMBEDDED and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path
                                    and not Path(name_or_path).exists() and name_or_path.count("/") != 1):
         check(Path(name_or_path).expanduser().exists(), f"--model {name_or_path}: no such folder")
     hf_logging.set_verbosity_error()
@@ -385,131 +398,6 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
     if not trainable:
         model.eval().requires_grad_(False)
     return model, tokenizer
-
-
-def build_char_tokenizer():
-    """A character-level tokenizer built in code: <pad>=0, <eos>=1, <unk>=2, then printable ASCII
-    and newline. One character is one token, so an answer digit is exactly one token."""
-    import string
-
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    chars = list(string.printable[:-5]) + ["\n"]  # digits, letters, punctuation, space, newline
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + chars)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: chars
-    backend.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                  unk_token="<unk>", padding_side="left")
-    return tok
-
-
-# The embedded default. Changing anything here changes the folder name, so old caches are not reused.
-TINY = dict(version=4, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, sft_batch=64, sft_lr=3e-3, sft_max_steps=1500,
-            sft_stop_accuracy=0.35, seed=0)
-
-
-def cache_root() -> Path:
-    """Where built models are cached: $RL_REF_CACHE, else ~/.cache/rl-llm-ref."""
-    return Path(os.environ.get("RL_REF_CACHE", Path.home() / ".cache" / "rl-llm-ref")).expanduser()
-
-
-def build_once(path: Path, build) -> dict:
-    """Run `build(folder)` into a new temporary folder beside `path`, then rename it to `path`.
-
-    The rename is atomic, so a cache folder is either complete or absent: an interrupted build
-    leaves only a `.tmp-*` folder, and when two processes build at once the second rename fails
-    and its copy (identical: the builds are deterministic) is deleted. Returns what `build` returns.
-    """
-    import shutil
-    import tempfile
-
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # stderr is for errors
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name[:24]}-"))
-    try:
-        facts = build(tmp)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return facts
-
-
-def tiny_model_path(quiet: bool = False) -> Path:
-    """Path of the embedded `tiny` model, building it on first use (well under a minute on 2 CPU
-    cores). The build is deterministic and written by `build_once`, so two processes that build
-    at once do not corrupt the cache."""
-    key = "-".join(f"{v}" for v in TINY.values())
-    path = cache_root() / f"tiny-{key}"
-    if (path / "config.json").exists():
-        return path
-    t0 = time.time()
-    if not quiet:
-        print(f"building the embedded model 'tiny' (once) into {path}", flush=True)
-
-    def build(folder: Path) -> dict:
-        model, tok, acc, steps = build_tiny()
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        facts = {"heldout_accuracy": acc, "sft_steps": steps, "build_seconds": round(time.time() - t0, 1)}
-        (folder / "build.json").write_text(json.dumps({**TINY, **facts}))
-        return facts
-    facts = build_once(path, build)
-    if not quiet:
-        print(f"built 'tiny' in {time.time() - t0:.1f}s ({facts['sft_steps']} warm-up steps): held-out "
-              f"greedy accuracy {facts['heldout_accuracy']:.3f}", flush=True)
-    return path
-
-
-def build_tiny():
-    """Build the embedded default: a Llama-style config with the character tokenizer, then a brief
-    supervised warm-up on `a+b=c<eos>` from the arithmetic train split. The warm-up is stopped
-    early on purpose, so that RL starts well above zero but far from perfect."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(TINY["seed"])
-    tok = build_char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=TINY["hidden_size"],
-                      intermediate_size=TINY["intermediate_size"],
-                      num_hidden_layers=TINY["num_hidden_layers"],
-                      num_attention_heads=TINY["num_attention_heads"],
-                      num_key_value_heads=TINY["num_attention_heads"], max_position_embeddings=128,
-                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None)
-    model = LlamaForCausalLM(cfg)
-    train, heldout = arithmetic_task()
-    rng = np.random.default_rng(TINY["seed"])
-    probe = [train[i] for i in rng.choice(len(train), 200, replace=False)]  # train split, not held out
-    opt = torch.optim.AdamW(model.parameters(), lr=TINY["sft_lr"], weight_decay=0.0)
-    for step in range(1, TINY["sft_max_steps"] + 1):
-        batch = [train[i] for i in rng.integers(0, len(train), TINY["sft_batch"])]
-        p_ids, p_mask = left_pad([tok.encode(b["prompt"]) for b in batch], tok.pad_token_id)
-        comps = [tok.encode(b["answer"]) + [tok.eos_token_id] for b in batch]
-        T = max(map(len, comps))
-        c_ids = torch.tensor([c + [tok.pad_token_id] * (T - len(c)) for c in comps])  # [B, T]
-        c_mask = torch.tensor([[1] * len(c) + [0] * (T - len(c)) for c in comps])  # [B, T]
-        ids, mask = concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)
-        logp, _ = token_logprobs(model, ids, mask, T)  # [B, T]
-        loss = -masked_mean(logp, c_mask)  # next-token NLL on the answer only
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        # Stop as soon as greedy accuracy on a probe of *train* problems passes the target. The
-        # learning curve of addition is steep and jumpy, so a fixed step count would land anywhere
-        # between 5% and 90%; a target lands RL's start in the same place every time.
-        if step % 25 == 0 and greedy_accuracy(model, tok, probe, 4) >= TINY["sft_stop_accuracy"]:
-            break
-    model.eval()
-    acc = greedy_accuracy(model, tok, heldout, max_new_tokens=4)
-    torch.random.set_rng_state(state)
-    return model, tok, acc, step
 
 
 #####################################################################################################
@@ -685,6 +573,38 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, str
     return total / max(1, len(rows))
 
 
+@torch.no_grad()
+def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, strict: bool = True,
+              temperature: float = 1.0, seed: int = 0, batch_size: int = 512) -> dict:
+    """What sampling can reach: k completions per prompt at `temperature`, scored by `score`.
+
+        pass@1 = mean over prompts and samples of the reward    (the expected reward of one sample)
+        pass@k = fraction of prompts with at least one right answer among their k samples
+
+    GRPO and REINFORCE can only reinforce answers they sample, so pass@G of the start model bounds
+    what they can find. The samples use a fixed seed in a forked RNG (the caller's RNG state is
+    kept), so the figure of a model is the same whenever it is measured.
+    Returns {"k": k, "pass_at_1": float, "pass_at_k": float}.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    hits = []  # [n_prompts, k] as nested lists
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        per = max(1, batch_size // k)  # prompts per generate call
+        for i in range(0, len(rows), per):
+            chunk = rows[i:i + per]
+            *_, texts, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk for _ in range(k)],
+                                                max_new_tokens, temperature)  # the k samples are consecutive
+            for j, r in enumerate(chunk):
+                hits.append([score(texts[j * k + s], r["answer"], finished[j * k + s], strict) for s in range(k)])
+    model.train(was_training)
+    h = np.array(hits, dtype=np.float64).reshape(-1, k)  # [n, k]
+    return {"k": k, "pass_at_1": float(h.mean()) if h.size else 0.0,
+            "pass_at_k": float((h.max(1) > 0).mean()) if h.size else 0.0}
+
+
 def digit_step_rewards(completion_ids: torch.Tensor, comp_mask: torch.Tensor,
                        target_ids: list[list[int]]) -> torch.Tensor:
     """Process rewards for the arithmetic task: one step per completion token.  -> [B, T]
@@ -717,7 +637,7 @@ def digit_step_rewards(completion_ids: torch.Tensor, comp_mask: torch.Tensor,
 #   completion  "was really great but the staff was rude"      (sampled from the SFT policy)
 #   r_gold      #positive words − #negative words − 0.5 · max(0, #words − 15)      = 1 − 1 = 0
 #
-# `tiny-pref` is the SFT policy: a word-level Llama-style model (built in code, like `tiny`), fitted
+# `tiny-pref` is the SFT policy: a word-level Llama-style model (models/build.py), fitted
 # to a small grammar of short reviews whose adjectives are positive, negative or neutral at random,
 # so its samples have a mean gold reward near 0 and a lot of room to improve (the best texts the
 # grammar allows score +3). The preference pairs are two samples of that policy for one prompt,
@@ -738,11 +658,6 @@ PREF_VERBS = ("was", "looked", "felt", "seemed")
 GOLD_FREE_WORDS = 15  # a completion of up to this many words pays no length cost (the grammar's longest)
 GOLD_LENGTH_COST = 0.5  # gold reward lost per word beyond GOLD_FREE_WORDS
 
-# The embedded SFT policy and its preference data. Changing anything here changes the folder name,
-# so old caches are not reused.
-TINY_PREF = dict(version=1, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=4, sft_batch=64, sft_lr=3e-3, sft_steps=200,
-                 train_pairs=4000, heldout_pairs=1000, max_new_tokens=20, seed=0)
 PREF_HELDOUT = 1000  # held-out pairs of a --data file: at most this many, and at most a fifth
 
 
@@ -785,136 +700,6 @@ def sample_review(rng: np.random.Generator) -> tuple[str, str]:
             words.append(pick(PREF_INTENSIFIERS))
         words.append(pick((PREF_POSITIVE, PREF_NEGATIVE, PREF_NEUTRAL)[rng.choice(3, p=[0.4, 0.4, 0.2])]))
     return f"the {pick(PREF_TOPICS)}", " ".join(words)
-
-
-def build_word_tokenizer():
-    """A word-level tokenizer built in code: <pad>=0, <eos>=1, <unk>=2, then every word of the
-    grammar. Text is split on white space; decoding joins the words with single spaces."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted(set(PREF_POSITIVE + PREF_NEGATIVE + PREF_NEUTRAL + PREF_INTENSIFIERS + PREF_TOPICS
-                       + PREF_ASPECTS + PREF_VERBS + ("the", "and", "but")))
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>", padding_side="left")
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`tiny` and `tiny-pref` (the embedded models, built on first use) -> their cached folder;
-    anything else is returned unchanged, for `load_model`."""
-    if name_or_path == "tiny":
-        return str(tiny_model_path())
-    if name_or_path == "tiny-pref":
-        return str(tiny_pref_model_path())
-    return name_or_path
-
-
-def tiny_pref_model_path(quiet: bool = False) -> Path:
-    """Folder of the embedded SFT policy `tiny-pref` and its preference pairs (`pairs_train.jsonl`,
-    `pairs_heldout.jsonl`), built on first use (seconds on 2 CPU cores). Like `tiny_model_path`,
-    the build is deterministic and written by `build_once`."""
-    key = "-".join(f"{v}" for v in TINY_PREF.values())
-    path = cache_root() / f"tiny-pref-{key}"
-    if (path / "config.json").exists() and (path / "pairs_heldout.jsonl").exists():
-        return path
-    t0 = time.time()
-    if not quiet:
-        print(f"building the embedded model 'tiny-pref' and its preference pairs (once) into {path}",
-              flush=True)
-
-    def build(folder: Path) -> dict:
-        info = build_tiny_pref(folder)
-        (folder / "build.json").write_text(json.dumps({**TINY_PREF, **info,
-                                                       "build_seconds": round(time.time() - t0, 1)}, indent=1))
-        return info
-    info = build_once(path, build)
-    if not quiet:
-        print(f"built 'tiny-pref' in {time.time() - t0:.1f}s: samples' mean gold reward "
-              f"{info['sample_gold_mean']:+.2f} (std {info['sample_gold_std']:.2f}), pair-label "
-              f"ceiling {info['heldout_ceiling']:.3f}", flush=True)
-    return path
-
-
-def build_tiny_pref(folder: Path) -> dict:
-    """Fit `tiny-pref` to the grammar of `sample_review` (next-token NLL on the completion and its
-    EOS, a fixed number of steps), save it into `folder`, then sample the preference pairs from it
-    and write them there as JSONL. Returns facts for build.json."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = TINY_PREF
-    state = torch.random.get_rng_state()
-    torch.manual_seed(cfg["seed"])
-    rng = np.random.default_rng(cfg["seed"])
-    tok = build_word_tokenizer()
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg["num_attention_heads"], max_position_embeddings=64,
-        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=None))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg["sft_steps"])
-    for _ in range(cfg["sft_steps"]):
-        prompts, completions = zip(*(sample_review(rng) for _ in range(cfg["sft_batch"])))
-        ids, mask, c_mask, T = encode_prompt_completion(tok, prompts, completions)
-        logp, _ = token_logprobs(model, ids, mask, T)  # [B, T]
-        loss = -masked_mean(logp, c_mask)  # next-token NLL on the completion and its EOS
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-
-    facts = {"sft_final_nll": round(loss.item(), 4)}
-    for split, n, seed in (("train", cfg["train_pairs"], cfg["seed"] + 1),
-                           ("heldout", cfg["heldout_pairs"], cfg["seed"] + 2)):
-        pairs, golds = sample_preference_pairs(model, tok, n, seed, cfg["max_new_tokens"])
-        with open(folder / f"pairs_{split}.jsonl", "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in pairs)
-        facts[f"{split}_ceiling"] = round(ceiling_accuracy(pairs), 4)
-        if split == "heldout":
-            facts.update(sample_gold_mean=round(float(np.mean(golds)), 4),
-                         sample_gold_std=round(float(np.std(golds)), 4))
-    torch.random.set_rng_state(state)
-    return facts
-
-
-@torch.no_grad()
-def sample_preference_pairs(model, tokenizer, n_pairs: int, seed: int, max_new_tokens: int = 20,
-                            batch_size: int = 1000) -> tuple[list[dict], list[float]]:
-    """`n_pairs` preference pairs labelled like annotators: for a prompt x (a random topic), two
-    completions a, b ~ π_SFT(·|x) at temperature 1, then a ≻ b with the Bradley–Terry probability
-
-        P(a ≻ b) = σ(r_gold(a) − r_gold(b))
-
-    (a coin flip, so about one label in four goes against the gold reward). Pairs where a == b, where
-    a sample is empty, or where one did not finish within `max_new_tokens` are dropped and drawn
-    again. Returns the
-    rows {"prompt", "chosen", "rejected"} and the gold rewards of all kept samples."""
-    rng = np.random.default_rng(seed)
-    pairs: list[dict] = []
-    golds: list[float] = []
-    with torch.random.fork_rng(devices=[]):  # sampling reseeds torch's CPU RNG; the caller's is kept
-        torch.manual_seed(seed)
-        while len(pairs) < n_pairs:
-            prompts = [f"the {PREF_TOPICS[i]}" for i in rng.integers(len(PREF_TOPICS), size=batch_size)]
-            *_, texts, finished = generate_text(model, tokenizer, [p for p in prompts for _ in (0, 1)],
-                                                max_new_tokens)  # two samples per prompt, consecutive
-            for i, x in enumerate(prompts):
-                a, b = texts[2 * i], texts[2 * i + 1]
-                if (a == b or not (a.strip() and b.strip()) or not (finished[2 * i] and finished[2 * i + 1])
-                        or len(pairs) == n_pairs):
-                    continue
-                p_a = 1.0 / (1.0 + np.exp(-(gold_reward(a) - gold_reward(b))))  # σ(r(a) − r(b))
-                a_wins = rng.random() < p_a
-                pairs.append({"prompt": x, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
-                golds += [gold_reward(a), gold_reward(b)]
-    return pairs, golds
 
 
 @torch.no_grad()
@@ -988,7 +773,7 @@ def load_preferences(data: str | None, heldout_size: int = PREF_HELDOUT) -> tupl
     `tiny-pref` (4,000 train, 1,000 held out). With `--data FILE.jsonl`: the last `heldout_size` rows
     (at most a fifth of the file) are held out."""
     if data is None:
-        path = tiny_pref_model_path()
+        path = MODELS_DIR / "tiny-pref"
         return (read_preference_jsonl(path / "pairs_train.jsonl"),
                 read_preference_jsonl(path / "pairs_heldout.jsonl"))
     rows = read_preference_jsonl(data)

@@ -50,7 +50,7 @@ from common import check, masked_mean, masked_sum
 class Args:
     model: str = "tiny"
     """--model NAME_OR_PATH: a Hugging Face causal LM folder (or hub name, if cached), or `tiny`,
-    the embedded default that is built on first use"""
+    the embedded default (the folder models/tiny)"""
     data: Optional[str] = None
     """JSONL file with {"prompt", "answer"} lines (e.g. a GSM8K export), scored by the last number
     in the completion; default: the built-in arithmetic task, scored strictly"""
@@ -78,8 +78,9 @@ class Args:
     """completion token limit (4 fits a 3-digit sum and EOS; ~256+ for GSM8K); also the Dr. GRPO constant"""
     temperature: float = 1.0
     """sampling temperature; log-probs are taken of the same tempered distribution"""
-    lr: float = 1e-3
-    """peak learning rate of AdamW (tiny: 3e-4..1e-3, 3e-3 collapses it; a 0.5B model: ~1e-6)"""
+    lr: float = 3e-4
+    """peak learning rate of AdamW (tiny: 3e-4; 1e-3 first drops its accuracy, or collapses it
+    into completions that never end; a 0.5B model: ~1e-6)"""
     warmup_steps: int = 20
     """steps of linear learning-rate warm-up from 0 (Adam's first steps are sign-like and large)"""
     lr_schedule: Literal["constant", "linear"] = "linear"
@@ -113,6 +114,9 @@ class Args:
     """steps between held-out greedy evaluations"""
     eval_size: int = 500
     """held-out prompts per evaluation"""
+    pass_at_k: bool = True
+    """before and after training, also measure pass@1 and pass@k on the held-out prompts, with k = G
+    samples per prompt at --temperature: what sampling can reach, which RL can then reinforce"""
     log_every: int = 50
     """steps between printed lines (every step is written to metrics.jsonl)"""
     save_model: bool = True
@@ -257,6 +261,15 @@ def validate(args: Args) -> None:
     check(args.micro_batch is None or args.micro_batch >= 1, "--micro-batch must be ≥ 1")
 
 
+def pass_metrics(p: dict | None) -> dict:
+    """The logged names of a `common.pass_at_k` result: eval/pass@1 and eval/pass@k."""
+    return {} if p is None else {"eval/pass@1": p["pass_at_1"], f"eval/pass@{p['k']}": p["pass_at_k"]}
+
+
+def pass_text(p: dict | None) -> str:
+    return "" if p is None else f"; pass@1 {p['pass_at_1']:.3f}, pass@{p['k']} {p['pass_at_k']:.3f}"
+
+
 def train(args: Args) -> dict:
     validate(args)
     t_start = time.time()
@@ -300,12 +313,21 @@ def train(args: Args) -> dict:
         with amp:
             return common.greedy_accuracy(policy, tok, rows, args.max_new_tokens, strict)
 
+    def evaluate_pass_at_k():  # pass@1 and pass@G at the sampling temperature, a fixed seed
+        if not args.pass_at_k:
+            return None
+        rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
+        with amp:
+            return common.pass_at_k(policy, tok, rows, args.group_size, args.max_new_tokens, strict,
+                                    args.temperature)
+
     log = common.RunLogger(out)
     print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)")
-    start_acc = evaluate()
-    log.log(0, {"eval/accuracy": start_acc})
-    print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)")
+    start_acc, start_pass = evaluate(), evaluate_pass_at_k()
+    log.log(0, {"eval/accuracy": start_acc, **pass_metrics(start_pass)})
+    print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
+          + pass_text(start_pass))
 
     G, B = args.group_size, args.prompts_per_step * args.group_size
     mb = args.micro_batch or B
@@ -403,6 +425,9 @@ def train(args: Args) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate()
             metrics["eval/accuracy"] = acc
+        if step == args.steps:
+            final_pass = evaluate_pass_at_k()
+            metrics.update(pass_metrics(final_pass))
         keys = ["reward/mean", "reward/frac_zero_std_groups", "kl/ref", "policy/clip_frac",
                 "policy/entropy", "completions/mean_length", "eval/accuracy"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
@@ -418,6 +443,8 @@ def train(args: Args) -> dict:
         "script": "grpo",
         "start_accuracy": start_acc,
         "final_accuracy": acc,
+        "start_pass_at_k": start_pass,  # {"k", "pass_at_1", "pass_at_k"} or None
+        "final_pass_at_k": final_pass,
         "steps": args.steps,
         "completions": args.steps * B,
         "model_dir": model_dir,
@@ -427,6 +454,10 @@ def train(args: Args) -> dict:
     print(f"\n=== GRPO summary ({out})")
     print(f"held-out greedy accuracy: {start_acc:.3f} -> {acc:.3f} ({100 * (acc - start_acc):+.1f} points)"
           f" in {args.steps} steps, {summary['wall_seconds']:.0f}s wall ({train_seconds:.0f}s training)")
+    if start_pass is not None:
+        print(f"sampling at temperature {args.temperature}: pass@1 {start_pass['pass_at_1']:.3f} -> "
+              f"{final_pass['pass_at_1']:.3f}, pass@{start_pass['k']} {start_pass['pass_at_k']:.3f} -> "
+              f"{final_pass['pass_at_k']:.3f}")
     for r, t in zip(examples, ex_texts):
         print(f"  {r['prompt']!r:>14} -> {t!r:8} (answer {r['answer']})")
     return summary

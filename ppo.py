@@ -71,8 +71,9 @@ class Args:
     """--model NAME_OR_PATH: the SFT policy to start from, also the reference π_ref (a Hugging Face
     causal LM folder, or hub name if cached), or `tiny-pref`, the embedded SFT policy"""
     reward_model: Optional[str] = None
-    """folder saved by reward_model.py (`<its run>/model`); default: train one first with
-    reward_model.py's defaults on the same --model and --data (cached for `tiny-pref`)"""
+    """folder saved by reward_model.py (`<its run>/model`), or `tiny-pref-rm`, the shipped one of the
+    built-in task; default: `tiny-pref-rm` for the built-in task, else train one first with
+    reward_model.py's defaults on the same --model and --data"""
     data: Optional[str] = None
     """JSONL preference pairs {"prompt", "chosen", "rejected"}: their prompts are PPO's prompts, their
     chosen texts the PPO-ptx data (and the reward model's data when it is trained here); default:
@@ -372,23 +373,19 @@ def value_model_from_reward_model(rm) -> ValueModel:
 
 
 def default_reward_model(args: Args, out: Path | None) -> Path:
-    """No --reward-model: train one with reward_model.py's defaults (seed 1) on --model and --data,
-    into <out-dir>/reward_model. For the built-in task (tiny-pref, no --data) the run is cached
-    next to tiny-pref instead, so it is trained once. Returns the folder of the reward model."""
-    builtin = args.model == "tiny-pref" and args.data is None
-    key = "-".join(f"{v}" for v in common.TINY_PREF.values())
-    cached = common.cache_root() / f"reward-model-run-tiny-pref-{key}"
-    if builtin and (cached / "model" / "reward_head.pt").is_file():
-        print(f"no --reward-model given: using the one trained on the built-in task ({cached / 'model'})")
-        return cached / "model"
+    """No --reward-model: for the built-in task (tiny-pref, no --data), the shipped reward model
+    `models/tiny-pref-rm` (reward_model.py's defaults on the shipped tiny-pref, seed 1). Otherwise
+    train one with reward_model.py's defaults (seed 1) on --model and --data, into
+    <out-dir>/reward_model. Returns the folder of the reward model."""
+    if args.model == "tiny-pref" and args.data is None:
+        path = Path(common.resolve_model_path("tiny-pref-rm"))
+        print(f"no --reward-model given: using the shipped one of the built-in task ({path})")
+        return path
     print("no --reward-model given: training one first (reward_model.py, its defaults, seed 1, "
           f"--model {args.model}" + (f", --data {args.data}" if args.data else "") + ")", flush=True)
-
-    def train_into(folder: Path) -> dict:
-        return rm_lib.train(rm_lib.Args(model=args.model, data=args.data, out_dir=str(folder),
-                                        overwrite=True, seed=1, device=args.device, dtype=args.dtype))
-    run = cached if builtin else out / "reward_model"
-    summary = common.build_once(cached, train_into) if builtin else train_into(run)
+    run = out / "reward_model"
+    summary = rm_lib.train(rm_lib.Args(model=args.model, data=args.data, out_dir=str(run),
+                                       overwrite=True, seed=1, device=args.device, dtype=args.dtype))
     print(f"reward model trained: held-out pair accuracy {summary['heldout_accuracy']:.3f}; "
           f"saved in {run / 'model'}")
     return run / "model"
@@ -451,11 +448,11 @@ def validate(args: Args) -> None:
     check(args.batch_size >= 2 or not args.whiten_scores,
           "--whiten-scores needs --batch-size ≥ 2: the std of a single score is undefined")
     if args.reward_model is not None:
-        folder = Path(args.reward_model).expanduser()
+        folder = Path(common.resolve_model_path(args.reward_model)).expanduser()
         check(folder.is_dir(), f"--reward-model {args.reward_model}: no such folder (give the `model` "
                                "folder of a reward_model.py run, or leave the flag out to train one)")
-        check((folder / "reward_head.pt").is_file(),
-              f"--reward-model {args.reward_model}: no reward_head.pt in this folder, so it is not a "
+        check((folder / rm_lib.HEAD_FILE).is_file(),
+              f"--reward-model {args.reward_model}: no {rm_lib.HEAD_FILE} in this folder, so it is not a "
               "reward model saved by reward_model.py (give the `model` folder inside its run folder)")
 
 
@@ -477,7 +474,8 @@ def train(args: Args) -> dict:
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     ref = common.load_model(path, device, dtype, trainable=False)[0]  # π_ref, frozen
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("ppo", args.seed), args.overwrite)
-    rm_path = Path(args.reward_model).expanduser() if args.reward_model else default_reward_model(args, out)
+    rm_path = (Path(common.resolve_model_path(args.reward_model)).expanduser() if args.reward_model
+               else default_reward_model(args, out))
     rm, rm_tok = rm_lib.load_reward_model(rm_path, device, dtype)  # r_φ, frozen
     check_same_vocab(tok, rm_tok, str(rm_path))
     if args.value_init == "reward":

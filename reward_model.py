@@ -24,7 +24,8 @@ The built-in task (common.py, "the preference task") has a hidden gold reward, s
 known: how often the gold reward agrees with the noisy labels. No model beats it on average.
 
 The saved folder (`<out-dir>/model`) is the language model's `save_pretrained` folder plus
-`reward_head.pt`; `load_reward_model(folder)` rebuilds the reward model (ppo.py uses it).
+`reward_head.safetensors`; `load_reward_model(folder)` rebuilds the reward model (ppo.py uses it).
+`models/tiny-pref-rm/` is such a folder: this script's defaults, run on the shipped `tiny-pref`.
 
 Run:
     python reward_model.py                            # the built-in task, `tiny-pref`, CPU, ~1 minute
@@ -106,7 +107,7 @@ class Args:
     log_every: int = 25
     """steps between printed lines (every step is written to metrics.jsonl)"""
     save_model: bool = True
-    """save the reward model into <out-dir>/model (the LM's save_pretrained folder + reward_head.pt)"""
+    """save the reward model into <out-dir>/model (the LM's save_pretrained folder + reward_head.safetensors)"""
 
 
 #####################################################################################################
@@ -192,18 +193,24 @@ class RewardModel(torch.nn.Module):
         return (r - self.reward_mean) / self.reward_std  # (r − μ) / s   [B]
 
 
+HEAD_FILE = "reward_head.safetensors"  # the scalar head and the normalisation, beside the LM's files
+
+
 def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
     """Write the format that `load_reward_model` reads:
         folder/  config.json, model.safetensors, tokenizer files   (the LM: `save_pretrained`)
-        folder/reward_head.pt   {"weight": [d], "bias": [], "reward_mean": [], "reward_std": []}
+        folder/reward_head.safetensors   {"weight": [d], "bias": [], "reward_mean": [], "reward_std": []}
     The LM folder also loads on its own with `from_pretrained` (e.g. to start a value model from it)."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     rm.lm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    torch.save({"weight": rm.head.weight.detach().float().cpu().reshape(-1),
-                "bias": rm.head.bias.detach().float().cpu().reshape(()),
-                "reward_mean": rm.reward_mean.detach().float().cpu(),
-                "reward_std": rm.reward_std.detach().float().cpu()}, folder / "reward_head.pt")
+    save_file({"weight": rm.head.weight.detach().float().cpu().reshape(-1).contiguous(),
+               "bias": rm.head.bias.detach().float().cpu().reshape(()).contiguous(),
+               "reward_mean": rm.reward_mean.detach().float().cpu().reshape(()).contiguous(),
+               "reward_std": rm.reward_std.detach().float().cpu().reshape(()).contiguous()},
+              str(folder / HEAD_FILE))
     return folder
 
 
@@ -212,14 +219,16 @@ def load_reward_model(folder: str | Path, device: torch.device | str = "cpu",
     """(RewardModel, tokenizer) from a folder written by `save_reward_model` (`<out-dir>/model` of
     reward_model.py). Frozen and in eval mode unless `trainable`. Outputs are normalised if the run
     normalised them."""
-    folder = Path(folder)
-    check((folder / "reward_head.pt").is_file(),
-          f"{folder}: no reward_head.pt here, so this is not a reward model saved by reward_model.py")
+    from safetensors.torch import load_file
+
+    folder = Path(common.resolve_model_path(str(folder)))  # `tiny-pref-rm`: the shipped one
+    check((folder / HEAD_FILE).is_file(),
+          f"{folder}: no {HEAD_FILE} here, so this is not a reward model saved by reward_model.py")
     lm, tok = common.load_model(str(folder), torch.device(device), dtype, trainable=True)
     rm = RewardModel(lm)
-    state = torch.load(folder / "reward_head.pt", map_location="cpu", weights_only=True)
+    state = load_file(str(folder / HEAD_FILE))
     check(state["weight"].numel() == lm.config.hidden_size,
-          f"{folder}: reward_head.pt has {state['weight'].numel()} weights, the LM's hidden size is "
+          f"{folder}: {HEAD_FILE} has {state['weight'].numel()} weights, the LM's hidden size is "
           f"{lm.config.hidden_size}")
     with torch.no_grad():
         rm.head.weight.copy_(state["weight"].reshape(1, -1))

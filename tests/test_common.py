@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+from models.build import build_char_tokenizer
 import grpo
 
 PAD, EOS = 0, 1  # ids used by the hand-made examples below (as in the character tokenizer)
@@ -499,7 +500,7 @@ def test_pick_device():
 
 
 def test_build_char_tokenizer():
-    tok = common.build_char_tokenizer()
+    tok = build_char_tokenizer()
     assert (tok.pad_token_id, tok.eos_token_id) == (0, 1) and tok.padding_side == "left"
     ids = tok.encode("37+48=", add_special_tokens=False)
     assert len(ids) == 6  # one character, one token

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import common
+from models.build import build_word_tokenizer
 import dpo
 from dpo import dpo_loss, sequence_logps
 
@@ -143,7 +144,7 @@ def test_sequence_logps_sum_and_average_by_hand():
 def random_word_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = common.build_word_tokenizer()
+    tok = build_word_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
@@ -209,8 +210,7 @@ SHORT = ["--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-s
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, run_script):
     """Start every subprocess of this module on a small pool: {name: (out_dir, future)}. The bad-input
-    runs need no model, so they start first and run while this process builds `tiny-pref` (once per
-    test session, into $RL_REF_CACHE); the short runs start after the build."""
+    runs come first."""
     base = tmp_path_factory.mktemp("dpo_runs")
     good = [json.dumps(p) for p in PAIRS] * 4  # 12 pairs: 10 train, 2 held out
     files = {
@@ -242,7 +242,6 @@ def runs(tmp_path_factory, run_script):
 
     pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
     futures = {name: (base / name, pool.submit(run, name, argv)) for name, argv in bad_jobs.items()}
-    common.tiny_pref_model_path(quiet=True)  # build now, so that the short runs do not each build it
     futures.update({name: (base / name, pool.submit(run, name, argv)) for name, argv in jobs.items()})
     yield futures, base
     pool.shutdown(wait=True)
@@ -291,7 +290,7 @@ def test_short_run_writes_outputs_and_the_model_reloads(runs):
     assert s["steps"] == 4 and s["ceiling_accuracy"] is not None
     # the saved policy reloads, and it is not the reference any more
     policy, tok = common.load_model(str(out / "model"), torch.device("cpu"), trainable=False)
-    ref, _ = common.load_model(common.resolve_model_path("tiny-pref"), torch.device("cpu"), trainable=False)
+    ref, _ = common.load_model("tiny-pref", torch.device("cpu"), trainable=False)
     c, r = dpo.all_pair_logps(policy, tok, PAIRS, "cpu", average=False)
     c0, r0 = dpo.all_pair_logps(ref, tok, PAIRS, "cpu", average=False)
     assert not torch.allclose(c, c0)

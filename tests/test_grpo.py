@@ -596,6 +596,11 @@ def check_run(out, result, model_type: str):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start_accuracy"] == evals[0] and summary["final_accuracy"] == evals[3]
+    # what sampling reaches, before and after: k = G, and the same numbers as the logged rows
+    for key, row in (("start_pass_at_k", rows[0]), ("final_pass_at_k", rows[-1])):
+        p = summary[key]
+        assert p["k"] == 2 and 0 <= p["pass_at_1"] <= p["pass_at_k"] <= 1, p
+        assert (row["eval/pass@1"], row["eval/pass@2"]) == (p["pass_at_1"], p["pass_at_k"])
     assert 0 <= summary["final_accuracy"] <= 1 and summary["wall_seconds"] > 0
     cfg = summary["config"]
     assert cfg["steps"] == 3 and cfg["group_size"] == 2 and cfg["prompts_per_step"] == 2

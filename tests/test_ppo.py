@@ -9,8 +9,7 @@ on paper. Throughout,
     V = 0 after a row's last real token (terminal),   ρ_t = π_θ(y_t|s_t) / π_old(y_t|s_t).
 
 The end-to-end runs share one small reward model (5 steps of reward_model.py), trained once per
-session, so that no run trains the default one: `default_reward_model` (the no `--reward-model`
-path, ~40 s on a cold cache) is not run here.
+session; the no `--reward-model` path uses the shipped `models/tiny-pref-rm`.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 import common
+from models.build import build_char_tokenizer, build_word_tokenizer
 import ppo
 import reward_model as rm_lib
 from ppo import (ValueModel, adaptive_beta, clipped_value_loss, explained_variance, gae,
@@ -634,8 +634,7 @@ BAD = {  # run as the user would: exit code 2 and one line
 def small_rm(tmp_path_factory) -> str:
     """One small reward model on `tiny-pref` for every run of this session (5 steps of
     reward_model.py, normalised over 50 samples): `<run>/model`. Built in-process with the same
-    flags as `python reward_model.py --max-steps 5 --norm-samples 50 --eval-size 50`; the first use
-    also builds `tiny-pref` into $RL_REF_CACHE."""
+    flags as `python reward_model.py --max-steps 5 --norm-samples 50 --eval-size 50`."""
     out = tmp_path_factory.mktemp("ppo_rm") / "run"
     rm_lib.train(rm_lib.Args(max_steps=5, norm_samples=50, eval_size=50, eval_every=5, log_every=5,
                              out_dir=str(out)))
@@ -648,7 +647,7 @@ def char_rm(tmp_path_factory) -> str:
     (the `tiny` family), whose vocabulary differs from tiny-pref's word tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = common.build_char_tokenizer()
+    tok = build_char_tokenizer()
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(
@@ -664,8 +663,8 @@ def char_rm(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory, run_script):
     """Start the subprocesses of this module on a small pool: {name: (out_dir, future)}. The
-    bad-input runs need no model, so they start first and run while this process builds tiny-pref
-    (on a cold cache) and the small reward model; the short run starts after that."""
+    bad-input runs need no model, so they start first and run while this process trains the small
+    reward model; the short run starts after that."""
     base = tmp_path_factory.mktemp("ppo_runs")
     pool = ThreadPoolExecutor(max_workers=2)
 
@@ -700,7 +699,7 @@ def test_bad_input_gives_one_line(runs, name):
 def test_reward_model_with_another_vocabulary_is_refused(small_rm, char_rm, tmp_path):
     # tiny-pref's word tokenizer (3 specials + 73 words = 76 tokens) against the char tokenizer
     # (3 specials + 95 printable characters + newline = 99 tokens)
-    n_word, n_char = len(common.build_word_tokenizer()), len(common.build_char_tokenizer())
+    n_word, n_char = len(build_word_tokenizer()), len(build_char_tokenizer())
     assert n_word != n_char
     with pytest.raises(common.UsageError, match="vocabulary") as e:
         ppo.train(ppo.Args(reward_model=char_rm, steps=1, batch_size=2, mini_batches=1, eval_samples=2,
@@ -713,14 +712,14 @@ def test_reward_model_with_another_vocabulary_is_refused(small_rm, char_rm, tmp_
 
 def test_reward_model_folder_without_its_head_names_the_flag(small_rm, tmp_path):
     # A common slip: the reward_model.py run folder instead of its `model` subfolder. The folder
-    # exists (so validate lets it through), but it holds no reward_head.pt. The message should
+    # exists (so validate lets it through), but it holds no reward_head.safetensors. The message should
     # name the flag, like every other bad-input message of the script.
     run_folder = os.path.dirname(small_rm)
     with pytest.raises(common.UsageError) as e:
         ppo.train(ppo.Args(reward_model=run_folder, steps=1, batch_size=2, mini_batches=1, eval_samples=2,
                            out_dir=str(tmp_path / "run")))
     msg = str(e.value)
-    assert "reward_head.pt" in msg and run_folder in msg
+    assert "reward_head.safetensors" in msg and run_folder in msg
     assert "--reward-model" in msg, msg
 
 
@@ -825,7 +824,7 @@ def test_short_run_writes_its_outputs_and_the_model_reloads(runs):
 
     # the saved policy reloads with from_pretrained, and it has moved off the SFT policy
     policy = AutoModelForCausalLM.from_pretrained(out / "model")
-    sft = AutoModelForCausalLM.from_pretrained(common.tiny_pref_model_path())
+    sft = AutoModelForCausalLM.from_pretrained(common.MODELS_DIR / "tiny-pref")
     assert policy.config.model_type == "llama"
     assert any(not torch.equal(p, q) for p, q in zip(policy.parameters(), sft.parameters()))
     # the value model too: its LM folder and its head
@@ -847,7 +846,7 @@ def test_other_architecture_and_data_file_train_their_own_reward_model(tiny_rand
     s = ppo.train(ppo.Args(model=str(tiny_random_other_arch), data=str(data), out_dir=str(out), steps=2,
                            batch_size=4, mini_batches=2, ppo_epochs=1, eval_samples=8, eval_every=1,
                            max_new_tokens=6, ptx_coef=0.5, ptx_batch=4, log_every=1))
-    assert (out / "reward_model" / "model" / "reward_head.pt").is_file()
+    assert (out / "reward_model" / "model" / "reward_head.safetensors").is_file()
     assert s["reward_model"] == str(out / "reward_model" / "model")
     assert s["start_gold_reward"] is None and s["final_gold_reward"] is None
     assert math.isfinite(s["final_score"]) and math.isfinite(s["kl_to_ref"])

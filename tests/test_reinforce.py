@@ -444,6 +444,12 @@ def test_short_run_writes_its_outputs_and_the_model_reloads(runs):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start_accuracy"] == evals[0] and summary["final_accuracy"] == evals[3]
+    # what sampling reaches, before and after: k = K, and the same numbers as the logged rows
+    k = summary["config"]["samples_per_prompt"]
+    for key, row in (("start_pass_at_k", rows[0]), ("final_pass_at_k", rows[-1])):
+        p = summary[key]
+        assert p["k"] == k and 0 <= p["pass_at_1"] <= p["pass_at_k"] <= 1, p
+        assert (row["eval/pass@1"], row[f"eval/pass@{k}"]) == (p["pass_at_1"], p["pass_at_k"])
     assert summary["wall_seconds"] > 0 and summary["script"] == "reinforce"
     assert set(summary["config"]) == set(reinforce.Args.__dataclass_fields__)
     assert summary["config"]["psi"] == "reward-to-go" and summary["config"]["baseline"] == "rloo"

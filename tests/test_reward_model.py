@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import common
+from models.build import TINY_PREF, build_word_tokenizer
 import reward_model
 from reward_model import RewardModel, bradley_terry_loss, last_token_index, pair_accuracy
 
@@ -79,7 +80,7 @@ def test_last_token_index_for_any_padding():
 def random_word_llama(seed: int = 0, hidden: int = 16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = common.build_word_tokenizer()
+    tok = build_word_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
@@ -142,7 +143,7 @@ def test_save_and_load_keep_the_rewards_and_the_normalisation(tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())
     # the LM folder also loads on its own, e.g. to start a value model from it
     common.load_model(str(tmp_path / "rm"), torch.device("cpu"))
-    with pytest.raises(common.UsageError, match="reward_head.pt"):
+    with pytest.raises(common.UsageError, match="reward_head.safetensors"):
         reward_model.load_reward_model(tmp_path)
 
 
@@ -165,15 +166,15 @@ def test_gold_reward_by_hand():
 
 @pytest.fixture(scope="module")
 def pref_path():
-    """The embedded SFT policy `tiny-pref` and its pairs, built on first use into $RL_REF_CACHE."""
-    return common.tiny_pref_model_path(quiet=True)
+    """The embedded SFT policy `tiny-pref` and its pairs: the shipped folder models/tiny-pref."""
+    return common.MODELS_DIR / "tiny-pref"
 
 
 def test_built_in_pairs_are_labelled_with_bradley_terry_noise(pref_path):
     # P(chosen has the higher gold reward | |Δr| = k) should be σ(k): σ(1) = 0.7311, σ(2) = 0.8808.
     # With a few hundred pairs per k, the binomial standard error is about 0.02; allow 0.06.
     pairs = common.read_preference_jsonl(pref_path / "pairs_train.jsonl")
-    assert len(pairs) == common.TINY_PREF["train_pairs"]
+    assert len(pairs) == TINY_PREF["train_pairs"]
     d = np.array([common.gold_reward(p["chosen"]) - common.gold_reward(p["rejected"]) for p in pairs])
     for k in (1, 2):
         sel = np.abs(d) == k
@@ -195,8 +196,7 @@ SHORT = ["--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--eval-s
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, run_script):
     """Start every subprocess of this module on a small pool: {name: (out_dir, future)}. The bad-input
-    runs need no model, so they start first and run while this process builds `tiny-pref` (once per
-    test session, into $RL_REF_CACHE); the short runs start after the build."""
+    runs come first."""
     base = tmp_path_factory.mktemp("rm_runs")
     good = [json.dumps({"prompt": x, "chosen": y, "rejected": "was bad"}) for x, y in ROWS] * 4
     (base / "data.jsonl").write_text("\n".join(good) + "\n")
@@ -215,7 +215,6 @@ def runs(tmp_path_factory, run_script):
 
     pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
     futures = {name: submit(name, argv) for name, argv in bad_jobs.items()}
-    common.tiny_pref_model_path(quiet=True)  # build now, so that the short runs do not each build it
     futures.update({name: submit(name, argv) for name, argv in jobs.items()})
     yield futures
     pool.shutdown(wait=True)
@@ -247,7 +246,7 @@ def test_short_run_writes_outputs_and_the_model_reloads(runs):
     rm, tok = reward_model.load_reward_model(out / "model")
     assert rm.reward_mean.item() == pytest.approx(s["reward_mean"])
     assert rm.reward_std.item() == pytest.approx(s["reward_std"])
-    pairs = common.read_preference_jsonl(common.tiny_pref_model_path() / "pairs_heldout.jsonl")[:40]
+    pairs = common.read_preference_jsonl(common.MODELS_DIR / "tiny-pref" / "pairs_heldout.jsonl")[:40]
     r_c, r_r = reward_model.score_pairs(rm, tok, pairs, "cpu")
     assert pair_accuracy(r_c, r_r).item() == pytest.approx(s["heldout_accuracy"])  # the same 40 pairs
 
