@@ -344,13 +344,69 @@ def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     return table[name]
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """GPU only: run forward passes in `dtype` (bfloat16) while the weights that the optimiser
-    updates stay in float32. With float32 this does nothing."""
-    import contextlib
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+class MixedPrecision:
+    """How every script computes: float32 weights, forward passes under autocast in `dtype`.
+
+    Every model is stored in float32, the trained ones (policy, value model, reward model and its
+    head) and the frozen ones (reference, reward model in PPO) alike; `torch.autocast` runs the
+    matmuls of each forward pass in the compute dtype (bfloat16 on a GPU by default).
+      - Trained weights in float32: AdamW's update of a weight w is about lr, and bf16 keeps 8 bits
+        of mantissa, so any update below |w|·2⁻⁹ rounds away. At lr 1e-6 that is nearly every
+        update of a 0.5B model; in float32 it is none.
+      - Frozen weights in float32 too: a copy stored in bf16 also runs its norms, embeddings and
+        residual adds in bf16, where the policy under autocast runs them in float32, so at step 0
+        log π_θ − log π_ref would be ~1e-2 per token instead of exactly 0. The price is memory:
+        two bytes more per frozen weight.
+      - float16 (GPUs without bf16): its 5-bit exponent underflows small gradients, so the loss is
+        scaled before `backward` and the gradients unscaled before clipping (`GradScaler`); a step
+        whose gradients overflowed is skipped and the scale lowered.
+      - float32: no autocast, no scaler; this is the CPU default.
+
+        prec = MixedPrecision(device, args.dtype)
+        with prec.autocast():
+            loss = ...
+        prec.backward(loss)                               # instead of loss.backward()
+        grad_norm = prec.step(opt, params, max_norm=args.grad_clip)  # unscale, clip, step, rescale
+    """
+
+    def __init__(self, device: torch.device, name: str = "auto"):
+        self.device = device
+        self.dtype = pick_dtype(device, name)  # the compute dtype
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+
+    def autocast(self):
+        """A context for forward passes: autocast in the compute dtype (nothing for float32)."""
+        import contextlib
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def float32(self):
+        """A context in which autocast is off: for heads and losses that must run in float32."""
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
+    def grad_scale(self) -> float:
+        """The factor that .grad holds between `backward` and `step` (1 without a scaler)."""
+        return self.scaler.get_scale() if self.scaler is not None else 1.0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, opt, *groups, max_norm: float):
+        """Clip the gradient norm of each group of parameters to `max_norm` (≤ 0: no clipping),
+        then step `opt`. Returns each group's norm before clipping (a float for one group, else a
+        tuple); inf on a float16 step that overflowed, which the scaler then skips."""
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)  # .grad back to the true gradient, before clipping
+        limit = max_norm if max_norm > 0 else float("inf")
+        norms = tuple(float(torch.nn.utils.clip_grad_norm_(list(g), limit)) for g in groups)
+        norms = tuple(n if n == n else float("inf") for n in norms)  # NaN (inf − inf) -> inf: skipped
+        if self.scaler is not None:
+            self.scaler.step(opt)  # skipped when the gradients hold inf or NaN
+            self.scaler.update()
+        else:
+            opt.step()
+        return norms[0] if len(norms) == 1 else norms
 
 
 # The embedded models are files of this repository (models/build.py made them; see its docstring).
@@ -366,11 +422,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = torch.float32,
-               trainable: bool = True):
-    """Load (model, tokenizer) through the Auto classes. `tiny` (arithmetic) and `tiny-pref` (the
-    preference task) are the embedded defaults, folders of this repository (`models/`), loaded
-    like any other with `from_pretrained`. The tokenizer pads on the left.
+def load_model(name_or_path: str, device: torch.device, trainable: bool = True):
+    """Load (model, tokenizer) through the Auto classes, with float32 weights whatever the
+    compute dtype (see `MixedPrecision`). `tiny` (arithmetic) and `tiny-pref` (the preference
+    task) are the embedded defaults, folders of this repository (`models/`), loaded like any other
+    with `from_pretrained`. The tokenizer pads on the left.
 
     A frozen copy (`trainable=False`) is put in eval mode with gradients off: the reference policy.
     """
@@ -385,7 +441,7 @@ def load_model(name_or_path: str, device: torch.device, dtype: torch.dtype = tor
     hf_logging.disable_progress_bar()  # no "Loading weights" bars on stderr, which is for errors
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {name_or_path}: could not load a causal LM there ({first}). "
@@ -421,8 +477,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # the logits at column j predict the token at column j+1: keep the T+1 columns that matter
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=T + 1, use_cache=False).logits[:, :-1]  # [B, T, V]
-    logits = logits.float() / temperature  # [B, T, V]
-    logprobs_all = torch.log_softmax(logits, dim=-1)  # [B, T, V]
+    with torch.autocast(device_type=logits.device.type, enabled=False):  # the softmax in float32
+        logits = logits.float() / temperature  # [B, T, V]
+        logprobs_all = torch.log_softmax(logits, dim=-1)  # [B, T, V]
     targets = input_ids[:, -T:]  # [B, T]
     logp = logprobs_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T]
     real = attention_mask[:, -T:].bool()  # [B, T]
@@ -451,7 +508,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    past, next_pos = out.past_key_values, position_ids[:, -1:] + 1  # [B, 1]
+    past, next_pos = out.cache, position_ids[:, -1:] + 1  # [B, 1]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)  # [B]
     tokens = []
     for t in range(max_new_tokens):
@@ -467,8 +524,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [B, P + t + 1]
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=past, use_cache=True)
-        past, next_pos = out.past_key_values, next_pos + 1
+                    cache=past, use_cache=True)
+        past, next_pos = out.cache, next_pos + 1
     completion = torch.stack(tokens, dim=1)  # [B, T]
     return completion, completion_mask(completion, eos_id)
 

@@ -69,7 +69,9 @@ class Args:
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
     dtype: str = "auto"
-    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16"""
+    """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
+    else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
+    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
 
     beta: float = 0.1
     """β, the strength of the KL regularisation that the implicit reward β log π/π_ref stands for:
@@ -276,7 +278,7 @@ def train(args: Args) -> dict:
     t_start = time.time()
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-    dtype = common.pick_dtype(device, args.dtype)
+    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("dpo", args.seed), args.overwrite)
     train_pairs, heldout = common.load_preferences(args.data)
     heldout = heldout[: args.eval_size]
@@ -286,9 +288,9 @@ def train(args: Args) -> dict:
 
     ##### models: the policy π_θ and the frozen reference π_ref, both the SFT policy at the start
     path = common.resolve_model_path(args.model)
-    policy, tok = common.load_model(path, device, dtype)
+    policy, tok = common.load_model(path, device)  # float32 weights
     policy.eval()  # no dropout: at the start π_θ must equal π_ref exactly
-    ref = common.load_model(path, device, dtype, trainable=False)[0]
+    ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed)
     batches = [(epoch, order[i:i + args.batch_size]) for epoch in range(args.epochs)
@@ -306,13 +308,15 @@ def train(args: Args) -> dict:
     used = np.unique(np.concatenate([idx for _, idx in batches]))  # the pairs training will see
     ref_c = torch.full((len(train_pairs),), float("nan"), device=device)  # log π_ref(y_w|x)   [N]
     ref_r = torch.full((len(train_pairs),), float("nan"), device=device)  # log π_ref(y_l|x)   [N]
-    ref_c[used], ref_r[used] = all_pair_logps(ref, tok, [train_pairs[j] for j in used], device, average)
-    ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average)  # the same, held out   [M]
+    with prec.autocast():
+        ref_c[used], ref_r[used] = all_pair_logps(ref, tok, [train_pairs[j] for j in used], device, average)
+        ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average)  # the same, held out   [M]
     load_seconds = time.time() - t_start
 
     def evaluate() -> dict:
-        pc, pr = all_pair_logps(policy, tok, heldout, device, average)  # [M], [M]
-        s = sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1, gold)
+        with prec.autocast():
+            pc, pr = all_pair_logps(policy, tok, heldout, device, average)  # [M], [M]
+            s = sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1, gold)
         return {"eval/heldout_pair_accuracy": implicit_reward_accuracy(pc, pr, ref_hc, ref_hr, args.beta,
                                                                        args.loss_type),
                 "eval/gold_reward": s["gold_reward"], "eval/kl_to_ref": s["kl_to_ref"],
@@ -320,7 +324,7 @@ def train(args: Args) -> dict:
 
     log = common.RunLogger(out)
     ceiling = common.ceiling_accuracy(heldout) if gold else None
-    print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} "
+    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
           f"{len(train_pairs)} train pairs, {len(heldout)} held out  |  loss {args.loss_type}, β {args.beta}")
     start = evaluate()
@@ -334,15 +338,14 @@ def train(args: Args) -> dict:
     for step, (epoch, idx) in enumerate(batches, 1):
         t0 = time.time()
         batch = [train_pairs[j] for j in idx]
-        pc, pr = pair_logps(policy, tok, batch, device, average)  # log π_θ(y_w|x), (y_l|x)  [B]
+        with prec.autocast():
+            pc, pr = pair_logps(policy, tok, batch, device, average)  # log π_θ(y_w|x), (y_l|x)  [B]
         losses, r_c, r_r = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], args.beta, args.loss_type,
                                     args.label_smoothing)  # [B] each
         loss = losses.mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            policy.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        opt.step()
+        prec.backward(loss)
+        grad_norm = prec.step(opt, policy.parameters(), max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
         sched.step()
 
         with torch.no_grad():

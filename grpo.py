@@ -65,8 +65,9 @@ class Args:
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
     dtype: str = "auto"
-    """compute dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or
-    float16; the policy's weights stay float32 (autocast), the frozen reference is stored in it"""
+    """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
+    else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
+    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
 
     steps: int = 2000
     """number of GRPO steps (each: generate, score, μ optimiser steps)"""
@@ -275,16 +276,15 @@ def train(args: Args) -> dict:
     t_start = time.time()
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-    dtype = common.pick_dtype(device, args.dtype)
+    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
     train_rows, heldout = common.load_task(args.data)
     heldout = heldout[: args.eval_size]
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
-    policy, tok = common.load_model(args.model, device, torch.float32)  # fp32 master weights
+    policy, tok = common.load_model(args.model, device)  # float32 weights
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
-    ref = common.load_model(args.model, device, dtype, trainable=False)[0] if args.beta > 0 else None
-    amp = common.autocast(device, dtype)  # GPU only: bf16 forward passes over the fp32 policy
+    ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
     check(not args.chat_template or getattr(tok, "chat_template", None),
           f"--chat-template: the tokenizer of --model {args.model} has no chat template")
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
@@ -310,19 +310,19 @@ def train(args: Args) -> dict:
 
     def evaluate():
         rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
-        with amp:
+        with prec.autocast():
             return common.greedy_accuracy(policy, tok, rows, args.max_new_tokens, strict)
 
     def evaluate_pass_at_k():  # pass@1 and pass@G at the sampling temperature, a fixed seed
         if not args.pass_at_k:
             return None
         rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
-        with amp:
+        with prec.autocast():
             return common.pass_at_k(policy, tok, rows, args.group_size, args.max_new_tokens, strict,
                                     args.temperature)
 
     log = common.RunLogger(out)
-    print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} "
+    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)")
     start_acc, start_pass = evaluate(), evaluate_pass_at_k()
     log.log(0, {"eval/accuracy": start_acc, **pass_metrics(start_pass)})
@@ -341,7 +341,7 @@ def train(args: Args) -> dict:
         rows = [train_rows[i] for i in picks]
         prompts = [prompt_text(r) for r in rows for _ in range(G)]  # groups are consecutive
         answers = [r["answer"] for r in rows for _ in range(G)]
-        with amp:
+        with prec.autocast():
             p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
                 policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
         t_gen = time.time() - t0
@@ -359,7 +359,7 @@ def train(args: Args) -> dict:
         ##### 3. cache log π_old and log π_ref (no gradient)
         ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
         T = c_ids.shape[1]
-        with torch.no_grad(), amp:
+        with torch.no_grad(), prec.autocast():
             # with μ = 1, π_old = π_θ at the only gradient step, so log π_old is logp.detach()
             # and this forward pass is skipped (TRL does the same)
             old_logp = torch.cat([common.token_logprobs(policy, ids[i:i + mb], mask[i:i + mb], T,
@@ -375,7 +375,7 @@ def train(args: Args) -> dict:
             stats: dict[str, float] = {}
             for i in range(0, B, mb):
                 sl = slice(i, i + mb)
-                with amp:
+                with prec.autocast():
                     logp, ent = common.token_logprobs(policy, ids[sl], mask[sl], T, args.temperature,
                                                       with_entropy=(it == 0))  # [b, T]
                 loss, m = grpo_loss(logp, old_logp[sl] if old_logp is not None else logp.detach(),
@@ -385,7 +385,7 @@ def train(args: Args) -> dict:
                 # each micro-batch's share of the full-batch loss, so that the sum of gradients
                 # equals the full-batch gradient whatever the split
                 w = (c_mask[sl].sum() / n_tokens) if args.loss_agg == "token-mean" else (logp.shape[0] / B)
-                (loss * w).backward()
+                prec.backward(loss * w)
                 stats["loss"] = stats.get("loss", 0.0) + loss.item() * float(w)
                 # the metrics are token means: weight each micro-batch by its share of the tokens
                 w_tok = float(c_mask[sl].sum() / n_tokens)
@@ -393,9 +393,7 @@ def train(args: Args) -> dict:
                     stats[k] = stats.get(k, 0.0) + float(v) * w_tok
                 if ent is not None:
                     stats["entropy"] = stats.get("entropy", 0.0) + float(masked_mean(ent, c_mask[sl])) * w_tok
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                policy.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-            opt.step()
+            grad_norm = prec.step(opt, policy.parameters(), max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
             opt.zero_grad(set_to_none=True)
             if it == 0:
                 first = dict(stats)

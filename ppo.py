@@ -87,8 +87,9 @@ class Args:
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
     dtype: str = "auto"
-    """compute dtype: auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or
-    float16; the trained models keep float32 weights (autocast), the frozen ones are stored in it"""
+    """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
+    else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
+    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
 
     steps: int = 150
     """PPO steps; each is one rollout batch and ppo_epochs passes over it"""
@@ -354,7 +355,8 @@ class ValueModel(torch.nn.Module):
         h = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False).last_hidden_state  # [B, L, d]
         h = h[:, -(T + 1):-1]  # the columns that choose y_1..y_T   [B, T, d]
-        return self.head(h.float()).squeeze(-1)  # V(s_t)   [B, T]
+        with torch.autocast(device_type=h.device.type, enabled=False):  # the head in float32
+            return self.head(h.float()).squeeze(-1)  # V(s_t)   [B, T]
 
 
 def value_model_from_reward_model(rm) -> ValueModel:
@@ -461,8 +463,7 @@ def train(args: Args) -> dict:
     t_start = time.time()
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-    dtype = common.pick_dtype(device, args.dtype)
-    amp = common.autocast(device, dtype)  # GPU only: bf16 forward passes over fp32 weights
+    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
     train_pairs, heldout = common.load_preferences(args.data)
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
     prompts_all = [p["prompt"] for p in train_pairs]
@@ -470,13 +471,13 @@ def train(args: Args) -> dict:
 
     ##### the four models
     path = common.resolve_model_path(args.model)
-    policy, tok = common.load_model(path, device, torch.float32)  # π_θ, fp32 master weights
+    policy, tok = common.load_model(path, device)  # π_θ, float32 weights
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
-    ref = common.load_model(path, device, dtype, trainable=False)[0]  # π_ref, frozen
+    ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("ppo", args.seed), args.overwrite)
     rm_path = (Path(common.resolve_model_path(args.reward_model)).expanduser() if args.reward_model
                else default_reward_model(args, out))
-    rm, rm_tok = rm_lib.load_reward_model(rm_path, device, dtype)  # r_φ, frozen
+    rm, rm_tok = rm_lib.load_reward_model(rm_path, device)  # r_φ, frozen
     check_same_vocab(tok, rm_tok, str(rm_path))
     if args.value_init == "reward":
         value = value_model_from_reward_model(rm)  # V_ψ = r_φ's head on every prefix
@@ -494,14 +495,14 @@ def train(args: Args) -> dict:
     @torch.no_grad()
     def score(ids, mask, finished):
         """r_φ at the last real token, minus the EOS-trick penalty where the completion did not end."""
-        with amp:
+        with prec.autocast():
             s = rm(ids, mask).float()  # [b]
         return s - args.missing_eos_penalty * (~finished).float()  # [b]
 
     def evaluate() -> dict:
         """Samples for the held-out prompts (fixed seed): gold reward, score, KL to π_ref and length,
         by the same function as dpo.py's evaluation, so that the two compare."""
-        with amp:
+        with prec.autocast():
             s = common.sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1,
                                         gold, score_fn=score)
         return {"eval/gold_reward": s["gold_reward"], "eval/score": s["score"],
@@ -509,7 +510,7 @@ def train(args: Args) -> dict:
 
     log = common.RunLogger(out)
     n_params = sum(p.numel() for p in policy.parameters()) / 1e6
-    print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} ({n_params:.2f}M "
+    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} ({n_params:.2f}M "
           f"parameters)  |  reward model {rm_path}  |  value model from the {args.value_init}")
     start = evaluate()
     start_texts = start.pop("texts")
@@ -526,7 +527,7 @@ def train(args: Args) -> dict:
         t0 = time.time()
         ##### 1. rollout: one completion per prompt from π_old (= π_θ now)
         prompts = [prompts_all[i] for i in rng.integers(len(prompts_all), size=B)]
-        with amp:
+        with prec.autocast():
             p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
                 policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
         finished = torch.tensor(finished, device=device)  # [B]
@@ -535,7 +536,7 @@ def train(args: Args) -> dict:
         t_gen = time.time() - t0
 
         ##### 2. cache log π_old, log π_ref, V_old and the score (no gradient)
-        with torch.no_grad(), amp:
+        with torch.no_grad(), prec.autocast():
             chunks = [slice(i, i + micro) for i in range(0, B, micro)]
             old = [common.token_logprobs(policy, ids[c], mask[c], T, args.temperature, with_entropy=True)
                    for c in chunks]
@@ -569,28 +570,26 @@ def train(args: Args) -> dict:
                 for k in range(0, mb_size, micro):
                     sub = idx[k:k + micro]
                     w = float(c_mask[sub].sum() / n_tok)  # this micro-batch's share of the tokens
-                    with amp:
+                    with prec.autocast():
                         logp = common.token_logprobs(policy, ids[sub], mask[sub], T, args.temperature)[0]
                         v = value(ids[sub], mask[sub], T)  # V_ψ(s_t)   [b, T]
                     pg_loss, pm = ppo_clip_loss(logp, old_logp[sub], adv[sub], c_mask[sub], args.epsilon)
                     vf_loss, vm = clipped_value_loss(v, old_values[sub], returns[sub], c_mask[sub],
                                                      args.cliprange_value)
                     loss = pg_loss + args.vf_coef * vf_loss  # L_clip + c_V L_V
-                    (loss * w).backward()
+                    prec.backward(loss * w)
                     for name, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), *pm.items(), *vm.items()):
                         acc[name] = acc.get(name, 0.0) + float(val.detach()) * w
                 if ptx_data is not None:  # PPO-ptx: λ · mean −log π_θ(y|x) on SFT text
                     px, py = next(ptx_data)
                     p_ids2, p_mask2, p_cmask, Tp = common.encode_prompt_completion(tok, px, py, device)
-                    with amp:
+                    with prec.autocast():
                         lp = common.token_logprobs(policy, p_ids2, p_mask2, Tp)[0]  # [b, Tp]
                     ptx_loss = -masked_mean(lp, p_cmask)  # next-token NLL of the SFT completions
-                    (args.ptx_coef * ptx_loss).backward()
+                    prec.backward(args.ptx_coef * ptx_loss)
                     acc["loss/ptx"] = float(ptx_loss.detach())
-                clip_to = args.grad_clip if args.grad_clip > 0 else float("inf")
-                acc["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), clip_to))
-                acc["value/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(value.parameters(), clip_to))
-                opt.step()
+                acc["policy/grad_norm"], acc["value/grad_norm"] = prec.step(
+                    opt, policy.parameters(), value.parameters(), max_norm=args.grad_clip)  # each clipped
                 opt.zero_grad(set_to_none=True)
                 for name, val in acc.items():
                     stats.setdefault(name, []).append(val)

@@ -61,6 +61,7 @@ Run:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -95,7 +96,9 @@ class Args:
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
     dtype: str = "auto"
-    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16"""
+    """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
+    else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
+    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
 
     psi: str = "reward-to-go"
     """Ψ_t, what multiplies ∇log π(a_t|s_t) (notes 002 §4.4): `return` (the whole R(τ), the same
@@ -315,7 +318,7 @@ def train(args: Args) -> dict:
     t_start = time.time()
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-    dtype = common.pick_dtype(device, args.dtype)
+    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reinforce", args.seed),
                                  args.overwrite)
     train_rows, heldout = common.load_task(args.data)
@@ -323,9 +326,9 @@ def train(args: Args) -> dict:
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
-    policy, tok = common.load_model(args.model, device, dtype)
+    policy, tok = common.load_model(args.model, device)  # float32 weights
     policy.eval()  # no dropout: the log-probs of the loss are those of the policy that sampled
-    ref = common.load_model(args.model, device, dtype, trainable=False)[0] if args.beta > 0 else None
+    ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
@@ -348,17 +351,19 @@ def train(args: Args) -> dict:
 
     def evaluate():
         rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
-        return common.greedy_accuracy(policy, tok, rows, args.max_new_tokens, strict)
+        with prec.autocast():
+            return common.greedy_accuracy(policy, tok, rows, args.max_new_tokens, strict)
 
     def evaluate_pass_at_k():  # pass@1 and pass@K at the sampling temperature, a fixed seed
         if not args.pass_at_k:
             return None
         rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
-        return common.pass_at_k(policy, tok, rows, args.samples_per_prompt, args.max_new_tokens, strict,
-                                args.temperature)
+        with prec.autocast():
+            return common.pass_at_k(policy, tok, rows, args.samples_per_prompt, args.max_new_tokens, strict,
+                                    args.temperature)
 
     log = common.RunLogger(out)
-    print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} "
+    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
           f"Ψ = {'R(τ)' if args.psi == 'return' else 'G_t'} − b[{args.baseline}], γ = {args.gamma}, "
           f"β = {args.beta}{'' if ref is not None else ' (no reference model)'}")
@@ -381,8 +386,9 @@ def train(args: Args) -> dict:
         rows = [train_rows[i] for i in rng.choice(len(train_rows), n, replace=False)]
         prompts = [prompt_text(r) for r in rows for _ in range(K)]  # the K samples of x are consecutive
         answers = [r["answer"] for r in rows for _ in range(K)]
-        p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
-            policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
+        with prec.autocast():
+            p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
+                policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
         t_gen = time.time() - t0
         ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
         T = c_ids.shape[1]
@@ -392,7 +398,7 @@ def train(args: Args) -> dict:
                               device=device)  # [B]
         log_ratio = None
         if ref is not None:
-            with torch.no_grad():
+            with torch.no_grad(), prec.autocast():
                 chunks = [slice(i, i + mb) for i in range(0, B, mb)]
                 logp_s = torch.cat([common.token_logprobs(policy, ids[c], mask[c], T, args.temperature)[0]
                                     for c in chunks])  # log π_θ(y_t|s_t)   [B, T]
@@ -409,26 +415,28 @@ def train(args: Args) -> dict:
         for lo, hi in parts:
             for i in range(lo, hi, mb):
                 sl = slice(i, min(i + mb, hi))
-                logp, ent = common.token_logprobs(policy, ids[sl], mask[sl], T, args.temperature,
-                                                  with_entropy=True)  # log π_θ(a_t|s_t), H_t   [b, T]
+                with prec.autocast():
+                    logp, ent = common.token_logprobs(policy, ids[sl], mask[sl], T, args.temperature,
+                                                      with_entropy=True)  # log π_θ(a_t|s_t), H_t   [b, T]
                 loss, m = reinforce_loss(logp, psi[sl], c_mask[sl])
                 w = logp.shape[0] / B  # this micro-batch's share of 1/|D| Σ_τ
-                (loss * w).backward()
+                prec.backward(loss * w)
                 stats["loss"] += loss.item() * w
                 w_tok = float(c_mask[sl].sum() / n_tokens)  # token-mean metrics, weighted by tokens
                 stats["psi_mean"] += float(m["psi_mean"]) * w_tok
                 stats["psi_second_moment"] += float(m["psi_second_moment"]) * w_tok
                 stats["entropy"] += float(masked_mean(ent, c_mask[sl])) * w_tok
             if len(parts) == 2:
-                part_grads.append(flat_grad(params))  # cumulative: (n1/n) ĝ_1, then ĝ
+                part_grads.append(flat_grad(params) / prec.grad_scale())  # cumulative: (n1/n) ĝ_1, then ĝ
         grad_var = None
         if len(parts) == 2:
             g_first, g_all = part_grads  # [P], [P]
             g1 = g_first * (n / n1)  # ĝ_1 over the first n1 prompts   [P]
             g2 = (g_all - g_first) * (n / (n - n1))  # ĝ_2 over the other n − n1 prompts   [P]
             grad_var = split_half_variance(g1, g2, n1, n - n1)  # ≈ tr Cov(ĝ)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
-        opt.step()
+            if not math.isfinite(grad_var):  # float16: the gradients overflowed and the step is skipped
+                grad_var = None
+        grad_norm = prec.step(opt, params, max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
         opt.zero_grad(set_to_none=True)
         sched.step()
 

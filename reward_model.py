@@ -68,7 +68,9 @@ class Args:
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
     dtype: str = "auto"
-    """auto (bfloat16 on a GPU that supports it, else float32), float32, bfloat16 or float16"""
+    """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
+    else float32), float32, bfloat16 or float16 (with loss scaling); the weights, head included,
+    stay float32"""
 
     epochs: int = 2
     """passes over the training pairs (InstructGPT trained its reward model for 1 epoch: more overfits)"""
@@ -172,7 +174,7 @@ class RewardModel(torch.nn.Module):
         super().__init__()
         self.lm = lm  # the whole causal LM, so that it saves and loads as one (`save_pretrained`)
         d = lm.config.hidden_size
-        self.head = torch.nn.Linear(d, 1, device=lm.device, dtype=lm.dtype)
+        self.head = torch.nn.Linear(d, 1, device=lm.device, dtype=torch.float32)
         torch.nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))  # std 1/√(d+1)
         torch.nn.init.zeros_(self.head.bias)
         self.register_buffer("reward_mean", torch.zeros((), device=lm.device))
@@ -189,7 +191,8 @@ class RewardModel(torch.nn.Module):
                                position_ids=position_ids, use_cache=False).last_hidden_state  # [B, L, d]
         last = last_token_index(attention_mask)  # [B]
         h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, d]
-        r = self.head(h_last).squeeze(-1).float()  # r_φ(x, y) = w · h + b   [B]
+        with torch.autocast(device_type=h.device.type, enabled=False):  # the head in float32
+            r = self.head(h_last.float()).squeeze(-1)  # r_φ(x, y) = w · h + b   [B]
         return (r - self.reward_mean) / self.reward_std  # (r − μ) / s   [B]
 
 
@@ -214,8 +217,7 @@ def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
     return folder
 
 
-def load_reward_model(folder: str | Path, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32, trainable: bool = False):
+def load_reward_model(folder: str | Path, device: torch.device | str = "cpu", trainable: bool = False):
     """(RewardModel, tokenizer) from a folder written by `save_reward_model` (`<out-dir>/model` of
     reward_model.py). Frozen and in eval mode unless `trainable`. Outputs are normalised if the run
     normalised them."""
@@ -224,7 +226,7 @@ def load_reward_model(folder: str | Path, device: torch.device | str = "cpu",
     folder = Path(common.resolve_model_path(str(folder)))  # `tiny-pref-rm`: the shipped one
     check((folder / HEAD_FILE).is_file(),
           f"{folder}: no {HEAD_FILE} here, so this is not a reward model saved by reward_model.py")
-    lm, tok = common.load_model(str(folder), torch.device(device), dtype, trainable=True)
+    lm, tok = common.load_model(str(folder), torch.device(device), trainable=True)  # float32
     rm = RewardModel(lm)
     state = load_file(str(folder / HEAD_FILE))
     check(state["weight"].numel() == lm.config.hidden_size,
@@ -281,7 +283,7 @@ def train(args: Args) -> dict:
     t_start = time.time()
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-    dtype = common.pick_dtype(device, args.dtype)
+    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reward_model", args.seed),
                                  args.overwrite)
     train_pairs, heldout = common.load_preferences(args.data)
@@ -292,7 +294,7 @@ def train(args: Args) -> dict:
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
 
     ##### the model: the SFT policy's transformer and a fresh scalar head
-    lm, tok = common.load_model(common.resolve_model_path(args.model), device, dtype)
+    lm, tok = common.load_model(common.resolve_model_path(args.model), device)  # float32 weights
     rm = RewardModel(lm)
     rm.eval()  # no dropout: a pair's two rewards come from the same function
     opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -313,21 +315,23 @@ def train(args: Args) -> dict:
         picks = rng.integers(len(train_pairs), size=args.norm_samples)
         norm_prompts = [train_pairs[i]["prompt"] for i in picks]
         for i in range(0, len(norm_prompts), 256):
-            *_, texts, _ = common.generate_text(lm, tok, norm_prompts[i:i + 256], args.max_new_tokens)
+            with prec.autocast():
+                *_, texts, _ = common.generate_text(lm, tok, norm_prompts[i:i + 256], args.max_new_tokens)
             norm_texts += texts  # an empty text is scored as just its EOS
     load_seconds = time.time() - t_start
 
     log = common.RunLogger(out)
     ceiling = common.ceiling_accuracy(heldout) if gold else None
     train_ceiling = common.ceiling_accuracy(train_probe) if gold else None
-    print(f"run folder: {out}  |  device {device}, {dtype}  |  model {args.model} "
+    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters)  |  "
           f"{len(train_pairs)} train pairs, {len(heldout)} held out")
 
     def evaluate() -> dict:
         m = {}
         for name, pairs in (("train", train_probe), ("heldout", heldout)):
-            r_c, r_r = score_pairs(rm, tok, pairs, device)  # [N], [N]
+            with prec.autocast():
+                r_c, r_r = score_pairs(rm, tok, pairs, device)  # [N], [N]
             m[f"eval/{name}_accuracy"] = float(pair_accuracy(r_c, r_r))
         return m
 
@@ -344,16 +348,15 @@ def train(args: Args) -> dict:
         ids, mask, _, _ = common.encode_prompt_completion(
             tok, [p["prompt"] for p in batch] * 2,
             [p["chosen"] for p in batch] + [p["rejected"] for p in batch], device)  # [2B, P+T]
-        r = rm(ids, mask)  # [2B]: the B chosen, then the B rejected
+        with prec.autocast():
+            r = rm(ids, mask)  # [2B]: the B chosen, then the B rejected
         r_c, r_r = r[:B], r[B:]  # r_φ(x, y_w), r_φ(x, y_l)   [B], [B]
         bt = bradley_terry_loss(r_c, r_r, args.margin).mean()  # L_RM = mean −log σ(r_w − r_l − m)
         center = centering_penalty(r_c, r_r).mean()  # mean (r_w + r_l)²
         loss = bt + args.center_coef * center if args.center_coef > 0 else bt  # L = L_RM + c · center
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            rm.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        opt.step()
+        prec.backward(loss)
+        grad_norm = prec.step(opt, rm.parameters(), max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
         sched.step()
 
         metrics = {
@@ -381,7 +384,7 @@ def train(args: Args) -> dict:
     ##### normalise over the SFT samples: (μ, s) = mean and std of r_φ, then r ← (r − μ) / s
     norm = {}
     if args.normalize:
-        with torch.no_grad():
+        with torch.no_grad(), prec.autocast():
             raw = torch.cat([rm(*common.encode_prompt_completion(
                 tok, norm_prompts[i:i + 256], norm_texts[i:i + 256], device)[:2])
                 for i in range(0, len(norm_texts), 256)])  # [N]

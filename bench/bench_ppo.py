@@ -2,13 +2,13 @@
 built-in preference task, beside DPO and best-of-n.
 
     python bench/bench_ppo.py                          # every run below, about 20 minutes on 2 CPU cores
-    python bench/bench_ppo.py --only default           # just `python ppo.py` against an empty cache
+    python bench/bench_ppo.py --only default           # just `python ppo.py`
     python bench/bench_ppo.py --only overopt-beta-0 overopt-beta-0.05 best-of-n
 
 Targets (issue "ppo.py: RLHF with PPO"):
   * from the SFT start, PPO raises the mean gold reward of samples clearly, at a KL we report, in
-    under 10 minutes on 2 CPU cores with the defaults (the first run: `python ppo.py` against an
-    empty model cache, so its wall time includes building `tiny-pref` and training the reward model);
+    under 10 minutes on 2 CPU cores with the defaults (the first run: `python ppo.py`, on the
+    shipped `tiny-pref` and its shipped reward model `tiny-pref-rm`);
   * over-optimisation, measured: with room to write past the lengths the reward model was trained
     on (--max-new-tokens 40) and no KL penalty (β = 0), the proxy score keeps rising while the gold
     reward peaks and falls; the same run with β = 0.05 for contrast;
@@ -52,13 +52,13 @@ RUNS = {  # name: (script, extra flags)
 }
 
 
-def run(name: str, cache: str, out_root: Path) -> dict:
+def run(name: str, out_root: Path) -> dict:
     script, extra = RUNS[name]
     out = out_root / name
     cmd = [sys.executable, script, "--out-dir", str(out), "--no-save-model", *extra]
     load_before = os.getloadavg()[0]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "RL_REF_CACHE": cache},
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ),
                           capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode != 0:
@@ -86,12 +86,11 @@ def run(name: str, cache: str, out_root: Path) -> dict:
     return row
 
 
-def best_of_n(cache: str, ns=(1, 2, 4, 8, 16, 32, 64), n_prompts: int = 500, seed: int = 2) -> dict:
+def best_of_n(ns=(1, 2, 4, 8, 16, 32, 64), n_prompts: int = 500, seed: int = 2) -> dict:
     """Best-of-n against the reward model: for each held-out prompt, sample max(ns) completions from
     the SFT policy, and for each n keep the best-scored of the first n. The KL of the best-of-n
     policy to π_SFT is log n − (n−1)/n (Stiennon et al. 2020, appendix; exact when the n scores are
     distinct). Scores are the reward model's minus the EOS penalty of ppo.py's default."""
-    os.environ["RL_REF_CACHE"] = cache
     sys.path.insert(0, str(ROOT))
     import numpy as np
     import torch
@@ -105,7 +104,7 @@ def best_of_n(cache: str, ns=(1, 2, 4, 8, 16, 32, 64), n_prompts: int = 500, see
     torch.manual_seed(seed)
     device = torch.device("cpu")
     policy, tok = common.load_model("tiny-pref", device, trainable=False)
-    rm_path = ppo.default_reward_model(args, None)  # the cached one, trained in the default run
+    rm_path = ppo.default_reward_model(args, None)  # the shipped tiny-pref-rm
     rm, _ = rm_lib.load_reward_model(rm_path, device)
     _, heldout = common.load_preferences(None)
     prompts = [heldout[i % len(heldout)]["prompt"] for i in range(n_prompts)]
@@ -135,18 +134,15 @@ def main():
     ap.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these (default: all)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ppo.json"),
                     help="where to write the results (JSON)")
-    ap.add_argument("--cache", default=None,
-                    help="model cache to use (default: a new empty one, so the first run builds it)")
     a = ap.parse_args()
     names = a.only or list(RUNS)
-    cache = a.cache or tempfile.mkdtemp(prefix="rl_ref_bench_ppo_")
     out_root = Path(tempfile.mkdtemp(prefix="bench_ppo_runs_"))
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "uptime_before": uptime,
                "rows": []}
     for name in names:
-        results["rows"].append(best_of_n(cache) if name == "best-of-n" else run(name, cache, out_root))
+        results["rows"].append(best_of_n() if name == "best-of-n" else run(name, out_root))
     results["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1))

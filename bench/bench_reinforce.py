@@ -193,7 +193,6 @@ def bench(args: Args) -> None:
     print(f"# reinforce.py benchmark: {os.cpu_count()} CPUs, load average {load_start} at start, "
           f"{args.jobs} run(s) at a time, {args.threads or 'default'} thread(s) each, "
           f"budget {args.steps} steps, seeds {seeds}\n", flush=True)
-    common.tiny_model_path()  # build once before the runs start
 
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,7 +224,7 @@ def bench(args: Args) -> None:
 
         paired = {}
         if args.probe_batches > 1:
-            start = common.tiny_model_path(quiet=True)
+            start = str(common.MODELS_DIR / "tiny")
             thetas = {"start (π_θ = π_ref)": start}
             trained = [r for r in results if r["variant"] == "rloo" and r["seed"] == seeds[0]]
             if trained and trained[0]["model_dir"]:

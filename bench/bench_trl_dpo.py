@@ -377,8 +377,6 @@ def main():
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
            "TQDM_DISABLE": "1"}
-    import common
-    common.tiny_pref_model_path()  # build it now if needed, outside the runs
 
     def child(kind, seed=1, **extra):
         res_file = Path(tempfile.mkdtemp(prefix="bench_trl_dpo_")) / "result.json"

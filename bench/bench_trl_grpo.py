@@ -13,7 +13,7 @@ process of this script, with the same torch thread count (`--threads`, default 1
 OMP_NUM_THREADS). Results: bench/results/trl_grpo.json and .md, and the table printed at the end.
 
 What is the same in both runs (TRL's name in brackets):
-    model           the embedded `tiny` (common.tiny_model_path()), fp32, loaded with common.load_model
+    model           the embedded `tiny` (models/tiny), fp32, loaded with common.load_model
     task            common.arithmetic_task(): 9,500 train prompts, the same 500 held out
     reward          common.score(completion, answer, finished, strict=True)
     G               8 completions per prompt                     [num_generations=8]
@@ -27,7 +27,7 @@ What is the same in both runs (TRL's name in brackets):
     advantage       (r − mean) / (std + 1e-4), Bessel std        [scale_rewards="group"]
     loss            seq-mean: 1/|y_i| Σ_t per completion, then   [loss_type="grpo"; TRL 1.16's
                     the mean over completions                     default is "dapo" = token-mean]
-    optimiser       torch AdamW(lr 1e-3, weight_decay 0), grad-norm clip 1.0 [max_grad_norm=1.0]
+    optimiser       torch AdamW(lr 3e-4, weight_decay 0), grad-norm clip 1.0 [max_grad_norm=1.0]
     schedule        linear warm-up over 20 steps, (s+1)/21, then linear decay to 0 at the last
                     step: TRL gets the very same LambdaLR through `optimizers=(opt, sched)`
                     (HF's own "linear" schedule would start at lr 0 and differ by one step)
@@ -82,7 +82,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-P, G, MAX_NEW, LR, WARMUP, EPS = 16, 8, 4, 1e-3, 20, 0.2
+P, G, MAX_NEW, LR, WARMUP, EPS = 16, 8, 4, 3e-4, 20, 0.2  # grpo.py's defaults
 
 
 def lr_factor_fn(steps: int, warmup: int):
@@ -224,7 +224,7 @@ def run_trl(a) -> dict:
 
     t_setup = time.perf_counter()
     train_rows, heldout = common.arithmetic_task()
-    model, tok = common.load_model("tiny", torch.device("cpu"), torch.float32)
+    model, tok = common.load_model("tiny", torch.device("cpu"))
     eos = tok.eos_token_id
 
     def arithmetic_reward(prompts, completions, completion_ids, answer, **kw):
@@ -380,8 +380,6 @@ def main():
 
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
-    import common  # build `tiny` now if needed, outside both runs
-    common.tiny_model_path()
     results, info = {}, {"uptime_before": uptime(), "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     command = "bench/.venv/bin/python bench/bench_trl_grpo.py " + " ".join(sys.argv[1:])
     print(info["uptime_before"], flush=True)

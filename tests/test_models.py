@@ -200,10 +200,14 @@ def tree_state(folder: Path) -> dict:
 @pytest.mark.parametrize("script, argv", [
     ("grpo.py", ["--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--eval-size", "10"]),
     ("ppo.py", ["--steps", "1", "--batch-size", "4", "--mini-batches", "1", "--eval-samples", "8"]),
+    ("reinforce.py", ["--steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2", "--eval-size", "10"]),
+    ("dpo.py", ["--max-steps", "1", "--batch-size", "4", "--eval-size", "20", "--eval-samples", "8"]),
+    ("reward_model.py", ["--max-steps", "1", "--batch-size", "4", "--eval-size", "20", "--norm-samples", "8"]),
 ])
 def test_a_default_run_builds_nothing(tmp_path, script, argv):
     """With an empty home folder and cache: the run reads the shipped models, writes only its run
-    folder, and prints no build and no training of a reward model."""
+    folder, prints no build and no training of a reward model, and no warning (no deprecated
+    transformers API on the code path)."""
     home = tmp_path / "home"
     home.mkdir()
     before = tree_state(common.MODELS_DIR)
@@ -215,4 +219,5 @@ def test_a_default_run_builds_nothing(tmp_path, script, argv):
     assert "build" not in said and "training one first" not in said
     assert tree_state(common.MODELS_DIR) == before
     assert [p for p in home.rglob("*") if p.is_file()] == []
+    assert "Warning" not in result.stderr and "deprecated" not in result.stderr, result.stderr[-2000:]
     assert (tmp_path / "run" / "summary.json").is_file()
