@@ -662,6 +662,15 @@ def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, s
             "pass_at_k": float((h.max(1) > 0).mean()) if h.size else 0.0}
 
 
+def pass_metrics(p: dict | None) -> dict:
+    """The logged names of a `pass_at_k` result: eval/pass@1 and eval/pass@k."""
+    return {} if p is None else {"eval/pass@1": p["pass_at_1"], f"eval/pass@{p['k']}": p["pass_at_k"]}
+
+
+def pass_text(p: dict | None) -> str:
+    return "" if p is None else f"; pass@1 {p['pass_at_1']:.3f}, pass@{p['k']} {p['pass_at_k']:.3f}"
+
+
 def digit_step_rewards(completion_ids: torch.Tensor, comp_mask: torch.Tensor,
                        target_ids: list[list[int]]) -> torch.Tensor:
     """Process rewards for the arithmetic task: one step per completion token.  -> [B, T]

@@ -262,15 +262,6 @@ def validate(args: Args) -> None:
     check(args.micro_batch is None or args.micro_batch >= 1, "--micro-batch must be ≥ 1")
 
 
-def pass_metrics(p: dict | None) -> dict:
-    """The logged names of a `common.pass_at_k` result: eval/pass@1 and eval/pass@k."""
-    return {} if p is None else {"eval/pass@1": p["pass_at_1"], f"eval/pass@{p['k']}": p["pass_at_k"]}
-
-
-def pass_text(p: dict | None) -> str:
-    return "" if p is None else f"; pass@1 {p['pass_at_1']:.3f}, pass@{p['k']} {p['pass_at_k']:.3f}"
-
-
 def train(args: Args) -> dict:
     validate(args)
     t_start = time.time()
@@ -325,9 +316,9 @@ def train(args: Args) -> dict:
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)")
     start_acc, start_pass = evaluate(), evaluate_pass_at_k()
-    log.log(0, {"eval/accuracy": start_acc, **pass_metrics(start_pass)})
+    log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
     print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
-          + pass_text(start_pass))
+          + common.pass_text(start_pass))
 
     G, B = args.group_size, args.prompts_per_step * args.group_size
     mb = args.micro_batch or B
@@ -425,7 +416,7 @@ def train(args: Args) -> dict:
             metrics["eval/accuracy"] = acc
         if step == args.steps:
             final_pass = evaluate_pass_at_k()
-            metrics.update(pass_metrics(final_pass))
+            metrics.update(common.pass_metrics(final_pass))
         keys = ["reward/mean", "reward/frac_zero_std_groups", "kl/ref", "policy/clip_frac",
                 "policy/entropy", "completions/mean_length", "eval/accuracy"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps

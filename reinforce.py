@@ -304,15 +304,6 @@ def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
                       for p in params])
 
 
-def pass_metrics(p: dict | None) -> dict:
-    """The logged names of a `common.pass_at_k` result: eval/pass@1 and eval/pass@k."""
-    return {} if p is None else {"eval/pass@1": p["pass_at_1"], f"eval/pass@{p['k']}": p["pass_at_k"]}
-
-
-def pass_text(p: dict | None) -> str:
-    return "" if p is None else f"; pass@1 {p['pass_at_1']:.3f}, pass@{p['k']} {p['pass_at_k']:.3f}"
-
-
 def train(args: Args) -> dict:
     validate(args)
     t_start = time.time()
@@ -368,9 +359,9 @@ def train(args: Args) -> dict:
           f"Ψ = {'R(τ)' if args.psi == 'return' else 'G_t'} − b[{args.baseline}], γ = {args.gamma}, "
           f"β = {args.beta}{'' if ref is not None else ' (no reference model)'}")
     start_acc, start_pass = evaluate(), evaluate_pass_at_k()
-    log.log(0, {"eval/accuracy": start_acc, **pass_metrics(start_pass)})
+    log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
     print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
-          + pass_text(start_pass))
+          + common.pass_text(start_pass))
 
     K, n = args.samples_per_prompt, args.prompts_per_step
     B = n * K
@@ -469,7 +460,7 @@ def train(args: Args) -> dict:
             metrics["eval/accuracy"] = acc
         if step == args.steps:
             final_pass = evaluate_pass_at_k()
-            metrics.update(pass_metrics(final_pass))
+            metrics.update(common.pass_metrics(final_pass))
         keys = ["reward/mean", "kl/ref", "psi/second_moment", "policy/grad_var", "policy/entropy",
                 "completions/mean_length", "eval/accuracy"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps

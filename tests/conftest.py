@@ -25,6 +25,9 @@ from models.build import build_char_tokenizer  # noqa: E402
 
 def pytest_configure(config):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never need the network
+    # the script runs are subprocesses, started 2 to 4 at a time on small pools: one torch thread
+    # each, since two threads per process thrash on 2 cores (this process keeps torch's default)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     config.addinivalue_line("markers", "job(name): the subprocess run (see `runs` in test_grpo.py) "
                                        "that a test inspects")
 
