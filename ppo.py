@@ -143,7 +143,8 @@ class Args:
     """sampling temperature; log-probs are taken of the same tempered distribution"""
     lr: float = 3e-4
     """learning rate of AdamW, for the policy and the value model (tiny-pref: 1e-4..1e-3; a 0.5B+
-    model: ~1e-6 for the policy)"""
+    model: ~1e-6 for the policy); with --policy-loss trpo, for the value model only (TRPO's step
+    size comes from δ, so --lr, --warmup-steps and --grad-clip do not touch the policy)"""
     warmup_steps: int = 5
     """PPO steps of linear learning-rate warm-up from 0; then constant"""
     grad_clip: float = 1.0

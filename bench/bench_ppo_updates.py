@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -113,9 +114,10 @@ def run_one(loss: str, seed: int, extra: list[str], out: Path, threads: int) -> 
     return r
 
 
-def mean_std(xs) -> str:
+def mean_std(xs, sign: str = "+") -> str:
     xs = np.asarray(xs, dtype=float)
-    return f"{xs.mean():+.2f} ± {xs.std(ddof=1):.2f}" if len(xs) > 1 else f"{xs.mean():+.2f}"
+    m = f"{xs.mean():{sign}.2f}"
+    return f"{m} ± {xs.std(ddof=1):.2f}" if len(xs) > 1 else m
 
 
 def tables(results: list[dict], losses: list[str]) -> str:
@@ -142,7 +144,7 @@ def tables(results: list[dict], losses: list[str]) -> str:
             continue
         kl_old = np.array([r["mean_kl_old"] for r in rs])
         lines.append(f"| {loss} | {len(rs)} | {mean_std([r['final_gold_reward'] for r in rs])} "
-                     f"| {mean_std([r['final_score'] for r in rs])} | {mean_std([r['kl_to_ref'] for r in rs])} "
+                     f"| {mean_std([r['final_score'] for r in rs])} | {mean_std([r['kl_to_ref'] for r in rs], sign='')} "
                      f"| {kl_old.mean():.4f} | {np.mean([r['process_seconds'] for r in rs]):.0f} |")
     return "\n".join(lines)
 
@@ -154,7 +156,7 @@ def run(args: Args) -> dict:
         check(x in LOSSES, f"--losses: unknown loss {x!r}; expected {', '.join(LOSSES)}")
     check(seeds and args.jobs >= 1, "--seeds needs at least one seed and --jobs must be ≥ 1")
     extra = args.extra.split()
-    cmd = "python bench/bench_ppo_updates.py " + " ".join(sys.argv[1:])
+    cmd = "python bench/bench_ppo_updates.py " + shlex.join(sys.argv[1:])
     uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
     record = {"command": cmd, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(),
               "cpus": os.cpu_count(), "jobs": args.jobs, "threads": args.threads, "extra": args.extra,
