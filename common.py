@@ -461,6 +461,38 @@ def load_model(name_or_path: str, device: torch.device, trainable: bool = True):
 #####################################################################################################
 
 
+def vocab_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log π(· | x, y_<t) over the whole vocabulary, for the last `n_completion` columns.  -> [B, T, V]
+
+    input_ids, attention_mask: [B, L] = [left-padded prompt | right-padded completion]. Row t is
+    the distribution that chose y_t, divided by the sampling temperature and log-softmaxed in
+    float32 (float64 for a float64 model). Position ids come from the attention mask, so the values do not depend on how much
+    padding a row has. Rows whose target is padding are left as the model computes them (finite,
+    meaningless): mask them. `token_logprobs` picks y_t's entry out of this; ppo.py keeps all of
+    it for the exact KL between two policies.
+    """
+    T = n_completion
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    # the logits at column j predict the token at column j+1: keep the T+1 columns that matter
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=T + 1, use_cache=False).logits[:, :-1]  # [B, T, V]
+    with torch.autocast(device_type=logits.device.type, enabled=False):  # the softmax in float32
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # [B, T, V] (float64 stays)
+        return torch.log_softmax(logits, dim=-1)  # [B, T, V]
+
+
+def pick_token_logprobs(logprobs_all: torch.Tensor, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
+    """log π(y_t | x, y_<t) from `vocab_logprobs`' [B, T, V] for the last T tokens of input_ids
+    [B, L]; positions whose target is padding come back as 0.  -> [B, T]"""
+    T = logprobs_all.shape[1]
+    targets = input_ids[:, -T:]  # [B, T]
+    logp = logprobs_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T]
+    real = attention_mask[:, -T:].bool()  # [B, T]
+    return torch.where(real, logp, torch.zeros_like(logp))  # [B, T]
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                    temperature: float = 1.0, with_entropy: bool = False):
     """log π(y_t | x, y_<t) for the last `n_completion` columns of `input_ids`.  -> [B, T]
@@ -472,21 +504,12 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     is padding come back as 0. With `with_entropy`, also returns the entropy H(π(·|x, y_<t)) [B, T]
     (no gradient), else None.
     """
-    T = n_completion
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    # the logits at column j predict the token at column j+1: keep the T+1 columns that matter
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=T + 1, use_cache=False).logits[:, :-1]  # [B, T, V]
-    with torch.autocast(device_type=logits.device.type, enabled=False):  # the softmax in float32
-        logits = logits.float() / temperature  # [B, T, V]
-        logprobs_all = torch.log_softmax(logits, dim=-1)  # [B, T, V]
-    targets = input_ids[:, -T:]  # [B, T]
-    logp = logprobs_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    real = attention_mask[:, -T:].bool()  # [B, T]
-    logp = torch.where(real, logp, torch.zeros_like(logp))  # [B, T]
+    logprobs_all = vocab_logprobs(model, input_ids, attention_mask, n_completion, temperature)  # [B, T, V]
+    logp = pick_token_logprobs(logprobs_all, input_ids, attention_mask)  # [B, T]
     entropy = None
     if with_entropy:
         with torch.no_grad():
+            real = attention_mask[:, -n_completion:].bool()  # [B, T]
             entropy = -(logprobs_all.exp() * logprobs_all).sum(-1)  # [B, T]
             entropy = torch.where(real, entropy, torch.zeros_like(entropy))
     return logp, entropy

@@ -1,10 +1,11 @@
 """RLHF with PPO: the InstructGPT pipeline (reward model, value model, KL-shaped reward, GAE, PPO-clip,
-adaptive KL control, PPO-ptx).
+adaptive KL control, PPO-ptx), and the two policy updates the notes build PPO from: PPO-penalty and TRPO.
 
 Notes: `000_e75205f5b80b652d.txt`, "GAE", "PPO" and "RLHF + PPO" (R(x, y) = r_φ(x, y) − β log π/π_ref);
 `003_0bc5d2784dac14e1.txt`, the objective with its KL and LM (pretraining) terms;
-`004_e77bb721393eb42b.txt`, "GAE", "PPO - CLIP", "PPO - Penalty" (the adaptive β rule) and
-"PPO's Advantage Estimator" (the per-token reward and the critic fitted by MSE to the returns).
+`004_e77bb721393eb42b.txt`, "GAE", "TRPO", "PPO - CLIP", "PPO - Penalty" (the adaptive β rule) and
+"PPO's Advantage Estimator" (the per-token reward and the critic fitted by MSE to the returns);
+`000`, "TRPO" and "PPO-Penalty"; `003`, "Attempt 2" (TRPO) and "Attempt 3" (PPO).
 
 State s_t = the prompt x and the tokens y_<t generated so far; action a_t = the next token y_t. An
 episode is one completion; it ends at the completion's EOS (or at the token limit). Four models:
@@ -24,11 +25,42 @@ episode is one completion; it ends at the completion's EOS (or at the token limi
         Â_t = Σ_l (γλ)^l δ_{t+l};   R_t = Â_t + V_old(s_t);   Â ← whiten(Â) over the batch
         repeat ppo_epochs times, for each mini-batch:
             ρ_t = π_θ(y_t|s_t) / π_old(y_t|s_t)
-            L_clip = −mean_t min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε) Â_t)
+            L_π    = −mean_t min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε) Â_t)              (--policy-loss clip)
+                     −mean_t (ρ_t Â_t − β_pen KL_t)                              (--policy-loss kl-penalty)
+                     0: the policy is not in this loop                           (--policy-loss trpo)
             L_V    = ½ mean_t max((V_ψ(s_t) − R_t)², (clip(V_ψ, V_old ± ε_v) − R_t)²)
             L_ptx  = mean over SFT text of −log π_θ(y|x)                  (PPO-ptx, if λ_ptx > 0)
-            (θ, ψ) ← AdamW step on L_clip + c_V L_V + λ_ptx L_ptx
+            (θ, ψ) ← AdamW step on L_π + c_V L_V + λ_ptx L_ptx
+        trpo only: one natural-gradient step of θ on the whole batch (run before that loop):
+            g   = ∇_θ L(θ) at θ_old,   L(θ) = (1/N) Σ_t ρ_t Â_t                  (the surrogate)
+            F v = ∇_θ ((∇_θ D̄_KL) · v) at θ_old,   D̄_KL = mean_t KL_t               (double backward)
+            x   ≈ (F + λI)⁻¹ g by k steps of conjugate gradient;   s = √(2δ / xᵀ(F + λI)x) · x
+            θ   ← θ_old + α^j s for the first j = 0, 1, ... with D̄_KL ≤ δ and L(θ) > L(θ_old);
+                  θ_old if no j qualifies (logged: trpo/line_search_failed = 1)
+        d = mean_t KL_t at the new θ                                      (policy/kl_old, every loss)
+        kl-penalty only: β_pen ← β_pen / 2 if d < d_targ / 1.5;  β_pen × 2 if d > 1.5 d_targ
         β ← KL controller(β, KL of this rollout to π_ref)          (fixed, adaptive, proportional)
+
+with KL_t = KL(π_old(·|s_t) ‖ π_θ(·|s_t)) = Σ_a π_old(a|s_t) log(π_old(a|s_t) / π_θ(a|s_t)), exact over
+the vocabulary (`policy_kl`), masked-averaged over the batch's completion tokens. Two different KLs
+and two different βs are at work: β and --kl-control act on the KL to π_ref in the *reward* (per
+completion, nats); β_pen and --penalty-target-kl act on the KL to π_old in the *loss* (per token).
+
+Which way round the KL goes. The notes disagree: `000` ("TRPO") writes D̄_KL(θ | θ_old) with
+D_KL(π_θ ‖ π_old), `004` ("TRPO", "PPO - Penalty") writes KL[π_old, π_θ]. The code uses
+KL(π_old ‖ π_θ), the TRPO paper's: its constraint is an expectation over states *and* actions of the
+old policy, E_{s∼π_old}[Σ_a π_old(a|s) log π_old(a|s)/π_θ(a|s)], which the rollout samples as they
+are, and its Hessian at θ = θ_old is the Fisher matrix F = E[∇log π ∇log πᵀ]. At θ = θ_old both
+directions have the value 0, the gradient 0 and the same Hessian F, so the quadratic model, the CG
+solve and the step size are the same either way; they part only beyond second order, in the value
+that the line search checks against δ, and there the code follows the paper.
+
+Memory: π_old's full-vocabulary log-probs are cached once per rollout, [B, T, V] float32 (for the
+built-in task 64 × 20 × 76 floats, 0.4 MB); all three losses log the exact d. On a real model
+(V ≈ 150k, B·T ≈ 8k tokens) that is ~5 GB: keep it on the CPU, in bfloat16, or recompute π_old's
+logits per micro-batch from a frozen copy of θ_old. TRPO's g, F v and line search are sums over
+micro-batches (--micro-batch), so F v can be accumulated chunk by chunk; the TRPO paper also
+computes F v on a 10% subsample of the batch, which this code does not do.
         every `eval_every` steps: held-out prompts: gold reward, score and KL to π_ref of samples
 
 Which position gets the score: the last token of the completion, i.e. its EOS when it finished,
@@ -45,6 +77,8 @@ Run:
     python ppo.py --kl-control adaptive --target-kl 2    # the notes' PPO-penalty rule for β
     python ppo.py --beta 0 --steps 600                   # no KL penalty: watch the proxy get gamed
     python ppo.py --ptx-coef 0.5                         # PPO-ptx: keep the SFT likelihood up
+    python ppo.py --policy-loss kl-penalty               # the notes' PPO-penalty, β_pen adapted on d
+    python ppo.py --policy-loss trpo                     # TRPO: one natural-gradient step per rollout
     python ppo.py --model PATH/sft --reward-model runs/reward_model__s1__.../model --data pairs.jsonl \\
         --batch-size 64 --mini-batches 4 --micro-batch 8 --lr 1e-6 --max-new-tokens 128   # one GPU
 """
@@ -59,6 +93,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
 import reward_model as rm_lib
@@ -108,14 +143,43 @@ class Args:
     """sampling temperature; log-probs are taken of the same tempered distribution"""
     lr: float = 3e-4
     """learning rate of AdamW, for the policy and the value model (tiny-pref: 1e-4..1e-3; a 0.5B+
-    model: ~1e-6 for the policy)"""
+    model: ~1e-6 for the policy); with --policy-loss trpo, for the value model only (TRPO's step
+    size comes from δ, so --lr, --warmup-steps and --grad-clip do not touch the policy)"""
     warmup_steps: int = 5
     """PPO steps of linear learning-rate warm-up from 0; then constant"""
     grad_clip: float = 1.0
     """clip the gradient norm of the policy and of the value model, each on its own (0 disables)"""
 
+    policy_loss: Literal["clip", "kl-penalty", "trpo"] = "clip"
+    """the policy update: clip (PPO-clip, notes 004 "PPO - CLIP"); kl-penalty (notes 004 "PPO -
+    Penalty": −mean(ρÂ − β_pen KL(π_old‖π_θ)), β_pen adapted on d); trpo (notes 004 "TRPO": one
+    natural-gradient step per rollout, conjugate gradient and a line search on KL ≤ δ). The rollout,
+    reward, value model and GAE are the same for all three"""
     epsilon: float = 0.2
-    """ε, the policy's clip range: ρ is clipped to [1−ε, 1+ε]"""
+    """ε, the policy's clip range: ρ is clipped to [1−ε, 1+ε] (--policy-loss clip)"""
+    penalty_beta: float = 1.0
+    """β_pen at the first update, the weight of KL(π_old‖π_θ) in the kl-penalty loss; then adapted
+    on d after every rollout. 1, the middle of the PPO paper's fixed-β runs (0.3, 1, 3, 10;
+    Schulman et al. 2017), which notes that the start value of the adaptive β matters little because
+    the ×2 / ÷2 rule moves it quickly"""
+    penalty_target_kl: float = 0.01
+    """d_targ of kl-penalty, in nats per token: β_pen halves when d < d_targ/1.5, doubles when
+    d > 1.5·d_targ, d = mean_t KL(π_old‖π_θ) after the rollout's epochs. 0.01 is the best of the PPO
+    paper's adaptive runs (0.003, 0.01, 0.03) and TRPO's δ below, so the two aim at one step size"""
+    trpo_delta: float = 0.01
+    """δ, TRPO's trust region: the largest mean_t KL(π_old‖π_θ) per step, nats per token (the TRPO
+    paper's experiments and Spinning Up: 0.01)"""
+    trpo_cg_iters: int = 10
+    """k, conjugate-gradient iterations for x ≈ F⁻¹g (Spinning Up: 10; k = n solves an n-dim system
+    exactly, k ≪ n gives the usual truncated natural gradient)"""
+    trpo_damping: float = 0.1
+    """λ, added to the Fisher matrix in CG and in the step size: (F + λI)x = g (Spinning Up: 0.1;
+    Schulman's modular_rl: 1e-3); it keeps CG stable where F is nearly singular, and shortens the step"""
+    trpo_backtrack: float = 0.8
+    """α, the line search's shrink factor: it tries θ_old + α^j s for j = 0, 1, ... (Spinning Up:
+    0.8; modular_rl: 0.5), in (0, 1)"""
+    trpo_backtrack_steps: int = 10
+    """the most steps the line search tries (j = 0 .. this − 1) before it keeps θ_old (Spinning Up: 10)"""
     gamma: float = 1.0
     """γ, the discount in GAE, in [0, 1] (RLHF: 1, the episode is one short completion)"""
     lam: float = 0.95
@@ -292,9 +356,12 @@ def adaptive_beta(beta: float, d: float, d_targ: float) -> float:
         d > d_targ × 1.5  ->  β × 2          (too far: tighten it)
         otherwise         ->  β
 
-    The notes apply it to d = KL(π_old, π_θ) of the penalised PPO objective. Here, as in RLHF
-    practice, d is the rollout's KL to π_ref in nats per completion and β the coefficient of the
-    KL-shaped reward: the same rule, steering the distance that the RLHF objective penalises.
+    ppo.py runs it on two different pairs (d, β):
+      - --policy-loss kl-penalty: the notes' own use, d = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) after
+        the rollout's epochs (nats per token) and β = β_pen, the weight of that KL in the loss;
+      - --kl-control adaptive, as in RLHF practice (Ziegler et al.): d = the rollout's KL to π_ref
+        in nats per completion and β the coefficient of the KL-shaped reward, the same rule
+        steering the distance that the RLHF objective penalises.
     """
     if d < d_targ / 1.5:
         return beta / 2
@@ -322,6 +389,175 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     diff = returns - values
     var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
     return float(1 - var_d / var_r) if var_r > 0 else float("nan")
+
+
+#####################################################################################################
+#####  the maths of PPO-penalty and TRPO: the exact KL to π_old, the penalised loss, conjugate
+#####  gradient, the Fisher-vector product and the TRPO step (pure functions, torch)
+#####################################################################################################
+
+
+def policy_kl(old_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
+    """The exact per-token KL from π_old to π_θ, summed over the vocabulary (notes 004, "TRPO" and
+    "PPO - Penalty", KL[π_old(·|s_t), π_θ(·|s_t)]):
+
+        KL_t = Σ_a π_old(a|s_t) (log π_old(a|s_t) − log π_θ(a|s_t))
+
+    old_logits, new_logits: [B, T, V], logits or log-probs (they are log-softmaxed here, so either
+    works), already divided by the temperature; computed in float32 (or float64 if given).
+    -> [B, T], ≥ 0 up to rounding, not masked (mask the padding with `masked_mean`).
+    π_old is a constant of the update: old_logits is detached, so the
+    gradient flows into new_logits only, ∂KL_t/∂z_θ = π_θ − π_old. A word with π_old(a) = 0 (a logit
+    of −inf) adds 0, not NaN. This is not an estimate from the sampled token (k1, k3): it needs the
+    whole distribution, which is why ppo.py caches π_old's [B, T, V].
+    """
+    dtype = torch.promote_types(new_logits.dtype, torch.float32)  # float32 at least (float64 stays)
+    old_lp = torch.log_softmax(old_logits.detach().to(dtype), dim=-1)  # log π_old(·|s_t)   [B, T, V]
+    new_lp = torch.log_softmax(new_logits.to(dtype), dim=-1)  # log π_θ(·|s_t)   [B, T, V]
+    p_old = old_lp.exp()  # π_old(·|s_t)   [B, T, V]
+    terms = torch.where(p_old > 0, p_old * (old_lp - new_lp), torch.zeros_like(p_old))  # [B, T, V]
+    return terms.sum(-1)  # KL_t = Σ_a π_old (log π_old − log π_θ)   [B, T]
+
+
+def ppo_penalty_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                     kl: torch.Tensor, mask: torch.Tensor, beta: float):
+    """PPO-penalty (notes 004, "PPO - Penalty"; 000, "PPO-Penalty"), to minimise, as a mean over the
+    mask's tokens:
+
+        ρ_t   = exp(log π_θ(y_t|s_t) − log π_old(y_t|s_t))
+        L_KLPEN = −mean_t (ρ_t Â_t − β KL_t),     KL_t = KL(π_old(·|s_t) ‖ π_θ(·|s_t))
+
+    logp (with gradient), old_logp, advantages, mask: [B, T]; kl: [B, T] from `policy_kl` (with
+    gradient, exact over the vocabulary); beta: β_pen, a float (adapted outside, by `adaptive_beta`
+    on d). -> (loss, metrics). Nothing is clipped: the KL term alone holds π_θ near π_old, and its
+    pull grows with the distance (∂KL_t/∂z_θ = π_θ − π_old, 0 at θ = θ_old, so the first epoch's
+    first step is the plain policy gradient).
+    metrics (detached): kl, mean_t KL_t (the penalised KL); surrogate, mean_t ρ_t Â_t; approx_kl,
+    the k3 estimate mean(ρ − 1 − log ρ), as in `ppo_clip_loss`; ratio_mean.
+    """
+    log_ratio = logp - old_logp  # log ρ_t   [B, T]
+    ratio = torch.exp(log_ratio)  # ρ_t   [B, T]
+    surrogate = ratio * advantages  # ρ_t Â_t   [B, T]
+    loss = -masked_mean(surrogate - beta * kl, mask)  # −mean_t (ρ_t Â_t − β KL_t)
+    with torch.no_grad():
+        metrics = {"kl": masked_mean(kl, mask), "surrogate": masked_mean(surrogate, mask),
+                   "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+                   "ratio_mean": masked_mean(ratio, mask)}
+    return loss, metrics
+
+
+def conjugate_gradient(fvp, b: torch.Tensor, iters: int, damping: float = 0.0) -> torch.Tensor:
+    """Solve (F + λI) x = b for x by conjugate gradient, touching F only through products F·v
+    (TRPO paper, appendix C; Nocedal & Wright, algorithm 5.2). F must be symmetric positive
+    (semi-)definite, as a Fisher matrix is.
+
+        x_0 = 0,  r_0 = b,  p_0 = b
+        α_k = r_kᵀr_k / p_kᵀ(F + λI)p_k;   x_{k+1} = x_k + α_k p_k;   r_{k+1} = r_k − α_k (F + λI)p_k
+        p_{k+1} = r_{k+1} + (r_{k+1}ᵀr_{k+1} / r_kᵀr_k) p_k
+
+    fvp: a callable v ↦ F·v, flat [n] -> [n]; b: [n]; iters: k, the most iterations (each calls fvp
+    once); damping: λ ≥ 0.  -> x [n]. In exact arithmetic k = n iterations solve the system exactly
+    (a 2×2 system in 2); TRPO stops far earlier (k = 10 for 10⁵+ parameters), which gives an
+    approximate natural gradient. Edge cases: it stops early once ‖r‖ ≤ 1e-10‖b‖ (solved; b = 0 gives
+    x = 0), and when pᵀ(F + λI)p ≤ 0 (no curvature along p, so no step along it), returning the x
+    it has.
+    """
+    x = torch.zeros_like(b)  # x_0 = 0   [n]
+    r = b.clone()  # r_0 = b − (F + λI) x_0 = b   [n]
+    p = b.clone()  # p_0 = r_0   [n]
+    rr = torch.dot(r, r)  # r_kᵀ r_k
+    tol = 1e-20 * rr  # ‖r‖² ≤ (1e-10 ‖b‖)²
+    for _ in range(iters):
+        if rr <= tol:
+            break  # solved (to rounding)
+        Ap = fvp(p) + damping * p  # (F + λI) p_k   [n]
+        pAp = torch.dot(p, Ap)  # p_kᵀ (F + λI) p_k
+        if not pAp > 0:
+            break  # no positive curvature along p_k (or NaN): keep x_k
+        alpha = rr / pAp  # α_k
+        x = x + alpha * p  # x_{k+1}
+        r = r - alpha * Ap  # r_{k+1}
+        rr_new = torch.dot(r, r)
+        p = r + (rr_new / rr) * p  # p_{k+1}
+        rr = rr_new
+    return x
+
+
+def fisher_vector_product(kl: torch.Tensor, params: list[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    """F·v, the Hessian of the mean KL at θ_old times v, by double backward (TRPO paper, appendix C:
+    "the Fisher-vector product"), without ever forming F (n² numbers for n parameters):
+
+        F v = ∇_θ ( (∇_θ D̄_KL(θ_old, θ)) · v )  at θ = θ_old,     D̄_KL = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t))
+
+    kl: the scalar D̄_KL, computed from `params` with its graph (π_old detached, π_θ = the model at
+    θ_old), so its value and its gradient are 0 but its Hessian is F = E_t[Σ_a π_old ∇log π ∇log πᵀ],
+    the Fisher matrix; params: the tensors θ (the same list, in the same order, as the flat v);
+    v: [n], n = Σ numel(params).  -> F v, [n]. The graph of kl is kept (retain_graph), so one kl can
+    serve every call of a conjugate-gradient solve. Each call is one backward with create_graph and
+    one backward through it. A parameter that kl does not depend on gets 0.
+    """
+    grads = torch.autograd.grad(kl, params, create_graph=True, allow_unused=True)  # ∇_θ D̄_KL, with graph
+    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params)])  # [n]   (0 at θ_old, but not its derivative)
+    gv = torch.dot(flat, v)  # (∇_θ D̄_KL) · v, a scalar
+    hv = torch.autograd.grad(gv, params, retain_graph=True, allow_unused=True)  # ∇_θ (∇D̄_KL · v) = F v
+    return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
+                      for h, p in zip(hv, params)])  # F v   [n]
+
+
+def trpo_step(theta_old: torch.Tensor, g: torch.Tensor, fvp, evaluate, delta: float = 0.01,
+              cg_iters: int = 10, damping: float = 0.1, backtrack: float = 0.8,
+              max_backtracks: int = 10):
+    """One TRPO update (notes 004, "TRPO"; 000, "TRPO"): maximise the surrogate subject to the
+    trust region, with the natural-gradient direction and a backtracking line search.
+
+        maximise  L(θ) = (1/N) Σ_t ρ_t Â_t     subject to   D̄_KL(θ_old, θ) = mean_t KL(π_old ‖ π_θ) ≤ δ
+
+    Around θ_old, L ≈ gᵀΔ and D̄_KL ≈ ½ ΔᵀFΔ; the maximiser of that model is Δ = √(2δ / xᵀFx) x with
+    x = F⁻¹g (its KL under the model is exactly δ). Then:
+
+        x   ≈ (F + λI)⁻¹ g                 conjugate_gradient(fvp, g, cg_iters, damping)
+        s   = √(2δ / xᵀ(F + λI)x) · x      the full step
+        for j = 0 .. max_backtracks − 1:   θ_j = θ_old + α^j s
+            accept the first θ_j with D̄_KL(θ_old, θ_j) ≤ δ and L(θ_j) > L(θ_old)
+        none accepted: θ_old, unchanged
+
+    theta_old: [n], the flat parameters; g: [n], ∇L at θ_old; fvp: v ↦ F v at θ_old; evaluate: a
+    callable θ [n] -> (L(θ), D̄_KL(θ_old, θ)), two floats, the true surrogate and KL (not the model).
+    The caller's model may be left at the last θ evaluate saw: write the returned θ back. fvp is
+    called (cg_iters + 1 times at most) before evaluate is first called.
+    -> (theta_new [n], info), info of floats: step_fraction (α^j of the accepted step, 0 when none),
+    line_search_failed (1 when θ_old was kept, else 0), backtracks (j, or max_backtracks), kl and
+    surrogate_gain (at the accepted θ, 0 when none), expected_gain (gᵀs, the model's gain of the full
+    step), full_step_kl (the true KL of the full step j = 0: δ when the quadratic model is exact and
+    λ = 0, δ − ½λ‖s‖² with damping, so full_step_kl / δ says how far the model is off), xFx (xᵀ(F + λI)x), grad_norm (‖g‖), step_norm
+    (‖s‖ before backtracking). The check is strict, KL ≤ δ: a full step that lands exactly on the
+    boundary (an exactly quadratic KL) is accepted or shrunk once as rounding falls.
+    Edge cases: xᵀ(F + λI)x ≤ 0 or not finite (g = 0, or a broken F) takes no step and counts as a
+    failed line search; a non-finite L or KL of a trial step rejects that step.
+    """
+    info = {"step_fraction": 0.0, "line_search_failed": 1.0, "backtracks": float(max_backtracks),
+            "kl": 0.0, "surrogate_gain": 0.0, "expected_gain": 0.0, "full_step_kl": 0.0, "xFx": 0.0,
+            "grad_norm": float(g.norm()), "step_norm": 0.0}
+    x = conjugate_gradient(fvp, g, cg_iters, damping)  # x ≈ (F + λI)⁻¹ g   [n]
+    xFx = float(torch.dot(x, fvp(x) + damping * x))  # xᵀ (F + λI) x
+    info["xFx"] = xFx
+    if not (xFx > 0 and np.isfinite(xFx)):
+        return theta_old, info  # no curvature (or no gradient): no step
+    step = np.sqrt(2 * delta / xFx) * x  # s = √(2δ / xᵀFx) x:  ½ sᵀ(F + λI)s = δ   [n]
+    info["step_norm"], info["expected_gain"] = float(step.norm()), float(torch.dot(g, step))  # gᵀ s
+    surr_old, _ = evaluate(theta_old)  # L(θ_old) (= mean_t Â_t: ρ = 1)
+    for j in range(max_backtracks):
+        frac = backtrack ** j  # α^j
+        theta = theta_old + frac * step  # θ_j   [n]
+        surr, kl = evaluate(theta)  # L(θ_j), D̄_KL(θ_old, θ_j)
+        if j == 0:
+            info["full_step_kl"] = kl
+        if np.isfinite(surr) and np.isfinite(kl) and kl <= delta and surr > surr_old:
+            info.update(step_fraction=frac, line_search_failed=0.0, backtracks=float(j), kl=kl,
+                        surrogate_gain=surr - surr_old)
+            return theta, info
+    return theta_old, info  # no step qualified: the policy stays θ_old
 
 
 #####################################################################################################
@@ -420,6 +656,75 @@ def sft_batches(args: Args, train_pairs: list[dict], seed: int):
 #####################################################################################################
 
 
+def trpo_update(policy, ids, mask, c_mask, T: int, old_lp_all, old_logp, adv, args: Args, prec) -> dict:
+    """One TRPO step of the policy on the whole rollout batch, in place: the model side of `trpo_step`.
+
+    ids, mask: [B, P+T]; c_mask, old_logp, adv: [B, T]; old_lp_all: log π_old(·|s_t), [B, T, V]
+    (detached). θ is every trainable float32 weight of the policy, flattened ([n], n = 136,256 for
+    tiny-pref, tied embeddings counted once); the step is written into them with `copy_`, in float32,
+    and the forward passes run under `prec.autocast()`. Sums over the batch go micro-batch by
+    micro-batch (--micro-batch, default the whole batch), each weighted by its share of the N
+    completion tokens, so g, F v, L and D̄_KL are the whole batch's token means. The forward passes
+    that F v differentiates twice use PyTorch's math attention kernel: the fused kernels
+    (flash, memory-efficient, and the CPU's flash) have no double backward. -> trpo_step's info.
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]  # θ (tied weights once)
+    theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()  # θ_old   [n]
+    size = args.micro_batch or ids.shape[0]
+    chunks = [slice(i, i + size) for i in range(0, ids.shape[0], size)]
+    n_tok = c_mask.sum().clamp(min=1)
+    share = [float(c_mask[c].sum() / n_tok) for c in chunks]  # each micro-batch's share of the N tokens
+
+    def logprobs(c):
+        with prec.autocast():
+            return common.vocab_logprobs(policy, ids[c], mask[c], T, args.temperature)  # log π_θ(·|s_t) [b, T, V]
+
+    def surrogate(c, lp_all):
+        logp = common.pick_token_logprobs(lp_all, ids[c], mask[c])  # log π_θ(y_t|s_t)   [b, T]
+        return masked_mean(torch.exp(logp - old_logp[c]) * adv[c], c_mask[c])  # (1/N_c) Σ_t ρ_t Â_t
+
+    # g = ∇_θ L(θ) at θ_old, L = (1/N) Σ_t ρ_t Â_t (= the policy gradient: ρ = 1 here)
+    g = torch.zeros_like(theta_old)  # [n]
+    for c, w in zip(chunks, share):
+        grads = torch.autograd.grad(surrogate(c, logprobs(c)), params, allow_unused=True)
+        g += w * torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                            for x, p in zip(grads, params)])  # [n]
+
+    def fvp(v):  # F v = Σ_c w_c ∇_θ(∇_θ D̄_KL,c · v), at θ_old (trpo_step calls it before evaluate)
+        out = torch.zeros_like(v)  # [n]
+        for c, w in zip(chunks, share):
+            with sdpa_kernel(SDPBackend.MATH):  # a kernel with a double backward
+                lp_all = logprobs(c)  # [b, T, V]
+            kl = masked_mean(policy_kl(old_lp_all[c], lp_all), c_mask[c])  # D̄_KL,c (= 0, with graph)
+            out += w * fisher_vector_product(kl, params, v)
+        return out
+
+    @torch.no_grad()
+    def evaluate(theta):  # θ -> (L(θ), D̄_KL(θ_old, θ)): the policy is set to θ and run
+        set_flat(params, theta)
+        surr = kl = 0.0
+        for c, w in zip(chunks, share):
+            lp_all = logprobs(c)  # [b, T, V]
+            surr += w * float(surrogate(c, lp_all))  # L(θ)
+            kl += w * float(masked_mean(policy_kl(old_lp_all[c], lp_all), c_mask[c]))  # D̄_KL(θ_old, θ)
+        return surr, kl
+
+    theta_new, info = trpo_step(theta_old, g, fvp, evaluate, args.trpo_delta, args.trpo_cg_iters,
+                                args.trpo_damping, args.trpo_backtrack, args.trpo_backtrack_steps)
+    set_flat(params, theta_new)  # the accepted θ, or θ_old when the line search failed
+    return info
+
+
+def set_flat(params: list[torch.Tensor], theta: torch.Tensor) -> None:
+    """Write the flat vector theta [n] into params in place (copy_, so the tensors, their storage and
+    tied weights stay what they are; the inverse of `parameters_to_vector`)."""
+    with torch.no_grad():
+        i = 0
+        for p in params:
+            p.copy_(theta[i:i + p.numel()].view_as(p))
+            i += p.numel()
+
+
 def validate(args: Args) -> None:
     """Bad flags get one clear line that names the flag."""
     for name in ("steps", "batch_size", "mini_batches", "ppo_epochs", "max_new_tokens", "eval_every",
@@ -440,6 +745,22 @@ def validate(args: Args) -> None:
     check(args.target_kl > 0, f"--target-kl must be > 0 (got {args.target_kl})")
     check(args.value_init in ("reward", "policy"), f"--value-init {args.value_init!r}: expected reward or policy")
     check(args.epsilon > 0, f"--epsilon must be > 0 (got {args.epsilon})")
+    check(args.policy_loss in ("clip", "kl-penalty", "trpo"),
+          f"--policy-loss {args.policy_loss!r}: expected clip, kl-penalty or trpo")
+    check(args.penalty_beta > 0, f"--penalty-beta must be > 0 (got {args.penalty_beta}): the rule only "
+                                 "doubles and halves it, so 0 would stay 0")
+    check(args.penalty_target_kl > 0, f"--penalty-target-kl must be > 0 (got {args.penalty_target_kl})")
+    check(args.trpo_delta > 0, f"--trpo-delta must be > 0 (got {args.trpo_delta}): it is the largest KL per step")
+    check(args.trpo_cg_iters >= 1, f"--trpo-cg-iters must be ≥ 1 (got {args.trpo_cg_iters})")
+    check(args.trpo_damping >= 0, f"--trpo-damping must be ≥ 0 (got {args.trpo_damping})")
+    check(0 < args.trpo_backtrack < 1, f"--trpo-backtrack must be in (0, 1) (got {args.trpo_backtrack}): "
+                                       "each try shrinks the step by it")
+    check(args.trpo_backtrack_steps >= 1, f"--trpo-backtrack-steps must be ≥ 1 (got {args.trpo_backtrack_steps})")
+    check(args.policy_loss != "trpo" or args.ptx_coef == 0,
+          f"--ptx-coef {args.ptx_coef} needs --policy-loss clip or kl-penalty: TRPO's policy step is the "
+          "natural-gradient step alone, with no optimiser step to add the LM loss to")
+    check(args.policy_loss != "trpo" or args.dtype != "float16",
+          "--dtype float16 with --policy-loss trpo: TRPO's gradients are not loss-scaled; use bfloat16 or float32")
     check(args.cliprange_value >= 0, f"--cliprange-value must be ≥ 0 (got {args.cliprange_value})")
     check(args.vf_coef > 0, f"--vf-coef must be > 0 (got {args.vf_coef}): the value model must learn")
     check(args.ptx_coef >= 0, f"--ptx-coef must be ≥ 0 (got {args.ptx_coef})")
@@ -464,6 +785,9 @@ def train(args: Args) -> dict:
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
+    check(args.policy_loss != "trpo" or prec.dtype != torch.float16,
+          f"--dtype {args.dtype} picked float16 on {device}, and TRPO's gradients are not loss-scaled: "
+          "pass --dtype float32 (or bfloat16 where the GPU has it) with --policy-loss trpo")
     train_pairs, heldout = common.load_preferences(args.data)
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
     prompts_all = [p["prompt"] for p in train_pairs]
@@ -518,7 +842,8 @@ def train(args: Args) -> dict:
     print(f"before training: score {start['eval/score']:+.3f}"
           + (f", gold reward {start['eval/gold_reward']:+.3f}" if gold else "") + " of samples")
 
-    beta, B = args.beta, args.batch_size
+    beta, beta_pen, B = args.beta, args.penalty_beta, args.batch_size
+    trpo_failures = 0
     mb_size = B // args.mini_batches
     micro = min(args.micro_batch or mb_size, mb_size)
     rng = np.random.default_rng(args.seed)
@@ -538,10 +863,10 @@ def train(args: Args) -> dict:
         ##### 2. cache log π_old, log π_ref, V_old and the score (no gradient)
         with torch.no_grad(), prec.autocast():
             chunks = [slice(i, i + micro) for i in range(0, B, micro)]
-            old = [common.token_logprobs(policy, ids[c], mask[c], T, args.temperature, with_entropy=True)
-                   for c in chunks]
-            old_logp = torch.cat([o[0] for o in old])  # log π_old(y_t|s_t)   [B, T]
-            entropy = masked_mean(torch.cat([o[1] for o in old]), c_mask)  # mean H(π_old(·|s_t))
+            old_lp_all = torch.cat([common.vocab_logprobs(policy, ids[c], mask[c], T, args.temperature)
+                                    for c in chunks])  # log π_old(·|s_t), the whole vocabulary   [B, T, V]
+            old_logp = common.pick_token_logprobs(old_lp_all, ids, mask)  # log π_old(y_t|s_t)   [B, T]
+            entropy = masked_mean(-(old_lp_all.exp() * old_lp_all).sum(-1), c_mask)  # mean H(π_old(·|s_t))
             ref_logp = torch.cat([common.token_logprobs(ref, ids[c], mask[c], T, args.temperature)[0]
                                   for c in chunks])  # log π_ref(y_t|s_t)   [B, T]
             old_values = torch.cat([value(ids[c], mask[c], T) for c in chunks]).float()  # V_old(s_t) [B, T]
@@ -559,8 +884,17 @@ def train(args: Args) -> dict:
             seq_kl = kl.sum(1)  # Σ_t KL_t, nats per completion   [B]
             ev_value = explained_variance(old_values, returns, c_mask)
 
-        ##### 4. ppo_epochs passes over shuffled mini-batches; each mini-batch is one optimiser step
+        ##### 4. the policy update. trpo: one natural-gradient step on the whole batch, here; clip and
+        #####    kl-penalty: in the loop below. Then ppo_epochs passes over shuffled mini-batches, each
+        #####    mini-batch one AdamW step (of the value model alone, for trpo)
         stats: dict[str, list[float]] = {}
+        if args.policy_loss == "trpo":
+            trpo_info = trpo_update(policy, ids, mask, c_mask, T, old_lp_all, old_logp, adv, args, prec)
+            if trpo_info["line_search_failed"]:
+                trpo_failures += 1
+                print(f"step {step}: TRPO line search found no step with KL ≤ δ = {args.trpo_delta} that "
+                      f"improves the surrogate (xᵀFx = {trpo_info['xFx']:.3g}): the policy is unchanged",
+                      flush=True)
         for epoch in range(args.ppo_epochs):
             order = torch.randperm(B, device=device)
             for j in range(0, B, mb_size):
@@ -571,14 +905,29 @@ def train(args: Args) -> dict:
                     sub = idx[k:k + micro]
                     w = float(c_mask[sub].sum() / n_tok)  # this micro-batch's share of the tokens
                     with prec.autocast():
-                        logp = common.token_logprobs(policy, ids[sub], mask[sub], T, args.temperature)[0]
                         v = value(ids[sub], mask[sub], T)  # V_ψ(s_t)   [b, T]
-                    pg_loss, pm = ppo_clip_loss(logp, old_logp[sub], adv[sub], c_mask[sub], args.epsilon)
+                        if args.policy_loss == "clip":
+                            logp = common.token_logprobs(policy, ids[sub], mask[sub], T, args.temperature)[0]
+                        elif args.policy_loss == "kl-penalty":
+                            lp_all = common.vocab_logprobs(policy, ids[sub], mask[sub], T, args.temperature)
+                            logp = common.pick_token_logprobs(lp_all, ids[sub], mask[sub])  # [b, T]
                     vf_loss, vm = clipped_value_loss(v, old_values[sub], returns[sub], c_mask[sub],
                                                      args.cliprange_value)
-                    loss = pg_loss + args.vf_coef * vf_loss  # L_clip + c_V L_V
+                    terms = [("loss/value", vf_loss), ("value/clipfrac", vm["vf_clipfrac"])]
+                    if args.policy_loss == "clip":
+                        pg_loss, pm = ppo_clip_loss(logp, old_logp[sub], adv[sub], c_mask[sub], args.epsilon)
+                    elif args.policy_loss == "kl-penalty":
+                        kl_tok = policy_kl(old_lp_all[sub], lp_all)  # KL(π_old(·|s_t) ‖ π_θ(·|s_t))   [b, T]
+                        pg_loss, pm = ppo_penalty_loss(logp, old_logp[sub], adv[sub], kl_tok, c_mask[sub], beta_pen)
+                        pm = {("penalty/kl" if k == "kl" else k): val for k, val in pm.items()}
+                    if args.policy_loss == "trpo":  # the value model alone: c_V L_V
+                        loss = args.vf_coef * vf_loss
+                    else:  # L_clip (or L_KLPEN) + c_V L_V
+                        loss = pg_loss + args.vf_coef * vf_loss
+                        terms += [("loss/policy", pg_loss)] + [(k if "/" in k else f"policy/{k}", val)
+                                                               for k, val in pm.items()]
                     prec.backward(loss * w)
-                    for name, val in (("loss/policy", pg_loss), ("loss/value", vf_loss), *pm.items(), *vm.items()):
+                    for name, val in terms:
                         acc[name] = acc.get(name, 0.0) + float(val.detach()) * w
                 if ptx_data is not None:  # PPO-ptx: λ · mean −log π_θ(y|x) on SFT text
                     px, py = next(ptx_data)
@@ -588,14 +937,27 @@ def train(args: Args) -> dict:
                     ptx_loss = -masked_mean(lp, p_cmask)  # next-token NLL of the SFT completions
                     prec.backward(args.ptx_coef * ptx_loss)
                     acc["loss/ptx"] = float(ptx_loss.detach())
-                acc["policy/grad_norm"], acc["value/grad_norm"] = prec.step(
-                    opt, policy.parameters(), value.parameters(), max_norm=args.grad_clip)  # each clipped
+                if args.policy_loss == "trpo":  # the policy has no .grad: AdamW skips it
+                    acc["value/grad_norm"] = prec.step(opt, value.parameters(), max_norm=args.grad_clip)
+                else:
+                    acc["policy/grad_norm"], acc["value/grad_norm"] = prec.step(
+                        opt, policy.parameters(), value.parameters(), max_norm=args.grad_clip)  # each clipped
                 opt.zero_grad(set_to_none=True)
                 for name, val in acc.items():
                     stats.setdefault(name, []).append(val)
         sched.step()
 
-        ##### 5. KL control: β for the next rollout, from this rollout's KL to π_ref
+        ##### 5. d = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) at the updated θ, exact; kl-penalty's rule on it
+        with torch.no_grad(), prec.autocast():
+            kl_old = torch.cat([policy_kl(old_lp_all[c], common.vocab_logprobs(policy, ids[c], mask[c], T,
+                                                                               args.temperature))
+                                for c in chunks])  # [B, T]
+        d_old = float(masked_mean(kl_old, c_mask))  # the notes' d, nats per token
+        beta_pen_used = beta_pen
+        if args.policy_loss == "kl-penalty":
+            beta_pen = adaptive_beta(beta_pen, d_old, args.penalty_target_kl)  # ÷2 below the band, ×2 above
+
+        ##### 6. KL control: β for the next rollout, from this rollout's KL to π_ref
         d = float(seq_kl.mean())
         beta_used = beta
         if args.kl_control == "adaptive":
@@ -603,7 +965,7 @@ def train(args: Args) -> dict:
         elif args.kl_control == "proportional":
             beta = proportional_beta(beta, d, args.target_kl, B, args.kl_horizon)
 
-        ##### 6. log
+        ##### 7. log
         non_score = float((-beta_used * kl).sum(1).mean())  # mean −β Σ_t KL_t
         metrics = {
             "objective/scores": float(scores.mean()),
@@ -612,23 +974,21 @@ def train(args: Args) -> dict:
             "objective/rlhf_reward": float(scores.mean()) + non_score,
             "objective/beta": beta_used,
             "policy/entropy": float(entropy),
-            "policy/approx_kl": float(np.mean(stats["approx_kl"])),
-            "policy/clipfrac": float(np.mean(stats["clipfrac"])),
-            "policy/ratio_mean": float(np.mean(stats["ratio_mean"])),
-            "loss/policy": float(np.mean(stats["loss/policy"])),
-            "loss/value": float(np.mean(stats["loss/value"])),
-            "value/clipfrac": float(np.mean(stats["vf_clipfrac"])),
+            "policy/kl_old": d_old,
+            **{name: float(np.mean(vals)) for name, vals in stats.items() if name != "loss/ptx"},
             "value/explained_variance": ev_value,
             "value/mean": float(masked_mean(old_values, c_mask)),
             "value/returns_mean": float(masked_mean(returns, c_mask)),
-            "policy/grad_norm": float(np.mean(stats["policy/grad_norm"])),
-            "value/grad_norm": float(np.mean(stats["value/grad_norm"])),
             "completions/mean_length": float(c_mask.sum(1).float().mean()),
             "completions/no_eos_frac": 1.0 - float(finished.float().mean()),
             "charts/lr": opt.param_groups[0]["lr"],
             "time/step_seconds": time.time() - t0,
             "time/generate_seconds": t_gen,
         }
+        if args.policy_loss == "kl-penalty":
+            metrics["penalty/beta_pen"] = beta_pen_used  # the β_pen of this rollout's loss
+        if args.policy_loss == "trpo":
+            metrics.update({f"trpo/{k}": v for k, v in trpo_info.items()})
         if gold:
             metrics["objective/gold_reward"] = float(np.mean([common.gold_reward(t) for t in texts]))
         if ptx_data is not None:
@@ -638,13 +998,14 @@ def train(args: Args) -> dict:
             final_texts = ev.pop("texts")
             metrics.update(ev)
         keys = ["objective/scores", "objective/gold_reward", "objective/kl", "objective/beta",
-                "policy/clipfrac", "value/explained_variance", "completions/mean_length",
+                "policy/kl_old", "policy/clipfrac", "penalty/beta_pen", "trpo/step_fraction",
+                "value/explained_variance", "completions/mean_length",
                 "eval/score", "eval/gold_reward", "eval/kl_to_ref"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/score" in metrics) else [])
     train_seconds = time.time() - t_train
 
-    ##### 7. save and summarise
+    ##### 8. save and summarise
     model_dir = common.save_policy(policy, tok, out, args.save_model)
     if args.save_model:  # the value model too: its LM folder and its head
         value.lm.save_pretrained(out / "value_model")
@@ -660,6 +1021,9 @@ def train(args: Args) -> dict:
         "start_mean_length": start["eval/mean_length"],
         "final_mean_length": ev["eval/mean_length"],
         "final_beta": beta,
+        "policy_loss": args.policy_loss,
+        **({"final_penalty_beta": beta_pen} if args.policy_loss == "kl-penalty" else {}),
+        **({"trpo_line_search_failures": trpo_failures} if args.policy_loss == "trpo" else {}),
         "reward_model": str(rm_path),
         "eval_samples": args.eval_samples,
         "examples_before": start_texts[:4],

@@ -4,6 +4,7 @@
     python bench/plot.py runs/dpo__s1__... --out dpo.png
     python bench/plot.py runs/dqn_maze__s1__... --maze           # also draw the greedy policy
     python bench/plot.py --overopt bench/results/ppo.json --out bench/results/ppo_overopt.png
+    python bench/plot.py --ppo-updates bench/results/ppo_updates.json --out bench/results/ppo_updates.png
 
 A run folder is what every script writes: `metrics.jsonl` (one JSON object per logged step) and
 `summary.json`. The curves are whatever the run logged of four kinds, each against the step:
@@ -14,6 +15,10 @@ average on top; evaluations are drawn with markers.
 `--overopt` draws PPO's over-optimisation picture from bench/bench_ppo.py's results: the proxy
 (reward-model) score and the gold reward of samples against their KL to π_ref, for the β = 0 and
 β = 0.05 runs, with best-of-n and DPO as points.
+
+`--ppo-updates` draws bench/bench_ppo_updates.py's results: PPO-clip, PPO-penalty and TRPO, each
+seed a thin line and the mean over seeds a thick one, for the held-out gold reward, the KL to π_ref
+and KL(π_old ‖ π_θ) of every update, against the step.
 """
 
 from __future__ import annotations
@@ -170,13 +175,59 @@ def plot_overopt(results: Path, out: Path) -> Path:
     return out
 
 
+def plot_updates(results: Path, out: Path) -> Path:
+    res = json.loads(results.read_text())
+    losses = list(dict.fromkeys(r["loss"] for r in res["rows"]))
+    colors = dict(zip(["clip", "kl-penalty", "trpo"], ["tab:blue", "tab:orange", "tab:green"]))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = [("gold reward of held-out samples", "gold"), ("KL(π ‖ π_ref), nats per completion", "kl")]
+    for ax, (title, key) in zip(axes[:2], panels):
+        for loss in losses:
+            rs = [r for r in res["rows"] if r["loss"] == loss]
+            for r in rs:
+                ax.plot([c["step"] for c in r["curve"]], [c[key] for c in r["curve"]], lw=0.7, alpha=0.35,
+                        color=colors.get(loss))
+            n = min(len(r["curve"]) for r in rs)  # the seeds share their evaluation steps
+            ax.plot([c["step"] for c in rs[0]["curve"][:n]],
+                    np.mean([[c[key] for c in r["curve"][:n]] for r in rs], axis=0), "-o", ms=3, lw=1.8,
+                    color=colors.get(loss), label=f"{loss} (mean of {len(rs)})")
+        ax.set_title(title)
+    ax = axes[2]
+    for loss in losses:
+        rs = [r for r in res["rows"] if r["loss"] == loss]
+        for r in rs:
+            y = np.array(r["kl_old_per_step"])
+            ax.plot(np.arange(1, len(y) + 1), y, lw=0.5, alpha=0.3, color=colors.get(loss))
+        n = min(len(r["kl_old_per_step"]) for r in rs)
+        y = np.mean([r["kl_old_per_step"][:n] for r in rs], axis=0)
+        ax.plot(np.arange(1, n + 1), moving_average(y, 5), lw=1.8, color=colors.get(loss), label=loss)
+    delta = res.get("defaults", {}).get("trpo_delta")
+    if delta:
+        ax.axhline(delta, ls="--", lw=0.8, color="gray", label=f"δ = d_targ = {delta}")
+    ax.set_yscale("log")
+    ax.set_title("KL(π_old ‖ π_θ) of each update, nats per token")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="*", help="run folders (each holds metrics.jsonl)")
     ap.add_argument("--out", help="PNG to write (default: <run>/curves.png; one run only)")
     ap.add_argument("--maze", action="store_true", help="dqn_maze.py runs: also draw the greedy policy")
     ap.add_argument("--overopt", help="bench/results/ppo.json: draw PPO's over-optimisation picture")
+    ap.add_argument("--ppo-updates", help="bench/results/ppo_updates.json: draw clip vs kl-penalty vs trpo")
     a = ap.parse_args()
+    if a.ppo_updates:
+        print(plot_updates(Path(a.ppo_updates), Path(a.out or "bench/results/ppo_updates.png")))
+        return
     if a.overopt:
         print(plot_overopt(Path(a.overopt), Path(a.out or "bench/results/ppo_overopt.png")))
         return

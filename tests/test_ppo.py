@@ -2,7 +2,7 @@
 
 Notes `004_e77bb721393eb42b.txt`, "Generalized Advantage Estimator", "PPO - CLIP", "PPO - Penalty"
 and "PPO's Advantage Estimator"; `000_e75205f5b80b652d.txt`, "GAE" (the λ = 0 and λ = 1 cases) and
-"RLHF + PPO". Every expected number is derived in a comment next to it, so that it can be checked
+"RLHF + PPO"; for --policy-loss kl-penalty and trpo, `004` "TRPO" and "PPO - Penalty", `000` "TRPO". Every expected number is derived in a comment next to it, so that it can be checked
 on paper. Throughout,
 
     δ_t = r_t + γ V(s_{t+1}) − V(s_t),   Â_t = Σ_l (γλ)^l δ_{t+l},   R_t = Â_t + V(s_t),
@@ -21,13 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
 from models.build import build_char_tokenizer, build_word_tokenizer
 import ppo
 import reward_model as rm_lib
-from ppo import (ValueModel, adaptive_beta, clipped_value_loss, explained_variance, gae,
-                 kl_shaped_rewards, ppo_clip_loss, proportional_beta, value_model_from_reward_model)
+from ppo import (ValueModel, adaptive_beta, clipped_value_loss, conjugate_gradient, explained_variance,
+                 fisher_vector_product, gae, kl_shaped_rewards, policy_kl, ppo_clip_loss, ppo_penalty_loss,
+                 proportional_beta, trpo_step, value_model_from_reward_model)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -389,6 +391,291 @@ def test_proportional_beta_ziegler_controller():
 
 
 #####################################################################################################
+#####  PPO-penalty and TRPO: the exact KL to π_old, the penalised loss, CG, F·v, the TRPO step
+#####################################################################################################
+
+
+def test_policy_kl_exact_on_a_hand_pair():
+    # p = π_old = (1/2, 1/2), q = π_θ = (1/4, 3/4), given as logits log p, log q:
+    #   KL(p ‖ q) = ½ ln(½ / ¼) + ½ ln(½ / ¾) = ½ ln 2 + ½ ln(2/3) = ½ ln(4/3) = 0.1438410
+    #   KL(q ‖ p) = ¼ ln(¼ / ½) + ¾ ln(¾ / ½) = −0.1732868 + 0.3040988 = 0.1308120  (not the same:
+    #   the argument order matters, and policy_kl(old, new) is KL(π_old ‖ π_θ))
+    p, q = torch.tensor([0.5, 0.5]).log(), torch.tensor([0.25, 0.75]).log()
+    assert policy_kl(p.view(1, 1, 2), q.view(1, 1, 2)).item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-6)
+    assert policy_kl(q.view(1, 1, 2), p.view(1, 1, 2)).item() == pytest.approx(0.1308120, abs=1e-6)
+    # [B, T, V] -> [B, T]: row 0 = (p, q) and (p, p) -> [0.1438410, 0]; logits shifted by a constant
+    # are the same distribution (softmax(z + c) = softmax(z)), so row 1 = (p + 5, q − 3) gives the same
+    old = torch.stack([torch.stack([p, p]), torch.stack([p + 5, p])])  # [2, 2, 2]
+    new = torch.stack([torch.stack([q, p]), torch.stack([q - 3, p])])  # [2, 2, 2]
+    kl = policy_kl(old, new)
+    assert kl.shape == (2, 2)
+    torch.testing.assert_close(kl, torch.tensor([[0.1438410, 0.0], [0.1438410, 0.0]]), atol=1e-6, rtol=0)
+    # a word π_old never picks (logit −inf) adds 0, not 0 · (−inf) = NaN:
+    #   π_old = (1, 0), π_θ = (½, ½): KL = 1 · ln(1 / ½) = ln 2 = 0.6931472
+    kl0 = policy_kl(torch.tensor([[[0.0, -math.inf]]]), torch.zeros(1, 1, 2))
+    assert kl0.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_ppo_penalty_loss_one_token_by_hand():
+    # Three actions. π_old = (0.5, 0.3, 0.2); π_θ's logits are π_old's plus (ln 2, 0, 0), so its
+    # unnormalised weights are (1.0, 0.3, 0.2), sum 1.5: π_θ = q = (2/3, 1/5, 2/15). Token a = 0,
+    # Â = 1, β = 0.5.
+    #   ρ  = q_0 / p_0 = (2/3) / (1/2) = 4/3
+    #   KL = 0.5 ln(0.5 / (2/3)) + 0.3 ln(0.3 / 0.2) + 0.2 ln(0.2 / (2/15))
+    #      = 0.5 ln 0.75 + 0.3 ln 1.5 + 0.2 ln 1.5 = 0.5 ln(0.75 · 1.5) = 0.5 ln 1.125 = 0.0588915
+    #   L  = −(ρ Â − β KL) = −(4/3 − 0.5 · 0.0588915) = −(1.3333333 − 0.0294458) = −1.3038876
+    # The gradient with respect to π_θ's logits z (softmax: ∂ log q_a/∂z = e_a − q; ∂KL/∂z = q − p):
+    #   ∂ρ/∂z  = ρ (e_0 − q) = 4/3 · (1/3, −1/5, −2/15) = (4/9, −4/15, −8/45)
+    #   ∂KL/∂z = q − p = (2/3 − 1/2, 1/5 − 3/10, 2/15 − 1/5) = (1/6, −1/10, −1/15)
+    #   ∂L/∂z  = −Â ∂ρ/∂z + β ∂KL/∂z = (−4/9 + 1/12, 4/15 − 1/20, 8/45 − 1/30) = (−13/36, 13/60, 13/90)
+    #   (it sums to 0, as every softmax gradient must)
+    z_old = torch.tensor([0.5, 0.3, 0.2]).log()
+    z = (z_old + torch.tensor([math.log(2), 0.0, 0.0])).requires_grad_(True)
+    logp = torch.log_softmax(z, -1)[0].view(1, 1)  # log π_θ(a = 0)   [1, 1]
+    old_logp = torch.log_softmax(z_old, -1)[0].view(1, 1)  # log π_old(a = 0) = ln 0.5
+    kl = policy_kl(z_old.view(1, 1, 3), z.view(1, 1, 3))  # [1, 1]
+    loss, m = ppo_penalty_loss(logp, old_logp, torch.ones(1, 1), kl, torch.ones(1, 1), beta=0.5)
+    loss.backward()
+    assert loss.item() == pytest.approx(-(4 / 3 - 0.5 * 0.5 * math.log(1.125)), abs=1e-6)
+    assert loss.item() == pytest.approx(-1.3038876, abs=1e-6)
+    torch.testing.assert_close(z.grad, torch.tensor([-13 / 36, 13 / 60, 13 / 90]), atol=1e-6, rtol=0)
+    assert m["kl"].item() == pytest.approx(0.0588915, abs=1e-6)
+    assert m["surrogate"].item() == pytest.approx(4 / 3, abs=1e-6)
+    assert m["ratio_mean"].item() == pytest.approx(4 / 3, abs=1e-6)
+    # at θ = θ_old (ρ = 1, KL = 0) the KL term has zero gradient: the loss is −Â and its gradient is
+    # the plain policy gradient −Â (e_0 − p) = −(0.5, −0.3, −0.2)
+    z0 = z_old.clone().requires_grad_(True)
+    loss0, _ = ppo_penalty_loss(torch.log_softmax(z0, -1)[0].view(1, 1), old_logp, torch.ones(1, 1),
+                                policy_kl(z_old.view(1, 1, 3), z0.view(1, 1, 3)), torch.ones(1, 1), beta=0.5)
+    loss0.backward()
+    assert loss0.item() == pytest.approx(-1.0, abs=1e-6)
+    torch.testing.assert_close(z0.grad, torch.tensor([-0.5, 0.3, 0.2]), atol=1e-6, rtol=0)
+
+
+def test_ppo_penalty_loss_masks_padding():
+    # Two real tokens and one padded one holding absurd values: the mask must drop it.
+    #   token 0: ρ = e^0 = 1, Â = 2, KL = 0.1:   ρÂ − β KL = 2 − 0.5 · 0.1 = 1.95
+    #   token 1: ρ = e^{ln 0.5} = 0.5, Â = −1, KL = 0.3:   −0.5 − 0.5 · 0.3 = −0.65
+    #   L = −(1.95 − 0.65) / 2 = −0.65
+    logp = torch.tensor([[0.0, math.log(0.5), 30.0]])
+    loss, m = ppo_penalty_loss(logp, torch.zeros(1, 3), torch.tensor([[2.0, -1.0, 1e6]]),
+                               torch.tensor([[0.1, 0.3, 1e9]]), torch.tensor([[1, 1, 0]]), beta=0.5)
+    assert loss.item() == pytest.approx(-0.65, abs=1e-6)
+    assert m["kl"].item() == pytest.approx(0.2, abs=1e-6)
+
+
+def test_adaptive_beta_on_the_penalty_d():
+    # --policy-loss kl-penalty runs the notes' rule on d = mean_t KL(π_old ‖ π_θ), nats per token,
+    # with the default d_targ = 0.01: the band is [0.01 / 1.5, 0.01 · 1.5] = [0.006667, 0.015].
+    #   d = 0.005 < 0.006667  -> β_pen / 2:  1 -> 0.5
+    #   d = 0.01 (inside)     -> β_pen:      1 -> 1
+    #   d = 0.02 > 0.015      -> 2 β_pen:    1 -> 2
+    d_targ = ppo.Args().penalty_target_kl
+    assert d_targ == 0.01 and ppo.Args().penalty_beta == 1.0
+    assert adaptive_beta(1.0, 0.005, d_targ) == 0.5
+    assert adaptive_beta(1.0, 0.0066, d_targ) == 0.5  # just below the band
+    assert adaptive_beta(1.0, 0.007, d_targ) == 1.0  # just inside it
+    assert adaptive_beta(1.0, 0.01, d_targ) == 1.0
+    assert adaptive_beta(1.0, 0.0149, d_targ) == 1.0
+    assert adaptive_beta(1.0, 0.0151, d_targ) == 2.0  # just above
+    assert adaptive_beta(1.0, 0.02, d_targ) == 2.0
+
+
+A_2X2 = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)  # symmetric, eigenvalues (7 ± √5)/2 > 0
+B_2X2 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+
+
+def test_conjugate_gradient_solves_a_2x2_system_in_two_iterations():
+    # A = [[4, 1], [1, 3]], b = [1, 2]. The solution: A⁻¹ = 1/11 [[3, −1], [−1, 4]] (det = 11), so
+    # x = A⁻¹ b = 1/11 [3 − 2, −1 + 8] = [1/11, 7/11] = [0.0909091, 0.6363636].
+    # CG by hand, from x_0 = 0, r_0 = p_0 = b = [1, 2], r_0ᵀr_0 = 5:
+    #   A p_0 = [6, 7];  p_0ᵀ A p_0 = 6 + 14 = 20;  α_0 = 5 / 20 = 0.25
+    #   x_1 = [0.25, 0.5];  r_1 = [1, 2] − 0.25 [6, 7] = [−0.5, 0.25];  r_1ᵀr_1 = 0.3125
+    #   p_1 = r_1 + (0.3125 / 5) p_0 = [−0.5 + 0.0625, 0.25 + 0.125] = [−0.4375, 0.375]
+    #   A p_1 = [−1.75 + 0.375, −0.4375 + 1.125] = [−1.375, 0.6875];  p_1ᵀ A p_1 = 0.6015625 + 0.2578125 = 0.859375
+    #   α_1 = 0.3125 / 0.859375 = 4/11;  x_2 = [0.25 − 0.4375 · 4/11, 0.5 + 0.375 · 4/11] = [1/11, 7/11]
+    calls = []
+
+    def fvp(v):
+        calls.append(v)
+        return A_2X2 @ v
+    x1 = conjugate_gradient(fvp, B_2X2, iters=1)
+    torch.testing.assert_close(x1, torch.tensor([0.25, 0.5], dtype=torch.float64), atol=1e-12, rtol=0)
+    calls.clear()
+    x2 = conjugate_gradient(fvp, B_2X2, iters=2)
+    torch.testing.assert_close(x2, torch.tensor([1 / 11, 7 / 11], dtype=torch.float64), atol=1e-12, rtol=0)
+    assert len(calls) == 2  # one product per iteration
+    # more iterations change nothing: r_2 = 0, so it stops (no third product)
+    calls.clear()
+    torch.testing.assert_close(conjugate_gradient(fvp, B_2X2, iters=10), x2, atol=1e-12, rtol=0)
+    assert len(calls) == 2
+    # damping λ = 1 solves (A + I) x = b: (A + I)⁻¹ = 1/19 [[4, −1], [−1, 5]] (det = 20 − 1 = 19),
+    #   x = 1/19 [4 − 2, −1 + 10] = [2/19, 9/19]
+    xd = conjugate_gradient(lambda v: A_2X2 @ v, B_2X2, iters=2, damping=1.0)
+    torch.testing.assert_close(xd, torch.tensor([2 / 19, 9 / 19], dtype=torch.float64), atol=1e-12, rtol=0)
+    # b = 0: x = 0, without a single product; F = 0 (no curvature): it stops with x_0 = 0
+    calls.clear()
+    assert torch.equal(conjugate_gradient(fvp, torch.zeros(2, dtype=torch.float64), iters=5), torch.zeros(2, dtype=torch.float64))
+    assert calls == []
+    assert torch.equal(conjugate_gradient(lambda v: 0 * v, B_2X2, iters=5), torch.zeros(2, dtype=torch.float64))
+
+
+def test_fisher_vector_product_equals_the_softmax_fisher_times_v():
+    # One state, three actions, θ = the logits z, π_old = softmax(z_old) = p = (0.5, 0.3, 0.2).
+    # The Fisher matrix F = Σ_a p_a ∇_z log p_a ∇_z log p_aᵀ with ∇_z log p_a = e_a − p, which is
+    #   F = diag(p) − p pᵀ = [[0.25, −0.15, −0.10], [−0.15, 0.21, −0.06], [−0.10, −0.06, 0.16]]
+    # (0.5 − 0.25, 0.3 − 0.09, 0.2 − 0.04 on the diagonal; −p_i p_j off it), the Hessian of
+    # KL(p ‖ softmax(z)) at z = z_old. For v = (1, 0, −1):
+    #   F v = (0.25 + 0.10, −0.15 + 0.06, −0.10 − 0.16) = (0.35, −0.09, −0.26)
+    #   (the same as p ⊙ v − p (pᵀv) = (0.5, 0, −0.2) − 0.3 (0.5, 0.3, 0.2))
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    z_old = p.log()
+    z = z_old.clone().requires_grad_(True)
+    v = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    kl = policy_kl(z_old.view(1, 1, 3), z.view(1, 1, 3)).mean()  # D̄_KL at θ_old: 0, with a graph
+    assert kl.item() == pytest.approx(0.0, abs=1e-15)
+    fv = fisher_vector_product(kl, [z], v)
+    torch.testing.assert_close(fv, torch.tensor([0.35, -0.09, -0.26], dtype=torch.float64), atol=1e-12, rtol=0)
+    # against the explicit matrix, built from its definition Σ_a p_a (e_a − p)(e_a − p)ᵀ, for every e_i
+    eye = torch.eye(3, dtype=torch.float64)
+    F = sum(p[a] * torch.outer(eye[a] - p, eye[a] - p) for a in range(3))
+    torch.testing.assert_close(F, torch.diag(p) - torch.outer(p, p), atol=1e-15, rtol=0)
+    for i in range(3):
+        torch.testing.assert_close(fisher_vector_product(kl, [z], eye[i]), F[i], atol=1e-12, rtol=0)
+    # the other direction, KL(π_θ ‖ π_old), has the same Hessian at θ_old (both are F there): the
+    # quadratic model of TRPO does not depend on the direction, only the line search's check does
+    # (written out here: policy_kl treats its first argument as the constant π_old and detaches it)
+    lq = torch.log_softmax(z, -1)  # log π_θ
+    kl_rev = (lq.exp() * (lq - z_old)).sum()  # KL(π_θ ‖ π_old), z_old = log p is normalised
+    torch.testing.assert_close(fisher_vector_product(kl_rev, [z], v), fv, atol=1e-12, rtol=0)
+
+
+def test_fisher_vector_product_on_an_lm_is_the_expected_squared_score():
+    # On a real (small, random, float64) LM the Fisher matrix is E_t Σ_a π_old(a|s_t) ∇log π(a|s_t) ∇log π(a|s_t)ᵀ,
+    # so for a direction v:   vᵀ F v = mean_t Σ_a π_old(a|s_t) (d/dε log π_{θ+εv}(a|s_t))²,
+    # the π_old-weighted mean of the squared directional derivative, here by central differences
+    # (ε = 1e-5, error O(ε²)). F is also symmetric: uᵀ(F v) = vᵀ(F u). (Agreement to ~1e-6, not 1e-12:
+    # parts of the Llama forward, e.g. its rotary embedding, run in float32 even in a float64 model.)
+    model = random_llama(seed=3).double()
+    ids, mask, c_mask, T = batch_with_different_lengths()
+    params = [q for q in model.parameters() if q.requires_grad]
+    theta = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    old = common.vocab_logprobs(model, ids, mask, T).detach()  # log π_old(·|s_t)   [4, T, V]
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+        kl = common.masked_mean(policy_kl(old, common.vocab_logprobs(model, ids, mask, T)), c_mask)
+    gen = torch.Generator().manual_seed(0)
+    u, v = (torch.randn(theta.numel(), generator=gen, dtype=torch.float64) for _ in range(2))
+    fu, fv = fisher_vector_product(kl, params, u), fisher_vector_product(kl, params, v)
+    assert torch.dot(u, fv).item() == pytest.approx(torch.dot(v, fu).item(), rel=1e-6)
+    eps = 1e-5
+    with torch.no_grad():
+        ppo.set_flat(params, theta + eps * v)
+        plus = common.vocab_logprobs(model, ids, mask, T)
+        ppo.set_flat(params, theta - eps * v)
+        minus = common.vocab_logprobs(model, ids, mask, T)
+        ppo.set_flat(params, theta)
+    dlogp = (plus - minus) / (2 * eps)  # d/dε log π_{θ+εv}(a|s_t)   [4, T, V]
+    vfv = common.masked_mean((old.exp() * dlogp ** 2).sum(-1), c_mask)
+    assert torch.dot(v, fv).item() == pytest.approx(vfv.item(), rel=1e-5)
+    assert torch.dot(v, fv).item() > 0
+
+
+def quadratic_problem(kl_scale: float = 1.0, surrogate=None):
+    """The TRPO tests' hand problem: θ ∈ R², θ_old = (0.5, −0.5), F = A_2X2, g = B_2X2, and the true
+    surrogate and KL are exactly TRPO's model, L(θ) = gᵀΔ and D̄_KL = ½ ΔᵀFΔ with Δ = θ − θ_old
+    (the KL times kl_scale, to break the model on purpose). -> (theta_old, evaluate, calls)."""
+    theta_old = torch.tensor([0.5, -0.5], dtype=torch.float64)
+    calls = []
+
+    def evaluate(theta):
+        calls.append(theta.clone())
+        d = theta - theta_old
+        surr = float(B_2X2 @ d) if surrogate is None else surrogate(d)
+        return surr, kl_scale * float(0.5 * d @ A_2X2 @ d)
+    return theta_old, evaluate, calls
+
+
+# x = F⁻¹g = (1/11, 7/11) (the CG test); xᵀFx = gᵀx = (1 + 14)/11 = 15/11; with δ = 0.01 the full step is
+#   s = √(2δ / xᵀFx) x = √(0.02 · 11/15) x = 0.1211060 · (0.0909091, 0.6363636) = (0.0110096, 0.0770675)
+# and its gain under the model gᵀs = √(2δ xᵀFx) = √(0.02 · 15/11) = √0.0272727 = 0.1651446
+X_HAND = torch.tensor([1 / 11, 7 / 11], dtype=torch.float64)
+S_HAND = math.sqrt(0.02 * 11 / 15) * X_HAND
+
+
+def test_trpo_full_step_on_a_quadratic_model_has_kl_delta():
+    # The KL of the full step under the quadratic model: ½ sᵀFs = ½ (2δ / xᵀFx) xᵀFx = δ, exactly.
+    # The true KL here is that model, so the full step's KL is δ = 0.01. It lies on the boundary
+    # KL ≤ δ, so rounding decides whether the line search takes it (fraction 1) or shrinks it once (0.8).
+    theta_old, evaluate, calls = quadratic_problem()
+    theta, info = trpo_step(theta_old, B_2X2, lambda v: A_2X2 @ v, evaluate, delta=0.01, cg_iters=2,
+                            damping=0.0, backtrack=0.8, max_backtracks=10)
+    assert info["full_step_kl"] == pytest.approx(0.01, rel=1e-9)
+    torch.testing.assert_close(calls[1], theta_old + S_HAND, atol=1e-12, rtol=0)  # the first try: θ_old + s
+    assert info["xFx"] == pytest.approx(15 / 11, rel=1e-12)
+    assert info["expected_gain"] == pytest.approx(0.1651446, abs=1e-7)
+    assert info["step_fraction"] in (1.0, 0.8) and info["line_search_failed"] == 0.0
+    torch.testing.assert_close(theta, theta_old + info["step_fraction"] * S_HAND, atol=1e-12, rtol=0)
+    # the model is the truth here: the gain is gᵀ(fraction · s) = fraction · 0.1651446
+    assert info["surrogate_gain"] == pytest.approx(info["step_fraction"] * 0.1651446, abs=1e-7)
+    # with damping λ = 0.1, the step solves (F + λI)x = g and is scaled so that ½ sᵀ(F + λI)s = δ; the
+    # true KL ½ sᵀFs is then δ − ½ λ ‖s‖² < δ: damping only ever shortens the step
+    theta_old, evaluate, _ = quadratic_problem()
+    theta, info = trpo_step(theta_old, B_2X2, lambda v: A_2X2 @ v, evaluate, delta=0.01, cg_iters=2, damping=0.1)
+    s = theta - theta_old
+    assert info["step_fraction"] == 1.0 and info["backtracks"] == 0.0  # strictly inside: the full step
+    assert info["kl"] == pytest.approx(0.01 - 0.05 * float(s @ s), rel=1e-9) and info["kl"] < 0.01
+
+
+def test_trpo_line_search_rejects_a_step_that_breaks_the_constraint():
+    # The true KL is 3× the model's, so the full step's KL is 3δ. Trying θ_old + 0.8^j s, the KL
+    # scales with (0.8^j)² = 0.64^j:
+    #   j = 0: 3 · 1      · δ = 0.03     > δ   rejected
+    #   j = 1: 3 · 0.64   · δ = 0.0192   > δ   rejected
+    #   j = 2: 3 · 0.4096 · δ = 0.012288 > δ   rejected
+    #   j = 3: 3 · 0.262144 · δ = 0.00786432 ≤ δ, and the surrogate gain 0.512 · 0.1651446 = 0.0845540 > 0
+    # so it takes j = 3, the step fraction 0.8³ = 0.512.
+    theta_old, evaluate, calls = quadratic_problem(kl_scale=3.0)
+    theta, info = trpo_step(theta_old, B_2X2, lambda v: A_2X2 @ v, evaluate, delta=0.01, cg_iters=2,
+                            damping=0.0, backtrack=0.8, max_backtracks=10)
+    assert info["backtracks"] == 3.0 and info["step_fraction"] == pytest.approx(0.512, abs=1e-12)
+    assert info["line_search_failed"] == 0.0
+    assert info["kl"] == pytest.approx(0.00786432, rel=1e-9)
+    assert info["surrogate_gain"] == pytest.approx(0.512 * 0.1651446, abs=1e-7)
+    torch.testing.assert_close(theta, theta_old + 0.512 * S_HAND, atol=1e-12, rtol=0)
+    assert len(calls) == 1 + 4  # L(θ_old), then j = 0, 1, 2, 3
+    # with only 3 tries (j = 0, 1, 2) none qualifies: θ stays θ_old
+    theta_old, evaluate, _ = quadratic_problem(kl_scale=3.0)
+    theta, info = trpo_step(theta_old, B_2X2, lambda v: A_2X2 @ v, evaluate, delta=0.01, cg_iters=2,
+                            damping=0.0, max_backtracks=3)
+    assert torch.equal(theta, theta_old) and info["line_search_failed"] == 1.0 and info["step_fraction"] == 0.0
+
+
+def test_trpo_leaves_theta_unchanged_when_every_step_fails():
+    # 1. The true surrogate never improves: L(θ) = −‖Δ‖² < 0 = L(θ_old) for every Δ ≠ 0, though the
+    #    model (gᵀΔ) promises a gain and every KL is within δ. All 10 tries are rejected.
+    theta_old, evaluate, calls = quadratic_problem(surrogate=lambda d: -float(d @ d))
+    theta, info = trpo_step(theta_old, B_2X2, lambda v: A_2X2 @ v, evaluate, delta=0.01, cg_iters=2, damping=0.0)
+    assert torch.equal(theta, theta_old)
+    assert info["line_search_failed"] == 1.0 and info["step_fraction"] == 0.0 and info["backtracks"] == 10.0
+    assert info["kl"] == 0.0 and info["surrogate_gain"] == 0.0
+    assert len(calls) == 1 + 10
+    # 2. Every KL is far above δ (the true KL is 1e6× the model's: even 0.8⁹ s has KL 1e6 · 0.8¹⁸ δ = 18014 δ)
+    theta_old, evaluate, _ = quadratic_problem(kl_scale=1e6)
+    theta, info = trpo_step(theta_old, B_2X2, lambda v: A_2X2 @ v, evaluate, delta=0.01, cg_iters=2, damping=0.0)
+    assert torch.equal(theta, theta_old) and info["line_search_failed"] == 1.0
+    # 3. g = 0: CG gives x = 0, so xᵀFx = 0 and there is no step to scale: none is taken, and the
+    #    surrogate is never evaluated
+    theta_old, evaluate, calls = quadratic_problem()
+    theta, info = trpo_step(theta_old, torch.zeros(2, dtype=torch.float64), lambda v: A_2X2 @ v, evaluate)
+    assert torch.equal(theta, theta_old) and info["line_search_failed"] == 1.0 and info["xFx"] == 0.0
+    assert calls == []
+    # 4. a NaN surrogate (a broken forward pass) rejects the step rather than accepting it
+    theta_old, evaluate, _ = quadratic_problem(surrogate=lambda d: float("nan") if float(d @ d) > 0 else 0.0)
+    theta, info = trpo_step(theta_old, B_2X2, lambda v: A_2X2 @ v, evaluate, delta=0.01, cg_iters=2, damping=0.0)
+    assert torch.equal(theta, theta_old) and info["line_search_failed"] == 1.0
+
+
+#####################################################################################################
 #####  whitening of the advantages, explained variance
 #####################################################################################################
 
@@ -600,6 +887,17 @@ def test_value_model_from_reward_model_folds_the_normalisation():
     ({"vf_coef": 0.0}, "--vf-coef"),
     ({"cliprange_value": -0.2}, "--cliprange-value"),
     ({"target_kl": 0.0}, "--target-kl"),
+    ({"policy_loss": "ppo"}, "--policy-loss 'ppo': expected clip, kl-penalty or trpo"),
+    ({"penalty_beta": 0.0}, r"--penalty-beta must be > 0 \(got 0.0\)"),
+    ({"penalty_target_kl": -0.01}, "--penalty-target-kl must be > 0"),
+    ({"trpo_delta": 0.0}, r"--trpo-delta must be > 0 \(got 0.0\)"),
+    ({"trpo_cg_iters": 0}, "--trpo-cg-iters must be ≥ 1"),
+    ({"trpo_damping": -0.1}, "--trpo-damping must be ≥ 0"),
+    ({"trpo_backtrack": 1.0}, r"--trpo-backtrack must be in \(0, 1\) \(got 1.0\)"),
+    ({"trpo_backtrack": 0.0}, "--trpo-backtrack"),
+    ({"trpo_backtrack_steps": 0}, "--trpo-backtrack-steps"),
+    ({"policy_loss": "trpo", "ptx_coef": 0.5}, "--ptx-coef 0.5 needs --policy-loss clip or kl-penalty"),
+    ({"policy_loss": "trpo", "dtype": "float16"}, "--dtype float16 with --policy-loss trpo"),
 ])
 def test_validate_names_the_flag(kw, must_name):
     with pytest.raises(common.UsageError, match=must_name):
@@ -609,7 +907,8 @@ def test_validate_names_the_flag(kw, must_name):
 def test_validate_accepts_the_edges_and_train_validates_first(tmp_path):
     # the ends of the allowed ranges pass: γ, λ ∈ {0, 1}; β = 0 with a fixed β; one mini-batch
     for ok in ({"gamma": 0.0, "lam": 0.0}, {"gamma": 1.0, "lam": 1.0}, {"beta": 0.0},
-               {"batch_size": 3, "mini_batches": 1}, {"cliprange_value": 0.0}):
+               {"batch_size": 3, "mini_batches": 1}, {"cliprange_value": 0.0},
+               {"policy_loss": "kl-penalty", "ptx_coef": 0.5}, {"policy_loss": "trpo", "trpo_damping": 0.0}):
         ppo.validate(ppo.Args(**ok))
     # train() checks its flags before it loads anything or creates the run folder
     out = tmp_path / "never"
@@ -627,6 +926,13 @@ SHORT = ["--steps", "2", "--batch-size", "8", "--mini-batches", "2", "--ppo-epoc
 BAD = {  # run as the user would: exit code 2 and one line
     "bad_lam": (["--lam", "1.5"], "--lam must be in [0, 1] (got 1.5)"),
     "bad_reward_model": (["--reward-model", "/no/such/dir"], "--reward-model /no/such/dir"),
+    "bad_policy_loss": (["--policy-loss", "ppo"], "--policy-loss"),
+    "bad_trpo_delta": (["--policy-loss", "trpo", "--trpo-delta", "-1"], "--trpo-delta must be > 0 (got -1.0)"),
+}
+# the other two policy updates, end to end (the shipped reward model, so they start at once)
+POLICY_RUNS = {
+    "kl_penalty": SHORT + ["--policy-loss", "kl-penalty", "--ppo-epochs", "2"],
+    "trpo": SHORT + ["--policy-loss", "trpo"],
 }
 
 
@@ -671,6 +977,7 @@ def runs(request, tmp_path_factory, run_script):
     def submit(name, argv):
         return base / name, pool.submit(run_script, "ppo.py", *argv, "--out-dir", str(base / name))
     futures = {name: submit(name, argv) for name, (argv, _) in BAD.items()}
+    futures.update({name: submit(name, argv) for name, argv in POLICY_RUNS.items()})
     rm = request.getfixturevalue("small_rm")
     # the main run: adaptive KL control and PPO-ptx together, value model from the reward model
     futures["short"] = submit("short", SHORT + ["--reward-model", rm, "--kl-control", "adaptive",
@@ -855,3 +1162,86 @@ def test_other_architecture_and_data_file_train_their_own_reward_model(tiny_rand
     assert all(math.isfinite(r["loss/ptx"]) for r in rows if r["step"] > 0)
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out / "model").config.model_type == "gpt2"
+
+
+def check_policy_run(out, result) -> tuple[list[dict], dict]:
+    """A short run finished, logged namespaced metrics for steps 0, 1, 2, summarised and saved a
+    policy that from_pretrained reloads. -> (rows, summary)."""
+    from transformers import AutoModelForCausalLM
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "PPO summary" in result.stdout
+    rows = first_rows(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert all("/" in k for k in r if k not in ("step", "time")), r
+    for r in rows[1:]:
+        for key in ("objective/scores", "objective/kl", "objective/gold_reward", "policy/kl_old", "policy/entropy",
+                    "loss/value", "value/grad_norm", "eval/gold_reward", "eval/score", "eval/kl_to_ref"):
+            assert key in r and math.isfinite(r[key]), (key, r)
+        assert r["policy/kl_old"] >= 0  # an exact KL
+        assert "policy/clipfrac" not in r  # nothing is clipped in either update
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_gold_reward"] == rows[2]["eval/gold_reward"]
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.model_type == "llama"
+    return rows, summary
+
+
+def test_kl_penalty_short_run_logs_adapts_beta_and_saves(runs):
+    out, fut = runs["kl_penalty"]
+    rows, summary = check_policy_run(out, fut.result())
+    assert summary["policy_loss"] == "kl-penalty"
+    for r in rows[1:]:
+        for key in ("loss/policy", "penalty/kl", "penalty/beta_pen", "policy/surrogate", "policy/approx_kl",
+                    "policy/grad_norm"):
+            assert key in r and math.isfinite(r[key]), (key, r)
+        assert r["penalty/kl"] >= 0
+    # β_pen starts at --penalty-beta's default 1, and each rollout's d moves it by the notes' rule
+    # with d_targ = 0.01: step 2 uses adaptive_beta(1, d_1, 0.01), the summary holds the one after step 2
+    assert rows[1]["penalty/beta_pen"] == 1.0
+    assert rows[2]["penalty/beta_pen"] == adaptive_beta(1.0, rows[1]["policy/kl_old"], 0.01)
+    assert summary["final_penalty_beta"] == adaptive_beta(rows[2]["penalty/beta_pen"], rows[2]["policy/kl_old"], 0.01)
+    # the policy moved: two epochs of two mini-batches give a non-zero d
+    assert rows[1]["policy/kl_old"] > 0
+
+
+def test_trpo_short_run_logs_its_line_search_and_saves(runs):
+    out, fut = runs["trpo"]
+    rows, summary = check_policy_run(out, fut.result())
+    assert summary["policy_loss"] == "trpo"
+    failed = 0
+    for r in rows[1:]:
+        for key in ("trpo/step_fraction", "trpo/line_search_failed", "trpo/backtracks", "trpo/kl",
+                    "trpo/full_step_kl", "trpo/surrogate_gain", "trpo/expected_gain", "trpo/xFx",
+                    "trpo/grad_norm", "trpo/step_norm"):
+            assert key in r and math.isfinite(r[key]), (key, r)
+        assert "loss/policy" not in r and "policy/grad_norm" not in r  # no optimiser step of the policy
+        if r["trpo/line_search_failed"]:
+            failed += 1
+            assert r["trpo/step_fraction"] == 0.0 and r["policy/kl_old"] == pytest.approx(0.0, abs=1e-6)
+        else:
+            # the accepted step is θ_old + 0.8^j s, inside the trust region δ = 0.01, and improves L
+            j = r["trpo/backtracks"]
+            assert r["trpo/step_fraction"] == pytest.approx(0.8 ** j, rel=1e-12)
+            assert r["trpo/kl"] <= 0.01 and r["trpo/surrogate_gain"] > 0
+            # the KL measured after the update (in --micro-batch chunks) is the line search's KL
+            assert r["policy/kl_old"] == pytest.approx(r["trpo/kl"], rel=1e-3, abs=1e-7)
+        assert r["trpo/xFx"] > 0 and r["trpo/grad_norm"] > 0
+    assert summary["trpo_line_search_failures"] == failed
+
+
+def test_trpo_micro_batches_give_the_same_step(tmp_path):
+    """In-process, one step each: TRPO over the whole batch at once and over micro-batches of 2
+    sequences (g, F v, L and D̄_KL summed by token share) take the same step, up to float rounding.
+    One CG iteration, x = (gᵀg / gᵀ(F + λI)g) g, so that x rests on a single F·v: each further
+    iteration amplifies float32 rounding (F is badly conditioned; at k = 10 the two xᵀFx differ by
+    ~0.1%, though one F·v of the two agrees to ~2e-7: rounding, not a different F)."""
+    rows = {}
+    for mb in (None, 2):
+        ppo.train(ppo.Args(policy_loss="trpo", trpo_cg_iters=1, steps=1, batch_size=8, mini_batches=2, ppo_epochs=1,
+                           eval_samples=8, eval_every=1, micro_batch=mb, save_model=False,
+                           out_dir=str(tmp_path / f"mb{mb}")))
+        rows[mb] = first_rows(tmp_path / f"mb{mb}")[1]
+    for key in ("trpo/grad_norm", "trpo/xFx", "trpo/step_norm", "trpo/expected_gain", "trpo/full_step_kl",
+                "trpo/kl", "trpo/step_fraction", "policy/kl_old", "eval/kl_to_ref"):
+        assert rows[2][key] == pytest.approx(rows[None][key], rel=1e-4, abs=1e-7), key
