@@ -118,7 +118,8 @@ def tables(result: dict) -> str:
         for r in sel:
             out.append(f"| {r['script']} | {r['seed']} | {r['start']:+.3f} → **{r['final']:+.3f}** | {r['kl']:.2f} | "
                        f"{r['wall_seconds']:.0f} | {r['load_average'][0]:.1f}–{r['load_average'][1]:.1f} |")
-    out += ["", "Targets: " + "; ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in result["targets"].items())
+    out += ["", "Checked by the benchmark: " + "; ".join(f"{name}: {'yes' if ok else 'NO'}"
+                                                    for name, ok in result["targets"].items())
             + f". Measured {result['date']} on {result['machine']}, {result['cpus']} cores, "
               f"{result['jobs']} runs at a time, one torch thread each."]
     return "\n".join(out)
