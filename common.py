@@ -587,21 +587,39 @@ def arithmetic_task() -> tuple[list[dict], list[dict]]:
     return rows[ARITH_HELDOUT:], rows[:ARITH_HELDOUT]
 
 
+def gsm8k_answer(answer) -> str:
+    """The number of an answer field. GSM8K, as published, writes the worked solution and then
+    `#### 72`: the final answer is what follows the last `####` (thousands commas dropped).
+    Anything else comes back as its string.
+    >>> gsm8k_answer("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 1,072"), gsm8k_answer(7)
+    ('1072', '7')
+    """
+    s = str(answer)
+    return s.rsplit("####", 1)[1].strip().replace(",", "") if "####" in s else s
+
+
 def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT) -> tuple[list[dict], list[dict]]:
-    """(train, heldout) rows. No `--data`: the built-in arithmetic task. With `--data FILE.jsonl`:
-    lines of {"prompt": str, "answer": str or number}; the last `heldout_size` rows (at most a
+    """(train, heldout) rows {"prompt", "answer"}. No `--data`: the built-in arithmetic task. With
+    `--data FILE.jsonl`: lines of {"prompt": str, "answer": str or number}, or GSM8K as published,
+    {"question": str, "answer": "<solution> #### 72"}; the last `heldout_size` rows (at most a
     fifth of the file) are held out."""
     if data is None:
         return arithmetic_task()
+
     def why_bad(r):
-        if not isinstance(r["prompt"], str) or r["prompt"] == "":
-            return "'prompt' must be a non-empty string"
-        if parse_number(str(r["answer"])) is None:
-            return f"'answer' {r['answer']!r} is not a number"
+        key = "prompt" if "prompt" in r else "question" if "question" in r else None
+        if key is None:
+            return "missing key 'prompt' (or GSM8K's 'question')"
+        if not isinstance(r[key], str) or r[key] == "":
+            return f"{key!r} must be a non-empty string"
+        if parse_number(gsm8k_answer(r["answer"])) is None:
+            return (f"'answer' {r['answer']!r} is not a number"
+                    + (" (a GSM8K answer ends in '#### NUMBER')" if isinstance(r["answer"], str)
+                       and len(r["answer"]) > 20 else ""))
         return None
-    rows = read_jsonl(data, required=("prompt", "answer"), validate=why_bad)
-    for r in rows:
-        r["answer"] = str(r["answer"])
+    rows = read_jsonl(data, required=("answer",), validate=why_bad)
+    rows = [{"prompt": r["prompt"] if "prompt" in r else r["question"], "answer": gsm8k_answer(r["answer"])}
+            for r in rows]
     check(len(rows) >= 2, f"--data {data}: need at least 2 rows (train and held-out)")
     k = max(1, min(heldout_size, len(rows) // 5))
     return rows[:-k], rows[-k:]

@@ -243,6 +243,27 @@ def test_load_task_with_data_file(tmp_path):
         common.load_task(str(f))
 
 
+
+def test_load_task_reads_gsm8k_as_published(tmp_path):
+    # GSM8K's rows are {"question", "answer": "<worked solution>\n#### <number>"}: the prompt is the
+    # question, and the answer is the number after the last ####, commas dropped (1,072 -> 1072)
+    rows = [{"question": f"Q{i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+            for i in range(9)] + [{"question": "Big?", "answer": "It costs 1,000 + 72.\n#### 1,072"}]
+    f = tmp_path / "gsm8k.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, heldout = common.load_task(str(f))
+    assert train[3] == {"prompt": "Q3?", "answer": "6"}
+    assert heldout[-1] == {"prompt": "Big?", "answer": "1072"}
+    assert common.score("so the answer is 1,072.", heldout[-1]["answer"], True, strict=False) == 1.0
+    # a solution without its #### line, and a row with neither prompt nor question
+    f.write_text(json.dumps({"question": "Q?", "answer": "She has twelve apples in the end."}) + "\n")
+    with pytest.raises(common.UsageError, match=r"gsm8k.jsonl:1: 'answer' .* is not a number \(a GSM8K answer ends in '#### NUMBER'\)"):
+        common.load_task(str(f))
+    f.write_text(json.dumps({"text": "Q?", "answer": 3}) + "\n")
+    with pytest.raises(common.UsageError, match=r"gsm8k.jsonl:1: missing key 'prompt' \(or GSM8K's 'question'\)"):
+        common.load_task(str(f))
+
+
 def test_arithmetic_task_split():
     train, heldout = common.arithmetic_task()
     assert len(heldout) == common.ARITH_HELDOUT and len(train) + len(heldout) == 100 * 100
