@@ -553,12 +553,21 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     return completion, completion_mask(completion, eos_id)
 
 
+def check_prompts_tokenize(pairs) -> None:
+    """A prompt that the tokenizer turns into no tokens would crash deep inside attention: refuse it
+    with one line instead. `pairs`: (prompt text, its token ids)."""
+    for text, ids in pairs:
+        check(len(ids) > 0, f"the prompt {text[:60]!r} tokenizes to no tokens with this model's tokenizer "
+                            "(check --model and the prompts of --data)")
+
+
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
                   greedy: bool = False):
     """Tokenize `prompts`, generate, and return (prompt_ids, prompt_mask, completion_ids,
     completion_mask, completion_texts, finished) where `finished[i]` says the row emitted EOS."""
     device = next(model.parameters()).device
     encoded = {p: tokenizer.encode(p, add_special_tokens=False) for p in dict.fromkeys(prompts)}  # once each
+    check_prompts_tokenize(encoded.items())
     p_ids, p_mask = left_pad([encoded[p] for p in prompts], tokenizer.pad_token_id, device)  # [B, P]
     c_ids, c_mask = generate(model, p_ids, p_mask, max_new_tokens, tokenizer.eos_token_id,
                              tokenizer.pad_token_id, temperature, greedy)
@@ -900,7 +909,9 @@ def encode_prompt_completion(tokenizer, prompts, completions, device=None):
     """
     def encode(texts):  # one batched call of the tokenizer, not one call per text
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    p_ids, p_mask = left_pad(encode(prompts), tokenizer.pad_token_id, device)  # [B, P]
+    prompt_ids = encode(prompts)
+    check_prompts_tokenize(zip(prompts, prompt_ids))
+    p_ids, p_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)  # [B, P]
     comps = [c + [tokenizer.eos_token_id] for c in encode(completions)]
     T = max(map(len, comps))
     c_ids = torch.tensor([c + [tokenizer.pad_token_id] * (T - len(c)) for c in comps],

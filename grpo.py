@@ -427,8 +427,9 @@ def train(args: Args) -> dict:
     train_seconds = time.time() - t_train
     model_dir = common.save_policy(policy, tok, out, args.save_model)
     examples = heldout[:4]
-    *_, ex_texts, _ = common.generate_text(policy, tok, [r["text"] for r in examples],
-                                           args.max_new_tokens, greedy=True)
+    with prec.autocast():
+        *_, ex_texts, _ = common.generate_text(policy, tok, [r["text"] for r in examples],
+                                               args.max_new_tokens, greedy=True)
     summary = log.summary({
         "script": "grpo",
         "start_accuracy": start_acc,

@@ -541,3 +541,20 @@ def test_logger_writes_jsonl_and_summary(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "mean 0.5" in out[0] and out[0].startswith("step     1")
 
+
+
+def test_a_prompt_with_no_tokens_is_one_clear_error():
+    # The character tokenizer turns "" into no tokens; generation and scoring would then run a
+    # zero-length prompt into attention. Both refuse it with a UsageError that says why.
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         pad_token_id=0, eos_token_id=1, bos_token_id=None))
+    with pytest.raises(common.UsageError, match="tokenizes to no tokens"):
+        common.generate_text(model, tok, ["1+1=", ""], 2)
+    with pytest.raises(common.UsageError, match="tokenizes to no tokens"):
+        common.encode_prompt_completion(tok, ["", "2+2="], ["1", "4"])
+    ids, mask, c_mask, T = common.encode_prompt_completion(tok, ["1+1=", "2+2="], ["2", "4"])  # fine
+    assert T == 2 and c_mask.tolist() == [[1, 1], [1, 1]]
