@@ -381,10 +381,6 @@ class MixedPrecision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def float32(self):
-        """A context in which autocast is off: for heads and losses that must run in float32."""
-        return torch.autocast(device_type=self.device.type, enabled=False)
-
     def grad_scale(self) -> float:
         """The factor that .grad holds between `backward` and `step` (1 without a scaler)."""
         return self.scaler.get_scale() if self.scaler is not None else 1.0
@@ -467,8 +463,8 @@ def vocab_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     input_ids, attention_mask: [B, L] = [left-padded prompt | right-padded completion]. Row t is
     the distribution that chose y_t, divided by the sampling temperature and log-softmaxed in
-    float32 (float64 for a float64 model). Position ids come from the attention mask, so the values do not depend on how much
-    padding a row has. Rows whose target is padding are left as the model computes them (finite,
+    float32 (float64 for a float64 model). Position ids come from the attention mask, so the values
+    do not depend on how much padding a row has. Rows whose target is padding are left as the model computes them (finite,
     meaningless): mask them. `token_logprobs` picks y_t's entry out of this; ppo.py keeps all of
     it for the exact KL between two policies.
     """
@@ -622,9 +618,7 @@ def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT) -> tuple[list
         if not isinstance(r[key], str) or r[key] == "":
             return f"{key!r} must be a non-empty string"
         if parse_number(gsm8k_answer(r["answer"])) is None:
-            return (f"'answer' {r['answer']!r} is not a number"
-                    + (" (a GSM8K answer ends in '#### NUMBER')" if isinstance(r["answer"], str)
-                       and len(r["answer"]) > 20 else ""))
+            return f"'answer' {r['answer']!r} is not a number (nor a GSM8K answer ending in '#### NUMBER')"
         return None
     rows = read_jsonl(data, required=("answer",), validate=why_bad)
     rows = [{"prompt": r["prompt"] if "prompt" in r else r["question"], "answer": gsm8k_answer(r["answer"])}

@@ -341,17 +341,17 @@ def train(args: Args) -> dict:
     for r in heldout:
         r["text"] = prompt_text(r)
 
+    eval_rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
+
     def evaluate():
-        rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
         with prec.autocast():
-            return common.greedy_accuracy(policy, tok, rows, args.max_new_tokens, strict)
+            return common.greedy_accuracy(policy, tok, eval_rows, args.max_new_tokens, strict)
 
     def evaluate_pass_at_k():  # pass@1 and pass@K at the sampling temperature, a fixed seed
         if not args.pass_at_k:
             return None
-        rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
         with prec.autocast():
-            return common.pass_at_k(policy, tok, rows, args.samples_per_prompt, args.max_new_tokens, strict,
+            return common.pass_at_k(policy, tok, eval_rows, args.samples_per_prompt, args.max_new_tokens, strict,
                                     args.temperature)
 
     log = common.RunLogger(out)

@@ -121,6 +121,18 @@ def small_llama(tok, cfg: dict, max_positions: int):
         bos_token_id=None))
 
 
+def sft_step(model, opt, sched, tok, prompts, completions) -> float:
+    """One supervised step: next-token NLL on the completion and its EOS (not on the prompt)."""
+    ids, mask, c_mask, T = common.encode_prompt_completion(tok, prompts, completions)
+    logp, _ = common.token_logprobs(model, ids, mask, T)  # [B, T]
+    loss = -common.masked_mean(logp, c_mask)  # −(1/N) Σ_t log π(y_t | x, y_<t)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
     """The learning-rate factor: linear warm-up over `warmup` steps, then linear decay to 0."""
     if step < warmup:
@@ -179,19 +191,10 @@ def build_tiny(out: Path, seed: int, steps: int | None = None, log_every: int = 
     losses = []
     for step in range(1, cfg["sft_steps"] + 1):
         batch = [train[i] for i in rng.integers(0, len(train), cfg["sft_batch"])]
-        ids, mask, c_mask, T = common.encode_prompt_completion(
-            tok, [b["prompt"] for b in batch], [sloppy_answer(b, cfg["carry_slip"], rng) for b in batch])
-        logp, _ = common.token_logprobs(model, ids, mask, T)  # [B, T]
-        loss = -common.masked_mean(logp, c_mask)  # next-token NLL on the answer and its EOS
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(sft_step(model, opt, sched, tok, [b["prompt"] for b in batch],
+                               [sloppy_answer(b, cfg["carry_slip"], rng) for b in batch]))
         if log_every and step % log_every == 0:
-            model.eval()
             acc = common.greedy_accuracy(model, tok, heldout, cfg["max_new_tokens"])
-            model.train()
             print(f"step {step:>5} | nll {np.mean(losses[-log_every:]):.4f} | held-out greedy {acc:.3f}",
                   flush=True)
     model.eval()
@@ -257,17 +260,11 @@ def build_tiny_pref(out: Path, seed: int, steps: int | None = None, n_pairs: tup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg["sft_steps"])
     for _ in range(cfg["sft_steps"]):
         prompts, completions = zip(*(common.sample_review(rng) for _ in range(cfg["sft_batch"])))
-        ids, mask, c_mask, T = common.encode_prompt_completion(tok, prompts, completions)
-        logp, _ = common.token_logprobs(model, ids, mask, T)  # [B, T]
-        loss = -common.masked_mean(logp, c_mask)  # next-token NLL on the completion and its EOS
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = sft_step(model, opt, sched, tok, prompts, completions)
     model.eval()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    facts = {"recipe": cfg, "sft_final_nll": round(loss.item(), 4)}
+    facts = {"recipe": cfg, "sft_final_nll": round(loss, 4)}
     for split, n, s in (("train", cfg["train_pairs"], seed + 1), ("heldout", cfg["heldout_pairs"], seed + 2)):
         pairs, golds = sample_preference_pairs(model, tok, n, s, cfg["max_new_tokens"])
         with open(out / f"pairs_{split}.jsonl", "w") as f:
@@ -346,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(2, f"error: --set {kv}: expected KEY=VALUE with KEY one of {', '.join(TINY)}\n")
         overrides[key] = type(TINY[key])(value)
     seed = a.seed if a.seed is not None else (1 if a.name == "tiny-pref-rm" else 0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -257,7 +257,7 @@ def test_load_task_reads_gsm8k_as_published(tmp_path):
     assert common.score("so the answer is 1,072.", heldout[-1]["answer"], True, strict=False) == 1.0
     # a solution without its #### line, and a row with neither prompt nor question
     f.write_text(json.dumps({"question": "Q?", "answer": "She has twelve apples in the end."}) + "\n")
-    with pytest.raises(common.UsageError, match=r"gsm8k.jsonl:1: 'answer' .* is not a number \(a GSM8K answer ends in '#### NUMBER'\)"):
+    with pytest.raises(common.UsageError, match=r"gsm8k.jsonl:1: 'answer' .* is not a number \(nor a GSM8K answer ending in '#### NUMBER'\)"):
         common.load_task(str(f))
     f.write_text(json.dumps({"text": "Q?", "answer": 3}) + "\n")
     with pytest.raises(common.UsageError, match=r"gsm8k.jsonl:1: missing key 'prompt' \(or GSM8K's 'question'\)"):
