@@ -393,6 +393,7 @@ def train(args: Args) -> dict:
 
         ##### 5. log
         r_groups = rewards.view(-1, G)  # [n, G]
+        lengths, right = c_mask.sum(1).float(), rewards > 0  # |y_i|, r_i = 1   [B], [B]
         metrics = {
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()),
@@ -407,6 +408,10 @@ def train(args: Args) -> dict:
             "policy/grad_norm": float(grad_norm),
             "charts/lr": opt.param_groups[0]["lr"],
             "completions/mean_length": float(c_mask.sum(1).float().mean()),
+            # mean |y| of the right and of the wrong completions (Dr. GRPO's length bias shows in
+            # the wrong ones); None when the batch has no completion of that kind
+            "completions/len_correct": float(lengths[right].mean()) if right.any() else None,
+            "completions/len_incorrect": float(lengths[~right].mean()) if (~right).any() else None,
             "completions/no_eos_frac": 1.0 - float(np.mean(finished)),
             "time/step_seconds": time.time() - t0,
             "time/generate_seconds": t_gen,
