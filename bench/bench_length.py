@@ -18,9 +18,9 @@ the expected policy gradient on its length is 0 under token-mean and constant, a
 weighting of seq-mean can move it. The right answers cannot ramble at all (a strict answer is the
 digits alone), so only the wrong side of the claim can show here.
 
-Every run is `python grpo.py --model models/tiny-ramble --max-new-tokens 16 --seed S --loss-agg A`,
-every other flag at its default (2000 steps, 16 prompts × G = 8, lr 3e-4, β = 0), and
-`--no-pass-at-k --no-save-model`, one torch thread each, `--jobs` at a time. The arms:
+Every run is `python grpo.py --model models/tiny-ramble --max-new-tokens 16 --steps N --seed S
+--loss-agg A --no-pass-at-k`, every other flag at its default (16 prompts × G = 8, lr 3e-4 with
+the linear decay to 0 at step N, β = 0), one torch thread each, `--jobs` at a time. The arms:
 
     seq-mean    the notes' GRPO: 1/|y| inside
     token-mean  DAPO: Σ over all the batch's tokens / their number
@@ -35,6 +35,11 @@ weighted by how many there were (grpo.py's `completions/len_correct`, `completio
 and `reward/mean`), the fraction of wrong ones and of unfinished ones, and the held-out greedy
 accuracy; then a table of the first and last tenth of training, mean ± sd over seeds. The plot is
 bench/results/length.png (needs matplotlib: bench/requirements.txt).
+
+The mean length of the wrong answers mixes two things: how many of them ramble (a slip followed by
+dots; the other errors are short) and how long a ramble is. So each run also keeps its final
+model, and 8 samples per held-out prompt at temperature 1 (a fixed seed) measure both, beside the
+same figures of the start model (`samples_final`, `samples_start`, and the second table).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 RUNS = ROOT / "bench" / ".runs"  # ignored by git
 RESULT = ROOT / "bench" / "results" / "length.json"
 MODEL = "models/tiny-ramble"
@@ -85,10 +92,40 @@ def windows(rows: list[dict], steps: int, n: int) -> list[dict]:
     return out
 
 
+def sample_figures(model_dir: str | Path, k: int = 8, seed: int = 0) -> dict:
+    """k samples per held-out prompt at temperature 1 from the model in `model_dir`: the mean |y|
+    of the right and the wrong answers, the fraction of the wrong answers that ramble (end in
+    filler dots before EOS) and the mean number of dots among those, and the fraction unfinished."""
+    import torch
+
+    import common
+    from models import build
+
+    torch.set_num_threads(1)
+    model, tok = common.load_model(str(model_dir), torch.device("cpu"), trainable=False)
+    heldout = common.arithmetic_task()[1]
+    prompts = [r["prompt"] for r in heldout for _ in range(k)]
+    answers = [r["answer"] for r in heldout for _ in range(k)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        *_, c_mask, texts, finished = common.generate_text(model, tok, prompts, MAX_NEW_TOKENS)
+    lengths = c_mask.sum(1).tolist()  # |y_i|, EOS included
+    right = [common.score(t, a, f) > 0 for t, a, f in zip(texts, answers, finished)]
+    wrong = [(t, n) for t, n, ok in zip(texts, lengths, right) if not ok]
+    dots = [len(t) - len(t.rstrip(build.RAMBLE)) for t, _ in wrong]  # trailing filler characters
+    rambles = [d for d in dots if d > 0]
+    return {"len_correct": float(np.mean([n for n, ok in zip(lengths, right) if ok])) if any(right) else None,
+            "len_incorrect": float(np.mean([n for _, n in wrong])) if wrong else None,
+            "frac_incorrect": len(wrong) / len(texts),
+            "frac_wrong_that_ramble": len(rambles) / len(wrong) if wrong else None,
+            "ramble_dots": float(np.mean(rambles)) if rambles else None,
+            "no_eos_frac": 1.0 - float(np.mean(finished))}
+
+
 def run(arm: str, seed: int, steps: int) -> dict:
     out = RUNS / f"length-{arm}-s{seed}"
     cmd = [sys.executable, "grpo.py", "--model", MODEL, "--max-new-tokens", str(MAX_NEW_TOKENS),
-           "--steps", str(steps), "--seed", str(seed), *ARMS[arm], "--no-pass-at-k", "--no-save-model",
+           "--steps", str(steps), "--seed", str(seed), *ARMS[arm], "--no-pass-at-k",
            "--out-dir", str(out), "--overwrite"]
     load0, t0 = os.getloadavg()[0], time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -103,6 +140,7 @@ def run(arm: str, seed: int, steps: int) -> dict:
            "start_accuracy": s["start_accuracy"], "final_accuracy": s["final_accuracy"],
            "eval": [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r],
            "windows": windows(train_rows, steps, WINDOWS), "tenths": windows(train_rows, steps, 10),
+           "model_dir": s["model_dir"],
            "wall_seconds": round(wall, 1), "load_average": [round(load0, 2), round(load1, 2)]}
     first, last = row["tenths"][0], row["tenths"][-1]
     print(f"{arm:10} seed {seed}: acc {row['start_accuracy']:.3f} -> {row['final_accuracy']:.3f}  "
@@ -137,6 +175,18 @@ def table(result: dict) -> str:
                    f"{mean_sd([x['frac_incorrect'] for x in f])} → {mean_sd([x['frac_incorrect'] for x in la])} | "
                    f"{mean_sd([x['no_eos_frac'] for x in la])} | "
                    f"{mean_sd([r['start_accuracy'] for r in rs])} → {mean_sd([r['final_accuracy'] for r in rs])} |")
+    return "\n".join(out)
+
+
+def sample_table(result: dict) -> str:
+    """The README's second table: the start model and each arm's final models, sampled."""
+    keys = ("frac_incorrect", "frac_wrong_that_ramble", "ramble_dots", "len_incorrect", "len_correct", "no_eos_frac")
+    out = ["| model | wrong fraction | wrong answers that ramble | dots per ramble | len wrong | len right | "
+           "unfinished |", "| --- | --- | --- | --- | --- | --- | --- |",
+           f"| start ({MODEL}) | " + " | ".join(fmt(result["samples_start"][k]) for k in keys) + " |"]
+    for arm in result["arms"]:
+        rs = [r["samples_final"] for r in result["rows"] if r["arm"] == arm]
+        out.append(f"| {arm}, final | " + " | ".join(mean_sd([x[k] for x in rs]) for k in keys) + " |")
     return "\n".join(out)
 
 
@@ -194,14 +244,16 @@ def main():
         jobs = [(arm, s) for s in seeds for arm in a.arms]  # seed-major: every arm sees the same load
         with ThreadPoolExecutor(a.jobs) as pool:
             rows = list(pool.map(lambda j: run(*j, a.steps), jobs))
+        for r in rows:  # one at a time, after the runs
+            r["samples_final"] = sample_figures(r.pop("model_dir"))
         result = {"date": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(),
                   "cpus": os.cpu_count(), "jobs": a.jobs, "threads_per_run": 1, "load_before": load,
                   "load_after": os.getloadavg(), "bench_seconds": round(time.time() - t0),
                   "model": MODEL, "max_new_tokens": MAX_NEW_TOKENS, "steps": a.steps, "seeds": seeds,
-                  "arms": a.arms, "rows": rows}
+                  "arms": a.arms, "samples_start": sample_figures(ROOT / MODEL), "rows": rows}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1) + "\n")
-    print("\n" + table(result))
+    print("\n" + table(result) + "\n\n" + sample_table(result))
     try:
         plot(result, path.with_suffix(".png"))
     except ImportError:
