@@ -1,7 +1,8 @@
 """Benchmark, run by hand (not in CI): Dr. GRPO's length claim, measured.
 
-    python bench/bench_length.py                     # 3 arms × 3 seeds, 2 runs at a time, ~30-45 min on 2 cores
-    python bench/bench_length.py --arms seq-mean constant dr-grpo --seeds 1
+    python bench/bench_length.py                     # 3 arms × 3 seeds × 1000 steps, 2 runs at a time:
+                                                     #   21 min on 2 cores at load 5-8 (bench/results/length.json)
+    python bench/bench_length.py --arms dr-grpo --out bench/results/length_dr-grpo.json
     python bench/bench_length.py --plot-only         # redraw the plot from bench/results/length.json
 
 The claim (notes `000`, "GRPO Done Right"; Liu et al. 2025, arXiv:2503.20783 §3.1): with the
@@ -229,7 +230,8 @@ def main():
     ap.add_argument("--arms", nargs="*", choices=list(ARMS), default=["seq-mean", "token-mean", "constant"],
                     help="loss aggregations to compare (default: seq-mean token-mean constant)")
     ap.add_argument("--seeds", default="1,2,3", help="RL seeds, comma-separated")
-    ap.add_argument("--steps", type=int, default=2000, help="GRPO steps of every run (grpo.py's default)")
+    ap.add_argument("--steps", type=int, default=1000,
+                    help="GRPO steps of every run (1000: the 9 runs fit in ~20-45 min on a shared 2-core machine)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (2 cores: 2)")
     ap.add_argument("--out", default=str(RESULT), help="results JSON; the plot goes beside it as .png")
     ap.add_argument("--plot-only", action="store_true", help="redraw the table and plot from --out")
