@@ -262,6 +262,9 @@ def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
     gives w · h / s = r_φ(x, y) − reward_offset: its head has no bias, and a final hidden state has
     no constant component to fold b − μ into. Bradley–Terry only sees differences, so that is the
     same reward model; add `reward_offset` back for the normalised values (mean 0 on SFT samples).
+    transformers numbers the positions 0, 1, … whatever the padding, where `RewardModel` counts
+    only real tokens: the same for rotary models (Llama, Qwen: only differences of positions
+    matter), but with learned absolute positions (GPT-2) left-padded rows differ; pad on the right.
     The LM folder also loads on its own with `AutoModelForCausalLM` (e.g. to start a value model)."""
     import copy
     import json
@@ -276,6 +279,9 @@ def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
     with common.quiet_transformers():  # no "Writing model shards" bar
         rm.lm.save_pretrained(folder, state_dict={**state, "score.weight": (w / sd).reshape(1, -1)})  # w/s  [1, d]
     pad = hf_pad_token(tokenizer)
+    if pad is None:
+        print(f"note: {folder}: the pad token is the EOS and no other special token can pad, so "
+              "AutoModelForSequenceClassification reads padded rows one token early: give it unpadded rows")
     tok = tokenizer
     if pad is not None and pad != tokenizer.pad_token:
         tok = copy.deepcopy(tokenizer)
