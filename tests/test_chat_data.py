@@ -185,3 +185,25 @@ def test_dpo_and_reward_model_on_conversational_files(tmp_path, chat_model):
     with pytest.raises(common.UsageError, match="no chat template"):
         dpo.train(dpo.Args(**{**short, "model": "tiny-pref"}, out_dir=str(tmp_path / "none")))
     assert not (tmp_path / "none").exists()
+
+
+def test_grpo_and_reinforce_read_prompts_of_messages(tmp_path):
+    # `tiny` (character tokenizer) with a template that writes the user's content as it is: a
+    # file of message prompts then trains exactly like the same prompts as text
+    import grpo
+    import reinforce
+
+    folder = tmp_path / "tiny-chat"
+    shutil.copytree(common.MODELS_DIR / "tiny", folder, ignore=shutil.ignore_patterns("build.json"))
+    tok = common.load_model(str(folder), torch.device("cpu"))[1]
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(folder)
+    rows = [{"prompt": user(f"{a}+{a}="), "answer": str(2 * a)} for a in range(10, 20)]
+    data = write(tmp_path, "task.jsonl", rows)
+    short = dict(model=str(folder), data=str(data), steps=1, prompts_per_step=4, eval_size=2,
+                 pass_at_k=False, device="cpu", dtype="float32", save_model=False)
+    for script, extra in ((grpo, {"group_size": 2}), (reinforce, {"samples_per_prompt": 2})):
+        s = script.train(script.Args(**short, **extra, out_dir=str(tmp_path / script.__name__)))
+        assert s["steps"] == 1 and 0 <= s["final_accuracy"] <= 1
+    with pytest.raises(common.UsageError, match=r"--data \(rows of messages\): the tokenizer of --model tiny "):
+        grpo.train(grpo.Args(**{**short, "model": "tiny"}, group_size=2, out_dir=str(tmp_path / "no")))
