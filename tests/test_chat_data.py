@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -127,19 +125,24 @@ def test_load_task_reads_prompts_of_messages(tmp_path):
         common.load_task(str(write(tmp_path, "bad.jsonl", [{"prompt": [{"role": 1}], "answer": "4"}] * 2)))
 
 
-def test_load_model_leaves_transformers_logging_alone():
-    # importing common and loading a model keep the process's transformers settings
-    code = ("from transformers.utils import logging as l; l.set_verbosity_info(); l.enable_progress_bar(); "
-            "import torch, common; common.load_model('tiny-pref', torch.device('cpu')); "
-            "print(l.get_verbosity() == l.INFO, l.is_progress_bar_enabled())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=common.MODELS_DIR.parent, capture_output=True,
-                         text=True, timeout=120)
-    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]
+def test_load_model_leaves_transformers_logging_alone(tmp_path):
+    # load_model silences transformers only while it loads: the process's settings come back after
+    # it, after an error too (common itself sets nothing when it is imported)
     from transformers.utils import logging as hf_logging
+
     before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    with pytest.raises(common.UsageError):
-        common.load_model(str(common.MODELS_DIR / "tiny-pref" / "nope"), torch.device("cpu"))
-    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before  # also after an error
+    try:
+        for verbosity, bars in ((hf_logging.INFO, True), (hf_logging.WARNING, False)):
+            hf_logging.set_verbosity(verbosity)
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+            common.load_model("tiny-pref", torch.device("cpu"))
+            assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (verbosity, bars)
+            with pytest.raises(common.UsageError, match="could not load"):  # inside from_pretrained
+                common.load_model(str(tmp_path), torch.device("cpu"))
+            assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (verbosity, bars)
+    finally:
+        hf_logging.set_verbosity(before[0])
+        (hf_logging.enable_progress_bar if before[1] else hf_logging.disable_progress_bar)()
 
 
 @pytest.fixture(scope="module")
