@@ -639,20 +639,47 @@ def parse_number(s: str):
     return Fraction(s) if re.fullmatch(r"-?\d+(\.\d+)?", s) else None
 
 
-def score(completion: str, answer: str, finished: bool, strict: bool = True) -> float:
+def score(completion, answer: str, finished: bool, strict: bool = True, tokenizer=None) -> float:
     """The verifiable reward: 1.0 if the completion answers `answer`, else 0.0. Never raises.
 
-    strict (the built-in arithmetic task): the whole completion must be the number, digits only
-    (`85`, not ` 85` or `85.`). Not strict (`--data`): the last number in the completion counts
-    (GSM8K style, `... so the answer is 1,234.`). Either way a completion that did not finish
-    (no EOS within the token limit) scores 0: an answer that was cut off is not an answer.
+    completion: the generated token ids (a list of ints, with `tokenizer`; everything from the
+    first EOS on is dropped), or the decoded text. A completion that did not finish (no EOS within
+    the token limit) scores 0 either way: an answer that was cut off is not an answer.
+
+    strict (the built-in arithmetic task) scores what was generated: the tokens before the EOS must
+    spell the number and nothing else, in its one canonical form:
+      - ASCII digits with an optional leading '-' (`85`; not ` 85`, `85 `, `85.`, `+85`, `85.0`, `8 5`);
+      - no leading zero (`085`, `00`) and no `-0`;
+      - from ids, no special token (nor an id outside the vocabulary) before the EOS:
+        `8 <pad> 5 <eos>` scores 0, as in the process reward (`digit_step_rewards`), though its
+        text without special tokens reads `85`.
+    From text, strict can only check what the text still holds: a caller that decoded with
+    skip_special_tokens=True has already removed any `<pad>` or `<unk>`, so pass the ids for the
+    whole check. The answer may be spelled any way `parse_number` reads (`"085"` is 85).
+
+    Not strict (`--data`): the last number in the text (special tokens skipped) counts, GSM8K style
+    (`... so the answer is 1,234.`); leading zeros and signs are read as numbers.
     """
     import re
-    if not finished or not isinstance(completion, str):
+    if not finished:
+        return 0.0
+    if tokenizer is not None and isinstance(completion, (list, tuple)) \
+            and all(isinstance(i, int) for i in completion):
+        ids = list(completion)
+        if tokenizer.eos_token_id in ids:
+            ids = ids[:ids.index(tokenizer.eos_token_id)]  # the answer: the tokens before the first EOS
+        special, n_vocab = set(tokenizer.all_special_ids), len(tokenizer)
+        if strict and any(i in special or not 0 <= i < n_vocab for i in ids):
+            return 0.0  # a <pad>, <unk>, ... (or no token at all) inside the answer: not the number as written
+        try:
+            completion = tokenizer.decode(ids, skip_special_tokens=True)
+        except Exception:  # ids the tokenizer cannot decode (out of its vocabulary) are no answer
+            return 0.0
+    if not isinstance(completion, str):
         return 0.0
     target = parse_number(str(answer))
-    if strict:
-        got = parse_number(completion) if re.fullmatch(r"-?[0-9]+", completion) else None  # ASCII digits only
+    if strict:  # ASCII digits only, canonical: 0, or a non-zero first digit (after an optional '-')
+        got = parse_number(completion) if re.fullmatch(r"0|-?[1-9][0-9]*", completion) else None
     else:
         nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", completion)
         got = parse_number(nums[-1]) if nums else None
@@ -661,15 +688,17 @@ def score(completion: str, answer: str, finished: bool, strict: bool = True) -> 
 
 def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, strict: bool = True,
                     batch_size: int = 256) -> float:
-    """Held-out accuracy of greedy decoding: the mean of `score` over `rows`."""
+    """Held-out accuracy of greedy decoding: the mean of `score` over `rows`, scored from the
+    generated token ids (so a special token inside a strict answer counts as wrong)."""
     was_training = model.training
     model.eval()
     total = 0.0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        *_, texts, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk],
-                                            max_new_tokens, greedy=True)
-        total += sum(score(t, r["answer"], f, strict) for t, r, f in zip(texts, chunk, finished))
+        _, _, c_ids, _, _, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk],
+                                                    max_new_tokens, greedy=True)  # c_ids: [b, T]
+        total += sum(score(ids, r["answer"], f, strict, tokenizer)
+                     for ids, r, f in zip(c_ids.tolist(), chunk, finished))
     model.train(was_training)
     return total / max(1, len(rows))
 
@@ -677,7 +706,8 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, str
 @torch.no_grad()
 def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, strict: bool = True,
               temperature: float = 1.0, seed: int = 0, batch_size: int = 512) -> dict:
-    """What sampling can reach: k completions per prompt at `temperature`, scored by `score`.
+    """What sampling can reach: k completions per prompt at `temperature`, scored by `score` from
+    the generated token ids.
 
         pass@1 = mean over prompts and samples of the reward    (the expected reward of one sample)
         pass@k = fraction of prompts with at least one right answer among their k samples
@@ -696,10 +726,12 @@ def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, s
         per = max(1, batch_size // k)  # prompts per generate call
         for i in range(0, len(rows), per):
             chunk = rows[i:i + per]
-            *_, texts, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk for _ in range(k)],
-                                                max_new_tokens, temperature)  # the k samples are consecutive
+            _, _, c_ids, _, _, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk for _ in range(k)],
+                                                        max_new_tokens, temperature)  # the k samples are consecutive
+            ids = c_ids.tolist()  # [b·k][T]
             for j, r in enumerate(chunk):
-                hits.append([score(texts[j * k + s], r["answer"], finished[j * k + s], strict) for s in range(k)])
+                hits.append([score(ids[j * k + s], r["answer"], finished[j * k + s], strict, tokenizer)
+                             for s in range(k)])
     model.train(was_training)
     h = np.array(hits, dtype=np.float64).reshape(-1, k)  # [n, k]
     return {"k": k, "pass_at_1": float(h.mean()) if h.size else 0.0,
@@ -717,12 +749,15 @@ def pass_text(p: dict | None) -> str:
 
 def digit_step_rewards(completion_ids: torch.Tensor, comp_mask: torch.Tensor,
                        target_ids: list[list[int]]) -> torch.Tensor:
-    """Process rewards for the arithmetic task: one step per completion token.  -> [B, T]
+    """Process rewards for the arithmetic task: every completion token is a step, the EOS
+    included (not one step per answer digit).  -> [B, T]
 
     Step j ends at completion token j and is rewarded 1 if that token is the j-th token of the
-    target (the answer's digits, then EOS), else 0. So `85<eos>` against `85` earns [1, 1, 1],
-    `75<eos>` earns [0, 1, 1], and `8<eos>` earns [1, 0]. Tokens past the target's length earn 0,
-    and positions outside the completion mask are 0.
+    target (the answer's tokens, then EOS), else 0. So `85<eos>` against `85` earns [1, 1, 1],
+    `75<eos>` earns [0, 1, 1], `8<eos>` earns [1, 0], and `8<pad>5<eos>` earns [1, 0, 0, 0] (a
+    special token is a wrong step, and shifts the rest). Tokens past the target's length earn 0,
+    and positions outside the completion mask are 0. The comparison is of token ids, so a number
+    spelled with other tokens than `tokenizer.encode(answer)` earns 0 where `score` may give 1.
     """
     B, T = completion_ids.shape
     target = torch.full((B, T), -1, dtype=torch.long, device=completion_ids.device)  # [B, T]
