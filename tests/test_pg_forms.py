@@ -28,7 +28,6 @@ discounted return the γ^t sits in the discounted visitation d_γ: ∇V^π(s_0) 
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest
