@@ -795,7 +795,8 @@ def train(args: Args) -> dict:
 
     ##### the four models
     path = common.resolve_model_path(args.model)
-    print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
+    print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
+          "models …", flush=True)
     policy, tok = common.load_model(path, device)  # π_θ, float32 weights
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
