@@ -604,8 +604,8 @@ def train(args: Args) -> dict:
     rows, source = read_maze(args.maze)
     maze = Maze(rows, args.max_episode_steps, source)
     device = pick_device(args.device)
-    out = prepare_run_dir(args.out_dir or default_run_dir("dqn_maze", args.seed), args.overwrite)
     seed_everything(args.seed)
+    out = prepare_run_dir(args.out_dir or default_run_dir("dqn_maze", args.seed), args.overwrite)
     # A network this small gains nothing from a second CPU thread, and on a busy machine the two
     # threads wait for each other (with 2 threads on 2 busy cores we saw 5-10x fewer steps/s).
     torch.set_num_threads(1)

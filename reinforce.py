@@ -118,15 +118,15 @@ class Args:
     """seed of Python's random, numpy and torch (sampling included) (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
     float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
 
-    psi: str = "reward-to-go"
+    psi: Literal["return", "reward-to-go"] = "reward-to-go"
     """Ψ_t, what multiplies ∇log π(a_t|s_t) (notes 002 §4.4): `return` (the whole R(τ), the same
     for every token) or `reward-to-go` (G_t, the rewards from t on)"""
-    baseline: str = "rloo"
+    baseline: Literal["none", "mean", "rloo", "value"] = "rloo"
     """b, subtracted from Ψ_t: `none`, `mean` (the batch mean of R(τ)), `rloo` (the mean R(τ)
     of the other K−1 samples of the same prompt; needs K ≥ 2), or `value` (b(s_t) = V_ψ(s_t), a
     linear head on the policy's hidden state fitted by MSE to G_t; with --psi reward-to-go only)"""
@@ -401,13 +401,13 @@ def train(args: Args) -> dict:
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reinforce", args.seed),
-                                 args.overwrite)
     train_rows, heldout = common.load_task(args.data)
     heldout = heldout[: args.eval_size]
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
+    print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
+          + " …", flush=True)
     policy, tok = common.load_model(args.model, device)  # float32 weights
     policy.eval()  # no dropout: the log-probs of the loss are those of the policy that sampled
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
@@ -418,14 +418,11 @@ def train(args: Args) -> dict:
         head = value_head(policy.config.hidden_size, device)
         groups.append({"params": list(head.parameters()), "lr": args.value_lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)  # the schedule scales both groups
+    # the run folder is made only once the flags, the data and the model have all been accepted
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reinforce", args.seed),
+                                 args.overwrite)
 
-    def lr_factor(step: int) -> float:  # step counts from 0; multiplies --lr
-        if step < args.warmup_steps:
-            return (step + 1) / (args.warmup_steps + 1)
-        if args.lr_schedule == "constant":
-            return 1.0
-        return max(0.0, (args.steps - step) / max(1, args.steps - args.warmup_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # common.lr_factor
     load_seconds = time.time() - t_start
 
     def prompt_text(row):
@@ -449,11 +446,12 @@ def train(args: Args) -> dict:
             return common.pass_at_k(policy, tok, eval_rows, args.samples_per_prompt, args.max_new_tokens, strict,
                                     args.temperature)
 
-    log = common.RunLogger(out)
+    log = common.RunLogger(out, total_steps=args.steps)
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
           f"Ψ = {'R(τ)' if args.psi == 'return' else 'G_t'} − b[{args.baseline}], γ = {args.gamma}, "
           f"β = {args.beta}{'' if ref is not None else ' (no reference model)'}")
+    print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
     start_acc, start_pass = evaluate(), evaluate_pass_at_k()
     log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
     print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
@@ -470,7 +468,7 @@ def train(args: Args) -> dict:
     for step in range(1, args.steps + 1):
         t0 = time.time()
         ##### 1. sample K completions of each prompt from π_θ
-        rows = [train_rows[i] for i in rng.choice(len(train_rows), n, replace=False)]
+        rows = [train_rows[i] for i in rng.choice(len(train_rows), n, replace=n > len(train_rows))]
         prompts = [prompt_text(r) for r in rows for _ in range(K)]  # the K samples of x are consecutive
         answers = [r["answer"] for r in rows for _ in range(K)]
         with prec.autocast():
