@@ -129,7 +129,7 @@ class Args:
     """seed of Python's random, numpy and torch (sampling included); the evaluation uses seed+1 (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
     float32, the frozen ones too, so that π_θ = π_ref exactly at step 0 (TRL: bf16 / fp16)"""
@@ -867,6 +867,8 @@ def train(args: Args) -> dict:
 
     ##### the four models
     path = common.resolve_model_path(args.model)
+    print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
+          "models …", flush=True)
     policy, tok = common.load_model(path, device)  # π_θ, float32 weights
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
@@ -883,8 +885,7 @@ def train(args: Args) -> dict:
     common.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
     params = [{"params": list(policy.parameters())}, {"params": list(value.parameters())}]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-5)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))  # s counts PPO steps from 0
+    sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, "constant")  # warm-up, then flat
     ptx_data = sft_batches(args, train_pairs, args.seed + 2, ptx_rows) if args.ptx_coef > 0 else None
     load_seconds = time.time() - t_start
 
@@ -904,10 +905,11 @@ def train(args: Args) -> dict:
         return {"eval/gold_reward": s["gold_reward"], "eval/score": s["score"],
                 "eval/kl_to_ref": s["kl_to_ref"], "eval/mean_length": s["mean_length"], "texts": s["texts"]}
 
-    log = common.RunLogger(out)
+    log = common.RunLogger(out, total_steps=args.steps)
     n_params = sum(p.numel() for p in policy.parameters()) / 1e6
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} ({n_params:.2f}M "
           f"parameters)  |  reward model {rm_path}  |  value model from the {args.value_init}")
+    print(f"evaluating the start policy ({args.eval_samples} samples) …", flush=True)
     start = evaluate()
     start_texts = start.pop("texts")
     log.log(0, {**start, "objective/beta": args.beta})
