@@ -87,6 +87,18 @@ def test_no_equivalent_is_one_line_error(argv, says, capsys):
     assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["grpo.py"], "--out-dir is required with 2 processes"),
+    (["grpo.py", "--out-dir", "x", "--prompts-per-step", "3", "--group-size", "3"],
+     "the batch of 9 does not split evenly over 2 processes"),  # 3 prompts × G 3
+    (["dpo.py", "--out-dir", "x", "--batch-size", "5"], "--batch-size: the batch of 5 does not split evenly"),
+])
+def test_several_processes_keep_the_step_batch(argv, says, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun / accelerate launch set it
+    assert to_trl.main(["--dry-run", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
 def test_bad_flag_is_the_scripts_error(capsys):
     for run in (lambda argv: common.parse_args(grpo.Args, argv), lambda argv: to_trl.main(["grpo.py", *argv])):
         with pytest.raises(SystemExit) as e:
@@ -110,11 +122,13 @@ def test_dry_run_prints_the_config_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_bad_data_leaves_no_folder(tmp_path):
+def test_bad_data_or_model_leaves_no_folder(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1="}\n')
     with pytest.raises(common.UsageError, match="missing key"):
         to_trl.run(["grpo.py", "--data", str(bad), "--out-dir", str(tmp_path / "run")])
+    with pytest.raises(common.UsageError, match="--chat-template: the tokenizer of --model tiny has no chat"):
+        to_trl.run(["grpo.py", "--chat-template", "--out-dir", str(tmp_path / "run")])  # grpo.py's check
     assert not (tmp_path / "run").exists()
 
 

@@ -41,10 +41,14 @@ a bias-free `score` head drawn from N(0, initializer_range²); reward_model.py: 
 N(0, 1/(d+1))). The saved model is TRL's (`save_model` into <out-dir>/model): for reward_model.py a
 sequence-classification folder, which reward_model.load_reward_model does not read.
 
-Several GPUs: `accelerate launch --num_processes N bench/to_trl.py SCRIPT ...` (or torchrun). The
-batch flags keep their meaning for the whole step: per_device_train_batch_size × N ×
-gradient_accumulation_steps = the script's batch, so it must divide evenly; --out-dir is then
-required (every process must name the same folder). ppo.py: TRL 1.16 has no PPOTrainer.
+Several GPUs: `accelerate launch --num_processes N bench/to_trl.py SCRIPT ...`, or
+`torchrun --nproc_per_node N bench/to_trl.py SCRIPT ...` (which also runs N processes on the CPU,
+with gloo; `accelerate launch` on the CPU starts one unless MPI is set up). The batch flags keep
+their meaning for the whole step: per_device_train_batch_size × N × gradient_accumulation_steps =
+the script's batch, so it must divide evenly; --out-dir is then required (every process must name
+the same folder); the evaluation runs on the main process only. With several processes dpo.py's
+reference log-probs are recomputed every step (TRL caches its precomputed ones per process for an
+in-memory data set). ppo.py: TRL 1.16 has no PPOTrainer.
 """
 
 from __future__ import annotations
@@ -264,7 +268,7 @@ def grpo_fields(a, world: int = 1) -> dict:
                                     f"use --adv-eps {TRL_ADV_EPS}")
     B = a.prompts_per_step * a.group_size  # completions per GRPO step, over all processes
     local = per_device(B, world, "--prompts-per-step × --group-size")
-    mb = a.micro_batch or local
+    mb = min(a.micro_batch or local, local)  # as grpo.py: a micro-batch larger than the batch is the batch
     check(local % mb == 0, f"--micro-batch {a.micro_batch} must divide the {local} completions per process "
                            "(TRL accumulates equal micro-batches)")
     return {**run_fields(a, "grpo", world), **FIXED["all"], **FIXED["grpo"],
