@@ -222,17 +222,10 @@ def world_size() -> int:
 
 
 def lr_factor_fn(total: int, warmup: int, schedule: str = "linear", per: int = 1):
-    """The scripts' schedule as a LambdaLR factor of the optimiser step s (from 0): warm-up
-    (k+1)/(w+1), then constant or linear decay to 0 at the last step, with k = s // per the script's
-    step (GRPO: `per` = μ optimiser steps per GRPO step; its schedule steps once per GRPO step)."""
-    def f(s: int) -> float:
-        k = s // per
-        if k < warmup:
-            return (k + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        return max(0.0, (total - k) / max(1, total - warmup))
-    return f
+    """The scripts' schedule (common.lr_factor: warm-up (k+1)/(w+1), then constant or linear decay)
+    as a LambdaLR factor of the optimiser step s (from 0), with k = s // per the script's step
+    (GRPO: `per` = μ optimiser steps per GRPO step; its schedule steps once per GRPO step)."""
+    return lambda s: common.lr_factor(s // per, warmup, total, schedule)
 
 
 #####################################################################################################
