@@ -51,7 +51,7 @@ def test_help_shows_each_flag_once_and_no_underscore_alias(script, capsys):
 def test_help_lists_the_choices_of_fixed_set_flags(capsys):
     out = help_text(reinforce.Args, capsys)
     assert "--psi {return,reward-to-go}" in out
-    assert "--baseline {none,mean,rloo}" in out
+    assert "--baseline {none,mean,rloo,value}" in out
     assert "--dtype {auto,float32,bfloat16,float16}" in out
     out = help_text(grpo.Args, capsys)
     assert "--loss-agg {seq-mean,token-mean,constant}" in out and "--dtype {auto," in out
