@@ -25,6 +25,7 @@ import inspect
 import json
 import os
 import random
+import shutil
 import sys
 import textwrap
 import time
@@ -59,18 +60,48 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (`error: ...`), exit code 2, not the whole usage."""
+    """argparse, but a bad flag is one line (`error: --flag: ...`), exit code 2, not the whole usage."""
 
     def error(self, message):
+        # argparse says "argument --lr: ..."; the flag alone reads better and matches our own errors
+        message = message.removeprefix("argument ")
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _converter(base, optional: bool):
+    """The `type=` of a flag: `base(s)`, or None for the word `none` when the field is Optional.
+
+    A bad value raises argparse's ArgumentTypeError with a message that says what was expected
+    (`--lr: expected a number, got 'abc'`), not argparse's "invalid convert value". Floats must be
+    finite: no flag here means anything by nan or inf, and a nan would only surface later as a NaN
+    loss. A str value that starts with `~` is expanded as the shell would (os.path.expanduser): the
+    shell leaves `--out-dir=~/runs/x` alone, and every str flag that can hold a `~` is a path."""
+    expected = {int: "an integer", float: "a number"}.get(base)
+
+    def convert(s: str):
+        if optional and s.lower() == "none":
+            return None
+        if base is str:
+            return os.path.expanduser(s) if s.startswith("~") else s
+        try:
+            value = base(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected or base.__name__}, got {s!r}"
+                                             + (" (or none)" if optional else "")) from None
+        if base is float and not np.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+        return value
+    return convert
 
 
 def parse_args(cls, argv: list[str] | None = None, description: str | None = None):
     """Build an argparse parser from a dataclass `Args` and return a filled instance.
 
     `max_new_tokens: int = 4` becomes `--max-new-tokens INT`; a bool becomes `--flag/--no-flag`;
-    `Optional[X]` accepts the word `none`; `Literal[...]` becomes a choice. The help text of each
-    flag is the docstring under the field.
+    `Optional[X]` accepts the word `none`; `Literal[...]` is how a field declares a fixed set of
+    values: `--help` lists them and any other value is refused. The help text of each flag is the
+    docstring under the field. The underscore spelling (`--max_new_tokens`) is accepted as well,
+    but not shown in `--help`, so every flag appears once.
     """
     docs = _field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -82,27 +113,25 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
             inner = [a for a in typing.get_args(tp) if a is not type(None)]
             tp, optional = inner[0], True
         flag = "--" + f.name.replace("_", "-")
-        names = [flag] + (["--" + f.name] if "_" in f.name else [])
+        alias = "--" + f.name if "_" in f.name else None
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        kwargs: dict = {"dest": f.name, "default": default,
+                        "help": f"{docs.get(f.name, '')} (default: {default})"}
         if tp is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_)
-            continue
-        kwargs: dict = {"dest": f.name, "default": default, "help": help_}
-        if typing.get_origin(tp) is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-            base = type(kwargs["choices"][0])
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            base = tp
-        kwargs["metavar"] = base.__name__.upper() if "choices" not in kwargs else None
-
-        def convert(s, base=base, optional=optional):
-            if optional and s.lower() == "none":
-                return None
-            return base(s)
-        kwargs["type"] = convert
-        parser.add_argument(*names, **kwargs)
+            choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
+            base = type(choices[0]) if choices else tp
+            if choices:
+                # {a,b,c} in --help; `none` must pass the choices check too when the field is Optional
+                kwargs["choices"] = choices + [None] if optional else choices
+                kwargs["metavar"] = "{" + ",".join(map(str, choices + (["none"] if optional else []))) + "}"
+            else:
+                kwargs["metavar"] = base.__name__.upper()
+            kwargs["type"] = _converter(base, optional)
+        parser.add_argument(flag, **kwargs)
+        if alias:  # the same flag with underscores: works, hidden from --help and from the usage line
+            parser.add_argument(alias, **{**kwargs, "help": argparse.SUPPRESS})
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -143,7 +172,9 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's `random`, numpy and torch (CPU and every GPU)."""
+    """Seed Python's `random`, numpy and torch (CPU and every GPU). numpy's legacy seed takes
+    0 .. 2³² − 1 only, so any other --seed is a UsageError here, before a run folder exists."""
+    check(0 <= seed < 2 ** 32, f"--seed must be in [0, 2^32 − 1] (got {seed})")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -154,18 +185,71 @@ def default_run_dir(script: str, seed: int) -> Path:
     return Path("runs") / f"{script}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# What the scripts write into a run folder, and so what --overwrite may remove: nothing else is
+# ever deleted. (model/: the policy or reward model; value_model/: PPO's value model;
+# reward_model/: the reward-model run that ppo.py trains when none is given; q_network.pt: dqn_maze.)
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "model", "value_model", "reward_model", "q_network.pt")
+
+
 def prepare_run_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Create the run folder. Refuse (UsageError) if it already holds a run, unless `overwrite`."""
-    out = Path(out_dir)
+    """Create the run folder and return it. A folder that already holds a run is refused
+    (UsageError), unless `overwrite`: then the earlier run's outputs (RUN_OUTPUTS) are removed, and
+    the names of what was removed printed. A folder that holds anything else is refused even with
+    `overwrite`, since those files are not ours to delete."""
+    out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    unknown = [name for name in present if name not in RUN_OUTPUTS]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UsageError(f"--out-dir {out} holds files that no run writes ({shown}); choose another "
+                         "--out-dir" + " (--overwrite removes only a run's own outputs)" * overwrite)
+    if present:
         check(overwrite, f"--out-dir {out} already holds a run; pass --overwrite to replace it, "
                          "or choose another --out-dir")
-        for name in ("metrics.jsonl", "summary.json"):
-            (out / name).unlink(missing_ok=True)
+        removed = []
+        for name in present:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+                removed.append(name + "/")
+            else:
+                p.unlink()
+                removed.append(name)
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "linear") -> float:
+    """The learning-rate schedule of every script: the factor that multiplies --lr at optimiser
+    step `step` (counted from 0, so the first step uses lr_factor(0)).
+
+        warm-up      (step + 1) / (warmup_steps + 1)                     for step < warmup_steps
+        "constant"   1                                                   after it
+        "linear"     (total_steps − step) / (total_steps − warmup_steps) after it, down to 1/(N − W)
+                     at the last step (N = total_steps), so 0 is reached just after the run ends
+
+    The linear part is that of transformers' `get_linear_schedule_with_warmup` (TRL's default).
+    The warm-up differs: HF's is step / warmup_steps, so its first step has lr 0 and does nothing;
+    this one starts at lr / (warmup_steps + 1). With W = 2, N = 5 the factors are
+    1/3, 2/3, 1, 2/3, 1/3 (linear) and 1/3, 2/3, 1, 1, 1 (constant).
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule != "linear":
+        raise ValueError(f"unknown schedule {schedule!r}: expected linear or constant")
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def lr_scheduler(opt, warmup_steps: int, total_steps: int, schedule: str = "linear"):
+    """A torch LambdaLR over `lr_factor`; call `.step()` once per optimiser step (per PPO step in
+    ppo.py, which takes several optimiser steps on one rate)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))
 
 
 def _jsonable(x):
@@ -181,23 +265,39 @@ def _jsonable(x):
 class RunLogger:
     """One compact line per logging step on stdout, and the same numbers in `metrics.jsonl`.
 
-    Metric names are namespaced, as in CleanRL and TRL: `reward/mean`, `loss/policy`, `eval/accuracy`.
+    Metric names are namespaced, as in CleanRL and TRL: `reward/mean`, `loss/policy`, `eval/accuracy`,
+    and printed in full:  step   50/2000 | reward/mean 0.5 | kl/ref 0.01 | 1m02s, ETA 3m10s
+    With `total_steps`, each line says how far the run is and when it should end: the ETA is the
+    time per step since the first logged row (step 0, after the start evaluation) times the steps
+    left, so periodic evaluations are counted in it.
     """
 
-    def __init__(self, out_dir: Path, quiet: bool = False):
+    def __init__(self, out_dir: Path, quiet: bool = False, total_steps: int | None = None):
         self.out_dir = Path(out_dir)
         self.quiet = quiet
+        self.total_steps = total_steps
         self.t0 = time.time()
+        self.first: tuple[int, float] | None = None  # (step, time) of the first row, for the ETA
         self.file = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
 
     def log(self, step: int, metrics: dict, keys: list[str] | None = None) -> None:
-        row = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
+        now = time.time()
+        if self.first is None:
+            self.first = (step, now)
+        row = {"step": step, "time": round(now - self.t0, 3), **metrics}
         self.file.write(json.dumps(row, default=_jsonable) + "\n")
         if not self.quiet and keys != []:  # keys=[]: write the row, print nothing
             shown = keys if keys is not None else list(metrics)
-            parts = [f"{k.split('/')[-1] if k.count('/') else k} {_fmt(metrics[k])}"
-                     for k in shown if k in metrics]
-            print(f"step {step:>5} | {row['time']:7.1f}s | " + " | ".join(parts), flush=True)
+            parts = [f"{k} {_fmt(metrics[k])}" for k in shown if k in metrics]
+            if self.total_steps is None:
+                head, tail = f"step {step:>5}", f"{_fmt_seconds(now - self.t0)}"
+            else:
+                head = f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"
+                tail = _fmt_seconds(now - self.t0)
+                done, spent = step - self.first[0], now - self.first[1]
+                if done > 0:
+                    tail += f", ETA {_fmt_seconds(spent / done * max(0, self.total_steps - step))}"
+            print(" | ".join([head, *parts, tail]), flush=True)
 
     def summary(self, summary: dict) -> dict:
         with open(self.out_dir / "summary.json", "w") as f:
@@ -233,6 +333,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _fmt_seconds(t: float) -> str:
+    """A duration as people read it: 42s, 3m10s, 2h05m."""
+    t = int(round(t))
+    if t < 60:
+        return f"{t}s"
+    if t < 3600:
+        return f"{t // 60}m{t % 60:02d}s"
+    return f"{t // 3600}h{t % 3600 // 60:02d}m"
+
+
 #####################################################################################################
 #####  data
 #####################################################################################################
@@ -246,7 +356,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), flag: str = "--
     `UsageError("FILE:LINE: reason")`, so the user can open the file there.
     """
     p = Path(path)
-    check(p.is_file(), f"{flag} {p}: no such file")
+    check(p.is_file(), f"{flag} {p}: " + ("is a folder, not a JSONL file" if p.is_dir() else "no such file"))
     rows = []
     with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -658,20 +768,47 @@ def parse_number(s: str):
     return Fraction(s) if re.fullmatch(r"-?\d+(\.\d+)?", s) else None
 
 
-def score(completion: str, answer: str, finished: bool, strict: bool = True) -> float:
+def score(completion, answer: str, finished: bool, strict: bool = True, tokenizer=None) -> float:
     """The verifiable reward: 1.0 if the completion answers `answer`, else 0.0. Never raises.
 
-    strict (the built-in arithmetic task): the whole completion must be the number, digits only
-    (`85`, not ` 85` or `85.`). Not strict (`--data`): the last number in the completion counts
-    (GSM8K style, `... so the answer is 1,234.`). Either way a completion that did not finish
-    (no EOS within the token limit) scores 0: an answer that was cut off is not an answer.
+    completion: the generated token ids (a list of ints, with `tokenizer`; everything from the
+    first EOS on is dropped), or the decoded text. A completion that did not finish (no EOS within
+    the token limit) scores 0 either way: an answer that was cut off is not an answer.
+
+    strict (the built-in arithmetic task) scores what was generated: the tokens before the EOS must
+    spell the number and nothing else, in its one canonical form:
+      - ASCII digits with an optional leading '-' (`85`; not ` 85`, `85 `, `85.`, `+85`, `85.0`, `8 5`);
+      - no leading zero (`085`, `00`) and no `-0`;
+      - from ids, no special token (nor an id outside the vocabulary) before the EOS:
+        `8 <pad> 5 <eos>` scores 0, as in the process reward (`digit_step_rewards`), though its
+        text without special tokens reads `85`.
+    From text, strict can only check what the text still holds: a caller that decoded with
+    skip_special_tokens=True has already removed any `<pad>` or `<unk>`, so pass the ids for the
+    whole check. The answer may be spelled any way `parse_number` reads (`"085"` is 85).
+
+    Not strict (`--data`): the last number in the text (special tokens skipped) counts, GSM8K style
+    (`... so the answer is 1,234.`); leading zeros and signs are read as numbers.
     """
     import re
-    if not finished or not isinstance(completion, str):
+    if not finished:
+        return 0.0
+    if tokenizer is not None and isinstance(completion, (list, tuple)) \
+            and all(isinstance(i, int) for i in completion):
+        ids = list(completion)
+        if tokenizer.eos_token_id in ids:
+            ids = ids[:ids.index(tokenizer.eos_token_id)]  # the answer: the tokens before the first EOS
+        special, n_vocab = set(tokenizer.all_special_ids), len(tokenizer)
+        if strict and any(i in special or not 0 <= i < n_vocab for i in ids):
+            return 0.0  # a <pad>, <unk>, ... (or no token at all) inside the answer: not the number as written
+        try:
+            completion = tokenizer.decode(ids, skip_special_tokens=True)
+        except Exception:  # ids the tokenizer cannot decode (out of its vocabulary) are no answer
+            return 0.0
+    if not isinstance(completion, str):
         return 0.0
     target = parse_number(str(answer))
-    if strict:
-        got = parse_number(completion) if re.fullmatch(r"-?[0-9]+", completion) else None  # ASCII digits only
+    if strict:  # ASCII digits only, canonical: 0, or a non-zero first digit (after an optional '-')
+        got = parse_number(completion) if re.fullmatch(r"0|-?[1-9][0-9]*", completion) else None
     else:
         nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", completion)
         got = parse_number(nums[-1]) if nums else None
@@ -680,15 +817,17 @@ def score(completion: str, answer: str, finished: bool, strict: bool = True) -> 
 
 def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, strict: bool = True,
                     batch_size: int = 256) -> float:
-    """Held-out accuracy of greedy decoding: the mean of `score` over `rows`."""
+    """Held-out accuracy of greedy decoding: the mean of `score` over `rows`, scored from the
+    generated token ids (so a special token inside a strict answer counts as wrong)."""
     was_training = model.training
     model.eval()
     total = 0.0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        *_, texts, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk],
-                                            max_new_tokens, greedy=True)
-        total += sum(score(t, r["answer"], f, strict) for t, r, f in zip(texts, chunk, finished))
+        _, _, c_ids, _, _, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk],
+                                                    max_new_tokens, greedy=True)  # c_ids: [b, T]
+        total += sum(score(ids, r["answer"], f, strict, tokenizer)
+                     for ids, r, f in zip(c_ids.tolist(), chunk, finished))
     model.train(was_training)
     return total / max(1, len(rows))
 
@@ -696,7 +835,8 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, str
 @torch.no_grad()
 def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, strict: bool = True,
               temperature: float = 1.0, seed: int = 0, batch_size: int = 512) -> dict:
-    """What sampling can reach: k completions per prompt at `temperature`, scored by `score`.
+    """What sampling can reach: k completions per prompt at `temperature`, scored by `score` from
+    the generated token ids.
 
         pass@1 = mean over prompts and samples of the reward    (the expected reward of one sample)
         pass@k = fraction of prompts with at least one right answer among their k samples
@@ -715,10 +855,12 @@ def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, s
         per = max(1, batch_size // k)  # prompts per generate call
         for i in range(0, len(rows), per):
             chunk = rows[i:i + per]
-            *_, texts, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk for _ in range(k)],
-                                                max_new_tokens, temperature)  # the k samples are consecutive
+            _, _, c_ids, _, _, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk for _ in range(k)],
+                                                        max_new_tokens, temperature)  # the k samples are consecutive
+            ids = c_ids.tolist()  # [b·k][T]
             for j, r in enumerate(chunk):
-                hits.append([score(texts[j * k + s], r["answer"], finished[j * k + s], strict) for s in range(k)])
+                hits.append([score(ids[j * k + s], r["answer"], finished[j * k + s], strict, tokenizer)
+                             for s in range(k)])
     model.train(was_training)
     h = np.array(hits, dtype=np.float64).reshape(-1, k)  # [n, k]
     return {"k": k, "pass_at_1": float(h.mean()) if h.size else 0.0,
@@ -736,12 +878,15 @@ def pass_text(p: dict | None) -> str:
 
 def digit_step_rewards(completion_ids: torch.Tensor, comp_mask: torch.Tensor,
                        target_ids: list[list[int]]) -> torch.Tensor:
-    """Process rewards for the arithmetic task: one step per completion token.  -> [B, T]
+    """Process rewards for the arithmetic task: every completion token is a step, the EOS
+    included (not one step per answer digit).  -> [B, T]
 
     Step j ends at completion token j and is rewarded 1 if that token is the j-th token of the
-    target (the answer's digits, then EOS), else 0. So `85<eos>` against `85` earns [1, 1, 1],
-    `75<eos>` earns [0, 1, 1], and `8<eos>` earns [1, 0]. Tokens past the target's length earn 0,
-    and positions outside the completion mask are 0.
+    target (the answer's tokens, then EOS), else 0. So `85<eos>` against `85` earns [1, 1, 1],
+    `75<eos>` earns [0, 1, 1], `8<eos>` earns [1, 0], and `8<pad>5<eos>` earns [1, 0, 0, 0] (a
+    special token is a wrong step, and shifts the rest). Tokens past the target's length earn 0,
+    and positions outside the completion mask are 0. The comparison is of token ids, so a number
+    spelled with other tokens than `tokenizer.encode(answer)` earns 0 where `score` may give 1.
     """
     B, T = completion_ids.shape
     target = torch.full((B, T), -1, dtype=torch.long, device=completion_ids.device)  # [B, T]

@@ -80,7 +80,7 @@ class Args:
     (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
     float32, the frozen ones too, so that π_θ = π_ref exactly at step 0 (TRL: bf16 / fp16)"""
@@ -339,6 +339,7 @@ def train(args: Args) -> dict:
 
     ##### models: the policy π_θ and the frozen reference π_ref, both the SFT policy at the start
     path = common.resolve_model_path(args.model)
+    print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
     policy, tok = common.load_model(path, device)  # float32 weights
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
     train_pairs, heldout = (common.render_chat(tok, rows, args.chat_template, args.model)
@@ -351,25 +352,22 @@ def train(args: Args) -> dict:
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     policy.eval()  # no dropout: at the start π_θ must equal π_ref exactly
     ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
-    # the run folder is made only once the flags, the data and the models have all been accepted
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("dpo", args.seed), args.overwrite)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    # the run folder is made only once the flags, the data and the model have all been accepted
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("dpo", args.seed), args.overwrite)
     rng = np.random.default_rng(args.seed)
     batches = [(epoch, order[i:i + args.batch_size]) for epoch in range(args.epochs)
                for order in [rng.permutation(len(train_pairs))]
                for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
     total_steps = len(batches)
 
-    def lr_factor(step: int) -> float:  # step counts from 0; multiplies --lr
-        if step < args.warmup_steps:
-            return (step + 1) / (args.warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = common.lr_scheduler(opt, args.warmup_steps, total_steps, "linear")  # warm-up, then linear to 0
 
     ##### the reference log-probs, once, before training (π_ref never changes)
     used = np.unique(np.concatenate([idx for _, idx in batches]))  # the pairs training will see
     ref_c = torch.full((len(train_pairs),), float("nan"), device=device)  # log π_ref(y_w|x)   [N]
     ref_r = torch.full((len(train_pairs),), float("nan"), device=device)  # log π_ref(y_l|x)   [N]
+    print(f"log π_ref of {len(used)} train and {len(heldout)} held-out pairs, once …", flush=True)
     with prec.autocast():
         ref_c[used], ref_r[used] = all_pair_logps(ref, tok, [train_pairs[j] for j in used], device, average,
                                                   args.max_length)
@@ -385,7 +383,7 @@ def train(args: Args) -> dict:
                 "eval/gold_reward": s["gold_reward"], "eval/kl_to_ref": s["kl_to_ref"],
                 "eval/mean_length": s["mean_length"], "texts": s["texts"]}
 
-    log = common.RunLogger(out)
+    log = common.RunLogger(out, total_steps=total_steps)
     ceiling = common.ceiling_accuracy(heldout) if gold else None
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
@@ -394,6 +392,8 @@ def train(args: Args) -> dict:
         print(f"--max-length {args.max_length}: cut {cut_train} train and {cut_heldout} held-out pairs to their "
               f"first {args.max_length} tokens; dropped {dropped_train} train and {dropped_heldout} held-out "
               "pairs whose prompt alone is that long (TRL's keep_start)")
+    print(f"evaluating the start policy ({len(heldout)} held-out pairs, {args.eval_samples} samples) …",
+          flush=True)
     start = evaluate()
     start_texts = start.pop("texts")
     log.log(0, {**start, "eval/ceiling_accuracy": ceiling})

@@ -65,7 +65,7 @@ class Args:
     """seed of Python's random, numpy and torch (sampling included)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
     float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
@@ -274,6 +274,8 @@ def train(args: Args) -> dict:
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
+    print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
+          + " …", flush=True)
     policy, tok = common.load_model(args.model, device)  # float32 weights
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
@@ -282,13 +284,7 @@ def train(args: Args) -> dict:
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("grpo", args.seed), args.overwrite)
 
-    def lr_factor(step: int) -> float:  # step counts from 0; multiplies --lr
-        if step < args.warmup_steps:
-            return (step + 1) / (args.warmup_steps + 1)
-        if args.lr_schedule == "constant":
-            return 1.0
-        return max(0.0, (args.steps - step) / max(1, args.steps - args.warmup_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # common.lr_factor
     load_seconds = time.time() - t_start
 
     def prompt_text(row):
@@ -309,9 +305,10 @@ def train(args: Args) -> dict:
             return common.pass_at_k(policy, tok, eval_rows, args.group_size, args.max_new_tokens, strict,
                                     args.temperature)
 
-    log = common.RunLogger(out)
+    log = common.RunLogger(out, total_steps=args.steps)
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)")
+    print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
     start_acc, start_pass = evaluate(), evaluate_pass_at_k()
     log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
     print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"

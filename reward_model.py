@@ -44,7 +44,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ class Args:
     """seed of Python's random, numpy and torch (head init, data order, sampling) (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); the weights, head included,
     stay float32 (TRL: bf16 / fp16)"""
@@ -440,6 +440,7 @@ def train(args: Args) -> dict:
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
 
     ##### the model: the SFT policy's transformer and a fresh scalar head
+    print(f"loading --model {args.model} …", flush=True)
     lm, tok = common.load_model(common.resolve_model_path(args.model), device)  # float32 weights
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
     train_rows, heldout_rows = (common.render_chat(tok, rows, args.chat_template, args.model)
@@ -463,24 +464,21 @@ def train(args: Args) -> dict:
                for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
     total_steps = len(batches)
 
-    def lr_factor(step: int) -> float:  # step counts from 0; multiplies --lr
-        if step < args.warmup_steps:
-            return (step + 1) / (args.warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - args.warmup_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = common.lr_scheduler(opt, args.warmup_steps, total_steps, "linear")  # warm-up, then linear to 0
 
     ##### completions from the SFT policy for the normalisation, sampled now, before training
     norm_prompts, norm_texts = [], []
     if args.normalize:
         picks = rng.integers(len(train_rows), size=args.norm_samples)
         norm_prompts = [train_rows[i]["prompt"] for i in picks]
+        print(f"sampling {len(norm_prompts)} completions of --model for the normalisation …", flush=True)
         for i in range(0, len(norm_prompts), 256):
             with prec.autocast():
                 *_, texts, _ = common.generate_text(lm, tok, norm_prompts[i:i + 256], args.max_new_tokens)
             norm_texts += texts  # an empty text is scored as just its EOS
     load_seconds = time.time() - t_start
 
-    log = common.RunLogger(out)
+    log = common.RunLogger(out, total_steps=total_steps)
     ceiling = common.ceiling_accuracy(heldout) if gold else None
     train_ceiling = common.ceiling_accuracy(train_probe) if gold else None
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "

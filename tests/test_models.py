@@ -115,12 +115,15 @@ def test_sloppy_answer_forgets_the_carry_at_the_slip_rate():
 def test_pass_at_k_by_hand(monkeypatch):
     # 2 prompts × k = 2 samples. Prompt 1 (answer 5) gets "5", "4": one hit; prompt 2 (answer 8)
     # gets "7", "7": none. pass@1 = mean of [[1, 0], [0, 0]] = 0.25; pass@2 = (1 + 0) / 2 = 0.5.
+    # (pass_at_k scores the generated ids, so the stand-in for generate_text returns them too)
     texts = ["5", "4", "7", "7"]
+    tok = build.build_char_tokenizer()
+    ids = torch.tensor([tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts])  # [4, 2]
     monkeypatch.setattr(common, "generate_text", lambda m, t, prompts, *a, **k: (
-        None, None, None, None, texts[:len(prompts)], [True] * len(prompts)))
+        None, None, ids[:len(prompts)], None, texts[:len(prompts)], [True] * len(prompts)))
     model = torch.nn.Linear(1, 1)
     rows = [{"prompt": "2+3=", "answer": "5"}, {"prompt": "4+4=", "answer": "8"}]
-    assert common.pass_at_k(model, None, rows, 2, 4) == {"k": 2, "pass_at_1": 0.25, "pass_at_k": 0.5}
+    assert common.pass_at_k(model, tok, rows, 2, 4) == {"k": 2, "pass_at_1": 0.25, "pass_at_k": 0.5}
 
 
 #####################################################################################################
