@@ -477,7 +477,8 @@ def train(args: Args) -> dict:
         T = c_ids.shape[1]
 
         ##### 2. per-token rewards r_t and Ψ_t (no gradient)
-        scores = torch.tensor([common.score(t, a, f, strict) for t, a, f in zip(texts, answers, finished)],
+        scores = torch.tensor([common.score(c, a, f, strict, tok)  # scored from the ids, as generated
+                               for c, a, f in zip(c_ids.tolist(), answers, finished)],
                               device=device)  # [B]
         log_ratio = None
         chunks = [slice(i, i + mb) for i in range(0, B, mb)]

@@ -324,14 +324,13 @@ def reward_fields(a, n_pairs: int, world: int = 1) -> dict:
 
 def task_reward(tok, strict: bool):
     """common.score as a TRL reward function. TRL passes `completion_ids` cut just after the first
-    EOS, so a completion finished iff its ids end in EOS; conversational completions come as
-    [{"role": "assistant", "content": text}]."""
+    EOS, so a completion finished iff its ids end in EOS. It is scored from those ids, as the scripts
+    score theirs (a special token inside an answer is then wrong under strict scoring)."""
     eos = tok.eos_token_id
 
     def task_score(prompts, completions, completion_ids, answer, **kw):
-        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        return [common.score(t, ans, len(ids) > 0 and ids[-1] == eos, strict=strict)
-                for t, ids, ans in zip(texts, completion_ids, answer)]
+        return [common.score(list(ids), ans, len(ids) > 0 and ids[-1] == eos, strict, tok)  # from the ids
+                for ids, ans in zip(completion_ids, answer)]
     return task_score
 
 
