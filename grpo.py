@@ -566,8 +566,8 @@ def train(args: Args) -> dict:
         with prec.autocast():
             p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
                 policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [b, T]
-        scores = torch.tensor([common.score(t, a, f, strict) for t, a, f in zip(texts, answers, finished)],
-                              device=device)  # [b]
+        scores = torch.tensor([common.score(c, a, f, strict, tok)  # scored from the ids, as generated
+                               for c, a, f in zip(c_ids.tolist(), answers, finished)], device=device)  # [b]
         # DAPO's soft overlong punishment, on top of the task reward (0 when --overlong-buffer 0)
         shaped = scores + overlong_penalty(c_mask.sum(1), args.max_new_tokens, args.overlong_buffer,
                                            args.overlong_penalty)  # r_i + R_length(y_i)   [b]
