@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import json
 import os
 import random
+import shutil
 import sys
 import textwrap
 import time
@@ -58,18 +60,48 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (`error: ...`), exit code 2, not the whole usage."""
+    """argparse, but a bad flag is one line (`error: --flag: ...`), exit code 2, not the whole usage."""
 
     def error(self, message):
+        # argparse says "argument --lr: ..."; the flag alone reads better and matches our own errors
+        message = message.removeprefix("argument ")
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _converter(base, optional: bool):
+    """The `type=` of a flag: `base(s)`, or None for the word `none` when the field is Optional.
+
+    A bad value raises argparse's ArgumentTypeError with a message that says what was expected
+    (`--lr: expected a number, got 'abc'`), not argparse's "invalid convert value". Floats must be
+    finite: no flag here means anything by nan or inf, and a nan would only surface later as a NaN
+    loss. A str value that starts with `~` is expanded as the shell would (os.path.expanduser): the
+    shell leaves `--out-dir=~/runs/x` alone, and every str flag that can hold a `~` is a path."""
+    expected = {int: "an integer", float: "a number"}.get(base)
+
+    def convert(s: str):
+        if optional and s.lower() == "none":
+            return None
+        if base is str:
+            return os.path.expanduser(s) if s.startswith("~") else s
+        try:
+            value = base(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected or base.__name__}, got {s!r}"
+                                             + (" (or none)" if optional else "")) from None
+        if base is float and not np.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+        return value
+    return convert
 
 
 def parse_args(cls, argv: list[str] | None = None, description: str | None = None):
     """Build an argparse parser from a dataclass `Args` and return a filled instance.
 
     `max_new_tokens: int = 4` becomes `--max-new-tokens INT`; a bool becomes `--flag/--no-flag`;
-    `Optional[X]` accepts the word `none`; `Literal[...]` becomes a choice. The help text of each
-    flag is the docstring under the field.
+    `Optional[X]` accepts the word `none`; `Literal[...]` is how a field declares a fixed set of
+    values: `--help` lists them and any other value is refused. The help text of each flag is the
+    docstring under the field. The underscore spelling (`--max_new_tokens`) is accepted as well,
+    but not shown in `--help`, so every flag appears once.
     """
     docs = _field_docs(cls)
     hints = typing.get_type_hints(cls)
@@ -81,27 +113,25 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
             inner = [a for a in typing.get_args(tp) if a is not type(None)]
             tp, optional = inner[0], True
         flag = "--" + f.name.replace("_", "-")
-        names = [flag] + (["--" + f.name] if "_" in f.name else [])
+        alias = "--" + f.name if "_" in f.name else None
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        kwargs: dict = {"dest": f.name, "default": default,
+                        "help": f"{docs.get(f.name, '')} (default: {default})"}
         if tp is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_)
-            continue
-        kwargs: dict = {"dest": f.name, "default": default, "help": help_}
-        if typing.get_origin(tp) is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-            base = type(kwargs["choices"][0])
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            base = tp
-        kwargs["metavar"] = base.__name__.upper() if "choices" not in kwargs else None
-
-        def convert(s, base=base, optional=optional):
-            if optional and s.lower() == "none":
-                return None
-            return base(s)
-        kwargs["type"] = convert
-        parser.add_argument(*names, **kwargs)
+            choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
+            base = type(choices[0]) if choices else tp
+            if choices:
+                # {a,b,c} in --help; `none` must pass the choices check too when the field is Optional
+                kwargs["choices"] = choices + [None] if optional else choices
+                kwargs["metavar"] = "{" + ",".join(map(str, choices + (["none"] if optional else []))) + "}"
+            else:
+                kwargs["metavar"] = base.__name__.upper()
+            kwargs["type"] = _converter(base, optional)
+        parser.add_argument(flag, **kwargs)
+        if alias:  # the same flag with underscores: works, hidden from --help and from the usage line
+            parser.add_argument(alias, **{**kwargs, "help": argparse.SUPPRESS})
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -142,7 +172,9 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's `random`, numpy and torch (CPU and every GPU)."""
+    """Seed Python's `random`, numpy and torch (CPU and every GPU). numpy's legacy seed takes
+    0 .. 2³² − 1 only, so any other --seed is a UsageError here, before a run folder exists."""
+    check(0 <= seed < 2 ** 32, f"--seed must be in [0, 2^32 − 1] (got {seed})")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -153,18 +185,71 @@ def default_run_dir(script: str, seed: int) -> Path:
     return Path("runs") / f"{script}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+# What the scripts write into a run folder, and so what --overwrite may remove: nothing else is
+# ever deleted. (model/: the policy or reward model; value_model/: PPO's value model;
+# reward_model/: the reward-model run that ppo.py trains when none is given; q_network.pt: dqn_maze.)
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "model", "value_model", "reward_model", "q_network.pt")
+
+
 def prepare_run_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Create the run folder. Refuse (UsageError) if it already holds a run, unless `overwrite`."""
-    out = Path(out_dir)
+    """Create the run folder and return it. A folder that already holds a run is refused
+    (UsageError), unless `overwrite`: then the earlier run's outputs (RUN_OUTPUTS) are removed, and
+    the names of what was removed printed. A folder that holds anything else is refused even with
+    `overwrite`, since those files are not ours to delete."""
+    out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    unknown = [name for name in present if name not in RUN_OUTPUTS]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UsageError(f"--out-dir {out} holds files that no run writes ({shown}); choose another "
+                         "--out-dir" + " (--overwrite removes only a run's own outputs)" * overwrite)
+    if present:
         check(overwrite, f"--out-dir {out} already holds a run; pass --overwrite to replace it, "
                          "or choose another --out-dir")
-        for name in ("metrics.jsonl", "summary.json"):
-            (out / name).unlink(missing_ok=True)
+        removed = []
+        for name in present:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+                removed.append(name + "/")
+            else:
+                p.unlink()
+                removed.append(name)
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "linear") -> float:
+    """The learning-rate schedule of every script: the factor that multiplies --lr at optimiser
+    step `step` (counted from 0, so the first step uses lr_factor(0)).
+
+        warm-up      (step + 1) / (warmup_steps + 1)                     for step < warmup_steps
+        "constant"   1                                                   after it
+        "linear"     (total_steps − step) / (total_steps − warmup_steps) after it, down to 1/(N − W)
+                     at the last step (N = total_steps), so 0 is reached just after the run ends
+
+    The linear part is that of transformers' `get_linear_schedule_with_warmup` (TRL's default).
+    The warm-up differs: HF's is step / warmup_steps, so its first step has lr 0 and does nothing;
+    this one starts at lr / (warmup_steps + 1). With W = 2, N = 5 the factors are
+    1/3, 2/3, 1, 2/3, 1/3 (linear) and 1/3, 2/3, 1, 1, 1 (constant).
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule != "linear":
+        raise ValueError(f"unknown schedule {schedule!r}: expected linear or constant")
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def lr_scheduler(opt, warmup_steps: int, total_steps: int, schedule: str = "linear"):
+    """A torch LambdaLR over `lr_factor`; call `.step()` once per optimiser step (per PPO step in
+    ppo.py, which takes several optimiser steps on one rate)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))
 
 
 def _jsonable(x):
@@ -180,23 +265,39 @@ def _jsonable(x):
 class RunLogger:
     """One compact line per logging step on stdout, and the same numbers in `metrics.jsonl`.
 
-    Metric names are namespaced, as in CleanRL and TRL: `reward/mean`, `loss/policy`, `eval/accuracy`.
+    Metric names are namespaced, as in CleanRL and TRL: `reward/mean`, `loss/policy`, `eval/accuracy`,
+    and printed in full:  step   50/2000 | reward/mean 0.5 | kl/ref 0.01 | 1m02s, ETA 3m10s
+    With `total_steps`, each line says how far the run is and when it should end: the ETA is the
+    time per step since the first logged row (step 0, after the start evaluation) times the steps
+    left, so periodic evaluations are counted in it.
     """
 
-    def __init__(self, out_dir: Path, quiet: bool = False):
+    def __init__(self, out_dir: Path, quiet: bool = False, total_steps: int | None = None):
         self.out_dir = Path(out_dir)
         self.quiet = quiet
+        self.total_steps = total_steps
         self.t0 = time.time()
+        self.first: tuple[int, float] | None = None  # (step, time) of the first row, for the ETA
         self.file = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
 
     def log(self, step: int, metrics: dict, keys: list[str] | None = None) -> None:
-        row = {"step": step, "time": round(time.time() - self.t0, 3), **metrics}
+        now = time.time()
+        if self.first is None:
+            self.first = (step, now)
+        row = {"step": step, "time": round(now - self.t0, 3), **metrics}
         self.file.write(json.dumps(row, default=_jsonable) + "\n")
         if not self.quiet and keys != []:  # keys=[]: write the row, print nothing
             shown = keys if keys is not None else list(metrics)
-            parts = [f"{k.split('/')[-1] if k.count('/') else k} {_fmt(metrics[k])}"
-                     for k in shown if k in metrics]
-            print(f"step {step:>5} | {row['time']:7.1f}s | " + " | ".join(parts), flush=True)
+            parts = [f"{k} {_fmt(metrics[k])}" for k in shown if k in metrics]
+            if self.total_steps is None:
+                head, tail = f"step {step:>5}", f"{_fmt_seconds(now - self.t0)}"
+            else:
+                head = f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"
+                tail = _fmt_seconds(now - self.t0)
+                done, spent = step - self.first[0], now - self.first[1]
+                if done > 0:
+                    tail += f", ETA {_fmt_seconds(spent / done * max(0, self.total_steps - step))}"
+            print(" | ".join([head, *parts, tail]), flush=True)
 
     def summary(self, summary: dict) -> dict:
         with open(self.out_dir / "summary.json", "w") as f:
@@ -220,8 +321,9 @@ def save_policy(model, tokenizer, out: Path, enabled: bool = True) -> str | None
     loads it; returns that folder (None when saving is off)."""
     if not enabled:
         return None
-    model.save_pretrained(Path(out) / "model")
-    tokenizer.save_pretrained(Path(out) / "model")
+    with quiet_transformers():  # no "Writing model shards" bar
+        model.save_pretrained(Path(out) / "model")
+        tokenizer.save_pretrained(Path(out) / "model")
     return str(Path(out) / "model")
 
 
@@ -229,6 +331,16 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
     return str(v)
+
+
+def _fmt_seconds(t: float) -> str:
+    """A duration as people read it: 42s, 3m10s, 2h05m."""
+    t = int(round(t))
+    if t < 60:
+        return f"{t}s"
+    if t < 3600:
+        return f"{t // 60}m{t % 60:02d}s"
+    return f"{t // 3600}h{t % 3600 // 60:02d}m"
 
 
 #####################################################################################################
@@ -244,7 +356,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), flag: str = "--
     `UsageError("FILE:LINE: reason")`, so the user can open the file there.
     """
     p = Path(path)
-    check(p.is_file(), f"{flag} {p}: no such file")
+    check(p.is_file(), f"{flag} {p}: " + ("is a folder, not a JSONL file" if p.is_dir() else "no such file"))
     rows = []
     with open(p, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -418,6 +530,23 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off inside the block ("Loading weights" bars on
+    stderr, which is for errors), and the caller's settings back after it, whatever happens: no
+    process-wide side effect (a user who imports common still sees transformers' warnings)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+
+
 def load_model(name_or_path: str, device: torch.device, trainable: bool = True):
     """Load (model, tokenizer) through the Auto classes, with float32 weights whatever the
     compute dtype (see `MixedPrecision`). `tiny` (arithmetic) and `tiny-pref` (the preference
@@ -427,17 +556,15 @@ def load_model(name_or_path: str, device: torch.device, trainable: bool = True):
     A frozen copy (`trainable=False`) is put in eval mode with gradients off: the reference policy.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name_or_path)  # `tiny`, `tiny-pref`: the embedded models
     if name_or_path not in EMBEDDED and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path
                                    and not Path(name_or_path).exists() and name_or_path.count("/") != 1):
         check(Path(name_or_path).expanduser().exists(), f"--model {name_or_path}: no such folder")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars on stderr, which is for errors
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {name_or_path}: could not load a causal LM there ({first}). "
@@ -607,7 +734,8 @@ def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT) -> tuple[list
     """(train, heldout) rows {"prompt", "answer"}. No `--data`: the built-in arithmetic task. With
     `--data FILE.jsonl`: lines of {"prompt": str, "answer": str or number}, or GSM8K as published,
     {"question": str, "answer": "<solution> #### 72"}; the last `heldout_size` rows (at most a
-    fifth of the file) are held out."""
+    fifth of the file) are held out. A "prompt" may also be a list of {"role", "content"} messages
+    (TRL's conversational prompt-only rows): the script renders it with `chat_prompt`."""
     if data is None:
         return arithmetic_task()
 
@@ -615,8 +743,9 @@ def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT) -> tuple[list
         key = "prompt" if "prompt" in r else "question" if "question" in r else None
         if key is None:
             return "missing key 'prompt' (or GSM8K's 'question')"
-        if not isinstance(r[key], str) or r[key] == "":
-            return f"{key!r} must be a non-empty string"
+        if not (isinstance(r[key], str) and r[key] != "" or key == "prompt" and is_messages(r[key])):
+            return f"{key!r} must be a non-empty string" + (" or a list of {\"role\", \"content\"} messages"
+                                                            if key == "prompt" else "")
         if parse_number(gsm8k_answer(r["answer"])) is None:
             return f"'answer' {r['answer']!r} is not a number (nor a GSM8K answer ending in '#### NUMBER')"
         return None
@@ -639,20 +768,47 @@ def parse_number(s: str):
     return Fraction(s) if re.fullmatch(r"-?\d+(\.\d+)?", s) else None
 
 
-def score(completion: str, answer: str, finished: bool, strict: bool = True) -> float:
+def score(completion, answer: str, finished: bool, strict: bool = True, tokenizer=None) -> float:
     """The verifiable reward: 1.0 if the completion answers `answer`, else 0.0. Never raises.
 
-    strict (the built-in arithmetic task): the whole completion must be the number, digits only
-    (`85`, not ` 85` or `85.`). Not strict (`--data`): the last number in the completion counts
-    (GSM8K style, `... so the answer is 1,234.`). Either way a completion that did not finish
-    (no EOS within the token limit) scores 0: an answer that was cut off is not an answer.
+    completion: the generated token ids (a list of ints, with `tokenizer`; everything from the
+    first EOS on is dropped), or the decoded text. A completion that did not finish (no EOS within
+    the token limit) scores 0 either way: an answer that was cut off is not an answer.
+
+    strict (the built-in arithmetic task) scores what was generated: the tokens before the EOS must
+    spell the number and nothing else, in its one canonical form:
+      - ASCII digits with an optional leading '-' (`85`; not ` 85`, `85 `, `85.`, `+85`, `85.0`, `8 5`);
+      - no leading zero (`085`, `00`) and no `-0`;
+      - from ids, no special token (nor an id outside the vocabulary) before the EOS:
+        `8 <pad> 5 <eos>` scores 0, as in the process reward (`digit_step_rewards`), though its
+        text without special tokens reads `85`.
+    From text, strict can only check what the text still holds: a caller that decoded with
+    skip_special_tokens=True has already removed any `<pad>` or `<unk>`, so pass the ids for the
+    whole check. The answer may be spelled any way `parse_number` reads (`"085"` is 85).
+
+    Not strict (`--data`): the last number in the text (special tokens skipped) counts, GSM8K style
+    (`... so the answer is 1,234.`); leading zeros and signs are read as numbers.
     """
     import re
-    if not finished or not isinstance(completion, str):
+    if not finished:
+        return 0.0
+    if tokenizer is not None and isinstance(completion, (list, tuple)) \
+            and all(isinstance(i, int) for i in completion):
+        ids = list(completion)
+        if tokenizer.eos_token_id in ids:
+            ids = ids[:ids.index(tokenizer.eos_token_id)]  # the answer: the tokens before the first EOS
+        special, n_vocab = set(tokenizer.all_special_ids), len(tokenizer)
+        if strict and any(i in special or not 0 <= i < n_vocab for i in ids):
+            return 0.0  # a <pad>, <unk>, ... (or no token at all) inside the answer: not the number as written
+        try:
+            completion = tokenizer.decode(ids, skip_special_tokens=True)
+        except Exception:  # ids the tokenizer cannot decode (out of its vocabulary) are no answer
+            return 0.0
+    if not isinstance(completion, str):
         return 0.0
     target = parse_number(str(answer))
-    if strict:
-        got = parse_number(completion) if re.fullmatch(r"-?[0-9]+", completion) else None  # ASCII digits only
+    if strict:  # ASCII digits only, canonical: 0, or a non-zero first digit (after an optional '-')
+        got = parse_number(completion) if re.fullmatch(r"0|-?[1-9][0-9]*", completion) else None
     else:
         nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", completion)
         got = parse_number(nums[-1]) if nums else None
@@ -661,15 +817,17 @@ def score(completion: str, answer: str, finished: bool, strict: bool = True) -> 
 
 def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, strict: bool = True,
                     batch_size: int = 256) -> float:
-    """Held-out accuracy of greedy decoding: the mean of `score` over `rows`."""
+    """Held-out accuracy of greedy decoding: the mean of `score` over `rows`, scored from the
+    generated token ids (so a special token inside a strict answer counts as wrong)."""
     was_training = model.training
     model.eval()
     total = 0.0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        *_, texts, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk],
-                                            max_new_tokens, greedy=True)
-        total += sum(score(t, r["answer"], f, strict) for t, r, f in zip(texts, chunk, finished))
+        _, _, c_ids, _, _, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk],
+                                                    max_new_tokens, greedy=True)  # c_ids: [b, T]
+        total += sum(score(ids, r["answer"], f, strict, tokenizer)
+                     for ids, r, f in zip(c_ids.tolist(), chunk, finished))
     model.train(was_training)
     return total / max(1, len(rows))
 
@@ -677,7 +835,8 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, str
 @torch.no_grad()
 def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, strict: bool = True,
               temperature: float = 1.0, seed: int = 0, batch_size: int = 512) -> dict:
-    """What sampling can reach: k completions per prompt at `temperature`, scored by `score`.
+    """What sampling can reach: k completions per prompt at `temperature`, scored by `score` from
+    the generated token ids.
 
         pass@1 = mean over prompts and samples of the reward    (the expected reward of one sample)
         pass@k = fraction of prompts with at least one right answer among their k samples
@@ -696,10 +855,12 @@ def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, s
         per = max(1, batch_size // k)  # prompts per generate call
         for i in range(0, len(rows), per):
             chunk = rows[i:i + per]
-            *_, texts, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk for _ in range(k)],
-                                                max_new_tokens, temperature)  # the k samples are consecutive
+            _, _, c_ids, _, _, finished = generate_text(model, tokenizer, [r["prompt"] for r in chunk for _ in range(k)],
+                                                        max_new_tokens, temperature)  # the k samples are consecutive
+            ids = c_ids.tolist()  # [b·k][T]
             for j, r in enumerate(chunk):
-                hits.append([score(texts[j * k + s], r["answer"], finished[j * k + s], strict) for s in range(k)])
+                hits.append([score(ids[j * k + s], r["answer"], finished[j * k + s], strict, tokenizer)
+                             for s in range(k)])
     model.train(was_training)
     h = np.array(hits, dtype=np.float64).reshape(-1, k)  # [n, k]
     return {"k": k, "pass_at_1": float(h.mean()) if h.size else 0.0,
@@ -717,12 +878,15 @@ def pass_text(p: dict | None) -> str:
 
 def digit_step_rewards(completion_ids: torch.Tensor, comp_mask: torch.Tensor,
                        target_ids: list[list[int]]) -> torch.Tensor:
-    """Process rewards for the arithmetic task: one step per completion token.  -> [B, T]
+    """Process rewards for the arithmetic task: every completion token is a step, the EOS
+    included (not one step per answer digit).  -> [B, T]
 
     Step j ends at completion token j and is rewarded 1 if that token is the j-th token of the
-    target (the answer's digits, then EOS), else 0. So `85<eos>` against `85` earns [1, 1, 1],
-    `75<eos>` earns [0, 1, 1], and `8<eos>` earns [1, 0]. Tokens past the target's length earn 0,
-    and positions outside the completion mask are 0.
+    target (the answer's tokens, then EOS), else 0. So `85<eos>` against `85` earns [1, 1, 1],
+    `75<eos>` earns [0, 1, 1], `8<eos>` earns [1, 0], and `8<pad>5<eos>` earns [1, 0, 0, 0] (a
+    special token is a wrong step, and shifts the rest). Tokens past the target's length earn 0,
+    and positions outside the completion mask are 0. The comparison is of token ids, so a number
+    spelled with other tokens than `tokenizer.encode(answer)` earns 0 where `score` may give 1.
     """
     B, T = completion_ids.shape
     target = torch.full((B, T), -1, dtype=torch.long, device=completion_ids.device)  # [B, T]
@@ -861,41 +1025,178 @@ def ceiling_accuracy(pairs: list[dict]) -> float:
     return float(np.mean([(a + 1) / 2 for a in agree]))  # +1 -> 1, 0 (a tie) -> ½, −1 -> 0
 
 
-def read_preference_jsonl(path: str | Path, flag: str = "--data") -> list[dict]:
-    """Read preference pairs: JSONL lines {"prompt": str, "chosen": str, "rejected": str} (other
-    keys are ignored). A bad line raises `UsageError("FILE:LINE: reason")`: a missing key, a value
-    that is not a string, an empty prompt or completion, or a chosen equal to its rejected."""
+#####################################################################################################
+#####  conversational rows (TRL's format): lists of {"role", "content"} messages, rendered as text
+#####################################################################################################
+#
+# A conversational row holds messages instead of text: "prompt": [{"role": "user", "content": ...}],
+# "chosen": [{"role": "assistant", "content": ...}]. The scripts turn each into plain text with the
+# tokenizer's chat template, once, right after loading the model (`render_chat`); from there on a row
+# is text like any other. As in TRL: the prompt is rendered with the generation prompt (the opening
+# of the assistant's turn), the completion is what rendering prompt + completion adds after it, and a
+# preference row without "prompt" takes the messages that chosen and rejected share as its prompt
+# (TRL's "implicit prompt"). Our one difference: the completion's own EOS is cut off the text,
+# because `encode_prompt_completion` appends EOS to every completion (a template whose turns end
+# in another token keeps that token, and gets the EOS after it).
+
+
+def is_messages(value) -> bool:
+    """True for a conversational value: a list of {"role": str, "content": str} dicts."""
+    return (isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value))
+
+
+def why_bad_text(row: dict, key: str) -> str | None:
+    """Why row[key] is neither a non-empty string nor a list of messages (None if it is fine)."""
+    v = row[key]
+    if isinstance(v, list):
+        return None if is_messages(v) else (f"{key!r} must be a string or a non-empty list of "
+                                            '{"role": str, "content": str} messages')
+    if not isinstance(v, str):
+        return f"{key!r} must be a string or a list of messages, got {type(v).__name__}"
+    return f"{key!r} is empty" if v.strip() == "" else None
+
+
+def check_chat_template(tokenizer, model: str, wrap: bool, rows: list[dict] = ()) -> None:
+    """One line, not a Jinja traceback, when the tokenizer has no chat template and one is needed:
+    for --chat-template (`wrap`), or for conversational `rows` (a "prompt" that is a list of messages)."""
+    conversational = any(isinstance(r["prompt"], list) for r in rows)
+    check(not (wrap or conversational) or bool(getattr(tokenizer, "chat_template", None)),
+          f"{'--chat-template' if wrap else '--data (rows of messages)'}: the tokenizer of --model {model} "
+          "has no chat template (give a chat/instruct model, or plain-text rows without --chat-template)")
+
+
+def chat_prompt(tokenizer, prompt, wrap: bool = False) -> str:
+    """The text of a prompt: a list of messages rendered with the chat template and the generation
+    prompt; a string as it is, or (with `wrap`, i.e. --chat-template) as one user message."""
+    if isinstance(prompt, str) and not wrap:
+        return prompt
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _chat_completion(tokenizer, prompt_msgs: list, completion_msgs: list) -> tuple[str, str]:
+    """(prompt text, completion text) of one conversational prompt + completion."""
+    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
+    n = len(os.path.commonprefix([prompt, full]))  # < len(prompt) if the template renders the prompt
+    completion = full[n:]                          # alone differently; TRL also splits where they part
+    eos = tokenizer.eos_token
+    if eos and eos in completion and completion.rsplit(eos, 1)[1].strip() == "":
+        completion = completion.rsplit(eos, 1)[0]  # the EOS is appended again as a token
+    return prompt[:n], completion
+
+
+def render_chat(tokenizer, rows: list[dict], wrap: bool = False, model: str = "") -> list[dict]:
+    """Rows whose prompt / chosen / rejected / completions are messages (or, with `wrap`, strings
+    taken as one user and one assistant message) -> the same rows as plain text. Plain-text rows
+    without `wrap` come back unchanged. Raises a one-line `UsageError` if the template is needed and
+    the tokenizer has none."""
+    check_chat_template(tokenizer, model, wrap, rows)
+    if not (wrap or any(isinstance(r["prompt"], list) for r in rows)):
+        return rows
+    out = []
+    for r in rows:
+        msgs = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+        keys = ["completions"] if "completions" in r else ["chosen", "rejected"]
+        comps = r["completions"] if "completions" in r else [r["chosen"], r["rejected"]]
+        texts = [_chat_completion(tokenizer, msgs, c if isinstance(c, list) else
+                                  [{"role": "assistant", "content": c}]) for c in comps]
+        prompt = min((p for p, _ in texts), key=len)  # where the prompt ends for every completion
+        texts = [c if p == prompt else p[len(prompt):] + c for p, c in texts]
+        out.append({**r, "prompt": prompt, **({"completions": texts} if keys == ["completions"]
+                                               else dict(zip(keys, texts)))})
+    return out
+
+
+def read_preference_jsonl(path: str | Path, flag: str = "--data", rankings: bool = False) -> list[dict]:
+    """Read preference rows from JSONL. Each line is one of (other keys are ignored):
+
+        {"prompt": str, "chosen": str, "rejected": str}                 a pair (TRL's standard format)
+        {"prompt": [messages], "chosen": [messages], "rejected": [messages]}      conversational (TRL)
+        {"chosen": [messages], "rejected": [messages]}     conversational, implicit prompt: the leading
+                                                           messages that chosen and rejected share
+        {"prompt": ..., "completions": [best, ..., worst]}     a K-wise ranking, K ≥ 2 (InstructGPT);
+                                                           only with `rankings` (reward_model.py)
+
+    A file may mix pairs and rankings (a pair is a ranking of K = 2), but not text and messages.
+    A bad line raises `UsageError("FILE:LINE: reason")`: a missing key, a value that is not text or
+    messages, an empty prompt or completion, or two completions of one row that are the same.
+    """
+    kinds: set[bool] = set()  # conversational or not, over the rows so far
+
     def why_bad(r):
-        for k in ("prompt", "chosen", "rejected"):
-            if not isinstance(r[k], str):
-                return f"{k!r} must be a string, got {type(r[k]).__name__}"
-            if r[k].strip() == "":
-                return f"{k!r} is empty"
-        if r["chosen"] == r["rejected"]:
-            return "'chosen' and 'rejected' are the same text, so the pair says nothing"
+        if "completions" in r and "chosen" not in r:
+            if not rankings:
+                return "'completions' rows (K-wise rankings) are for reward_model.py; this script needs " \
+                       "'chosen' and 'rejected' pairs"
+            if "prompt" not in r:
+                return "missing key(s) 'prompt'"
+            if not isinstance(r["completions"], list) or len(r["completions"]) < 2:
+                return "'completions' must be a list of at least 2 completions, best first"
+            comps = r["completions"]
+        else:
+            missing = [k for k in ("chosen", "rejected") if k not in r]
+            if missing:
+                return f"missing key(s) {', '.join(map(repr, missing))}" + (
+                    " (or 'completions', a ranking best first)" if rankings else "")
+            comps = [r["chosen"], r["rejected"]]
+            # no prompt, or a text prompt beside completions of messages (which then hold the whole
+            # conversation): the prompt is implicit, as TRL's maybe_extract_prompt reads such rows
+            if "prompt" not in r or (all(map(is_messages, comps)) and isinstance(r["prompt"], str)):
+                if not all(map(is_messages, comps)):
+                    return "missing key(s) 'prompt' (an implicit prompt needs 'chosen' and 'rejected' as " \
+                           "lists of messages)"
+                n = next((i for i, (a, b) in enumerate(zip(*comps)) if a != b), min(map(len, comps)))
+                # n: how many leading messages chosen and rejected share
+                if n == 0:
+                    return "no 'prompt', and 'chosen' and 'rejected' share no leading messages"
+                r["prompt"], r["chosen"], r["rejected"] = comps[0][:n], comps[0][n:], comps[1][n:]
+                comps = [r["chosen"], r["rejected"]]
+        names = ["chosen", "rejected"] if "chosen" in r else [f"completions[{i}]" for i in range(len(comps))]
+        fields = {"prompt": r["prompt"], **dict(zip(names, comps))}
+        reason = next(filter(None, (why_bad_text(fields, k) for k in fields)), None)
+        if reason:
+            return reason
+        conv = [isinstance(v, list) for v in fields.values()]
+        if len(set(conv)) > 1:
+            return "mixes text and lists of messages: give the prompt and every completion the same way"
+        kinds.add(conv[0])
+        if len(kinds) > 1:
+            return "the file mixes plain-text rows and conversational rows (lists of messages)"
+        if len({json.dumps(c, sort_keys=True) for c in comps}) < len(comps):
+            return ("'chosen' and 'rejected' are the same text, so the pair says nothing" if "chosen" in r
+                    else "two of the 'completions' are the same, so the ranking is not a ranking")
         return None
-    rows = read_jsonl(path, required=("prompt", "chosen", "rejected"), flag=flag, validate=why_bad)
-    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    rows = read_jsonl(path, flag=flag, validate=why_bad)
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} if "chosen" in r
+            else {"prompt": r["prompt"], "completions": list(r["completions"])} for r in rows]
 
 
-def load_preferences(data: str | None, heldout_size: int = PREF_HELDOUT) -> tuple[list[dict], list[dict]]:
-    """(train, heldout) preference pairs. No `--data`: the built-in task's pairs, sampled from
-    `tiny-pref` (4,000 train, 1,000 held out). With `--data FILE.jsonl`: the last `heldout_size` rows
-    (at most a fifth of the file) are held out."""
+def load_preferences(data: str | None, heldout_size: int = PREF_HELDOUT,
+                     rankings: bool = False) -> tuple[list[dict], list[dict]]:
+    """(train, heldout) preference rows (see `read_preference_jsonl`). No `--data`: the built-in
+    task's pairs, sampled from `tiny-pref` (4,000 train, 1,000 held out). With `--data FILE.jsonl`:
+    the last `heldout_size` rows (at most a fifth of the file) are held out."""
     if data is None:
         path = MODELS_DIR / "tiny-pref"
         return (read_preference_jsonl(path / "pairs_train.jsonl"),
                 read_preference_jsonl(path / "pairs_heldout.jsonl"))
-    rows = read_preference_jsonl(data)
-    check(len(rows) >= 2, f"--data {data}: need at least 2 pairs (train and held-out)")
+    rows = read_preference_jsonl(data, rankings=rankings)
+    check(len(rows) >= 2, f"--data {data}: need at least 2 rows (train and held-out)")
     k = max(1, min(heldout_size, len(rows) // 5))
     return rows[:-k], rows[-k:]
 
 
-def encode_prompt_completion(tokenizer, prompts, completions, device=None):
+def encode_prompt_completion(tokenizer, prompts, completions, device=None, max_length: int | None = None):
     """Tokenize (prompt, completion) text for scoring: [left-padded prompt | completion + EOS,
     right-padded]. The prompt and the completion are tokenized separately (no special tokens added),
     and EOS is appended to every completion, so a completion ends the way a sampled one does.
+
+    `max_length`: each row's prompt + completion + EOS is cut to its first `max_length` tokens
+    (TRL's DPO truncation, `truncation_mode="keep_start"`), so the cut falls in the completion; the
+    caller drops the rows whose prompt alone fills `max_length` (dpo.py does), as TRL does.
 
     Returns input_ids, attention_mask [B, P+T], the completion mask [B, T] (1 on the completion's
     tokens and its EOS) and T. The mask comes from the lengths, so it is right even when the pad
@@ -907,6 +1208,8 @@ def encode_prompt_completion(tokenizer, prompts, completions, device=None):
     check_prompts_tokenize(zip(prompts, prompt_ids))
     p_ids, p_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)  # [B, P]
     comps = [c + [tokenizer.eos_token_id] for c in encode(completions)]
+    if max_length is not None:  # keep_start: the first max_length tokens of prompt + completion
+        comps = [c[:max(0, max_length - len(p))] for p, c in zip(prompt_ids, comps)]
     T = max(map(len, comps))
     c_ids = torch.tensor([c + [tokenizer.pad_token_id] * (T - len(c)) for c in comps],
                          dtype=torch.long, device=device)  # [B, T]

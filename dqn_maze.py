@@ -27,6 +27,8 @@ Pseudocode (N is --tabular-steps or --dqn-steps):
     tabular (3.1):  Q ← 0
         for t = 1..N:  a ← ε-greedy(Q(s,·));  s', r, done ← step(a)
             Q(s,a) ← Q(s,a) + α [r + γ (1 − done) max_a' Q(s',a') − Q(s,a)]
+            (the notes' 3.1 rule is the assignment Q(s,a) = r + γ max_a' Q(s',a'), i.e. α = 1;
+             the step size α < 1 is Watkins' Q-learning, not the notes)
     DQN (3.2):  θ random;  θ' ← θ;  D ← empty replay buffer
         for t = 1..N:  a ← ε-greedy(Q_θ(onehot(s),·));  s', r, done ← step(a)
             store (s, a, r, s', done) in D
@@ -36,6 +38,12 @@ Pseudocode (N is --tabular-steps or --dqn-steps):
                 θ ← θ − lr ∇_θ mean_B (y − Q_θ(s,a))²
             every C updates:  θ' ← τ θ + (1 − τ) θ'      (τ = 1 is the notes' plain copy)
     report max |Q − Q*| and whether argmax_a Q(s,a) is Q*-optimal in every reachable state
+
+Policy gradients on the same maze (notes 002 §4): the section "exact policy evaluation" below
+computes V^π, Q^π and A^π of any tabular policy π(a|s) = softmax(z[s])_a by a linear solve, and
+the discounted state visitation, in torch so that J = V^π(start) can be differentiated;
+tests/test_pg_forms.py uses them to check, by exact enumeration, that Ψ = R(τ), G_t, G_t − b(s_t),
+Q^π and A^π all give the same expected policy gradient ∇J (the "alternative forms" of note 000).
 
 "done" is 1 only when s' is the goal or a trap. An episode cut by the step limit is not done: its
 s' still has a future, so the target bootstraps from it.
@@ -92,7 +100,10 @@ class Args:
     exploration_fraction: float = 0.5
     """fraction of each learner's N over which ε decays linearly from --eps-start to --eps-end"""
     q_lr: float = 0.5
-    """α, the step size of the tabular update Q ← Q + α [y − Q] (notes 3.1); in (0, 1]"""
+    """α, the step size of the tabular update Q ← Q + α [y − Q], in (0, 1]. Notes 3.1 write the
+    plain assignment Q(s_t, a_t) = r_t + γ max_a Q(s_{t+1}, a), which is α = 1 (exact on this
+    deterministic maze); α < 1 is the step size of Watkins' Q-learning (Sutton & Barto 6.5), which
+    averages the targets when rewards or moves are random; the notes have no α"""
     learning_rate: float = 5e-4
     """Adam learning rate of the Q network; 1e-4 to 1e-3 (with 1e-3 and B = 64 the values of rarely
     visited states kept drifting, by up to 0.5)"""
@@ -336,6 +347,93 @@ def render(maze: Maze, q: np.ndarray, q_star: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+#####  exact policy evaluation: V^π, Q^π, A^π of a softmax policy (notes 002 §4.1, §4.4) ########
+#
+# For policy gradients (notes 002 §4) the maze is small enough to know every value exactly. A
+# tabular policy is a table of logits z [S, A] with π(a|s) = softmax(z[s])_a. All functions are torch
+# (so that J = V^π(start) can be differentiated by autograd) and take the Maze's [S, A] tables.
+#   - discounted, infinite horizon (the notes' 4.1: "all of which assume the infinite-horizon
+#     discounted return"): V^π solves the linear Bellman equation V = r_π + γ P_π V, i.e.
+#     (I − γ P_π) V^π = r_π, one `torch.linalg.solve`  -> `policy_evaluation`
+#   - finite horizon H (the notes' R(τ) = Σ_t γ^t r_t over a trajectory of at most H steps, which is
+#     what can be enumerated): the values depend on the steps left h, V_0 = 0 and
+#     Q_h(s,a) = r(s,a) + γ (1 − done) V_{h−1}(s'), V_h(s) = Σ_a π(a|s) Q_h(s,a), a block-triangular
+#     linear system solved by back-substitution  -> `finite_horizon_evaluation`
+# In both, A^π = Q^π − V^π (notes 4.1, the advantage). The values of a goal, trap or wall cell are
+# computed but mean nothing: no episode is ever in one (entering G or T ends it).
+
+
+def policy_from_logits(z: torch.Tensor) -> torch.Tensor:
+    """π(a|s) = softmax(z[s])_a, the tabular softmax policy.  z: [S, A] -> π: [S, A]"""
+    return torch.softmax(z, dim=-1)  # [S, A]
+
+
+def policy_transitions(next_state, done, pi: torch.Tensor) -> torch.Tensor:
+    """P_π(s, s') = Σ_a π(a|s) (1 − done(s,a)) 1[s' = next(s,a)]: the probability that the episode
+    goes on from s to s' in one step (rows sum to 1 − P(the episode ends now)).
+    next_state, done: [S, A] tables; pi: [S, A].  -> [S, S]"""
+    S, A = pi.shape
+    nxt = torch.as_tensor(next_state, dtype=torch.long)  # [S, A]
+    go_on = 1.0 - torch.as_tensor(done, dtype=pi.dtype)  # 1 − done   [S, A]
+    P = torch.zeros(S, S, dtype=pi.dtype)  # [S, S]
+    return P.index_put((torch.arange(S).repeat_interleave(A), nxt.reshape(-1)),
+                       (pi * go_on).reshape(-1), accumulate=True)  # P_π   [S, S]
+
+
+def policy_evaluation(next_state, reward, done, pi: torch.Tensor, gamma: float):
+    """V^π, Q^π, A^π of the discounted infinite-horizon return (notes 002 §4.1), by a linear solve.
+
+        r_π(s) = Σ_a π(a|s) r(s,a)                                   [S]
+        (I − γ P_π) V^π = r_π                                        (the Bellman equation of π)
+        Q^π(s,a) = r(s,a) + γ (1 − done(s,a)) V^π(next(s,a))         [S, A]
+        A^π(s,a) = Q^π(s,a) − V^π(s)                                 [S, A]
+    next_state, reward, done: the Maze's [S, A] tables; pi: [S, A] (rows sum to 1; autograd flows
+    through it); 0 ≤ γ < 1 makes I − γ P_π invertible. -> (V [S], Q [S, A], A [S, A]).
+    """
+    if not 0 <= gamma < 1:
+        raise ValueError(f"gamma {gamma}: the infinite-horizon solve needs 0 ≤ γ < 1 "
+                         "(use finite_horizon_evaluation for γ = 1)")
+    r = torch.as_tensor(reward, dtype=pi.dtype)  # [S, A]
+    go_on = 1.0 - torch.as_tensor(done, dtype=pi.dtype)  # [S, A]
+    nxt = torch.as_tensor(next_state, dtype=torch.long)  # [S, A]
+    P = policy_transitions(next_state, done, pi)  # [S, S]
+    r_pi = (pi * r).sum(-1)  # r_π(s)   [S]
+    V = torch.linalg.solve(torch.eye(len(r_pi), dtype=pi.dtype) - gamma * P, r_pi)  # V^π   [S]
+    Q = r + gamma * go_on * V[nxt]  # Q^π(s,a) = r + γ (1 − done) V^π(s')   [S, A]
+    return V, Q, Q - V[:, None]  # V [S], Q [S, A], A = Q − V [S, A]
+
+
+def finite_horizon_evaluation(next_state, reward, done, pi: torch.Tensor, gamma: float, horizon: int):
+    """V^π_h, Q^π_h, A^π_h of the return over the next h steps, for h = 0..horizon (γ = 1 allowed).
+
+        V_0 = 0;   Q_h(s,a) = r(s,a) + γ (1 − done(s,a)) V_{h−1}(next(s,a));   V_h(s) = Σ_a π Q_h
+    so V_H(s) = E[Σ_{t<H} γ^t r_t | s_0 = s] for trajectories cut after H steps (or ended earlier
+    at G or T), and at step t of such a trajectory the values that apply are those with h = H − t.
+    -> (V [H+1, S], Q [H+1, S, A], A [H+1, S, A]); row 0 is all zeros (no steps left).
+    """
+    r = torch.as_tensor(reward, dtype=pi.dtype)  # [S, A]
+    go_on = 1.0 - torch.as_tensor(done, dtype=pi.dtype)  # [S, A]
+    nxt = torch.as_tensor(next_state, dtype=torch.long)  # [S, A]
+    Vs, Qs = [torch.zeros(pi.shape[0], dtype=pi.dtype)], [torch.zeros_like(pi)]  # h = 0
+    for _ in range(horizon):
+        Q = r + gamma * go_on * Vs[-1][nxt]  # Q_h = r + γ (1 − done) V_{h−1}(s')   [S, A]
+        Qs.append(Q)
+        Vs.append((pi * Q).sum(-1))  # V_h(s) = Σ_a π(a|s) Q_h(s,a)   [S]
+    V, Q = torch.stack(Vs), torch.stack(Qs)  # [H+1, S], [H+1, S, A]
+    return V, Q, Q - V[:, :, None]  # A_h = Q_h − V_h   [H+1, S, A]
+
+
+def discounted_visitation(next_state, done, pi: torch.Tensor, gamma: float, start: int) -> torch.Tensor:
+    """d_γ(s) = Σ_t γ^t P(s_t = s | s_0 = start): (I − γ P_π)ᵀ d = e_start.  -> [S]
+
+    With it the policy gradient theorem reads ∇J = Σ_s d_γ(s) Σ_a ∇π(a|s) Q^π(s,a) for
+    J = V^π(start); the γ^t inside d_γ is the factor that Ψ_t = Q^π(s_t,a_t) alone leaves out."""
+    P = policy_transitions(next_state, done, pi)  # [S, S]
+    e = torch.zeros(P.shape[0], dtype=pi.dtype)
+    e[start] = 1.0
+    return torch.linalg.solve((torch.eye(P.shape[0], dtype=pi.dtype) - gamma * P).T, e)  # d_γ   [S]
+
+
 #####  the learners (notes 3.1 and 3.2) ##########################################################
 
 
@@ -418,7 +516,8 @@ class Tracker:
 
 
 def tabular_q_learning(maze: Maze, args: Args, rng: np.random.Generator, tracker: Tracker):
-    """The notes' Q-table (3.1), started at zero, one ε-greedy step and one update at a time."""
+    """The notes' Q-table (3.1), started at zero, one ε-greedy step and one update at a time. The
+    update moves Q(s,a) a fraction α = --q-lr towards the target; the notes' rule is α = 1."""
     q = np.zeros((maze.n_states, maze.n_actions))  # Q(s, a) = 0 everywhere  [S, A]
     decay = args.exploration_fraction * args.tabular_steps  # steps over which ε falls
     s, ep_return = maze.reset(), 0.0
@@ -505,8 +604,8 @@ def train(args: Args) -> dict:
     rows, source = read_maze(args.maze)
     maze = Maze(rows, args.max_episode_steps, source)
     device = pick_device(args.device)
-    out = prepare_run_dir(args.out_dir or default_run_dir("dqn_maze", args.seed), args.overwrite)
     seed_everything(args.seed)
+    out = prepare_run_dir(args.out_dir or default_run_dir("dqn_maze", args.seed), args.overwrite)
     # A network this small gains nothing from a second CPU thread, and on a busy machine the two
     # threads wait for each other (with 2 threads on 2 busy cores we saw 5-10x fewer steps/s).
     torch.set_num_threads(1)

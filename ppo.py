@@ -23,13 +23,19 @@ episode is one completion; it ends at the completion's EOS (or at the token limi
         r_t = −β (log π_old(y_t|s_t) − log π_ref(y_t|s_t))  +  s · 1[t = last token of y]
         δ_t = r_t + γ V_old(s_{t+1}) − V_old(s_t)        (V = 0 after the last token: terminal)
         Â_t = Σ_l (γλ)^l δ_{t+l};   R_t = Â_t + V_old(s_t);   Â ← whiten(Â) over the batch
+              (R_t is the λ-return, the critic's target; it is the notes' return r_t + ... + r_T,
+               the Monte Carlo return, only at λ = 1: the default λ = 0.95 mixes in V_old)
         repeat ppo_epochs times, for each mini-batch:
             ρ_t = π_θ(y_t|s_t) / π_old(y_t|s_t)
             L_π    = −mean_t min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε) Â_t)              (--policy-loss clip)
                      −mean_t (ρ_t Â_t − β_pen KL_t)                              (--policy-loss kl-penalty)
                      0: the policy is not in this loop                           (--policy-loss trpo)
             L_V    = ½ mean_t max((V_ψ(s_t) − R_t)², (clip(V_ψ, V_old ± ε_v) − R_t)²)
-            L_ptx  = mean over SFT text of −log π_θ(y|x)                  (PPO-ptx, if λ_ptx > 0)
+                     (the ½ and the clip are OpenAI's baselines / lm-human-preferences and TRL's;
+                      the notes' critic loss is the plain mean (V − R)²)
+            L_ptx  = −mean_t log π_θ(y_t | x, y_<t), a token mean over the completions (EOS
+                     included) of ptx_batch (prompt, completion) texts     (PPO-ptx, if λ_ptx > 0;
+                     `003` writes E[−log π_θ(y|x)] over pretraining data)
             (θ, ψ) ← AdamW step on L_π + c_V L_V + λ_ptx L_ptx
         trpo only: one natural-gradient step of θ on the whole batch (run before that loop):
             g   = ∇_θ L(θ) at θ_old,   L(θ) = (1/N) Σ_t ρ_t Â_t                  (the surrogate)
@@ -104,49 +110,57 @@ from common import check, masked_mean
 class Args:
     model: str = "tiny-pref"
     """--model NAME_OR_PATH: the SFT policy to start from, also the reference π_ref (a Hugging Face
-    causal LM folder, or hub name if cached), or `tiny-pref`, the embedded SFT policy"""
+    causal LM folder, or hub name if cached), or `tiny-pref`, the embedded SFT policy (TRL:
+    sft_model_path)"""
     reward_model: Optional[str] = None
     """folder saved by reward_model.py (`<its run>/model`), or `tiny-pref-rm`, the shipped one of the
     built-in task; default: `tiny-pref-rm` for the built-in task, else train one first with
-    reward_model.py's defaults on the same --model and --data"""
+    reward_model.py's defaults on the same --model and --data (TRL: reward_model_path)"""
     data: Optional[str] = None
     """JSONL preference pairs {"prompt", "chosen", "rejected"}: their prompts are PPO's prompts, their
-    chosen texts the PPO-ptx data (and the reward model's data when it is trained here); default:
-    the built-in task"""
+    chosen texts the PPO-ptx data unless --ptx-data is given (and the reward model's data when it is
+    trained here); default: the built-in task"""
     out_dir: Optional[str] = None
-    """run folder for metrics.jsonl, summary.json and the final policy; default runs/ppo__s<seed>__<time>"""
+    """run folder for metrics.jsonl, summary.json and the final policy; default runs/ppo__s<seed>__<time>
+    (TRL: output_dir)"""
     overwrite: bool = False
     """allow --out-dir to name a folder that already holds a run"""
     seed: int = 1
-    """seed of Python's random, numpy and torch (sampling included); the evaluation uses seed+1"""
+    """seed of Python's random, numpy and torch (sampling included); the evaluation uses seed+1 (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
-    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
+    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0 (TRL: bf16 / fp16)"""
 
     steps: int = 150
-    """PPO steps; each is one rollout batch and ppo_epochs passes over it"""
+    """PPO steps; each is one rollout batch and ppo_epochs passes over it (TRL counts
+    total_episodes = steps × batch_size)"""
     batch_size: int = 64
-    """prompts per rollout, one completion each"""
+    """prompts per rollout, one completion each (TRL: batch_size = per_device_train_batch_size ×
+    gradient_accumulation_steps × GPUs)"""
     mini_batches: int = 4
-    """mini-batches per rollout batch: one optimiser step each (batch_size must divide evenly)"""
+    """mini-batches per rollout batch: one optimiser step each (batch_size must divide evenly)
+    (TRL: num_mini_batches)"""
     ppo_epochs: int = 4
-    """passes over each rollout batch (TRL's default: 4)"""
+    """passes over each rollout batch (TRL: num_ppo_epochs, default 4)"""
     micro_batch: Optional[int] = None
     """sequences per forward/backward pass inside a mini-batch (gradient accumulation); default:
-    the whole mini-batch"""
+    the whole mini-batch (TRL: per_device_train_batch_size)"""
     max_new_tokens: int = 20
-    """completion token limit (20 fits the built-in task; ~128+ for a real model)"""
+    """completion token limit (20 fits the built-in task; ~128+ for a real model) (TRL: response_length)"""
     temperature: float = 1.0
-    """sampling temperature; log-probs are taken of the same tempered distribution"""
+    """sampling temperature; log-probs are taken of the same tempered distribution (TRL:
+    temperature, default 0.7)"""
     lr: float = 3e-4
     """learning rate of AdamW, for the policy and the value model (tiny-pref: 1e-4..1e-3; a 0.5B+
     model: ~1e-6 for the policy); with --policy-loss trpo, for the value model only (TRPO's step
-    size comes from δ, so --lr, --warmup-steps and --grad-clip do not touch the policy)"""
+    size comes from δ, so --lr, --warmup-steps and --grad-clip do not touch the policy) (TRL:
+    learning_rate)"""
     warmup_steps: int = 5
-    """PPO steps of linear learning-rate warm-up from 0; then constant"""
+    """PPO steps of linear learning-rate warm-up from 0; then constant (TRL: warmup_steps, also
+    counted in rollout batches; TRL's default schedule then decays linearly)"""
     grad_clip: float = 1.0
     """clip the gradient norm of the policy and of the value model, each on its own (0 disables)"""
 
@@ -156,7 +170,7 @@ class Args:
     natural-gradient step per rollout, conjugate gradient and a line search on KL ≤ δ). The rollout,
     reward, value model and GAE are the same for all three"""
     epsilon: float = 0.2
-    """ε, the policy's clip range: ρ is clipped to [1−ε, 1+ε] (--policy-loss clip)"""
+    """ε, the policy's clip range: ρ is clipped to [1−ε, 1+ε] (--policy-loss clip) (TRL: cliprange)"""
     penalty_beta: float = 1.0
     """β_pen at the first update, the weight of KL(π_old‖π_θ) in the kl-penalty loss; then adapted
     on d after every rollout. 1, the middle of the PPO paper's fixed-β runs (0.3, 1, 3, 10;
@@ -181,30 +195,43 @@ class Args:
     trpo_backtrack_steps: int = 10
     """the most steps the line search tries (j = 0 .. this − 1) before it keeps θ_old (Spinning Up: 10)"""
     gamma: float = 1.0
-    """γ, the discount in GAE, in [0, 1] (RLHF: 1, the episode is one short completion)"""
+    """γ, the discount in GAE, in [0, 1] (RLHF: 1, the episode is one short completion) (TRL: gamma)"""
     lam: float = 0.95
-    """λ of GAE, in [0, 1]: 0 is the one-step TD residual, 1 the Monte Carlo return minus V"""
+    """λ of GAE, in [0, 1]: 0 is the one-step TD residual, 1 the Monte Carlo return minus V; the
+    critic's target R = Â + V_old is the λ-return, the Monte Carlo return only at 1 (TRL: lam)"""
     whiten_advantages: bool = True
-    """whiten Â over the batch's completion tokens (masked, Bessel std) before the loss"""
+    """whiten Â over the batch's completion tokens (masked, Bessel std) before the loss (TRL
+    always does; no flag)"""
     whiten_scores: bool = False
-    """whiten the reward model's scores over the batch before they enter r_t"""
+    """whiten the reward model's scores s over the batch, (s − mean) / std (mean shifted, Bessel
+    std), before they enter r_t: the scores only, the KL term keeps its nats. Not TRL's (nor
+    lm-human-preferences') whiten_rewards, which divides the per-token rewards r_t, KL included,
+    by their std over the batch's tokens and keeps their mean (shift_mean=False); no TRL equivalent"""
     vf_coef: float = 0.1
-    """c_V, the value loss weight in the summed loss (TRL: 0.1); with Adam and separate clipping
-    it mostly sets the value model's step size relative to its gradient noise"""
+    """c_V, the value loss weight in the summed loss (TRL: vf_coef, default 0.1); with Adam and
+    separate clipping it mostly sets the value model's step size relative to its gradient noise"""
     cliprange_value: float = 0.2
-    """ε_v: the new value is clipped to V_old ± ε_v in the clipped value loss (0 disables clipping)"""
+    """ε_v: the new value is clipped to V_old ± ε_v in the clipped value loss (0 disables clipping)
+    (TRL: cliprange_value)"""
     value_init: Literal["reward", "policy"] = "reward"
     """start the value model from the reward model (InstructGPT, TRL) or from the SFT policy with a
-    zero head (V = 0 at the start)"""
+    zero head (V = 0 at the start) (TRL: the value_model it is given)"""
 
     beta: float = 0.05
-    """β, the initial KL penalty coefficient in r_t = −β (log π − log π_ref) (InstructGPT: 0.02)"""
+    """β, the initial KL penalty coefficient in r_t = −β (log π − log π_ref) (InstructGPT: 0.02)
+    (TRL: kl_coef)"""
     kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL in the reward: k1 = log π − log π_ref (InstructGPT, TRL's default; can be
-    negative per token), k3 = ρ_ref − 1 − log ρ_ref with ρ_ref = π_ref/π (never negative)"""
+    """per-token KL in the reward, on tokens sampled from π_old: k1 = log π_old − log π_ref
+    (InstructGPT, TRL's default; can be negative per token), k3 = ρ_ref − 1 − log ρ_ref with
+    ρ_ref = π_ref/π_old (never negative). Both estimate KL(π_old ‖ π_ref) without bias, but as a
+    reward only k1 pulls the right way: its expected policy gradient is exactly −∇KL(π ‖ π_ref),
+    while k3's is −(∇KL(π ‖ π_ref) − ∇KL(π_ref ‖ π)), almost zero near π_ref (Tang & Munos 2025;
+    tests/test_kl_reward.py) (TRL: kl_estimator)"""
     kl_control: Literal["fixed", "adaptive", "proportional"] = "fixed"
     """fixed β; adaptive: the notes' PPO-penalty rule (halve β if d < d_targ/1.5, double it if
-    d > 1.5·d_targ); proportional: Ziegler et al. 2019, β ← β(1 + clip(d/d_targ − 1, ±0.2)·n/horizon)"""
+    d > 1.5·d_targ), with d here the rollout's KL to π_ref per completion (objective/kl, nats), not
+    the notes' d (KL to π_old per token, policy/kl_old); proportional: Ziegler et al. 2019,
+    β ← β(1 + clip(d/d_targ − 1, ±0.2)·n/horizon) on the same d (TRL's current PPOTrainer: fixed only)"""
     target_kl: float = 2.0
     """d_targ in nats per completion, for the adaptive and proportional controllers"""
     kl_horizon: int = 10000
@@ -214,10 +241,16 @@ class Args:
     trick'; TRL's missing_eos_penalty); 0 disables"""
 
     ptx_coef: float = 0.0
-    """λ of PPO-ptx: weight of the SFT language-model loss mean −log π_θ(y|x) added to every
-    optimiser step (InstructGPT's γ; 0 is plain PPO)"""
+    """λ of PPO-ptx: weight of the language-model loss −mean_t log π_θ(y_t | x, y_<t), a token
+    mean over the completions of --ptx-batch texts (from --ptx-data, else SFT text), added to every
+    optimiser step (InstructGPT's γ, whose LM loss is on pretraining data, as in `003`; 0 is plain
+    PPO)"""
     ptx_batch: int = 16
-    """SFT examples per optimiser step for the PPO-ptx term"""
+    """(prompt, completion) texts per optimiser step for the PPO-ptx term"""
+    ptx_data: Optional[str] = None
+    """JSONL {"prompt", "completion"} rows (TRL's prompt-completion format) for the PPO-ptx term: the
+    loss is on the completion's tokens, given its prompt (for pretraining text, put its first words
+    in "prompt"); default: the chosen texts of --data, or the built-in task's SFT grammar"""
 
     eval_every: int = 25
     """steps between evaluations (held-out prompts: gold reward, score and KL to π_ref of samples)"""
@@ -250,8 +283,16 @@ def kl_shaped_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.
     write the per-token part as β log π_ref(a_t|s_t) alone; the −β log π(a_t|s_t) half is what
     turns it into a KL (the other half is an entropy bonus), as in InstructGPT and Ziegler et al.
 
-    kl_estimator "k1": log π − log π_ref, unbiased for the KL when y ~ π, negative on some tokens.
-    "k3": e^x − 1 − x with x = log π_ref − log π, also unbiased, never negative, lower variance.
+    kl_estimator "k1": log π_old − log π_ref, negative on some tokens. "k3": e^x − 1 − x with
+    x = log π_ref − log π_old, never negative, lower variance. Both are unbiased estimates of the
+    value KL(π_old ‖ π_ref), because the tokens were sampled from π_old (the policy of the rollout);
+    they differ as rewards. The policy gradient treats −β KL_t as a fixed reward, and its expected
+    gradient is −β E_{a~π}[∇log π(a) · KL_t(a)]:
+        k1:  E[∇log π · (log π − log π_ref)]          = ∇KL(π ‖ π_ref), exactly the penalty's gradient;
+        k3:  E[∇log π · (π_ref/π − 1 − log(π_ref/π))] = ∇KL(π ‖ π_ref) − ∇KL(π_ref ‖ π),
+    which is second order in π − π_ref, so near π_ref the k3 reward barely pulls the policy back
+    (Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL"; checked by
+    exact enumeration in tests/test_kl_reward.py). TRL offers both; k1 is the default here and there.
     """
     if kl_estimator == "k1":
         kl = logp - ref_logp  # log π_old − log π_ref   [B, T]
@@ -276,13 +317,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
         δ_t = r_t + γ V(s_{t+1}) − V(s_t)
         Â_t = Σ_{l ≥ 0} (γλ)^l δ_{t+l}      computed backwards:  Â_t = δ_t + γλ Â_{t+1}
-        R_t = Â_t + V(s_t)                  (the value model's regression target)
+        R_t = Â_t + V(s_t)                  (the value model's regression target: the λ-return,
+                                             R_t = r_t + γ((1−λ) V(s_{t+1}) + λ R_{t+1}))
 
     rewards, values, mask: [B, T].  -> (advantages [B, T], returns [B, T]), 0 at padding.
     The episode ends at each row's last masked token, so V(s_{t+1}) = 0 there (terminal: nothing is
     earned after the EOS) and the sum stops: a padded position never reaches a real one, whatever
     values or rewards the padding holds. λ = 0 gives the TD residual δ_t; λ = 1 (with γ = 1) gives
-    Σ_{l≥0} r_{t+l} − V(s_t), the Monte Carlo return minus the value.
+    Σ_{l≥0} r_{t+l} − V(s_t), the Monte Carlo return minus the value, and then R_t is the notes'
+    return r_t + ... + r_T (004, "PPO's Advantage Estimator"); at λ < 1 it is not.
     """
     m = mask.bool()  # [B, T]
     r = torch.where(m, rewards, torch.zeros_like(rewards))  # [B, T]
@@ -310,8 +353,10 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     gain once ρ > 1+ε; with Â < 0 once ρ < 1−ε: in those two cases the clipped term is the smaller
     one and it does not depend on θ, so the token's gradient is exactly 0.
     metrics (detached): clipfrac, the fraction of tokens where the clipped term is taken (strictly
-    smaller); approx_kl, the k3 estimate of D_KL(π_old ‖ π_θ) = mean(ρ − 1 − log ρ), the quantity
-    the notes' PPO-penalty calls d.
+    smaller); approx_kl, mean(ρ − 1 − log ρ), the k3 estimate from the sampled tokens of
+    mean_t KL(π_old ‖ π_θ). The notes' PPO-penalty d is that same KL computed exactly over the
+    vocabulary (`policy_kl`, logged as policy/kl_old); --kl-control adaptive uses neither, but the
+    KL to π_ref per completion (objective/kl).
     """
     log_ratio = logp - old_logp  # log ρ_t   [B, T]
     ratio = torch.exp(log_ratio)  # ρ_t   [B, T]
@@ -335,7 +380,13 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
     values (V_ψ, with gradient), old_values (V_old, from the rollout), returns (R), mask: [B, T].
     The max makes it pessimistic: a move of V past V_old ± ε_v towards R earns nothing, a move away
-    from R is paid in full. clip ≤ 0 gives the plain MSE ½ mean (V − R)², the notes' critic loss.
+    from R is paid in full. clip ≤ 0 gives ½ mean (V − R)², which is the notes' critic loss
+    (000, L_VF = E[(V − R)²]; 004, an MSE to the return) up to two things:
+      - the ½, which the notes do not have: it comes from OpenAI baselines' ppo2 and
+        lm-human-preferences (`vf_loss = .5 * mean(max(...))`), kept by TRL; it makes ∂L/∂V = V − R
+        and is the same as halving c_V;
+      - the target: ppo.py passes R = Â + V_old, the λ-return (`gae`), the notes' Monte Carlo
+        return r_t + ... + r_T only at λ = 1.
     -> (loss, metrics) with vf_clipfrac, the fraction of tokens where the clipped term is larger.
     """
     err = (values - returns) ** 2  # (V − R)²   [B, T]
@@ -637,13 +688,31 @@ def check_same_vocab(tok, rm_tok, where: str) -> None:
                     "so train the reward model on the same tokenizer (reward_model.py --model <SFT policy>)")
 
 
-def sft_batches(args: Args, train_pairs: list[dict], seed: int):
-    """An endless stream of (prompts, completions) for the PPO-ptx term: the SFT policy's own
-    training distribution (the grammar of `common.sample_review`) for the built-in task, else the
-    chosen completions of the --data pairs."""
+def read_ptx_data(path: str) -> list[dict]:
+    """--ptx-data: JSONL {"prompt": str, "completion": str} rows (other keys are ignored), the
+    prompt-completion format of TRL's SFT data. A bad line is one error naming FILE:LINE."""
+    def why_bad(r):
+        for k in ("prompt", "completion"):
+            if not isinstance(r[k], str):
+                return f"{k!r} must be a string, got {type(r[k]).__name__} (PPO-ptx rows are prompt-completion text)"
+            if r[k].strip() == "":
+                return (f"{k!r} is empty (the LM loss is on the completion given its prompt; for plain "
+                        "pretraining text, put its first words in 'prompt')")
+        return None
+    rows = common.read_jsonl(path, required=("prompt", "completion"), flag="--ptx-data", validate=why_bad)
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+
+
+def sft_batches(args: Args, train_pairs: list[dict], seed: int, ptx_rows: list[dict] | None = None):
+    """An endless stream of (prompts, completions) for the PPO-ptx term: the --ptx-data rows when
+    given; else the SFT policy's own training distribution (the grammar of `common.sample_review`)
+    for the built-in task, or the chosen completions of the --data pairs."""
     rng = np.random.default_rng(seed)
     while True:
-        if args.data is None:
+        if ptx_rows is not None:
+            rows = [ptx_rows[i] for i in rng.integers(len(ptx_rows), size=args.ptx_batch)]
+            prompts, comps = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+        elif args.data is None:
             prompts, comps = zip(*(common.sample_review(rng) for _ in range(args.ptx_batch)))
         else:
             rows = [train_pairs[i] for i in rng.integers(len(train_pairs), size=args.ptx_batch)]
@@ -764,6 +833,8 @@ def validate(args: Args) -> None:
     check(args.cliprange_value >= 0, f"--cliprange-value must be ≥ 0 (got {args.cliprange_value})")
     check(args.vf_coef > 0, f"--vf-coef must be > 0 (got {args.vf_coef}): the value model must learn")
     check(args.ptx_coef >= 0, f"--ptx-coef must be ≥ 0 (got {args.ptx_coef})")
+    check(args.ptx_data is None or args.ptx_coef > 0,
+          f"--ptx-data {args.ptx_data} needs --ptx-coef > 0: with λ = 0 the PPO-ptx term is off")
     check(args.missing_eos_penalty >= 0, f"--missing-eos-penalty must be ≥ 0 (got {args.missing_eos_penalty})")
     check(args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})")
     check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
@@ -789,13 +860,17 @@ def train(args: Args) -> dict:
           f"--dtype {args.dtype} picked float16 on {device}, and TRPO's gradients are not loss-scaled: "
           "pass --dtype float32 (or bfloat16 where the GPU has it) with --policy-loss trpo")
     train_pairs, heldout = common.load_preferences(args.data)
+    ptx_rows = read_ptx_data(args.ptx_data) if args.ptx_data is not None else None
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
-    prompts_all = [p["prompt"] for p in train_pairs]
-    eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
 
     ##### the four models
     path = common.resolve_model_path(args.model)
+    print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
+          "models …", flush=True)
     policy, tok = common.load_model(path, device)  # π_θ, float32 weights
+    train_pairs, heldout = (common.render_chat(tok, rows, model=args.model) for rows in (train_pairs, heldout))
+    prompts_all = [p["prompt"] for p in train_pairs]  # rows of messages: rendered by the chat template
+    eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("ppo", args.seed), args.overwrite)
@@ -811,9 +886,8 @@ def train(args: Args) -> dict:
     common.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
     params = [{"params": list(policy.parameters())}, {"params": list(value.parameters())}]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-5)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))  # s counts PPO steps from 0
-    ptx_data = sft_batches(args, train_pairs, args.seed + 2) if args.ptx_coef > 0 else None
+    sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, "constant")  # warm-up, then flat
+    ptx_data = sft_batches(args, train_pairs, args.seed + 2, ptx_rows) if args.ptx_coef > 0 else None
     load_seconds = time.time() - t_start
 
     @torch.no_grad()
@@ -832,10 +906,11 @@ def train(args: Args) -> dict:
         return {"eval/gold_reward": s["gold_reward"], "eval/score": s["score"],
                 "eval/kl_to_ref": s["kl_to_ref"], "eval/mean_length": s["mean_length"], "texts": s["texts"]}
 
-    log = common.RunLogger(out)
+    log = common.RunLogger(out, total_steps=args.steps)
     n_params = sum(p.numel() for p in policy.parameters()) / 1e6
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} ({n_params:.2f}M "
           f"parameters)  |  reward model {rm_path}  |  value model from the {args.value_init}")
+    print(f"evaluating the start policy ({args.eval_samples} samples) …", flush=True)
     start = evaluate()
     start_texts = start.pop("texts")
     log.log(0, {**start, "objective/beta": args.beta})
@@ -929,12 +1004,12 @@ def train(args: Args) -> dict:
                     prec.backward(loss * w)
                     for name, val in terms:
                         acc[name] = acc.get(name, 0.0) + float(val.detach()) * w
-                if ptx_data is not None:  # PPO-ptx: λ · mean −log π_θ(y|x) on SFT text
+                if ptx_data is not None:  # PPO-ptx: λ · (−mean_t log π_θ(y_t | x, y_<t)) on its texts
                     px, py = next(ptx_data)
                     p_ids2, p_mask2, p_cmask, Tp = common.encode_prompt_completion(tok, px, py, device)
                     with prec.autocast():
                         lp = common.token_logprobs(policy, p_ids2, p_mask2, Tp)[0]  # [b, Tp]
-                    ptx_loss = -masked_mean(lp, p_cmask)  # next-token NLL of the SFT completions
+                    ptx_loss = -masked_mean(lp, p_cmask)  # a token mean: −Σ log π over all tokens / #tokens
                     prec.backward(args.ptx_coef * ptx_loss)
                     acc["loss/ptx"] = float(ptx_loss.detach())
                 if args.policy_loss == "trpo":  # the policy has no .grad: AdamW skips it

@@ -27,9 +27,11 @@ the term this leaves out, −β·E[∇log π], is 0 (the argument of "Why is the
         R(τ) = Σ_t γ^t r_t = G_0                            return
         Ψ_t  = R(τ) − b   (--psi return)   or   G_t − b   (--psi reward-to-go)
                b = 0 (--baseline none),  mean of R over the batch (mean),
-                   or (Σ_j R_j − R_i)/(K−1) over the K samples of the same prompt (rloo)
+                   or (Σ_j R_j − R_i)/(K−1) over the K samples of the same prompt (rloo),
+                   or b(s_t) = V_ψ(s_t), a learned value of the state (value; reward-to-go only)
         L    = −1/|D| Σ_τ Σ_t log π_θ(a_t|s_t) Ψ_t            the pseudo-loss: ∇_θ L = −ĝ
-        θ ← θ − lr ∇_θ L                                                                 (AdamW)
+        L_V  = mean_t (V_ψ(s_t) − G_t)²                       (value only: the critic's MSE)
+        θ ← θ − lr ∇_θ L;   ψ ← ψ − value_lr ∇_ψ L_V                                     (AdamW)
         every `eval_every` steps: held-out greedy accuracy
 
 γ, the discount. The episode is at most --max-new-tokens long, so γ = 1 (the default, the notes'
@@ -49,10 +51,30 @@ E[Ψ²] is the usual cheap proxy, but tr Cov(ĝ) = (E‖Σ_t ∇log π(a_t|s_t) 
 ‖∇log π‖ is large, and with a 0/1 score `return` gives them Ψ = 0 while a baseline gives them −b.
 So a baseline can lower E[Ψ²] and raise tr Cov(ĝ); bench/bench_reinforce.py measures both.
 
+The learned baseline (--baseline value): b(s_t) = V_ψ(s_t), the notes' "reward-to-go minus a
+baseline b(s_t)" with the baseline that 004 names, "typically the state-value function V(s_t)";
+REINFORCE with a learned baseline, or the A2C critic fitted to Monte Carlo targets (no
+bootstrapping). The choices, the plainest and cheapest that work on a CPU:
+  - V_ψ(s_t) = w·h_t + c, a linear head on the policy's final hidden state h_t at the column that
+    chooses y_t (the state s_t = (x, y_<t)), read by one extra forward pass without gradient. The
+    features are detached: the critic's loss never moves θ, and ψ = (w, c) is d + 1 numbers, not a
+    second LM (ppo.py's value model is a whole LM; that is the other choice).
+  - the target is G_t, by MSE: L_V = mean over completion tokens of (V_ψ(s_t) − G_t)² (notes 000,
+    L_VF; 004, "an MSE loss with the actual return"), with no ½.
+  - V is read BEFORE this step's ψ update, so V(s_t) depends on s_t and on earlier batches only,
+    never on a_t or on the sample's own G_t: E[∇log π(a_t|s_t) V(s_t)] = 0 and ĝ stays unbiased
+    (fitting first and then subtracting would leak each sample's own return into its baseline).
+  - ψ starts at 0 (V = 0, so step 1 is plain reward-to-go), stays float32, and is stepped by the
+    same AdamW as θ, in its own parameter group with --value-lr, under the same schedule, its
+    gradient norm clipped on its own.
+  - only with --psi reward-to-go: V is fitted to G_t, and R(τ) − V(s_t), though unbiased too,
+    would subtract an estimate of a different quantity (R(τ) = Σ_{k<t} γ^k r_k + γ^t G_t).
+
 Run:
     python reinforce.py                                  # embedded `tiny` model, arithmetic, CPU, minutes
     python reinforce.py --psi return --baseline none     # the notes' basic policy gradient, Ψ = R(τ)
     python reinforce.py --baseline mean                  # reward-to-go minus the batch mean
+    python reinforce.py --baseline value                 # reward-to-go minus a learned V_ψ(s_t)
     python reinforce.py --beta 0                         # no KL shaping, no reference model
     python reinforce.py --model Qwen/Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --chat-template \\
         --max-new-tokens 256 --prompts-per-step 8 --samples-per-prompt 8 --lr 1e-6 \\
@@ -73,7 +95,7 @@ import common
 from common import check, masked_mean, masked_sum
 
 PSI = ("return", "reward-to-go")
-BASELINES = ("none", "mean", "rloo")
+BASELINES = ("none", "mean", "rloo", "value")
 
 
 @dataclass
@@ -82,9 +104,10 @@ class Args:
     """--model NAME_OR_PATH: a Hugging Face causal LM folder (or hub name, if cached), or `tiny`,
     the embedded default (the folder models/tiny)"""
     data: Optional[str] = None
-    """JSONL file with {"prompt", "answer"} lines, or GSM8K as published ({"question", "answer":
-    "<solution> #### 72"}: the number after ####), scored by the last number
-    in the completion; default: the built-in arithmetic task, scored strictly"""
+    """JSONL file with {"prompt", "answer"} lines (the prompt a string, or a list of {"role",
+    "content"} messages, rendered with the chat template), or GSM8K as published ({"question",
+    "answer": "<solution> #### 72"}: the number after ####), scored by the last number in the
+    completion; default: the built-in arithmetic task, scored strictly"""
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template (for instruct models)"""
     out_dir: Optional[str] = None
@@ -93,46 +116,57 @@ class Args:
     overwrite: bool = False
     """allow --out-dir to name a folder that already holds a run"""
     seed: int = 1
-    """seed of Python's random, numpy and torch (sampling included)"""
+    """seed of Python's random, numpy and torch (sampling included) (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
     float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
 
-    psi: str = "reward-to-go"
+    psi: Literal["return", "reward-to-go"] = "reward-to-go"
     """Ψ_t, what multiplies ∇log π(a_t|s_t) (notes 002 §4.4): `return` (the whole R(τ), the same
     for every token) or `reward-to-go` (G_t, the rewards from t on)"""
-    baseline: str = "rloo"
-    """b, subtracted from Ψ_t: `none`, `mean` (the batch mean of R(τ)) or `rloo` (the mean R(τ)
-    of the other K−1 samples of the same prompt; needs K ≥ 2)"""
+    baseline: Literal["none", "mean", "rloo", "value"] = "rloo"
+    """b, subtracted from Ψ_t: `none`, `mean` (the batch mean of R(τ)), `rloo` (the mean R(τ)
+    of the other K−1 samples of the same prompt; needs K ≥ 2), or `value` (b(s_t) = V_ψ(s_t), a
+    linear head on the policy's hidden state fitted by MSE to G_t; with --psi reward-to-go only)"""
+    value_lr: float = 3e-2
+    """learning rate of the value head V_ψ (--baseline value only), in AdamW beside θ, under the
+    same warm-up and schedule; the head is d + 1 numbers on fixed features, so it takes a far larger
+    rate than the LM (tiny, 150 steps: 1e-2..1e-1 fitted about equally well, 1e-3 and 3e-1 worse)"""
     gamma: float = 1.0
     """γ, the discount in G_t and R(τ), in [0, 1]; 1 is the finite-horizon return (the episode ends
     within --max-new-tokens), < 1 discounts the score for the early tokens of long answers"""
     beta: float = 0.05
     """β, the weight of the per-token KL penalty r_t = −β(log π − log π_ref) (RLHF uses 0.01..0.1);
-    0 skips the reference model entirely"""
+    0 skips the reference model entirely (TRL: beta; older RLOOConfig: kl_coef)"""
 
     steps: int = 500
-    """number of REINFORCE steps (each: generate, score, one optimiser step)"""
+    """number of REINFORCE steps (each: generate, score, one optimiser step) (TRL: max_steps)"""
     prompts_per_step: int = 16
-    """prompts x per step; the batch D holds prompts_per_step × K completions"""
+    """prompts x per step; the batch D holds prompts_per_step × K completions (TRL counts the batch
+    in completions: prompts_per_step × num_generations)"""
     samples_per_prompt: int = 8
-    """K, completions sampled per prompt (≥ 2 for --baseline rloo; the RLOO paper uses 2..4)"""
+    """K, completions sampled per prompt (≥ 2 for --baseline rloo; the RLOO paper uses 2..4)
+    (TRL: num_generations; older RLOOConfig: rloo_k)"""
     max_new_tokens: int = 4
-    """completion token limit (4 fits a 3-digit sum and EOS; ~256+ for GSM8K)"""
+    """completion token limit (4 fits a 3-digit sum and EOS; ~256+ for GSM8K) (TRL:
+    max_completion_length; older RLOOConfig: response_length)"""
     temperature: float = 1.0
-    """sampling temperature; log-probs (and the KL) are taken of the same tempered distribution"""
+    """sampling temperature; log-probs (and the KL) are taken of the same tempered distribution
+    (TRL: temperature)"""
     lr: float = 3e-4
     """peak learning rate of AdamW (tiny: 3e-4; 1e-3 first drops its accuracy, or collapses it
-    into completions that never end; a 0.5B model: ~1e-6)"""
+    into completions that never end; a 0.5B model: ~1e-6) (TRL: learning_rate)"""
     warmup_steps: int = 20
-    """steps of linear learning-rate warm-up from 0 (Adam's first steps are sign-like and large)"""
+    """steps of linear learning-rate warm-up from 0 (Adam's first steps are sign-like and large)
+    (TRL: warmup_steps)"""
     lr_schedule: Literal["constant", "linear"] = "linear"
-    """after warm-up: keep the rate (constant) or decay it linearly to 0 at the last step (linear)"""
+    """after warm-up: keep the rate (constant) or decay it linearly to 0 at the last step (linear)
+    (TRL: lr_scheduler_type)"""
     grad_clip: float = 1.0
-    """clip the global gradient norm to this value (0 disables)"""
+    """clip the global gradient norm to this value (0 disables) (TRL: max_grad_norm)"""
     micro_batch: Optional[int] = None
     """completions per forward/backward pass (gradient accumulation); default: the whole batch"""
     grad_var: bool = True
@@ -140,7 +174,7 @@ class Args:
     extra copy of the gradient; --no-grad-var on big models)"""
 
     eval_every: int = 100
-    """steps between held-out greedy evaluations"""
+    """steps between held-out greedy evaluations (TRL: eval_steps)"""
     eval_size: int = 500
     """held-out prompts per evaluation"""
     pass_at_k: bool = True
@@ -212,18 +246,29 @@ def rloo_baseline(rewards: torch.Tensor, k: int | None) -> torch.Tensor:
 
 
 def psi_values(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, psi: str = "reward-to-go",
-               baseline: str = "none", k: int | None = None) -> torch.Tensor:
+               baseline: str = "none", k: int | None = None,
+               values: torch.Tensor | None = None) -> torch.Tensor:
     """Ψ_t, the weight of ∇log π(a_t|s_t) in ĝ (notes 002 §4.4).  rewards, mask: [B, T] -> [B, T]
 
         psi="return":        Ψ_t = R(τ) − b  for every t, R(τ) = Σ_t γ^t r_t = G_0
         psi="reward-to-go":  Ψ_t = G_t − b
         baseline="none": b = 0;  "mean": b = mean_j R_j over the whole batch;
-        "rloo": b_i = (Σ_{j in i's group} R_j − R_i)/(K−1), groups of K consecutive rows
-    The baseline is one number per completion, computed from returns, and subtracted at every
-    token. Positions outside the mask are 0.
+        "rloo": b_i = (Σ_{j in i's group} R_j − R_i)/(K−1), groups of K consecutive rows;
+        "value": b(s_t) = V(s_t), `values` [B, T] (detached here: Ψ is a constant), reward-to-go only
+    The first three are one number per completion, computed from returns, and subtracted at every
+    token; "value" is one number per token. Positions outside the mask are 0.
     """
     G = reward_to_go(rewards, mask, gamma)  # G_t   [B, T]
     R = G[:, 0]  # R(τ) = G_0   [B]
+    if baseline == "value":
+        if psi != "reward-to-go":
+            raise ValueError("the value baseline V(s_t) is fitted to the reward-to-go G_t, so it pairs "
+                             f"with psi='reward-to-go' only (got psi={psi!r})")
+        if values is None or values.shape != G.shape:
+            raise ValueError(f"baseline='value' needs values V(s_t) of shape {tuple(G.shape)} "
+                             f"(got {None if values is None else tuple(values.shape)})")
+        out = G - values.detach().to(G.dtype)  # Ψ_t = G_t − V(s_t)   [B, T]
+        return torch.where(mask.bool(), out, torch.zeros_like(out))  # [B, T]
     if psi == "return":
         out = R.unsqueeze(1).expand_as(G)  # Ψ_t = R(τ)   [B, T]
     elif psi == "reward-to-go":
@@ -240,6 +285,17 @@ def psi_values(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, psi: str
         raise ValueError(f"unknown baseline {baseline!r}: expected one of {', '.join(BASELINES)}")
     out = out - b.unsqueeze(1)  # Ψ_t − b   [B, T]
     return torch.where(mask.bool(), out, torch.zeros_like(out))  # [B, T]
+
+
+def value_loss(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The critic's regression (notes 000, L_VF = E_s[(V_φ(s) − R(s))²]; 004, "an MSE loss with the
+    actual return"), over the completion tokens:
+        L_V = Σ_t m_t (V_ψ(s_t) − G_t)² / Σ_t m_t
+    values: [B, T], V_ψ(s_t) with gradient; returns: [B, T], G_t (a target: no gradient); mask:
+    [B, T]. No ½ (the notes have none; ppo.py's clipped loss has the ½ of OpenAI's code).
+    """
+    err = (values - returns.detach()) ** 2  # (V_ψ(s_t) − G_t)²   [B, T]
+    return masked_mean(err, mask)  # mean over completion tokens
 
 
 def reinforce_loss(logp: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor):
@@ -274,6 +330,37 @@ def split_half_variance(g1: torch.Tensor, g2: torch.Tensor, n1: int, n2: int) ->
 
 
 #####################################################################################################
+#####  the learned baseline: a linear value head on the policy's hidden state
+#####################################################################################################
+
+
+@torch.no_grad()
+def state_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   n_completion: int) -> torch.Tensor:
+    """h_t, the final hidden state of the column that chooses y_t (state s_t = (x, y_<t)), for the
+    last n_completion tokens; no gradient, so the critic never moves the policy.  -> [B, T, d]
+
+    input_ids, attention_mask: [B, L] = [left-padded prompt | right-padded completion]. The column
+    before y_t is the one whose logits predict y_t, so h_t lines up with `common.token_logprobs`.
+    Position ids come from the attention mask, as there. Rows at padding are finite and meaningless.
+    """
+    T = n_completion
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    h = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # [B, L, d]
+    return h[:, -(T + 1):-1].float()  # h_t for y_1..y_T, in float32   [B, T, d]
+
+
+def value_head(d: int, device) -> torch.nn.Linear:
+    """V_ψ(s_t) = w·h_t + c, float32, started at 0 (V = 0: the first step is plain reward-to-go).
+    skip_init draws no random numbers, so a seed samples the same completions for every baseline."""
+    head = torch.nn.utils.skip_init(torch.nn.Linear, d, 1, device=device, dtype=torch.float32)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+#####################################################################################################
 #####  training
 #####################################################################################################
 
@@ -285,6 +372,10 @@ def validate(args: Args) -> None:
     check(args.baseline != "rloo" or args.samples_per_prompt >= 2,
           f"--samples-per-prompt (K) must be ≥ 2 with --baseline rloo (got {args.samples_per_prompt}): "
           "the leave-one-out baseline of a sample is the mean return of the other K−1")
+    check(args.baseline != "value" or args.psi == "reward-to-go",
+          f"--baseline value needs --psi reward-to-go (got --psi {args.psi}): V(s_t) is fitted to the "
+          "reward-to-go G_t, so R(τ) − V(s_t) would subtract an estimate of a different quantity")
+    check(args.value_lr > 0, f"--value-lr must be > 0 (got {args.value_lr})")
     check(0.0 <= args.gamma <= 1.0, f"--gamma must be in [0, 1] (got {args.gamma}): it is a discount")
     check(args.beta >= 0, f"--beta must be ≥ 0 (got {args.beta}): it weights a KL penalty")
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "eval_every",
@@ -311,33 +402,33 @@ def train(args: Args) -> dict:
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reinforce", args.seed),
-                                 args.overwrite)
     train_rows, heldout = common.load_task(args.data)
     heldout = heldout[: args.eval_size]
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
+    print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
+          + " …", flush=True)
     policy, tok = common.load_model(args.model, device)  # float32 weights
     policy.eval()  # no dropout: the log-probs of the loss are those of the policy that sampled
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
+    common.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    groups = [{"params": params}]
+    head = None  # V_ψ, only for --baseline value: a float32 linear head on detached features
+    if args.baseline == "value":
+        head = value_head(policy.config.hidden_size, device)
+        groups.append({"params": list(head.parameters()), "lr": args.value_lr})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)  # the schedule scales both groups
+    # the run folder is made only once the flags, the data and the model have all been accepted
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reinforce", args.seed),
+                                 args.overwrite)
 
-    def lr_factor(step: int) -> float:  # step counts from 0; multiplies --lr
-        if step < args.warmup_steps:
-            return (step + 1) / (args.warmup_steps + 1)
-        if args.lr_schedule == "constant":
-            return 1.0
-        return max(0.0, (args.steps - step) / max(1, args.steps - args.warmup_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # common.lr_factor
     load_seconds = time.time() - t_start
 
     def prompt_text(row):
-        if args.chat_template:
-            return tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                           tokenize=False, add_generation_prompt=True)
-        return row["prompt"]
+        return common.chat_prompt(tok, row["prompt"], args.chat_template)  # messages: the chat template
     for r in heldout:
         r["text"] = prompt_text(r)
 
@@ -354,11 +445,12 @@ def train(args: Args) -> dict:
             return common.pass_at_k(policy, tok, eval_rows, args.samples_per_prompt, args.max_new_tokens, strict,
                                     args.temperature)
 
-    log = common.RunLogger(out)
+    log = common.RunLogger(out, total_steps=args.steps)
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
           f"Ψ = {'R(τ)' if args.psi == 'return' else 'G_t'} − b[{args.baseline}], γ = {args.gamma}, "
           f"β = {args.beta}{'' if ref is not None else ' (no reference model)'}")
+    print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
     start_acc, start_pass = evaluate(), evaluate_pass_at_k()
     log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
     print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
@@ -375,7 +467,7 @@ def train(args: Args) -> dict:
     for step in range(1, args.steps + 1):
         t0 = time.time()
         ##### 1. sample K completions of each prompt from π_θ
-        rows = [train_rows[i] for i in rng.choice(len(train_rows), n, replace=False)]
+        rows = [train_rows[i] for i in rng.choice(len(train_rows), n, replace=n > len(train_rows))]
         prompts = [prompt_text(r) for r in rows for _ in range(K)]  # the K samples of x are consecutive
         answers = [r["answer"] for r in rows for _ in range(K)]
         with prec.autocast():
@@ -386,19 +478,37 @@ def train(args: Args) -> dict:
         T = c_ids.shape[1]
 
         ##### 2. per-token rewards r_t and Ψ_t (no gradient)
-        scores = torch.tensor([common.score(t, a, f, strict) for t, a, f in zip(texts, answers, finished)],
+        scores = torch.tensor([common.score(c, a, f, strict, tok)  # scored from the ids, as generated
+                               for c, a, f in zip(c_ids.tolist(), answers, finished)],
                               device=device)  # [B]
         log_ratio = None
+        chunks = [slice(i, i + mb) for i in range(0, B, mb)]
         if ref is not None:
             with torch.no_grad(), prec.autocast():
-                chunks = [slice(i, i + mb) for i in range(0, B, mb)]
                 logp_s = torch.cat([common.token_logprobs(policy, ids[c], mask[c], T, args.temperature)[0]
                                     for c in chunks])  # log π_θ(y_t|s_t)   [B, T]
                 ref_logp = torch.cat([common.token_logprobs(ref, ids[c], mask[c], T, args.temperature)[0]
                                       for c in chunks])  # log π_ref(y_t|s_t)   [B, T]
             log_ratio = logp_s - ref_logp  # log(π_θ/π_ref), the per-token KL sample (k1)   [B, T]
         rewards = per_token_rewards(scores, c_mask, log_ratio, args.beta)  # r_t   [B, T]
-        psi = psi_values(rewards, c_mask, args.gamma, args.psi, args.baseline, K)  # Ψ_t   [B, T]
+        values = None
+        if head is not None:  # V_ψ(s_t) with the head as it is BEFORE this step: unbiased Ψ
+            with prec.autocast():
+                feats = torch.cat([state_features(policy, ids[c], mask[c], T) for c in chunks])  # h_t   [B, T, d]
+            values = head(feats).squeeze(-1)  # V_ψ(s_t) = w·h_t + c (float32, grad to ψ only)   [B, T]
+        psi = psi_values(rewards, c_mask, args.gamma, args.psi, args.baseline, K, values)  # Ψ_t   [B, T]
+        v_stats = {}
+        if head is not None:  # the critic's MSE to G_t; its gradient lands on ψ alone
+            G = reward_to_go(rewards, c_mask, args.gamma)  # G_t, the target   [B, T]
+            vf_loss = value_loss(values, G, c_mask)  # mean_t (V_ψ(s_t) − G_t)²
+            prec.backward(vf_loss)
+            with torch.no_grad():
+                var_g = masked_mean((G - masked_mean(G, c_mask)) ** 2, c_mask)  # Var[G_t]
+                resid = G - values  # [B, T]
+                var_r = masked_mean((resid - masked_mean(resid, c_mask)) ** 2, c_mask)  # Var[G_t − V]
+            v_stats = {"value/loss": vf_loss.item(), "value/mean": float(masked_mean(values.detach(), c_mask))}
+            if var_g > 0:  # 1 − Var[G − V]/Var[G]: 0 for V = mean, 1 for V = G (undefined if G is constant)
+                v_stats["value/explained_variance"] = float(1 - var_r / var_g)
 
         ##### 3. ĝ = −∇L, accumulated over micro-batches, part by part
         stats = {"loss": 0.0, "psi_mean": 0.0, "psi_second_moment": 0.0, "entropy": 0.0}
@@ -428,7 +538,11 @@ def train(args: Args) -> dict:
             grad_var = split_half_variance(g1, g2, n1, n - n1)  # ≈ tr Cov(ĝ)
             if not math.isfinite(grad_var):  # float16: the gradients overflowed and the step is skipped
                 grad_var = None
-        grad_norm = prec.step(opt, params, max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
+        if head is None:
+            grad_norm = prec.step(opt, params, max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
+        else:  # θ and ψ clipped each on its own, one AdamW step for both
+            grad_norm, v_stats["value/grad_norm"] = prec.step(opt, params, head.parameters(),
+                                                              max_norm=args.grad_clip)
         opt.zero_grad(set_to_none=True)
         sched.step()
 
@@ -453,6 +567,7 @@ def train(args: Args) -> dict:
         }
         if grad_var is not None:
             metrics["policy/grad_var"] = grad_var  # ≈ tr Cov(ĝ), before clipping
+        metrics.update(v_stats)  # value/loss, value/mean, value/explained_variance, value/grad_norm
         if log_ratio is not None:
             metrics["kl/ref"] = float(masked_mean(log_ratio, c_mask))  # per token
             metrics["kl/ref_seq"] = float(masked_sum(log_ratio, c_mask, dim=1).mean())  # per completion
@@ -463,13 +578,15 @@ def train(args: Args) -> dict:
             final_pass = evaluate_pass_at_k()
             metrics.update(common.pass_metrics(final_pass))
         keys = ["reward/mean", "kl/ref", "psi/second_moment", "policy/grad_var", "policy/entropy",
-                "completions/mean_length", "eval/accuracy"]
+                "value/explained_variance", "completions/mean_length", "eval/accuracy"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/accuracy" in metrics) else [])
 
     ##### 5. save and summarise
     train_seconds = time.time() - t_train
     model_dir = common.save_policy(policy, tok, out, args.save_model)
+    if head is not None and args.save_model:  # V_ψ beside the policy: {"weight": [1, d], "bias": [1]}
+        torch.save(head.state_dict(), out / "value_head.pt")
     examples = heldout[:4]
     with prec.autocast():
         *_, ex_texts, _ = common.generate_text(policy, tok, [r["text"] for r in examples],

@@ -7,6 +7,7 @@ of the policy-gradient estimator ĝ?
        reward-to-go  --psi reward-to-go --baseline none    Ψ_t = G_t         (2.)
        mean          --psi reward-to-go --baseline mean    Ψ_t = G_t − mean R over the batch (3.)
        rloo          --psi reward-to-go --baseline rloo    Ψ_t = G_t − the mean R of the other K−1
+       value         --psi reward-to-go --baseline value   Ψ_t = G_t − V_ψ(s_t), a learned linear head
    It reports the held-out greedy accuracy before and after, the wall time, and the run's averages
    of `policy/grad_var` (the split-half estimate of tr Cov(ĝ)) and `psi/second_moment` (E[Ψ²]).
    Claim checked: every default (`rloo`) run gains ≥ --min-gain accuracy in < --time-limit seconds.
@@ -15,9 +16,13 @@ of the policy-gradient estimator ĝ?
    trained by the first `rloo` run, with π_ref = the start): --probe-batches batches are sampled
    once, and ĝ is computed from the SAME samples with each Ψ. tr Cov(ĝ) is measured across the
    batches. This is the notes' claim (004, "REINFORCE": same expectation, lower variance), measured.
+   For `value` at a fixed θ there is no trained head, so the head is fitted first, by least squares
+   (the exact minimiser of the MSE to G_t) on --fit-batches batches of its own, not reused.
 
     python bench/bench_reinforce.py                          # 2 seeds, default budget, 1 run at a time
     python bench/bench_reinforce.py --seeds 1 --jobs 2 --threads 1    # two runs at once, 1 thread each
+    python bench/bench_reinforce.py --probe-batches 0 --threads 1 --variants value \
+        --out bench/results/reinforce_value.json      # only the learned-baseline row, training runs only
 
 Writes the numbers to --out (JSON) and prints Markdown tables. Exit code 1 when a default run
 misses the claim (checked only when --steps and --extra are left at their defaults).
@@ -50,6 +55,7 @@ VARIANTS = {  # name: (--psi, --baseline)
     "reward-to-go": ("reward-to-go", "none"),
     "mean": ("reward-to-go", "mean"),
     "rloo": ("reward-to-go", "rloo"),
+    "value": ("reward-to-go", "value"),
 }
 
 
@@ -60,13 +66,15 @@ class Args:
     steps: int = reinforce.Args.steps
     """the fixed budget of every training run (default: reinforce.py's default, so rloo = default)"""
     variants: str = ",".join(VARIANTS)
-    """comma-separated Ψ variants to run: return, reward-to-go, mean, rloo"""
+    """comma-separated Ψ variants to run: return, reward-to-go, mean, rloo, value"""
     jobs: int = 1
     """training runs at once (1: each run has the whole machine, as the time claim assumes)"""
     threads: int = 0
     """torch threads per run (OMP_NUM_THREADS); 0 leaves torch's default"""
     probe_batches: int = 48
     """batches (of prompts_per_step × K, the defaults) sampled at each fixed θ; 0 skips part 2"""
+    fit_batches: int = 8
+    """batches, beside the probe batches, on which the `value` head is fitted at each fixed θ"""
     min_gain: float = 0.15
     """accuracy gain (held-out, greedy) that every default run must reach"""
     time_limit: float = 600.0
@@ -114,7 +122,7 @@ def flat(grads) -> torch.Tensor:
 
 
 def paired_variance(model_path, ref_path, names: list[str], batches: int, seed: int,
-                    norm_batches: int = 4) -> dict:
+                    norm_batches: int = 4, fit_batches: int = 8) -> dict:
     """tr Cov(ĝ) of each Ψ variant at a fixed θ, from the same `batches` batches of samples.
 
     On the first `norm_batches` batches it also measures ‖∇log π(y|x)‖² of every completion, split
@@ -134,7 +142,9 @@ def paired_variance(model_path, ref_path, names: list[str], batches: int, seed: 
     grads = {n: [] for n in names}
     second = {n: [] for n in names}
     sq_norms, sq_scores = [], []
-    for batch in range(batches):
+    fit_x, fit_y, w = [], [], None  # the value head's least-squares fit: [h_t, 1] -> G_t
+    first = -fit_batches if "value" in names else 0
+    for batch in range(first, batches):
         rows = [train_rows[i] for i in rng.choice(len(train_rows), a.prompts_per_step, replace=False)]
         prompts = [r["prompt"] for r in rows for _ in range(K)]
         answers = [r["answer"] for r in rows for _ in range(K)]
@@ -147,9 +157,21 @@ def paired_variance(model_path, ref_path, names: list[str], batches: int, seed: 
         with torch.no_grad():
             ref_logp, _ = common.token_logprobs(ref, ids, mask, T, a.temperature)  # [B, T]
         rewards = reinforce.per_token_rewards(scores, c_mask, logp.detach() - ref_logp, a.beta)  # [B, T]
+        values = None
+        if "value" in names:
+            h = reinforce.state_features(policy, ids, mask, T)  # h_t   [B, T, d]
+            x = torch.cat([h, torch.ones_like(h[..., :1])], -1)  # [h_t, 1]   [B, T, d+1]
+            if batch < 0:  # a fitting batch: keep (x, G_t) of its completion tokens, and go on
+                fit_x.append(x[c_mask.bool()])  # [n, d+1]
+                fit_y.append(reinforce.reward_to_go(rewards, c_mask, a.gamma)[c_mask.bool()])  # [n]
+                continue
+            if w is None:  # argmin_w Σ (x·w − G)², a tiny ridge for rank deficiency
+                X, y = torch.cat(fit_x).double(), torch.cat(fit_y).double()
+                w = torch.linalg.solve(X.T @ X + 1e-6 * torch.eye(X.shape[1], dtype=X.dtype), X.T @ y).float()
+            values = x @ w  # V(s_t) = w·[h_t, 1]   [B, T]
         for n in names:
             psi_kind, baseline = VARIANTS[n]
-            psi = reinforce.psi_values(rewards, c_mask, a.gamma, psi_kind, baseline, K)  # [B, T]
+            psi = reinforce.psi_values(rewards, c_mask, a.gamma, psi_kind, baseline, K, values)  # [B, T]
             loss, m = reinforce.reinforce_loss(logp, psi, c_mask)
             grads[n].append(-flat(torch.autograd.grad(loss, params, retain_graph=True)))  # ĝ
             second[n].append(float(m["psi_second_moment"]))
@@ -231,7 +253,8 @@ def bench(args: Args) -> None:
                 thetas[f"after the rloo run, seed {seeds[0]}"] = trained[0]["model_dir"]
             for label, path in thetas.items():
                 t0 = time.time()
-                paired[label] = paired_variance(path, start, names, args.probe_batches, seed=seeds[0])
+                paired[label] = paired_variance(path, start, names, args.probe_batches, seed=seeds[0],
+                                                fit_batches=args.fit_batches)
                 norms = paired[label].pop("score_norms")
                 base = paired[label].get("rloo", next(iter(paired[label].values())))["trace_cov"]
                 print(f"\nPaired, θ fixed at {label}: {args.probe_batches} batches of "

@@ -2,7 +2,7 @@
 
     python bench/bench_robustness.py               # the whole grid, ~25 minutes on 2 CPU cores
     python bench/bench_robustness.py --only grpo --seeds 1
-    python bench/bench_robustness.py --readme      # also write the tables into README.md
+    python bench/bench_robustness.py --readme      # also write the tables into bench/README.md
 
 What it runs, each as the user would (`python SCRIPT.py --model M --seed S`, every other flag at its
 default, one torch thread per run, `--jobs` runs at a time):
@@ -21,8 +21,8 @@ The targets it checks:
     dpo, ppo   the gold reward rises on every seed
     all        each run under 10 minutes (wall time, at the load that the table states)
 
-Results: bench/results/robustness.json, and markdown tables on stdout (and in README.md between
-the `robustness` markers, with --readme).
+Results: bench/results/robustness.json, and markdown tables on stdout (and in bench/README.md
+between the `robustness` markers, with --readme).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main():
     ap.add_argument("--report-builds", default="0,1,2,3,4", help="build seeds whose start figures are tabled")
     ap.add_argument("--seeds", default="1,2,3", help="RL seeds")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (2 cores: 2)")
-    ap.add_argument("--readme", action="store_true", help="write the tables into README.md")
+    ap.add_argument("--readme", action="store_true", help="write the tables into bench/README.md")
     a = ap.parse_args()
     scripts = a.only or ["grpo", "reinforce", "dpo", "ppo"]
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -189,13 +189,14 @@ def main():
     md = tables(result)
     print("\n" + md)
     if a.readme:
-        readme = (ROOT / "README.md").read_text()
+        readme_path = ROOT / "bench" / "README.md"
+        readme = readme_path.read_text()
         start, end = "<!-- robustness:start -->", "<!-- robustness:end -->"
         if start in readme and end in readme:
             i, j = readme.index(start) + len(start), readme.index(end)
-            (ROOT / "README.md").write_text(readme[:i] + "\n" + md + "\n" + readme[j:])
+            readme_path.write_text(readme[:i] + "\n" + md + "\n" + readme[j:])
         else:
-            print(f"README.md has no {start} ... {end} block; the tables are printed above", file=sys.stderr)
+            print(f"bench/README.md has no {start} ... {end} block; the tables are printed above", file=sys.stderr)
 
 
 if __name__ == "__main__":

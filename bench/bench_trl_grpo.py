@@ -32,10 +32,15 @@ What is the same in both runs (TRL's name in brackets):
                     step: TRL gets the very same LambdaLR through `optimizers=(opt, sched)`
                     (HF's own "linear" schedule would start at lr 0 and differ by one step)
     steps           --steps (default 2000 = grpo.py's default), the schedule spans them
-    TRL extras off  report_to="none", use_cpu, bf16/fp16 off, gradient_checkpointing off (TRL's
+    TRL extras off  report_to="none", use_cpu, bf16/fp16 off, activation checkpointing off (TRL's
                     GRPOConfig turns it on by default; grpo.py does not recompute activations),
                     dataloader_num_workers=0, no checkpoints, no tqdm, logging every 10 steps
                     (TRL's default) to the child's stdout
+
+Both runs start from one grpo.Args (`bench_args`): grpo.py trains it, and the TRL run is the code
+path of `bench/to_trl.py grpo.py`: its config is `to_trl.grpo_fields(args)` (only the logging
+differs: every 10 steps, no tqdm) and its trainer `to_trl.build_grpo` (model, data, reward, AdamW
+and the exact LambdaLR).
 
 How TRL's reward function knows `finished` (EOS emitted within 4 tokens): TRL 1.16 passes
 `completion_ids` to reward functions, each row cut just after its first EOS (the same rule as
@@ -81,17 +86,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # to_trl
 
 P, G, MAX_NEW, LR, WARMUP, EPS = 16, 8, 4, 3e-4, 20, 0.2  # grpo.py's defaults
 
 
-def lr_factor_fn(steps: int, warmup: int):
-    """grpo.py's schedule (Args.lr_schedule="linear"), step counted from 0, multiplies the lr."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (steps - step) / max(1, steps - warmup))
-    return f
+def bench_args(a):
+    """The settings of both runs, as grpo.py's Args: grpo.py trains them, and bench/to_trl.py turns
+    the very same Args into TRL's GRPOConfig (the code path of `bench/to_trl.py grpo.py`)."""
+    import grpo
+    out = Path(tempfile.mkdtemp(prefix="bench_trl_grpo_")) / "run"
+    return grpo.Args(
+        model="tiny", steps=a.steps, prompts_per_step=P, group_size=G, max_new_tokens=MAX_NEW,
+        temperature=1.0, lr=LR, warmup_steps=WARMUP, lr_schedule="linear", mu=1, epsilon=EPS,
+        beta=0.0, loss_agg="seq-mean", scale_rewards=True, grad_clip=1.0, seed=a.seed,
+        eval_every=a.eval_every, eval_size=500, log_every=a.eval_every * 10, save_model=False,
+        out_dir=str(out), device="cpu")
 
 
 #####################################################################################################
@@ -183,14 +193,10 @@ def run_ours(a) -> dict:
         return acc
     common.greedy_accuracy = timed  # grpo.evaluate() looks it up through the module at call time
 
-    out = Path(tempfile.mkdtemp(prefix="bench_trl_grpo_ours_")) / "run"
+    args = bench_args(a)
+    out = Path(args.out_dir)
     t_setup = time.perf_counter()
-    summary = grpo.train(grpo.Args(
-        model="tiny", steps=a.steps, prompts_per_step=P, group_size=G, max_new_tokens=MAX_NEW,
-        temperature=1.0, lr=LR, warmup_steps=WARMUP, lr_schedule="linear", mu=1, epsilon=EPS,
-        beta=0.0, loss_agg="seq-mean", scale_rewards=True, grad_clip=1.0, seed=a.seed,
-        eval_every=a.eval_every, eval_size=500, log_every=a.eval_every * 10, save_model=False,
-        out_dir=str(out), device="cpu"))
+    summary = grpo.train(args)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     eval_steps = [r["step"] for r in rows if "eval/accuracy" in r]
     assert len(eval_steps) == len(evals), (eval_steps, len(evals))
@@ -214,37 +220,18 @@ def run_ours(a) -> dict:
 
 
 def run_trl(a) -> dict:
-    import torch
     import trl
-    from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     import common
+    import to_trl
 
     t_setup = time.perf_counter()
+    args = bench_args(a)
     train_rows, heldout = common.arithmetic_task()
-    model, tok = common.load_model("tiny", torch.device("cpu"))
-    eos = tok.eos_token_id
-
-    def arithmetic_reward(prompts, completions, completion_ids, answer, **kw):
-        # TRL cuts each row of completion_ids just after its first EOS: finished <=> it ends in EOS
-        return [common.score(text, ans, len(ids) > 0 and ids[-1] == eos, strict=True)
-                for text, ids, ans in zip(completions, completion_ids, answer)]
-
-    out = tempfile.mkdtemp(prefix="bench_trl_grpo_trl_")
-    cfg = GRPOConfig(
-        output_dir=out, max_steps=a.steps, seed=a.seed,
-        per_device_train_batch_size=P * G, gradient_accumulation_steps=1, num_generations=G,
-        max_completion_length=MAX_NEW, temperature=1.0, top_k=0, top_p=1.0,
-        learning_rate=LR, weight_decay=0.0, max_grad_norm=1.0,
-        beta=0.0, epsilon=EPS, num_iterations=1, loss_type="grpo", scale_rewards="group",
-        mask_truncated_completions=False,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        dataloader_num_workers=0, report_to="none", save_strategy="no", disable_tqdm=True,
-        logging_steps=10)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(a.steps, WARMUP))
+    # the mapping of bench/to_trl.py; the bench logs every 10 steps to the child's stdout, no tqdm
+    cfg = GRPOConfig(**{**to_trl.grpo_fields(args), "logging_steps": 10, "disable_tqdm": True})
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -253,7 +240,7 @@ def run_trl(a) -> dict:
         def evaluate(self, step, mdl):
             t, c = time.perf_counter(), time.process_time()
             IN_EVAL[0] = True
-            acc = common.greedy_accuracy(mdl, tok, heldout, max_new_tokens=MAX_NEW, strict=True)
+            acc = common.greedy_accuracy(mdl, trainer.processing_class, heldout, max_new_tokens=MAX_NEW, strict=True)
             IN_EVAL[0] = False
             dt, dc = time.perf_counter() - t, time.process_time() - c
             train = 0.0 if step == 0 else t - self.t0 - self.spent
@@ -270,21 +257,19 @@ def run_trl(a) -> dict:
             self.evaluate(0, model)  # before the clock starts, like grpo.py's start evaluation
             self.t0, self.c0 = time.perf_counter(), time.process_time()
 
-        def on_step_end(self, args, state, control, model=None, **kw):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
             s = state.global_step
             if s in (1, WARMUP, a.steps // 2):
-                self.lrs[s] = opt.param_groups[0]["lr"]  # the lr after the step: checks the schedule
+                self.lrs[s] = optimizer.param_groups[0]["lr"]  # the lr after the step: checks the schedule
             if s % a.eval_every == 0 or s == a.steps:
                 self.evaluate(s, model)
 
     clock = Clock()
-    trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=cfg,
-                          train_dataset=Dataset.from_list(train_rows), processing_class=tok,
-                          optimizers=(opt, sched), callbacks=[clock])
+    trainer = to_trl.build_grpo(args, cfg, train_rows, heldout, callbacks=[clock])
     assert trainer.loss_type == "grpo" and trainer.beta == 0.0 and trainer.num_iterations == 1
     setup = time.perf_counter() - t_setup
     trainer.train()
-    ours_lr = lr_factor_fn(a.steps, WARMUP)
+    ours_lr = to_trl.lr_factor_fn(a.steps, WARMUP)
     for s, lr in clock.lrs.items():  # the same schedule as grpo.py: lr after step s is f(s) · LR
         assert abs(lr - LR * ours_lr(s)) < 1e-12, (s, lr, LR * ours_lr(s))
     return {"system": "TRL", "trl": trl.__version__, "curve": clock.curve,

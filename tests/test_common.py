@@ -306,6 +306,75 @@ def test_score_strict_negative_answer():
     assert common.score("3", "-3", True) == 0.0
 
 
+@pytest.mark.parametrize("completion, answer", [
+    ("085", "85"),  # a leading zero: `85` has one spelling
+    ("00", "0"),
+    ("-0", "0"),  # minus zero
+    ("-03", "-3"),
+])
+def test_score_strict_refuses_non_canonical_numbers(completion, answer):
+    assert common.score(completion, answer, True, strict=True) == 0.0
+    assert common.score(completion, answer, True, strict=False) == 1.0  # the lenient mode reads them
+    # the canonical spellings pass, and the answer itself may be written any way parse_number reads
+    assert common.score("0", "0", True) == 1.0 and common.score("85", "085", True) == 1.0
+
+
+def test_score_strict_from_ids_refuses_special_tokens_inside_the_answer():
+    # The character tokenizer: <pad> = 0, <eos> = 1, <unk> = 2, one digit per token. Decoded with
+    # skip_special_tokens=True, `8 <pad> 5 <eos>` and `8 <unk> 5 <eos>` read "85", but what was
+    # generated is not the number: strict, from the ids, scores them 0, as digit_step_rewards does.
+    tok = build_char_tokenizer()
+    d8, d5 = tok.convert_tokens_to_ids(["8", "5"])
+    pad, eos, unk = tok.pad_token_id, tok.eos_token_id, tok.unk_token_id
+    assert tok.decode([d8, pad, d5, eos], skip_special_tokens=True) == "85"  # the trap
+    assert common.score([d8, d5, eos], "85", True, tokenizer=tok) == 1.0
+    assert common.score([d8, d5, eos, pad, pad], "85", True, tokenizer=tok) == 1.0  # the padding after EOS
+    assert common.score((d8, d5, eos), "85", True, tokenizer=tok) == 1.0  # a tuple too
+    for ids in ([d8, pad, d5, eos], [d8, unk, d5, eos], [pad, d8, d5, eos], [d8, d5, unk, eos]):
+        assert common.score(ids, "85", True, strict=True, tokenizer=tok) == 0.0
+        assert common.score(ids, "85", True, strict=False, tokenizer=tok) == 1.0  # lenient: as before
+    zero_85 = tok.convert_tokens_to_ids(["0", "8", "5"]) + [eos]
+    assert common.score(zero_85, "85", True, tokenizer=tok) == 0.0  # a leading zero, from ids too
+    assert common.score([d8, d5, eos], "85", False, tokenizer=tok) == 0.0  # not finished
+    assert common.score([d8, d5, 10_000, eos], "85", True, tokenizer=tok) == 0.0  # outside the vocabulary
+    assert common.score([d8, d5], "85", True, tokenizer=None) == 0.0  # ids without a tokenizer: no answer
+    # and it agrees with the process reward: the full reward only for the exact target tokens
+    c_ids = torch.tensor([[d8, d5, eos, pad], [d8, pad, d5, eos]])
+    steps = common.digit_step_rewards(c_ids, common.completion_mask(c_ids, eos), [[d8, d5, eos]] * 2)
+    assert steps.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_greedy_accuracy_and_pass_at_k_score_the_generated_ids():
+    # A model that always answers `8 <pad> 5 <eos>` (its logits are fixed by a bias on the output
+    # layer at each position), whose text with the special tokens skipped reads "85": strict, it
+    # is wrong; lenient, it is right. greedy_accuracy and pass_at_k must score the ids.
+    tok = build_char_tokenizer()
+    d8, d5 = tok.convert_tokens_to_ids(["8", "5"])
+    script = [d8, tok.pad_token_id, d5, tok.eos_token_id]
+
+    class Scripted(torch.nn.Module):
+        """Emits `script` token by token, whatever the prompt (a stand-in for a causal LM)."""
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.training = False
+
+        def forward(self, input_ids, attention_mask, position_ids=None, use_cache=True, cache=None,
+                    logits_to_keep=None):
+            step = 0 if cache is None else cache + 1
+            logits = torch.full((input_ids.shape[0], 1, len(tok)), -1e9)
+            logits[:, :, script[min(step, len(script) - 1)]] = 0.0
+            return type("Out", (), {"logits": logits + self.w, "cache": step})()
+
+    model = Scripted()
+    rows = [{"prompt": "37+48=", "answer": "85"}, {"prompt": "40+45=", "answer": "85"}]
+    assert common.greedy_accuracy(model, tok, rows, max_new_tokens=4, strict=True) == 0.0
+    assert common.greedy_accuracy(model, tok, rows, max_new_tokens=4, strict=False) == 1.0
+    p = common.pass_at_k(model, tok, rows, k=2, max_new_tokens=4, strict=True)
+    assert p == {"k": 2, "pass_at_1": 0.0, "pass_at_k": 0.0}
+    assert common.pass_at_k(model, tok, rows, k=2, max_new_tokens=4, strict=False)["pass_at_k"] == 1.0
+
+
 @pytest.mark.parametrize("garbage", [None, 85, 8.5, b"85", ["85"], "\x00\uffff\ud800", "é" * 1000,
                                      "9" * 5000, "-", "--85", "..", ",", "1,2,3,,", "nan", "inf",
                                      "∞", "½", "１２３"])

@@ -124,6 +124,23 @@ def test_gae_discounted_gamma_0_9_lambda_0_5():
     assert ret[0].tolist() == pytest.approx([0.27325, 0.585, 1.0], abs=1e-6)
 
 
+def test_gae_returns_at_the_default_lambda_are_the_lambda_return_not_the_monte_carlo_return():
+    # The critic's target R_t = Â_t + V_old(s_t) at the default λ = 0.95 (γ = 1) is the λ-return
+    #   R_t = r_t + γ((1 − λ) V(s_{t+1}) + λ R_{t+1}),  R after the last token = 0,
+    # which equals the notes' return r_t + ... + r_T (004, "PPO's Advantage Estimator") only at λ = 1.
+    # With the δ of λ = 0 above, [−0.6, 0.5, 0.7]:
+    #   Â_2 = 0.7;  Â_1 = 0.5 + 0.95 · 0.7 = 1.165;  Â_0 = −0.6 + 0.95 · 1.165 = 0.50675
+    #   R = Â + V = [0.50675 + 0.5, 1.165 − 0.2, 0.7 + 0.3] = [1.00675, 0.965, 1.0]
+    # and by the λ-return recursion: R_2 = 1;  R_1 = 0 + 0.05 · 0.3 + 0.95 · 1 = 0.965;
+    #   R_0 = 0.1 + 0.05 · (−0.2) + 0.95 · 0.965 = 0.1 − 0.01 + 0.91675 = 1.00675.
+    # The Monte Carlo return is G = [1.1, 1.0, 1.0]: R_0 and R_1 differ from it.
+    adv, ret = gae(R_HAND, V_HAND, torch.ones(1, 3), gamma=1.0, lam=0.95)
+    assert adv[0].tolist() == pytest.approx([0.50675, 1.165, 0.7], abs=1e-6)
+    assert ret[0].tolist() == pytest.approx([1.00675, 0.965, 1.0], abs=1e-6)
+    assert ppo.Args().lam == 0.95  # the default this test is about
+    assert abs(ret[0, 0].item() - 1.1) > 0.09 and abs(ret[0, 1].item() - 1.0) > 0.03
+
+
 def test_gae_padded_batch_equals_each_row_alone():
     """Right-padded rows of lengths 3, 2, 5 and 0. The padding holds huge numbers, inf and NaN
     (gae selects them away with `where`, it never multiplies them by 0), and must neither reach a
@@ -898,6 +915,7 @@ def test_value_model_from_reward_model_folds_the_normalisation():
     ({"trpo_backtrack_steps": 0}, "--trpo-backtrack-steps"),
     ({"policy_loss": "trpo", "ptx_coef": 0.5}, "--ptx-coef 0.5 needs --policy-loss clip or kl-penalty"),
     ({"policy_loss": "trpo", "dtype": "float16"}, "--dtype float16 with --policy-loss trpo"),
+    ({"ptx_data": "sft.jsonl"}, "--ptx-data sft.jsonl needs --ptx-coef > 0"),
 ])
 def test_validate_names_the_flag(kw, must_name):
     with pytest.raises(common.UsageError, match=must_name):
@@ -1053,6 +1071,51 @@ def test_whiten_scores_with_one_completion_per_rollout(small_rm, tmp_path):
     row = first_rows(out)[1]
     for key in ("objective/scores", "loss/policy", "loss/value", "policy/grad_norm"):
         assert math.isfinite(row[key]), key
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"prompt": "the hotel"}', "missing key(s) 'completion'"),
+    ('{"prompt": "the hotel", "completion": ""}', "'completion' is empty"),
+    ('{"prompt": "", "completion": "was great"}', "'prompt' is empty"),
+    ('{"prompt": "the hotel", "completion": ["was", "great"]}', "'completion' must be a string, got list"),
+    ('["the hotel", "was great"]', "expected a JSON object"),
+])
+def test_ptx_data_bad_row_names_the_file_and_line(tmp_path, line, why):
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "the hotel", "completion": "was great"}\n' + line + "\n")
+    out = tmp_path / "never"
+    with pytest.raises(common.UsageError) as e:
+        ppo.train(ppo.Args(ptx_coef=0.5, ptx_data=str(path), steps=1, batch_size=2, mini_batches=1,
+                           eval_samples=2, out_dir=str(out)))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:2: ") and why in msg and "\n" not in msg, msg
+    assert not out.exists()  # refused before the run folder is made
+    with pytest.raises(common.UsageError, match="--ptx-data .*: no such file"):
+        ppo.read_ptx_data(str(tmp_path / "missing.jsonl"))
+
+
+def test_ptx_data_prompt_completion_rows_are_the_ptx_loss(tmp_path):
+    # --ptx-data with {"prompt", "completion"} rows (TRL's prompt-completion format). One step, one
+    # mini-batch, one epoch: the PPO-ptx loss is computed before the only optimiser step, so at
+    # θ = θ_ref, and it is the token mean −(1/N) Σ_t log π_ref(y_t | x, y_<t) over the completions'
+    # tokens and their EOS (N = 3: "was", "great", EOS). Every draw of --ptx-batch is the one row.
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"prompt": "the hotel", "completion": "was great", "extra": 1}) + "\n")
+    assert ppo.read_ptx_data(str(path)) == [{"prompt": "the hotel", "completion": "was great"}]
+    out = tmp_path / "run"
+    ppo.train(ppo.Args(ptx_coef=0.5, ptx_data=str(path), ptx_batch=2, steps=1, batch_size=2, mini_batches=1,
+                       ppo_epochs=1, eval_samples=2, save_model=False, out_dir=str(out)))
+    row = first_rows(out)[1]
+    model, tok = common.load_model("tiny-pref", torch.device("cpu"), trainable=False)
+    ids, mask, c_mask, T = common.encode_prompt_completion(tok, ["the hotel"], ["was great"])
+    assert int(c_mask.sum()) == 3
+    with torch.no_grad():
+        lp = common.token_logprobs(model, ids, mask, T)[0]  # [1, 3]
+    expected = -float(common.masked_mean(lp, c_mask))  # −mean_t log π_ref(y_t | x, y_<t)
+    assert row["loss/ptx"] == pytest.approx(expected, rel=1e-5)
+    # and the stream draws only from those rows, not from the built-in grammar
+    assert ppo.sft_batches(ppo.Args(ptx_batch=2), [], 0, ppo.read_ptx_data(str(path))).__next__() == (
+        ["the hotel"] * 2, ["was great"] * 2)
 
 
 def test_value_init_policy_and_micro_batches(small_rm, tmp_path):

@@ -18,7 +18,7 @@ import torch
 import common
 import reinforce
 from reinforce import (per_token_rewards, psi_values, reinforce_loss, reward_to_go, rloo_baseline,
-                       split_half_variance)
+                       split_half_variance, state_features, value_head, value_loss)
 
 LOG_P = torch.log(torch.tensor([1.0, 2.0, 3.0]))  # softmax logits z with π = (1/6, 2/6, 3/6)
 
@@ -142,6 +142,92 @@ def test_psi_variants_by_hand():
         psi_values(r, m, 1.0, "advantage")
     with pytest.raises(ValueError, match="unknown baseline"):
         psi_values(r, m, 1.0, "return", "median")
+
+
+#####################################################################################################
+#####  the learned baseline V_ψ(s_t) (--baseline value)
+#####################################################################################################
+
+
+def test_value_loss_by_hand():
+    # V = [[0.5, 1.0, 9], [0.0, 9, 9]], G = [[1, 0, 7], [2, 7, 7]], mask [[1, 1, 0], [1, 0, 0]]:
+    #   the three real tokens' errors (V − G)²: (0.5 − 1)² = 0.25, (1 − 0)² = 1, (0 − 2)² = 4
+    #   L_V = (0.25 + 1 + 4)/3 = 1.75 (a mean over tokens, no ½)
+    #   ∂L_V/∂V = 2 (V − G)/3 on real tokens: [−1/3, 2/3, 0], [−4/3, 0, 0]; none reaches G
+    V = torch.tensor([[0.5, 1.0, 9.0], [0.0, 9.0, 9.0]], requires_grad=True)
+    G = torch.tensor([[1.0, 0.0, 7.0], [2.0, 7.0, 7.0]], requires_grad=True)
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss = value_loss(V, G, m)
+    assert loss.item() == pytest.approx(1.75)
+    gV, gG = torch.autograd.grad(loss, (V, G), allow_unused=True)
+    torch.testing.assert_close(gV, torch.tensor([[-1 / 3, 2 / 3, 0.0], [-4 / 3, 0.0, 0.0]]))
+    assert gG is None  # the target G_t is a constant
+
+
+def test_psi_with_the_value_baseline_is_g_minus_v_detached():
+    # the rewards of test_psi_variants_by_hand: G = [[0.7, 0.8, 1.0], [0.2, 0.5, 0]];
+    # V(s_t) = [[0.5, 1.0, 0.3], [0.4, −0.5, 8]] -> Ψ = G − V = [[0.2, −0.2, 0.7], [−0.2, 1.0, 0]]
+    # (one number per TOKEN, unlike the other baselines; padding 0 whatever V holds there)
+    r = torch.tensor([[-0.1, -0.2, 1.0], [-0.3, 0.5, 9.0]])
+    m = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    V = torch.tensor([[0.5, 1.0, 0.3], [0.4, -0.5, 8.0]], requires_grad=True)
+    psi = psi_values(r, m, 1.0, "reward-to-go", "value", values=V)
+    torch.testing.assert_close(psi, torch.tensor([[0.2, -0.2, 0.7], [-0.2, 1.0, 0.0]]))
+    assert not psi.requires_grad  # V enters Ψ as a number: the policy loss sends nothing to ψ
+    z = LOG_P.clone().requires_grad_(True)
+    logp = torch.log_softmax(z, -1)[torch.tensor([[0, 1, 2], [2, 1, 0]])]  # [2, 3]
+    loss, _ = reinforce_loss(logp, psi, m)
+    gz, gV = torch.autograd.grad(loss, (z, V), allow_unused=True)
+    assert gV is None and gz.abs().sum() > 0
+    with pytest.raises(ValueError, match="psi='reward-to-go' only"):
+        psi_values(r, m, 1.0, "return", "value", values=V)
+    with pytest.raises(ValueError, match="needs values"):
+        psi_values(r, m, 1.0, "reward-to-go", "value")
+    with pytest.raises(ValueError, match="needs values"):
+        psi_values(r, m, 1.0, "reward-to-go", "value", values=V[:, :2])
+
+
+def test_state_features_line_up_with_the_logits_of_y_t(tiny_path):
+    # tiny ties its embeddings, so logits = h_t · E^T: the features of the column that chooses y_t,
+    # times the output matrix, must give the very log-probs that common.token_logprobs returns
+    model, tok = common.load_model(str(tiny_path), torch.device("cpu"), trainable=False)
+    p_ids, p_mask = common.left_pad([tok.encode("12+7="), tok.encode("3+4=")], tok.pad_token_id)
+    c_ids = torch.tensor([[tok.encode("1")[0], tok.encode("9")[0], tok.eos_token_id],
+                          [tok.encode("7")[0], tok.eos_token_id, tok.pad_token_id]])
+    c_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)
+    h = state_features(model, ids, mask, 3)  # [2, 3, d]
+    assert h.shape == (2, 3, model.config.hidden_size) and not h.requires_grad
+    logp_from_h = torch.log_softmax(model.lm_head(h), -1).gather(-1, c_ids[..., None]).squeeze(-1)
+    logp, _ = common.token_logprobs(model, ids, mask, 3)
+    torch.testing.assert_close(logp_from_h * c_mask, logp, atol=1e-5, rtol=1e-5)
+    head = value_head(model.config.hidden_size, torch.device("cpu"))
+    assert head.weight.dtype == torch.float32 and head(h).abs().sum() == 0  # V = 0 at the start
+
+
+def test_a_state_value_baseline_keeps_the_expected_gradient_by_exact_enumeration():
+    # The two-step MDP of test_reward_to_go_has_the_same_expected_gradient_as_the_return (γ = 1):
+    # any V(s_t) that depends on the state only (here V(s_0) = 0.7, V(s_1 = a_0) = (−2, 5), far
+    # from the true values) leaves E[ĝ] = ∇J exactly (notes 004, "Why is the Baseline Unbiased?").
+    theta = torch.tensor([[0.2, -0.3], [0.5, 0.1], [-0.4, 0.7]], requires_grad=True)
+    u, v = torch.tensor([1.0, -1.0]), torch.tensor([[0.0, 2.0], [3.0, -1.0]])
+    V1 = torch.tensor([-2.0, 5.0])
+    trajectories = list(itertools.product(range(2), repeat=2))
+
+    def logps(a0, a1):
+        return torch.stack([torch.log_softmax(theta[0], -1)[a0],
+                            torch.log_softmax(theta[1 + a0], -1)[a1]])[None]  # [1, 2]
+    J = sum(logps(a0, a1).sum().exp() * (u[a0] + v[a0, a1]) for a0, a1 in trajectories)
+    true = torch.autograd.grad(J, theta)[0]
+    total = torch.zeros_like(theta)
+    for a0, a1 in trajectories:
+        lp = logps(a0, a1)
+        rewards = torch.stack([u[a0], v[a0, a1]])[None]  # [1, 2]
+        values = torch.stack([torch.tensor(0.7), V1[a0]])[None]  # V(s_0), V(s_1)   [1, 2]
+        psi = psi_values(rewards, torch.ones(1, 2), 1.0, "reward-to-go", "value", values=values)
+        loss, _ = reinforce_loss(lp, psi, torch.ones(1, 2))
+        total += lp.sum().exp().detach() * -torch.autograd.grad(loss, theta)[0]
+    torch.testing.assert_close(total, true)
 
 
 #####################################################################################################
@@ -345,6 +431,27 @@ def test_micro_batches_and_the_split_do_not_change_the_gradient(tiny_path, tmp_p
     assert full["policy/grad_var"] > 0 and "policy/grad_var" not in nosplit
 
 
+def test_value_baseline_short_run_first_step_is_plain_reward_to_go(tiny_path, tmp_path):
+    """--baseline value for 2 steps: V = 0 at step 1, so that step's samples, Ψ and gradient are
+    those of --baseline none (same seed); the critic's metrics are logged, and its head is saved
+    trained (no longer 0) beside the policy."""
+    reinforce.train(small_args(tmp_path, "none1", baseline="none"))
+    a = small_args(tmp_path, "value", baseline="value")
+    a.steps, a.save_model = 2, True
+    reinforce.train(a)
+    none, value = first_step(tmp_path, "none1"), first_step(tmp_path, "value")
+    assert value["reward/mean"] == none["reward/mean"]  # the same samples
+    for key in ("loss/pseudo", "psi/second_moment", "policy/grad_norm"):
+        assert value[key] == pytest.approx(none[key], rel=1e-5, abs=1e-7), key
+    assert value["value/mean"] == 0.0 and value["value/loss"] == pytest.approx(value["psi/second_moment"], rel=1e-5)
+    assert value["value/grad_norm"] > 0
+    head = torch.load(tmp_path / "value" / "value_head.pt")
+    assert head["weight"].shape == (1, 64) and head["weight"].dtype == torch.float32
+    assert head["weight"].abs().sum() > 0  # ψ moved
+    second = json.loads((tmp_path / "value" / "metrics.jsonl").read_text().splitlines()[2])
+    assert second["value/mean"] != 0.0 and math.isfinite(second["value/loss"])
+
+
 def test_beta_zero_never_loads_the_reference(tiny_path, tmp_path, monkeypatch):
     calls = []
     real = common.load_model
@@ -414,6 +521,8 @@ def test_bad_input_gives_one_line(runs, name):
     ({"gamma": -0.1}, "--gamma"), ({"gamma": 1.0001}, "--gamma"), ({"baseline": "median"}, "--baseline"),
     ({"psi": "Q"}, "--psi"), ({"samples_per_prompt": 0, "baseline": "none"}, "--samples-per-prompt"),
     ({"beta": -0.1}, "--beta"), ({"lr_schedule": "cosine"}, "--lr-schedule"),
+    ({"baseline": "value", "psi": "return"}, "--baseline value needs --psi reward-to-go"),
+    ({"baseline": "value", "value_lr": 0.0}, "--value-lr"),
 ])
 def test_validate_names_the_flag(kw, must_name):
     with pytest.raises(common.UsageError, match=must_name):

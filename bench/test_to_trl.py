@@ -1,0 +1,172 @@
+"""bench/to_trl.py: the flag → TRL mapping against the installed TRL, its messages, and short runs.
+
+Bench-side (TRL is a bench-only dependency), run with the bench venv:
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 bench/.venv/bin/python -m pytest bench/test_to_trl.py -q
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import to_trl  # noqa: E402
+
+import common  # noqa: E402  (to_trl puts the repository root on the path)
+import dpo  # noqa: E402
+import grpo  # noqa: E402
+import reward_model  # noqa: E402
+
+
+def test_mapping_matches_installed_trl_and_scripts():
+    assert to_trl.check_mapping() == []
+
+
+def test_check_reports_a_renamed_field_and_a_new_flag(monkeypatch):
+    rows = [r for r in to_trl.MAPPING["grpo"] if r.flag != "beta"]  # as if grpo.py gained --beta
+    rows.append(to_trl.Row("group_size", ("num_generation",), "field"))  # as if TRL renamed it
+    monkeypatch.setitem(to_trl.MAPPING, "grpo", rows)
+    problems = to_trl.check_mapping()
+    assert "grpo.py --beta has no row in to_trl.MAPPING" in problems
+    assert any("GRPOConfig has no field 'num_generation'" in p for p in problems)
+
+
+def test_grpo_fields():
+    kw = to_trl.grpo_fields(common.parse_args(grpo.Args, []))
+    # grpo.py's defaults: 16 prompts × G 8 = 128 completions per step, one micro-batch
+    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"], kw["num_generations"]) == (128, 1, 8)
+    assert (kw["loss_type"], kw["scale_rewards"], kw["max_steps"], kw["beta"]) == ("grpo", "group", 2000, 0.0)
+    assert kw["use_bias_correction_kl"] is False and kw["activation_checkpointing"] is False
+    dr = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--loss-agg", "constant", "--no-scale-rewards"]))
+    assert (dr["loss_type"], dr["scale_rewards"]) == ("dr_grpo", "none")  # Dr. GRPO
+    # μ = 2: TRL counts optimiser steps, so 10 GRPO steps are 20; micro-batch 32 of 128 → 4 accumulated
+    mu = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--steps", "10", "--mu", "2", "--micro-batch", "32"]))
+    assert (mu["max_steps"], mu["num_iterations"], mu["per_device_train_batch_size"],
+            mu["gradient_accumulation_steps"]) == (20, 2, 32, 4)
+    # 4 processes: 128 / 4 = 32 per process, so that the step's batch stays 128
+    four = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--out-dir", "x"]), world=4)
+    assert (four["per_device_train_batch_size"], four["gradient_accumulation_steps"]) == (32, 1)
+
+
+def test_pref_fields():
+    # 4,000 built-in pairs / 32 = 125 steps per epoch, 2 epochs = 250; --max-steps cuts it
+    kw = to_trl.dpo_fields(common.parse_args(dpo.Args, ["--loss-type", "length_norm"]), 4000)
+    assert (kw["max_steps"], kw["loss_type"], kw["max_length"], kw["precompute_ref_log_probs"]) == \
+        (250, ["sigmoid_norm"], 1024, True)  # --max-length: the scripts' default is TRL's, 1024
+    kw = to_trl.reward_fields(common.parse_args(reward_model.Args, ["--no-normalize", "--max-steps", "7"]), 4000)
+    assert (kw["max_steps"], kw["center_rewards_coefficient"], kw["max_length"]) == (7, None, 1024)
+    assert to_trl.dpo_fields(common.parse_args(dpo.Args, ["--max-length", "none"]), 4000)["max_length"] is None
+    with pytest.raises(common.UsageError, match="--chat-template"):
+        to_trl.dpo_fields(common.parse_args(dpo.Args, ["--chat-template"]), 4000)
+
+
+def test_lr_factor_is_the_scripts_schedule():
+    # warm-up (k+1)/(w+1), then linear to 0 at the last step; per=2: two optimiser steps per script step
+    f = to_trl.lr_factor_fn(total=10, warmup=2, per=2)
+    assert [f(s) for s in (0, 1, 2, 3, 4, 19)] == [1 / 3, 1 / 3, 2 / 3, 2 / 3, 1.0, 1 / 8]
+    g = to_trl.lr_factor_fn(total=10, warmup=2, schedule="constant")
+    assert [g(s) for s in (0, 1, 2, 9)] == [1 / 3, 2 / 3, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["ppo.py"], "TRL 1.16 has no PPOTrainer"),
+    (["grpo.py", "--adv-eps", "0.001"], "--adv-eps 0.001: TRL divides by std + 0.0001"),
+    (["grpo.py", "--reward", "process"], "--reward process: TRL's GRPOTrainer has no per-token"),
+    (["grpo.py", "--micro-batch", "30"], "--micro-batch 30 must divide the 128 completions"),
+    (["grpo.py", "--device", "cuda:1"], "--device cuda:1: under TRL the launcher picks the GPUs"),
+    (["dpo.py", "--loss-type", "reference_free"], "--loss-type reference_free: TRL 1.16's DPOTrainer has no"),
+    (["dpo.py", "--label-smoothing", "0.1"], "--label-smoothing 0.1: TRL 1.16's sigmoid loss ignores"),
+    (["dpo.py", "--beta", "0"], "--beta must be > 0"),  # the script's own validate
+    (["sft.py"], "sft.py: expected grpo.py, dpo.py or reward_model.py"),
+])
+def test_no_equivalent_is_one_line_error(argv, says, capsys):
+    assert to_trl.main(["--dry-run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["grpo.py"], "--out-dir is required with 2 processes"),
+    (["grpo.py", "--out-dir", "x", "--prompts-per-step", "3", "--group-size", "3"],
+     "the batch of 9 does not split evenly over 2 processes"),  # 3 prompts × G 3
+    (["dpo.py", "--out-dir", "x", "--batch-size", "5"], "--batch-size: the batch of 5 does not split evenly"),
+])
+def test_several_processes_keep_the_step_batch(argv, says, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun / accelerate launch set it
+    assert to_trl.main(["--dry-run", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_bad_flag_is_the_scripts_error(capsys):
+    for run in (lambda argv: common.parse_args(grpo.Args, argv), lambda argv: to_trl.main(["grpo.py", *argv])):
+        with pytest.raises(SystemExit) as e:
+            run(["--group-size", "eight"])
+        assert e.value.code == 2
+    a, b = capsys.readouterr().err.splitlines()
+    assert a == b and "--group-size" in a
+
+
+def test_cosmetic_flag_warns(capsys):
+    to_trl.reward_fields(common.parse_args(reward_model.Args, []), 4000)  # --normalize is the default
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --normalize") and err.count("\n") == 1
+
+
+def test_dry_run_prints_the_config_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert to_trl.main(["--dry-run", "grpo.py", "--out-dir", str(out), "--loss-agg", "token-mean"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("GRPOConfig(") and "loss_type='dapo'" in printed and "num_generations=8" in printed
+    assert not out.exists()
+
+
+def test_bad_data_or_model_leaves_no_folder(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1="}\n')
+    with pytest.raises(common.UsageError, match="missing key"):
+        to_trl.run(["grpo.py", "--data", str(bad), "--out-dir", str(tmp_path / "run")])
+    with pytest.raises(common.UsageError, match="--chat-template: the tokenizer of --model tiny has no chat"):
+        to_trl.run(["grpo.py", "--chat-template", "--out-dir", str(tmp_path / "run")])  # grpo.py's check
+    assert not (tmp_path / "run").exists()
+
+
+def test_trl_tokenizes_pairs_as_the_scripts_do(tmp_path):
+    # prompt, then completion + EOS: TRL's ids for the joined text are the ids the scripts score
+    a = common.parse_args(reward_model.Args, ["--no-normalize", "--max-steps", "1", "--out-dir", str(tmp_path)])
+    train, heldout = common.load_preferences(None)
+    train = train[:16]
+    from trl import RewardConfig
+    cfg = RewardConfig(**to_trl.reward_fields(a, len(train)))
+    trainer = to_trl.build_reward(a, cfg, train, heldout)
+    tok = trainer.processing_class
+    for p, ex in zip(train, trainer.train_dataset):
+        prompt = tok.encode(p["prompt"], add_special_tokens=False)
+        assert ex["chosen_ids"] == prompt + tok.encode(p["chosen"], add_special_tokens=False) + [tok.eos_token_id]
+        assert ex["rejected_ids"] == prompt + tok.encode(p["rejected"], add_special_tokens=False) + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["grpo.py", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--eval-every", "1",
+      "--eval-size", "8", "--no-pass-at-k"], "eval/accuracy"),
+    (["dpo.py", "--max-steps", "2", "--batch-size", "4", "--eval-every", "1", "--eval-size", "8",
+      "--eval-samples", "4", "--max-new-tokens", "8"], "eval/heldout_pair_accuracy"),
+    (["reward_model.py", "--max-steps", "2", "--batch-size", "4", "--eval-every", "1", "--eval-size", "8",
+      "--no-normalize", "--margin", "0.5"], "eval/heldout_accuracy"),
+])
+def test_short_run_logs_and_saves(argv, key, tmp_path):
+    out = tmp_path / "run"
+    if argv[0] == "dpo.py":  # TRL precomputes the reference log-probs of every pair: give it 20
+        pairs = (common.MODELS_DIR / "tiny-pref" / "pairs_train.jsonl").read_text().splitlines()[:20]
+        (tmp_path / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
+        argv = [*argv, "--data", str(tmp_path / "pairs.jsonl")]
+    summary = to_trl.run([*argv, "--out-dir", str(out), "--device", "cpu", "--log-every", "1"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if key in r] == [0, 1, 2]  # the script's evaluation, its names
+    assert any("trl/loss" in r for r in rows)  # TRL's own logs
+    assert summary["steps"] == 2 and json.loads((out / "summary.json").read_text())["final"][key] is not None
+    assert (out / "model" / "config.json").is_file()
