@@ -386,7 +386,10 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = kv.partition("=")
         if key not in recipe or not value:
             p.exit(2, f"error: --set {kv}: expected KEY=VALUE with KEY one of {', '.join(recipe)}\n")
-        overrides[key] = type(recipe[key])(value)
+        try:
+            overrides[key] = type(recipe[key])(value)
+        except ValueError:
+            p.exit(2, f"error: --set {kv}: {key} takes a {type(recipe[key]).__name__}, got {value!r}\n")
     seed = a.seed if a.seed is not None else (1 if a.name == "tiny-pref-rm" else 0)
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)

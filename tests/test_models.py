@@ -216,6 +216,7 @@ def test_small_builds_load_and_repeat_their_weights(tmp_path):
     (["tiny", "--out", "{existing}"], "--out"),
     (["tiny", "--out", "{new}", "--steps", "0"], "--steps"),
     (["tiny", "--out", "{new}", "--set", "bogus=1"], "--set"),
+    (["tiny", "--out", "{new}", "--set", "carry_slip=abc"], "--set"),
     (["tiny-pref-rm", "--out", "{new}", "--pref", "{new}"], "--pref"),
 ])
 def test_build_bad_input_is_one_line_and_leaves_nothing(tmp_path, argv, names):
