@@ -277,7 +277,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
         k3 = (r − 1) − log r              value: unbiased for KL(π_θ‖π_ref) under y ~ π_θ; ≥ 0
 
     Inside the loss the samples are fixed and only log π_θ(y_t) is differentiated. The expected
-    gradients, over y ~ π_θ (exact enumeration in tests/test_grpo.py):
+    gradients, over y ~ π_θ (exact enumeration in tests/test_grpo_family.py):
         ∇k1 = ∇log π_θ(y)                  E = 0: the score function has zero mean, no pull at all
         ∇k2 = (log π_θ − log π_ref) ∇log π_θ   E = ∇KL(π_θ ‖ π_ref), the notes' direction
         ∇k3 = (1 − π_ref/π_θ) ∇log π_θ     E = −Σ_y π_ref(y) ∇log π_θ(y) = ∇KL(π_ref ‖ π_θ),
