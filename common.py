@@ -173,8 +173,8 @@ def main(cls, train, doc: str | None = None, argv: list[str] | None = None):
             where = (f"resume with --resume {log.out_dir} (from {s['checkpoint']})" if s["checkpoint"]
                      else "no checkpoint to resume from (--save-every N writes them)")
             total = f"/{log.total_steps}" if log.total_steps is not None else ""
-            print(f"interrupted at step {s['step']}{total}: {log.out_dir / 'summary.json'} written; {where}",
-                  file=sys.stderr)
+            at = f"at step {s['step']}{total}" if s["step"] is not None else "before its first row"
+            print(f"interrupted {at}: {log.out_dir / 'summary.json'} written; {where}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -313,7 +313,7 @@ def lr_scheduler(opt, warmup_steps: int, total_steps: int, schedule: str = "line
 # --save-total-limit K: then the K newest.
 
 RESUME_MAY_CHANGE = ("device", "log_every", "save_every", "save_total_limit")  # nothing else changes a step
-SIGINT_HOOK = "RL_REF_SIGINT_AFTER_CHECKPOINT"  # tests: this step's checkpoint is followed by a real SIGINT
+SIGINT_HOOK = "RL_REF_SIGINT_AFTER_STEP"  # for tests: a real SIGINT once this step's row is logged
 
 
 @dataclasses.dataclass
@@ -401,8 +401,6 @@ def save_checkpoint(out: Path, step: int, args, models: dict, state: dict, token
         for old in checkpoints(out)[:-limit]:
             shutil.rmtree(old)
     print(f"step {step}: checkpoint saved in {final}", flush=True)
-    if os.environ.get(SIGINT_HOOK) == str(step):  # tests: a real Ctrl-C, right after this checkpoint
-        os.kill(os.getpid(), signal.SIGINT)
     return final
 
 
@@ -586,6 +584,8 @@ class RunLogger:
                 if done > 0:
                     tail += f", ETA {_fmt_seconds(spent / done * max(0, self.total_steps - step))}"
             print(" | ".join([head, *parts, tail]), flush=True)
+        if os.environ.get(SIGINT_HOOK) == str(step):  # tests: Ctrl-C at a known step, as a user's
+            os.kill(os.getpid(), signal.SIGINT)
 
     def summary(self, summary: dict) -> dict:
         with open(self.out_dir / "summary.json", "w") as f:
