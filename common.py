@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import fnmatch
 import inspect
@@ -626,8 +627,9 @@ def save_policy(model, tokenizer, out: Path, enabled: bool = True) -> str | None
     loads it; returns that folder (None when saving is off)."""
     if not enabled:
         return None
-    model.save_pretrained(Path(out) / "model")
-    tokenizer.save_pretrained(Path(out) / "model")
+    with quiet_transformers():  # no "Writing model shards" bar
+        model.save_pretrained(Path(out) / "model")
+        tokenizer.save_pretrained(Path(out) / "model")
     return str(Path(out) / "model")
 
 
@@ -834,6 +836,23 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off inside the block ("Loading weights" bars on
+    stderr, which is for errors), and the caller's settings back after it, whatever happens: no
+    process-wide side effect (a user who imports common still sees transformers' warnings)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+
+
 def load_model(name_or_path: str, device: torch.device, trainable: bool = True):
     """Load (model, tokenizer) through the Auto classes, with float32 weights whatever the
     compute dtype (see `MixedPrecision`). `tiny` (arithmetic) and `tiny-pref` (the preference
@@ -843,17 +862,15 @@ def load_model(name_or_path: str, device: torch.device, trainable: bool = True):
     A frozen copy (`trainable=False`) is put in eval mode with gradients off: the reference policy.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name_or_path)  # `tiny`, `tiny-pref`: the embedded models
     if name_or_path not in EMBEDDED and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path
                                    and not Path(name_or_path).exists() and name_or_path.count("/") != 1):
         check(Path(name_or_path).expanduser().exists(), f"--model {name_or_path}: no such folder")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars on stderr, which is for errors
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--model {name_or_path}: could not load a causal LM there ({first}). "
@@ -1023,7 +1040,8 @@ def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT) -> tuple[list
     """(train, heldout) rows {"prompt", "answer"}. No `--data`: the built-in arithmetic task. With
     `--data FILE.jsonl`: lines of {"prompt": str, "answer": str or number}, or GSM8K as published,
     {"question": str, "answer": "<solution> #### 72"}; the last `heldout_size` rows (at most a
-    fifth of the file) are held out."""
+    fifth of the file) are held out. A "prompt" may also be a list of {"role", "content"} messages
+    (TRL's conversational prompt-only rows): the script renders it with `chat_prompt`."""
     if data is None:
         return arithmetic_task()
 
@@ -1031,8 +1049,9 @@ def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT) -> tuple[list
         key = "prompt" if "prompt" in r else "question" if "question" in r else None
         if key is None:
             return "missing key 'prompt' (or GSM8K's 'question')"
-        if not isinstance(r[key], str) or r[key] == "":
-            return f"{key!r} must be a non-empty string"
+        if not (isinstance(r[key], str) and r[key] != "" or key == "prompt" and is_messages(r[key])):
+            return f"{key!r} must be a non-empty string" + (" or a list of {\"role\", \"content\"} messages"
+                                                            if key == "prompt" else "")
         if parse_number(gsm8k_answer(r["answer"])) is None:
             return f"'answer' {r['answer']!r} is not a number (nor a GSM8K answer ending in '#### NUMBER')"
         return None
@@ -1312,41 +1331,178 @@ def ceiling_accuracy(pairs: list[dict]) -> float:
     return float(np.mean([(a + 1) / 2 for a in agree]))  # +1 -> 1, 0 (a tie) -> ½, −1 -> 0
 
 
-def read_preference_jsonl(path: str | Path, flag: str = "--data") -> list[dict]:
-    """Read preference pairs: JSONL lines {"prompt": str, "chosen": str, "rejected": str} (other
-    keys are ignored). A bad line raises `UsageError("FILE:LINE: reason")`: a missing key, a value
-    that is not a string, an empty prompt or completion, or a chosen equal to its rejected."""
+#####################################################################################################
+#####  conversational rows (TRL's format): lists of {"role", "content"} messages, rendered as text
+#####################################################################################################
+#
+# A conversational row holds messages instead of text: "prompt": [{"role": "user", "content": ...}],
+# "chosen": [{"role": "assistant", "content": ...}]. The scripts turn each into plain text with the
+# tokenizer's chat template, once, right after loading the model (`render_chat`); from there on a row
+# is text like any other. As in TRL: the prompt is rendered with the generation prompt (the opening
+# of the assistant's turn), the completion is what rendering prompt + completion adds after it, and a
+# preference row without "prompt" takes the messages that chosen and rejected share as its prompt
+# (TRL's "implicit prompt"). Our one difference: the completion's own EOS is cut off the text,
+# because `encode_prompt_completion` appends EOS to every completion (a template whose turns end
+# in another token keeps that token, and gets the EOS after it).
+
+
+def is_messages(value) -> bool:
+    """True for a conversational value: a list of {"role": str, "content": str} dicts."""
+    return (isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value))
+
+
+def why_bad_text(row: dict, key: str) -> str | None:
+    """Why row[key] is neither a non-empty string nor a list of messages (None if it is fine)."""
+    v = row[key]
+    if isinstance(v, list):
+        return None if is_messages(v) else (f"{key!r} must be a string or a non-empty list of "
+                                            '{"role": str, "content": str} messages')
+    if not isinstance(v, str):
+        return f"{key!r} must be a string or a list of messages, got {type(v).__name__}"
+    return f"{key!r} is empty" if v.strip() == "" else None
+
+
+def check_chat_template(tokenizer, model: str, wrap: bool, rows: list[dict] = ()) -> None:
+    """One line, not a Jinja traceback, when the tokenizer has no chat template and one is needed:
+    for --chat-template (`wrap`), or for conversational `rows` (a "prompt" that is a list of messages)."""
+    conversational = any(isinstance(r["prompt"], list) for r in rows)
+    check(not (wrap or conversational) or bool(getattr(tokenizer, "chat_template", None)),
+          f"{'--chat-template' if wrap else '--data (rows of messages)'}: the tokenizer of --model {model} "
+          "has no chat template (give a chat/instruct model, or plain-text rows without --chat-template)")
+
+
+def chat_prompt(tokenizer, prompt, wrap: bool = False) -> str:
+    """The text of a prompt: a list of messages rendered with the chat template and the generation
+    prompt; a string as it is, or (with `wrap`, i.e. --chat-template) as one user message."""
+    if isinstance(prompt, str) and not wrap:
+        return prompt
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _chat_completion(tokenizer, prompt_msgs: list, completion_msgs: list) -> tuple[str, str]:
+    """(prompt text, completion text) of one conversational prompt + completion."""
+    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
+    n = len(os.path.commonprefix([prompt, full]))  # < len(prompt) if the template renders the prompt
+    completion = full[n:]                          # alone differently; TRL also splits where they part
+    eos = tokenizer.eos_token
+    if eos and eos in completion and completion.rsplit(eos, 1)[1].strip() == "":
+        completion = completion.rsplit(eos, 1)[0]  # the EOS is appended again as a token
+    return prompt[:n], completion
+
+
+def render_chat(tokenizer, rows: list[dict], wrap: bool = False, model: str = "") -> list[dict]:
+    """Rows whose prompt / chosen / rejected / completions are messages (or, with `wrap`, strings
+    taken as one user and one assistant message) -> the same rows as plain text. Plain-text rows
+    without `wrap` come back unchanged. Raises a one-line `UsageError` if the template is needed and
+    the tokenizer has none."""
+    check_chat_template(tokenizer, model, wrap, rows)
+    if not (wrap or any(isinstance(r["prompt"], list) for r in rows)):
+        return rows
+    out = []
+    for r in rows:
+        msgs = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+        keys = ["completions"] if "completions" in r else ["chosen", "rejected"]
+        comps = r["completions"] if "completions" in r else [r["chosen"], r["rejected"]]
+        texts = [_chat_completion(tokenizer, msgs, c if isinstance(c, list) else
+                                  [{"role": "assistant", "content": c}]) for c in comps]
+        prompt = min((p for p, _ in texts), key=len)  # where the prompt ends for every completion
+        texts = [c if p == prompt else p[len(prompt):] + c for p, c in texts]
+        out.append({**r, "prompt": prompt, **({"completions": texts} if keys == ["completions"]
+                                               else dict(zip(keys, texts)))})
+    return out
+
+
+def read_preference_jsonl(path: str | Path, flag: str = "--data", rankings: bool = False) -> list[dict]:
+    """Read preference rows from JSONL. Each line is one of (other keys are ignored):
+
+        {"prompt": str, "chosen": str, "rejected": str}                 a pair (TRL's standard format)
+        {"prompt": [messages], "chosen": [messages], "rejected": [messages]}      conversational (TRL)
+        {"chosen": [messages], "rejected": [messages]}     conversational, implicit prompt: the leading
+                                                           messages that chosen and rejected share
+        {"prompt": ..., "completions": [best, ..., worst]}     a K-wise ranking, K ≥ 2 (InstructGPT);
+                                                           only with `rankings` (reward_model.py)
+
+    A file may mix pairs and rankings (a pair is a ranking of K = 2), but not text and messages.
+    A bad line raises `UsageError("FILE:LINE: reason")`: a missing key, a value that is not text or
+    messages, an empty prompt or completion, or two completions of one row that are the same.
+    """
+    kinds: set[bool] = set()  # conversational or not, over the rows so far
+
     def why_bad(r):
-        for k in ("prompt", "chosen", "rejected"):
-            if not isinstance(r[k], str):
-                return f"{k!r} must be a string, got {type(r[k]).__name__}"
-            if r[k].strip() == "":
-                return f"{k!r} is empty"
-        if r["chosen"] == r["rejected"]:
-            return "'chosen' and 'rejected' are the same text, so the pair says nothing"
+        if "completions" in r and "chosen" not in r:
+            if not rankings:
+                return "'completions' rows (K-wise rankings) are for reward_model.py; this script needs " \
+                       "'chosen' and 'rejected' pairs"
+            if "prompt" not in r:
+                return "missing key(s) 'prompt'"
+            if not isinstance(r["completions"], list) or len(r["completions"]) < 2:
+                return "'completions' must be a list of at least 2 completions, best first"
+            comps = r["completions"]
+        else:
+            missing = [k for k in ("chosen", "rejected") if k not in r]
+            if missing:
+                return f"missing key(s) {', '.join(map(repr, missing))}" + (
+                    " (or 'completions', a ranking best first)" if rankings else "")
+            comps = [r["chosen"], r["rejected"]]
+            # no prompt, or a text prompt beside completions of messages (which then hold the whole
+            # conversation): the prompt is implicit, as TRL's maybe_extract_prompt reads such rows
+            if "prompt" not in r or (all(map(is_messages, comps)) and isinstance(r["prompt"], str)):
+                if not all(map(is_messages, comps)):
+                    return "missing key(s) 'prompt' (an implicit prompt needs 'chosen' and 'rejected' as " \
+                           "lists of messages)"
+                n = next((i for i, (a, b) in enumerate(zip(*comps)) if a != b), min(map(len, comps)))
+                # n: how many leading messages chosen and rejected share
+                if n == 0:
+                    return "no 'prompt', and 'chosen' and 'rejected' share no leading messages"
+                r["prompt"], r["chosen"], r["rejected"] = comps[0][:n], comps[0][n:], comps[1][n:]
+                comps = [r["chosen"], r["rejected"]]
+        names = ["chosen", "rejected"] if "chosen" in r else [f"completions[{i}]" for i in range(len(comps))]
+        fields = {"prompt": r["prompt"], **dict(zip(names, comps))}
+        reason = next(filter(None, (why_bad_text(fields, k) for k in fields)), None)
+        if reason:
+            return reason
+        conv = [isinstance(v, list) for v in fields.values()]
+        if len(set(conv)) > 1:
+            return "mixes text and lists of messages: give the prompt and every completion the same way"
+        kinds.add(conv[0])
+        if len(kinds) > 1:
+            return "the file mixes plain-text rows and conversational rows (lists of messages)"
+        if len({json.dumps(c, sort_keys=True) for c in comps}) < len(comps):
+            return ("'chosen' and 'rejected' are the same text, so the pair says nothing" if "chosen" in r
+                    else "two of the 'completions' are the same, so the ranking is not a ranking")
         return None
-    rows = read_jsonl(path, required=("prompt", "chosen", "rejected"), flag=flag, validate=why_bad)
-    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    rows = read_jsonl(path, flag=flag, validate=why_bad)
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} if "chosen" in r
+            else {"prompt": r["prompt"], "completions": list(r["completions"])} for r in rows]
 
 
-def load_preferences(data: str | None, heldout_size: int = PREF_HELDOUT) -> tuple[list[dict], list[dict]]:
-    """(train, heldout) preference pairs. No `--data`: the built-in task's pairs, sampled from
-    `tiny-pref` (4,000 train, 1,000 held out). With `--data FILE.jsonl`: the last `heldout_size` rows
-    (at most a fifth of the file) are held out."""
+def load_preferences(data: str | None, heldout_size: int = PREF_HELDOUT,
+                     rankings: bool = False) -> tuple[list[dict], list[dict]]:
+    """(train, heldout) preference rows (see `read_preference_jsonl`). No `--data`: the built-in
+    task's pairs, sampled from `tiny-pref` (4,000 train, 1,000 held out). With `--data FILE.jsonl`:
+    the last `heldout_size` rows (at most a fifth of the file) are held out."""
     if data is None:
         path = MODELS_DIR / "tiny-pref"
         return (read_preference_jsonl(path / "pairs_train.jsonl"),
                 read_preference_jsonl(path / "pairs_heldout.jsonl"))
-    rows = read_preference_jsonl(data)
-    check(len(rows) >= 2, f"--data {data}: need at least 2 pairs (train and held-out)")
+    rows = read_preference_jsonl(data, rankings=rankings)
+    check(len(rows) >= 2, f"--data {data}: need at least 2 rows (train and held-out)")
     k = max(1, min(heldout_size, len(rows) // 5))
     return rows[:-k], rows[-k:]
 
 
-def encode_prompt_completion(tokenizer, prompts, completions, device=None):
+def encode_prompt_completion(tokenizer, prompts, completions, device=None, max_length: int | None = None):
     """Tokenize (prompt, completion) text for scoring: [left-padded prompt | completion + EOS,
     right-padded]. The prompt and the completion are tokenized separately (no special tokens added),
     and EOS is appended to every completion, so a completion ends the way a sampled one does.
+
+    `max_length`: each row's prompt + completion + EOS is cut to its first `max_length` tokens
+    (TRL's DPO truncation, `truncation_mode="keep_start"`), so the cut falls in the completion; the
+    caller drops the rows whose prompt alone fills `max_length` (dpo.py does), as TRL does.
 
     Returns input_ids, attention_mask [B, P+T], the completion mask [B, T] (1 on the completion's
     tokens and its EOS) and T. The mask comes from the lengths, so it is right even when the pad
@@ -1358,6 +1514,8 @@ def encode_prompt_completion(tokenizer, prompts, completions, device=None):
     check_prompts_tokenize(zip(prompts, prompt_ids))
     p_ids, p_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)  # [B, P]
     comps = [c + [tokenizer.eos_token_id] for c in encode(completions)]
+    if max_length is not None:  # keep_start: the first max_length tokens of prompt + completion
+        comps = [c[:max(0, max_length - len(p))] for p, c in zip(prompt_ids, comps)]
     T = max(map(len, comps))
     c_ids = torch.tensor([c + [tokenizer.pad_token_id] * (T - len(c)) for c in comps],
                          dtype=torch.long, device=device)  # [B, T]

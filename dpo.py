@@ -17,7 +17,8 @@ value network: a supervised loop over fixed pairs.
         for each batch of pairs (x, y_w, y_l):
             Δ = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]
             L = mean[ −log σ(β Δ) ]                            (or a variant, see `dpo_loss`)
-            θ ← θ − lr ∇_θ L          (∇ = −β σ(−βΔ) [∇log π_θ(y_w|x) − ∇log π_θ(y_l|x)])
+            θ ← θ − lr ∇_θ L          (∇ = −β σ(−βΔ) [∇log π_θ(y_w|x) − ∇log π_θ(y_l|x)],
+                                        σ(−βΔ) = σ(r̂(x,y_l) − r̂(x,y_w)) with r̂ = β log π_θ/π_ref)
         every `eval_every` steps: held-out pair accuracy of the implicit reward; samples from π_θ:
                                   their gold reward and the KL to π_ref
 
@@ -30,8 +31,8 @@ Run:
     python dpo.py --beta 0.5                          # stay closer to the reference
     python dpo.py --loss-type ipo --beta 0.5          # IPO;  also: hinge, length_norm, reference_free
     python dpo.py --label-smoothing 0.1               # conservative DPO (labels flipped 10% of the time)
-    python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --batch-size 8 \\
-        --lr 5e-7 --epochs 1 --max-new-tokens 256     # one GPU, your own pairs
+    python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --chat-template --batch-size 8 \\
+        --lr 5e-7 --epochs 1 --max-new-tokens 256 --max-length 1024      # one GPU, your own pairs
 """
 
 from __future__ import annotations
@@ -56,50 +57,68 @@ LOGISTIC = ("sigmoid", "length_norm", "reference_free")  # −log σ(βΔ): labe
 class Args:
     model: str = "tiny-pref"
     """--model NAME_OR_PATH: the SFT policy to start from, which is also the reference π_ref (a
-    Hugging Face causal LM folder, or hub name if cached), or `tiny-pref`, the embedded SFT policy"""
+    Hugging Face causal LM folder, or hub name if cached), or `tiny-pref`, the embedded SFT policy
+    (TRL: the model argument; ref_model defaults to it too)"""
     data: Optional[str] = None
-    """JSONL file of preference pairs {"prompt", "chosen", "rejected"} (the last fifth, at most
-    1,000 pairs, is held out); default: the built-in task's pairs, labelled by a hidden gold reward"""
+    """JSONL file of preference pairs {"prompt", "chosen", "rejected"}: text, or TRL's conversational
+    lists of {"role", "content"} messages, with or without "prompt" (the last fifth, at most 1,000
+    pairs, is held out); default: the built-in task's pairs, labelled by a hidden gold reward"""
+    chat_template: bool = False
+    """render text pairs as a user message and an assistant reply with the tokenizer's chat template
+    (for instruct models); rows of messages always use it"""
+    max_length: Optional[int] = 1024
+    """keep the first this many tokens of each prompt + completion + EOS, and drop the pairs whose
+    prompt alone has that many, as TRL does (truncation_mode keep_start); the run reports how many
+    pairs were cut and dropped (TRL: max_length); none keeps everything"""
     out_dir: Optional[str] = None
-    """run folder for metrics.jsonl, summary.json and the final policy; default runs/dpo__s<seed>__<time>"""
+    """run folder for metrics.jsonl, summary.json and the final policy; default
+    runs/dpo__s<seed>__<time> (TRL: output_dir)"""
     overwrite: bool = False
     """allow --out-dir to name a folder that already holds a run"""
     seed: int = 1
-    """seed of Python's random, numpy and torch (data order; the evaluation samples use seed+1)"""
+    """seed of Python's random, numpy and torch (data order; the evaluation samples use seed+1)
+    (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
-    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
+    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0 (TRL: bf16 / fp16)"""
 
     beta: float = 0.1
     """β, the strength of the KL regularisation that the implicit reward β log π/π_ref stands for:
     small β lets π_θ move far from π_ref (DPO paper: 0.1..0.5; IPO and length_norm use larger β,
-    Tülu 3's length-normalised DPO used 5)"""
+    Tülu 3's length-normalised DPO used 5) (TRL: beta)"""
     loss_type: Literal["sigmoid", "ipo", "hinge", "length_norm", "reference_free"] = "sigmoid"
     """sigmoid: the notes' DPO; ipo: (Δ − 1/(2β))² on per-token-averaged log-ratios; hinge:
     max(0, 1 − βΔ); length_norm: DPO on per-token-averaged log-ratios (Tülu 3); reference_free:
-    DPO with log π_ref = 0. See `dpo_loss`"""
+    DPO with log π_ref = 0. See `dpo_loss` (TRL: loss_type sigmoid, ipo, hinge, sigmoid_norm =
+    length_norm; TRL 1.16 has no reference_free)"""
     label_smoothing: float = 0.0
     """ε of conservative DPO (cDPO): the probability that a label is flipped, for the logistic
-    losses (sigmoid, length_norm, reference_free); 0 is plain DPO, keep it below 0.5"""
+    losses (sigmoid, length_norm, reference_free); 0 is plain DPO, keep it below 0.5 (TRL's
+    label_smoothing means this only for its robust/exo losses)"""
     epochs: int = 2
-    """passes over the training pairs (DPO papers: 1..3)"""
+    """passes over the training pairs (DPO papers: 1..3) (TRL: num_train_epochs)"""
     batch_size: int = 32
-    """preference pairs per optimiser step (each pair is two sequences)"""
+    """preference pairs per optimiser step (each pair is two sequences) (TRL:
+    per_device_train_batch_size × gradient_accumulation_steps × GPUs)"""
     lr: float = 3e-4
     """peak learning rate of AdamW (tiny-pref: 1e-4..1e-3, where 1e-3 gains more gold reward at a
-    KL several times larger and breaks the grammar; a 0.5B+ model: ~5e-7, as in the DPO paper)"""
+    KL several times larger and breaks the grammar; a 0.5B+ model: ~5e-7, as in the DPO paper)
+    (TRL: learning_rate)"""
     max_steps: Optional[int] = None
-    """stop after this many optimiser steps (for quick runs); default: epochs × pairs / batch size"""
+    """stop after this many optimiser steps (for quick runs); default: epochs × pairs / batch size
+    (TRL: max_steps)"""
     warmup_steps: int = 10
-    """steps of linear learning-rate warm-up from 0; then linear decay to 0 at the last step"""
+    """steps of linear learning-rate warm-up from 0; then linear decay to 0 at the last step (TRL:
+    warmup_steps, lr_scheduler_type linear)"""
     grad_clip: float = 1.0
-    """clip the global gradient norm to this value (0 disables)"""
+    """clip the global gradient norm to this value (0 disables) (TRL: max_grad_norm)"""
 
     eval_every: int = 50
-    """steps between evaluations (held-out pair accuracy, gold reward and KL of samples)"""
+    """steps between evaluations (held-out pair accuracy, gold reward and KL of samples) (TRL:
+    eval_steps)"""
     eval_size: int = 1000
     """held-out pairs per evaluation of the implicit reward's pair accuracy"""
     eval_samples: int = 500
@@ -108,7 +127,7 @@ class Args:
     max_new_tokens: int = 20
     """token limit of those samples (20 fits the built-in task; ~256+ for a real model)"""
     log_every: int = 25
-    """steps between printed lines (every step is written to metrics.jsonl)"""
+    """steps between printed lines (every step is written to metrics.jsonl) (TRL: logging_steps)"""
     save_model: bool = True
     """save the final policy with save_pretrained into <out-dir>/model"""
 
@@ -166,6 +185,20 @@ def hinge_loss(delta: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.relu(1 - beta * delta)  # [B]
 
 
+def grad_weight(delta: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The weight of a pair in the gradient of the logistic losses, divided by β:  [B] -> [B]
+
+        ∇_θ L = −β · weight · [∇log π_θ(y_w|x) − ∇log π_θ(y_l|x)]
+        weight = σ(−βΔ) = σ(r̂(x,y_l) − r̂(x,y_w))                    (notes `003`; ε = 0)
+        weight = (1 − ε) σ(−βΔ) − ε σ(βΔ)                              (label smoothing ε)
+
+    It is the implied reward model's error: near 1 when r̂ orders the pair wrongly, near 0 when it
+    orders it right by a wide margin. Only the logistic losses (sigmoid, length_norm,
+    reference_free) have it: IPO's gradient is 2(Δ − 1/(2β)) and hinge's a step, 1[βΔ < 1].
+    """
+    return (1 - label_smoothing) * torch.sigmoid(-beta * delta) - label_smoothing * torch.sigmoid(beta * delta)
+
+
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor | None, ref_rejected_logps: torch.Tensor | None,
              beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
@@ -188,8 +221,9 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         reference_free  L = −log σ(β [log π_θ(y_w|x) − log π_θ(y_l|x)])       log π_ref := 0
 
     For sigmoid, ∂L/∂log π_θ(y_w|x) = −β σ(−βΔ) and ∂L/∂log π_θ(y_l|x) = +β σ(−βΔ): the notes'
-    weight κ σ(−κΔ) with κ = β, large when the implicit reward orders the pair wrongly, small when
-    it already orders it right by a wide margin.
+    weight κ σ(−κΔ) with κ = β, where σ(−βΔ) = σ(r̂(x,y_l) − r̂(x,y_w)), so the whole weight is
+    β σ(r̂_l − r̂_w) (see `grad_weight`): large when the implicit reward orders the pair wrongly,
+    small when it already orders it right by a wide margin.
 
     Returns (losses [B], chosen_rewards [B], rejected_rewards [B]), where the implicit rewards
     β (log π_θ(y|x) − log π_ref(y|x)) are detached (they are for logging).
@@ -220,22 +254,39 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 #####################################################################################################
 
 
-def pair_logps(model, tokenizer, pairs: list[dict], device, average: bool = False):
-    """log π(y_w|x), log π(y_l|x) of a batch of pairs in one forward pass of 2B sequences.
-    -> two tensors [B] (with a gradient if the model has one)."""
+def fit_max_length(tokenizer, pairs: list[dict], max_length: int | None) -> tuple[list[dict], int, int]:
+    """TRL's DPO rule (truncation_mode keep_start): each prompt + completion + EOS keeps its first
+    `max_length` tokens (`common.encode_prompt_completion` cuts them), and a pair whose prompt alone
+    has `max_length` tokens or more is dropped, as nothing of its completions would be left.
+    -> (kept pairs, how many of them get cut, how many were dropped)."""
+    if max_length is None or not pairs:
+        return pairs, 0, 0
+    def n_tokens(key):
+        return [len(ids) for ids in tokenizer([p[key] for p in pairs], add_special_tokens=False)["input_ids"]]
+    rows = list(zip(pairs, n_tokens("prompt"), n_tokens("chosen"), n_tokens("rejected")))
+    kept = [(pair, P, C, R) for pair, P, C, R in rows if P < max_length]
+    cut = sum(P + max(C, R) + 1 > max_length for _, P, C, R in kept)  # + 1: the EOS
+    return [k[0] for k in kept], cut, len(rows) - len(kept)
+
+
+def pair_logps(model, tokenizer, pairs: list[dict], device, average: bool = False,
+               max_length: int | None = None):
+    """log π(y_w|x), log π(y_l|x) of a batch of pairs in one forward pass of 2B sequences, each cut
+    to its first `max_length` tokens. -> two tensors [B] (with a gradient if the model has one)."""
     B = len(pairs)
     ids, mask, c_mask, T = common.encode_prompt_completion(
         tokenizer, [p["prompt"] for p in pairs] * 2,
-        [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device)  # [2B, P+T], [2B, T]
+        [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device, max_length)  # [2B, P+T], [2B, T]
     logp, _ = common.token_logprobs(model, ids, mask, T)  # log π(y_t|x, y_<t)   [2B, T]
     seq = sequence_logps(logp, c_mask, average)  # log π(y|x)   [2B]
     return seq[:B], seq[B:]  # chosen [B], rejected [B]
 
 
 @torch.no_grad()
-def all_pair_logps(model, tokenizer, pairs: list[dict], device, average: bool, batch_size: int = 256):
+def all_pair_logps(model, tokenizer, pairs: list[dict], device, average: bool, max_length: int | None = None,
+                   batch_size: int = 256):
     """`pair_logps` over many pairs, without gradient: two tensors [N]."""
-    c, r = zip(*(pair_logps(model, tokenizer, pairs[i:i + batch_size], device, average)
+    c, r = zip(*(pair_logps(model, tokenizer, pairs[i:i + batch_size], device, average, max_length)
                  for i in range(0, len(pairs), batch_size)))
     return torch.cat(c), torch.cat(r)  # [N], [N]
 
@@ -243,7 +294,9 @@ def all_pair_logps(model, tokenizer, pairs: list[dict], device, average: bool, b
 def implicit_reward_accuracy(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta: float,
                              loss_type: str) -> float:
     """Held-out pair accuracy of the implicit reward r̂ = β log π_θ/π_ref: the fraction of pairs
-    with r̂(y_w) > r̂(y_l), a tie counting ½ (so the untrained policy, where r̂ ≡ 0, scores 0.5)."""
+    with r̂(y_w) > r̂(y_l), a tie counting ½. So the untrained policy, where r̂ ≡ 0, scores 0.5,
+    except with reference_free: there r̂ = β log π_θ, and at the start it scores how often the SFT
+    policy itself finds y_w more likely than y_l."""
     _, r_c, r_r = dpo_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta, loss_type)
     return float(((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean())
 
@@ -271,6 +324,7 @@ def validate(args: Args) -> None:
     check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be ≥ 1 (got {args.max_steps})")
+    check(args.max_length is None or args.max_length >= 2, f"--max-length must be ≥ 2 (got {args.max_length})")
 
 
 def train(args: Args) -> dict:
@@ -280,15 +334,22 @@ def train(args: Args) -> dict:
     device = common.pick_device(args.device)
     prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
     train_pairs, heldout = common.load_preferences(args.data)
-    heldout = heldout[: args.eval_size]
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
     average = args.loss_type in PER_TOKEN_AVERAGED  # (1/|y|) Σ_t instead of Σ_t
-    eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
 
     ##### models: the policy π_θ and the frozen reference π_ref, both the SFT policy at the start
     path = common.resolve_model_path(args.model)
     print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
     policy, tok = common.load_model(path, device)  # float32 weights
+    # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
+    train_pairs, heldout = (common.render_chat(tok, rows, args.chat_template, args.model)
+                            for rows in (train_pairs, heldout))
+    (train_pairs, cut_train, dropped_train), (heldout, cut_heldout, dropped_heldout) = (
+        fit_max_length(tok, rows, args.max_length) for rows in (train_pairs, heldout))
+    check(train_pairs and heldout, f"--max-length {args.max_length}: every training or every held-out "
+          "prompt is that long; raise it (or pass --max-length none)")
+    heldout = heldout[: args.eval_size]
+    eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     policy.eval()  # no dropout: at the start π_θ must equal π_ref exactly
     ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
@@ -308,13 +369,14 @@ def train(args: Args) -> dict:
     ref_r = torch.full((len(train_pairs),), float("nan"), device=device)  # log π_ref(y_l|x)   [N]
     print(f"log π_ref of {len(used)} train and {len(heldout)} held-out pairs, once …", flush=True)
     with prec.autocast():
-        ref_c[used], ref_r[used] = all_pair_logps(ref, tok, [train_pairs[j] for j in used], device, average)
-        ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average)  # the same, held out   [M]
+        ref_c[used], ref_r[used] = all_pair_logps(ref, tok, [train_pairs[j] for j in used], device, average,
+                                                  args.max_length)
+        ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average, args.max_length)  # held out   [M]
     load_seconds = time.time() - t_start
 
     def evaluate() -> dict:
         with prec.autocast():
-            pc, pr = all_pair_logps(policy, tok, heldout, device, average)  # [M], [M]
+            pc, pr = all_pair_logps(policy, tok, heldout, device, average, args.max_length)  # [M], [M]
             s = sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1, gold)
         return {"eval/heldout_pair_accuracy": implicit_reward_accuracy(pc, pr, ref_hc, ref_hr, args.beta,
                                                                        args.loss_type),
@@ -326,6 +388,10 @@ def train(args: Args) -> dict:
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
           f"{len(train_pairs)} train pairs, {len(heldout)} held out  |  loss {args.loss_type}, β {args.beta}")
+    if args.max_length is not None:
+        print(f"--max-length {args.max_length}: cut {cut_train} train and {cut_heldout} held-out pairs to their "
+              f"first {args.max_length} tokens; dropped {dropped_train} train and {dropped_heldout} held-out "
+              "pairs whose prompt alone is that long (TRL's keep_start)")
     print(f"evaluating the start policy ({len(heldout)} held-out pairs, {args.eval_samples} samples) …",
           flush=True)
     start = evaluate()
@@ -340,7 +406,7 @@ def train(args: Args) -> dict:
         t0 = time.time()
         batch = [train_pairs[j] for j in idx]
         with prec.autocast():
-            pc, pr = pair_logps(policy, tok, batch, device, average)  # log π_θ(y_w|x), (y_l|x)  [B]
+            pc, pr = pair_logps(policy, tok, batch, device, average, args.max_length)  # log π_θ(y_w|x), (y_l|x)  [B]
         losses, r_c, r_r = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], args.beta, args.loss_type,
                                     args.label_smoothing)  # [B] each
         loss = losses.mean()
@@ -357,7 +423,6 @@ def train(args: Args) -> dict:
                 "rewards/rejected": r_r.mean().item(),
                 "rewards/accuracies": ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean().item(),
                 "rewards/margins": margins.mean().item(),
-                "dpo/grad_weight": torch.sigmoid(-margins).mean().item(),  # σ(−βΔ), notes' weight
                 "logps/chosen": pc.mean().item(),
                 "logps/rejected": pr.mean().item(),
                 "policy/grad_norm": float(grad_norm),
@@ -365,6 +430,9 @@ def train(args: Args) -> dict:
                 "charts/epoch": epoch + 1,
                 "time/step_seconds": time.time() - t0,
             }
+            if args.loss_type in LOGISTIC:  # σ(−βΔ) = σ(r̂_l − r̂_w): the notes' weight, ÷ β (`grad_weight`)
+                metrics["dpo/grad_weight"] = grad_weight(margins / args.beta, args.beta,
+                                                         args.label_smoothing).mean().item()
         if step % args.eval_every == 0 or step == total_steps:
             ev = evaluate()
             final_texts = ev.pop("texts")
@@ -390,6 +458,8 @@ def train(args: Args) -> dict:
         "start_mean_length": start["eval/mean_length"],
         "final_mean_length": ev["eval/mean_length"],
         "eval_samples": args.eval_samples,
+        "max_length": {"cut_pairs": {"train": cut_train, "heldout": cut_heldout},
+                       "dropped_pairs": {"train": dropped_train, "heldout": dropped_heldout}},
         "examples_before": start_texts[:4],
         "examples_after": final_texts[:4],
         "steps": step,

@@ -279,8 +279,7 @@ def train(args: Args) -> dict:
     policy, tok = common.load_model(args.model, device)  # float32 weights
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
-    check(not args.chat_template or getattr(tok, "chat_template", None),
-          f"--chat-template: the tokenizer of --model {args.model} has no chat template")
+    common.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("grpo", args.seed), args.overwrite)
@@ -289,10 +288,7 @@ def train(args: Args) -> dict:
     load_seconds = time.time() - t_start
 
     def prompt_text(row):
-        if args.chat_template:
-            return tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                           tokenize=False, add_generation_prompt=True)
-        return row["prompt"]
+        return common.chat_prompt(tok, row["prompt"], args.chat_template)  # messages: the chat template
     for r in heldout:
         r["text"] = prompt_text(r)
 

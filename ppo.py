@@ -878,14 +878,15 @@ def train(args: Args) -> dict:
     train_pairs, heldout = common.load_preferences(args.data)
     ptx_rows = read_ptx_data(args.ptx_data) if args.ptx_data is not None else None
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
-    prompts_all = [p["prompt"] for p in train_pairs]
-    eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
 
     ##### the four models
     path = common.resolve_model_path(args.model)
     print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
           "models …", flush=True)
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # π_θ, float32 weights
+    train_pairs, heldout = (common.render_chat(tok, rows, model=args.model) for rows in (train_pairs, heldout))
+    prompts_all = [p["prompt"] for p in train_pairs]  # rows of messages: rendered by the chat template
+    eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("ppo", args.seed), args.overwrite,

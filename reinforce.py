@@ -422,6 +422,7 @@ def train(args: Args) -> dict:
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
     policy.eval()  # no dropout: the log-probs of the loss are those of the policy that sampled
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
+    common.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     params = [p for p in policy.parameters() if p.requires_grad]
     groups = [{"params": params}]
     head = None  # V_ψ, only for --baseline value: a float32 linear head on detached features
@@ -439,10 +440,7 @@ def train(args: Args) -> dict:
     load_seconds = time.time() - t_start
 
     def prompt_text(row):
-        if args.chat_template:
-            return tok.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                           tokenize=False, add_generation_prompt=True)
-        return row["prompt"]
+        return common.chat_prompt(tok, row["prompt"], args.chat_template)  # messages: the chat template
     for r in heldout:
         r["text"] = prompt_text(r)
 

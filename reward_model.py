@@ -15,6 +15,7 @@ is the only position that has seen the whole text.
     for epoch = 1 .. epochs:
         for each batch of pairs (x, y_w, y_l):
             L = mean[−log σ(r_φ(x,y_w) − r_φ(x,y_l) − m)] + c · mean[(r_φ(x,y_w) + r_φ(x,y_l))²]
+                (a K-wise ranking y_1 ≻ … ≻ y_K: the mean over its C(K,2) pairs, as one batch element)
             φ ← φ − lr ∇_φ L                                                      (AdamW)
         every `eval_every` steps: pair accuracy on train and held-out pairs, beside the ceiling
     optionally: (μ, s) = mean and std of r_φ over completions sampled from the SFT policy,
@@ -26,11 +27,14 @@ known: how often the gold reward agrees with the noisy labels. No model beats it
 The saved folder (`<out-dir>/model`) is the language model's `save_pretrained` folder plus
 `reward_head.safetensors`; `load_reward_model(folder)` rebuilds the reward model (ppo.py uses it).
 `models/tiny-pref-rm/` is such a folder: this script's defaults, run on the shipped `tiny-pref`.
+The same folder also loads in transformers as a sequence classifier (TRL's reward-model format):
+`AutoModelForSequenceClassification.from_pretrained(folder)` gives r_φ(x, y) − `config.reward_offset`
+(see `save_reward_model`).
 
 Run:
     python reward_model.py                            # the built-in task, `tiny-pref`, CPU, ~1 minute
     python reward_model.py --margin 0.5 --center-coef 0.01
-    python reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl \\
+    python reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --chat-template \\
         --batch-size 16 --lr 1e-5 --epochs 1 --max-new-tokens 256        # one GPU, your own pairs
 """
 
@@ -54,45 +58,59 @@ from common import check
 class Args:
     model: str = "tiny-pref"
     """--model NAME_OR_PATH: the backbone, usually the SFT policy (a Hugging Face causal LM folder
-    or hub name, if cached), or `tiny-pref`, the embedded SFT policy of the built-in task"""
+    or hub name, if cached), or `tiny-pref`, the embedded SFT policy of the built-in task (TRL: the
+    model argument)"""
     data: Optional[str] = None
-    """JSONL file of preference pairs {"prompt", "chosen", "rejected"} (the last fifth, at most
-    1,000 pairs, is held out); default: the built-in task's pairs, labelled by a hidden gold reward"""
+    """JSONL file of preference pairs {"prompt", "chosen", "rejected"} (text, or TRL's conversational
+    lists of {"role", "content"} messages, with or without "prompt"), and/or K-wise rankings
+    {"prompt", "completions": [best, ..., worst]} (the last fifth of the rows, at most 1,000, is held
+    out); default: the built-in task's pairs, labelled by a hidden gold reward"""
+    chat_template: bool = False
+    """render text rows as a user message and an assistant reply with the tokenizer's chat template
+    (for instruct models); rows of messages always use it"""
+    max_length: Optional[int] = 1024
+    """drop the rows where prompt + completion + EOS has more tokens than this, as TRL's reward
+    trainer does (a cut sequence has no EOS to read the reward at); the run reports how many
+    (TRL: max_length); none keeps every row"""
     out_dir: Optional[str] = None
     """run folder for metrics.jsonl, summary.json and the reward model; default
-    runs/reward_model__s<seed>__<time>"""
+    runs/reward_model__s<seed>__<time> (TRL: output_dir)"""
     overwrite: bool = False
     """allow --out-dir to name a folder that already holds a run"""
     seed: int = 1
-    """seed of Python's random, numpy and torch (head init, data order, sampling)"""
+    """seed of Python's random, numpy and torch (head init, data order, sampling) (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); the weights, head included,
-    stay float32"""
+    stay float32 (TRL: bf16 / fp16)"""
 
     epochs: int = 2
-    """passes over the training pairs (InstructGPT trained its reward model for 1 epoch: more overfits)"""
+    """passes over the training pairs (InstructGPT trained its reward model for 1 epoch: more
+    overfits) (TRL: num_train_epochs)"""
     batch_size: int = 32
-    """preference pairs per optimiser step (each pair is two sequences)"""
+    """preference rows per optimiser step (a pair is two sequences, a ranking K) (TRL:
+    per_device_train_batch_size × gradient_accumulation_steps × GPUs)"""
     lr: float = 1e-3
     """peak learning rate of AdamW, for the backbone and the head (tiny-pref: 3e-4..3e-3; a 0.5B+
-    model: ~1e-5)"""
+    model: ~1e-5) (TRL: learning_rate)"""
     max_steps: Optional[int] = None
-    """stop after this many optimiser steps (for quick runs); default: epochs × pairs / batch size"""
+    """stop after this many optimiser steps (for quick runs); default: epochs × pairs / batch size
+    (TRL: max_steps)"""
     warmup_steps: int = 10
-    """steps of linear learning-rate warm-up from 0; then linear decay to 0 at the last step"""
+    """steps of linear learning-rate warm-up from 0; then linear decay to 0 at the last step (TRL:
+    warmup_steps, lr_scheduler_type linear)"""
     weight_decay: float = 0.0
-    """AdamW weight decay"""
+    """AdamW weight decay (TRL: weight_decay)"""
     margin: float = 0.0
     """m in −log σ(r_w − r_l − m): the chosen must win by at least m before the loss lets go
     (Llama 2 uses a margin that grows with the annotators' confidence); 0 is the notes' loss"""
     center_coef: float = 0.0
-    """c, weight of the penalty c · mean((r_w + r_l)²) that keeps the rewards centred on 0 (TRL's
-    center_rewards_coefficient; Eisenstein et al. 2023 use 0.01); 0 disables"""
+    """c, weight of the penalty c · mean((r_w + r_l)²) that keeps the rewards centred on 0
+    (Eisenstein et al. 2023 use 0.01); 0 disables (TRL: center_rewards_coefficient)"""
     grad_clip: float = 1.0
-    """clip the global gradient norm to this value (0 disables)"""
+    """clip the global gradient norm to this value (0 disables) (TRL: max_grad_norm)"""
 
     normalize: bool = True
     """after training, sample completions from the SFT policy and store the mean μ and std s of
@@ -103,11 +121,11 @@ class Args:
     """token limit of those samples (20 fits the built-in task; ~256+ for a real model)"""
 
     eval_every: int = 50
-    """steps between evaluations of train and held-out pair accuracy"""
+    """steps between evaluations of train and held-out pair accuracy (TRL: eval_steps)"""
     eval_size: int = 1000
     """held-out pairs per evaluation (and as many training pairs, for the train accuracy)"""
     log_every: int = 25
-    """steps between printed lines (every step is written to metrics.jsonl)"""
+    """steps between printed lines (every step is written to metrics.jsonl) (TRL: logging_steps)"""
     save_model: bool = True
     """save the reward model into <out-dir>/model (the LM's save_pretrained folder + reward_head.safetensors)"""
 
@@ -130,6 +148,27 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     """
     z = r_chosen - r_rejected - margin  # r_w − r_l − m   [B]
     return F.softplus(-z)  # −log σ(z)   [B]
+
+
+def ranking_loss(rewards: torch.Tensor, margin: float = 0.0,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """InstructGPT's K-wise loss (notes `000`, the reward model loss; Ouyang et al. 2022, eq. 1):
+    a labeller ranks K completions of one prompt, and the ranking counts as its C(K,2) pairs,
+
+        L(x) = 1/C(K,2) · Σ_{i<j} −log σ(r_φ(x, y_i) − r_φ(x, y_j) − m)       y_1 ≻ y_2 ≻ … ≻ y_K
+
+    one batch element per ranking (not C(K,2) separate pairs: InstructGPT found that shuffling the
+    pairs of one ranking into different batches overfits, and one forward pass of K sequences is
+    cheaper than C(K,2) of two). `rewards`: [B, K], each row in rank order, best first.  -> [B]
+    `mask` [B, K] (1 = a real completion, as a prefix of each row) lets rankings of different K
+    share a batch: row b averages over the pairs among its first K_b. K = 2 is `bradley_terry_loss`.
+    """
+    K = rewards.shape[1]
+    w, l = torch.triu_indices(K, K, offset=1, device=rewards.device)  # every pair i < j: i wins   [C]
+    losses = bradley_terry_loss(rewards[:, w], rewards[:, l], margin)  # −log σ(r_i − r_j − m)   [B, C]
+    if mask is None:
+        return losses.mean(1)  # 1/C(K,2) Σ_{i<j}   [B]
+    return common.masked_mean(losses, mask[:, l].bool(), dim=1)  # pairs whose loser is real   [B]
 
 
 def centering_penalty(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -199,36 +238,100 @@ class RewardModel(torch.nn.Module):
 HEAD_FILE = "reward_head.safetensors"  # the scalar head and the normalisation, beside the LM's files
 
 
+def hf_pad_token(tokenizer) -> str | None:
+    """The pad token the saved folder declares. transformers' sequence classifiers read the score at
+    the rightmost token that is not `config.pad_token_id` (`GenericForSequenceClassification`), so a
+    pad token equal to EOS (what `common.load_model` sets when a tokenizer has none) would read one
+    token early, at the last token of the completion. Then an existing special token that is not
+    EOS pads instead (unk, else bos); None if there is none (the rewards then need unpadded rows)."""
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer.pad_token
+    for tok in (tokenizer.unk_token, tokenizer.bos_token):
+        if tok is not None and tokenizer.convert_tokens_to_ids(tok) != tokenizer.eos_token_id:
+            return tok
+    return None
+
+
 def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
-    """Write the format that `load_reward_model` reads:
+    """Write the format that `load_reward_model` reads, which transformers also loads:
         folder/  config.json, model.safetensors, tokenizer files   (the LM: `save_pretrained`)
         folder/reward_head.safetensors   {"weight": [d], "bias": [], "reward_mean": [], "reward_std": []}
-    The LM folder also loads on its own with `from_pretrained` (e.g. to start a value model from it)."""
+    model.safetensors also holds `score.weight` = w / s [1, d], and config.json `num_labels` 1 (as
+    id2label), a pad token that is not EOS (see `hf_pad_token`) and `reward_offset` = (b − μ) / s.
+    So `AutoModelForSequenceClassification.from_pretrained(folder)` (TRL's reward-model format)
+    gives w · h / s = r_φ(x, y) − reward_offset: its head has no bias, and a final hidden state has
+    no constant component to fold b − μ into. Bradley–Terry only sees differences, so that is the
+    same reward model; add `reward_offset` back for the normalised values (mean 0 on SFT samples).
+    transformers numbers the positions 0, 1, … whatever the padding, where `RewardModel` counts
+    only real tokens: the same for rotary models (Llama, Qwen: only differences of positions
+    matter), but with learned absolute positions (GPT-2) left-padded rows differ; pad on the right.
+    The LM folder also loads on its own with `AutoModelForCausalLM` (e.g. to start a value model)."""
+    import copy
+    import json
+
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    rm.lm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    save_file({"weight": rm.head.weight.detach().float().cpu().reshape(-1).contiguous(),
-               "bias": rm.head.bias.detach().float().cpu().reshape(()).contiguous(),
-               "reward_mean": rm.reward_mean.detach().float().cpu().reshape(()).contiguous(),
-               "reward_std": rm.reward_std.detach().float().cpu().reshape(()).contiguous()},
-              str(folder / HEAD_FILE))
+    w, b = rm.head.weight.detach().float().cpu().reshape(-1), rm.head.bias.detach().float().cpu().reshape(())
+    mu, sd = rm.reward_mean.detach().float().cpu().reshape(()), rm.reward_std.detach().float().cpu().reshape(())
+    state = {k: v for k, v in rm.lm.state_dict().items() if k != "lm_head.weight"
+             or not rm.lm.config.tie_word_embeddings}  # a tied head is the embedding: saved once
+    with common.quiet_transformers():  # no "Writing model shards" bar
+        rm.lm.save_pretrained(folder, state_dict={**state, "score.weight": (w / sd).reshape(1, -1)})  # w/s  [1, d]
+    pad = hf_pad_token(tokenizer)
+    if pad is None:
+        print(f"note: {folder}: the pad token is the EOS and no other special token can pad, so "
+              "AutoModelForSequenceClassification reads padded rows one token early: give it unpadded rows")
+    tok = tokenizer
+    if pad is not None and pad != tokenizer.pad_token:
+        tok = copy.deepcopy(tokenizer)
+        tok.pad_token = pad
+    tok.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update({"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                   "pad_token_id": tok.pad_token_id if pad is not None else config.get("pad_token_id"),
+                   "reward_offset": float((b - mu) / sd)})  # r_φ = r_HF + reward_offset
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({"weight": w.contiguous(), "bias": b.contiguous(), "reward_mean": mu.contiguous(),
+               "reward_std": sd.contiguous()}, str(folder / HEAD_FILE))
     return folder
+
+
+def _hf_score_weight(folder: Path) -> torch.Tensor | None:
+    """`score.weight` [1, d] of a transformers sequence-classification folder (TRL's reward models),
+    from model.safetensors or the shard that its index names; None if there is none."""
+    import json
+
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    shard = (json.loads(index.read_text())["weight_map"].get("score.weight") if index.is_file()
+             else "model.safetensors")
+    if shard is None or not (folder / shard).is_file():
+        return None
+    with safe_open(str(folder / shard), "pt") as f:
+        return f.get_tensor("score.weight") if "score.weight" in f.keys() else None
 
 
 def load_reward_model(folder: str | Path, device: torch.device | str = "cpu", trainable: bool = False):
     """(RewardModel, tokenizer) from a folder written by `save_reward_model` (`<out-dir>/model` of
-    reward_model.py). Frozen and in eval mode unless `trainable`. Outputs are normalised if the run
-    normalised them."""
+    reward_model.py), or from a transformers sequence classifier with one label (a TRL reward model:
+    its `score.weight`, bias 0, no normalisation). Frozen and in eval mode unless `trainable`.
+    Outputs are normalised if the run normalised them."""
     from safetensors.torch import load_file
 
     folder = Path(common.resolve_model_path(str(folder)))  # `tiny-pref-rm`: the shipped one
-    check((folder / HEAD_FILE).is_file(),
-          f"{folder}: no {HEAD_FILE} here, so this is not a reward model saved by reward_model.py")
+    if (folder / HEAD_FILE).is_file():
+        state = load_file(str(folder / HEAD_FILE))
+    else:
+        score = _hf_score_weight(folder) if folder.is_dir() else None
+        check(score is not None and score.shape[0] == 1,
+              f"{folder}: no {HEAD_FILE} and no one-label `score.weight` here, so this is neither a reward "
+              "model saved by reward_model.py nor a transformers sequence classifier with num_labels 1")
+        state = {"weight": score.float().reshape(-1), "bias": torch.zeros(()), "reward_mean": torch.zeros(()),
+                 "reward_std": torch.ones(())}
     lm, tok = common.load_model(str(folder), torch.device(device), trainable=True)  # float32
     rm = RewardModel(lm)
-    state = load_file(str(folder / HEAD_FILE))
     check(state["weight"].numel() == lm.config.hidden_size,
           f"{folder}: {HEAD_FILE} has {state['weight'].numel()} weights, the LM's hidden size is "
           f"{lm.config.hidden_size}")
@@ -259,6 +362,54 @@ def score_pairs(rm: RewardModel, tokenizer, pairs: list[dict], device, batch_siz
 
 
 #####################################################################################################
+#####  the data: pairs are rankings of K = 2
+#####################################################################################################
+
+
+def ranked(row: dict) -> list[str]:
+    """A row's completions in rank order, best first: a pair is the ranking [chosen, rejected]."""
+    return row["completions"] if "completions" in row else [row["chosen"], row["rejected"]]
+
+
+def ranking_pairs(rows: list[dict]) -> list[dict]:
+    """Every ranking's C(K,2) pairs {"prompt", "chosen", "rejected"}, the better one as chosen
+    (for the pair accuracy); a pair stays itself."""
+    return [{"prompt": r["prompt"], "chosen": c[i], "rejected": c[j]}
+            for r in rows for c in [ranked(r)] for i in range(len(c)) for j in range(i + 1, len(c))]
+
+
+def ranking_rewards(rm: RewardModel, tokenizer, rows: list[dict], device):
+    """r_φ of every completion of a batch of rankings, in one forward pass.  -> rewards [B, K],
+    valid [B, K] (K = the longest ranking; each row's first K_b entries are real, the rest 0).
+    The sequences go completion by completion (all first completions, then all second ones, ...),
+    so a batch of pairs is the B chosen then the B rejected."""
+    comps = [ranked(r) for r in rows]
+    K = max(map(len, comps))
+    slots = [(b, k) for k in range(K) for b, c in enumerate(comps) if k < len(c)]  # (row, rank)
+    ids, mask, _, _ = common.encode_prompt_completion(
+        tokenizer, [rows[b]["prompt"] for b, _ in slots], [comps[b][k] for b, k in slots], device)  # [N, L]
+    r = rm(ids, mask)  # [N], N = Σ_b K_b
+    b_idx, k_idx = (torch.tensor(v, device=r.device) for v in zip(*slots))  # [N], [N]
+    rewards = r.new_zeros(len(rows), K).index_put((b_idx, k_idx), r)  # [B, K]
+    valid = torch.zeros(len(rows), K, dtype=torch.bool, device=r.device).index_put(
+        (b_idx, k_idx), torch.ones_like(b_idx, dtype=torch.bool))  # [B, K]
+    return rewards, valid
+
+
+def drop_too_long(tokenizer, rows: list[dict], max_length: int | None) -> tuple[list[dict], int]:
+    """TRL's reward-trainer rule: keep a row only if every prompt + completion + EOS has at most
+    `max_length` tokens (a cut sequence has no EOS for the reward to be read at). -> (kept, dropped)."""
+    if max_length is None or not rows:
+        return rows, 0
+    def n_tokens(texts):
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    p_len = n_tokens(r["prompt"] for r in rows)
+    c_len = iter(n_tokens(c for r in rows for c in ranked(r)))
+    kept = [r for r, p in zip(rows, p_len) if max(p + next(c_len) + 1 for _ in ranked(r)) <= max_length]
+    return kept, len(rows) - len(kept)
+
+
+#####################################################################################################
 #####  training
 #####################################################################################################
 
@@ -274,6 +425,7 @@ def validate(args: Args) -> None:
     check(args.weight_decay >= 0, f"--weight-decay must be ≥ 0 (got {args.weight_decay})")
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be ≥ 1 (got {args.max_steps})")
+    check(args.max_length is None or args.max_length >= 2, f"--max-length must be ≥ 2 (got {args.max_length})")
     check(not args.normalize or args.norm_samples >= 2,
           f"--norm-samples must be ≥ 2 to estimate a std (got {args.norm_samples}), or pass --no-normalize")
 
@@ -284,24 +436,31 @@ def train(args: Args) -> dict:
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    train_pairs, heldout = common.load_preferences(args.data)
-    heldout = heldout[: args.eval_size]
-    rng = np.random.default_rng(args.seed)
-    train_probe = [train_pairs[i] for i in rng.choice(len(train_pairs), min(len(train_pairs), len(heldout)),
-                                                       replace=False)]  # the train accuracy's pairs
+    train_rows, heldout_rows = common.load_preferences(args.data, rankings=True)  # pairs and/or rankings
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
 
     ##### the model: the SFT policy's transformer and a fresh scalar head
     print(f"loading --model {args.model} …", flush=True)
     lm, tok = common.load_model(common.resolve_model_path(args.model), device)  # float32 weights
-    rm = RewardModel(lm)
-    rm.eval()  # no dropout: a pair's two rewards come from the same function
-    opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
+    train_rows, heldout_rows = (common.render_chat(tok, rows, args.chat_template, args.model)
+                                for rows in (train_rows, heldout_rows))
+    (train_rows, cut_train), (heldout_rows, cut_heldout) = (drop_too_long(tok, rows, args.max_length)
+                                                            for rows in (train_rows, heldout_rows))
+    check(train_rows and heldout_rows, f"--max-length {args.max_length}: no training or no held-out row is "
+          "that short; raise it (or pass --max-length none)")
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reward_model", args.seed),
                                  args.overwrite)
+    heldout = ranking_pairs(heldout_rows)[: args.eval_size]  # held-out pairs, a ranking as its C(K,2)
+    rng = np.random.default_rng(args.seed)
+    train_probe = ranking_pairs([train_rows[i] for i in rng.choice(
+        len(train_rows), min(len(train_rows), len(heldout)), replace=False)])[: len(heldout)]  # train accuracy
+    rm = RewardModel(lm)
+    rm.eval()  # no dropout: a pair's two rewards come from the same function
+    opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     batches = [(epoch, order[i:i + args.batch_size]) for epoch in range(args.epochs)
-               for order in [rng.permutation(len(train_pairs))]
+               for order in [rng.permutation(len(train_rows))]
                for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
     total_steps = len(batches)
 
@@ -310,8 +469,8 @@ def train(args: Args) -> dict:
     ##### completions from the SFT policy for the normalisation, sampled now, before training
     norm_prompts, norm_texts = [], []
     if args.normalize:
-        picks = rng.integers(len(train_pairs), size=args.norm_samples)
-        norm_prompts = [train_pairs[i]["prompt"] for i in picks]
+        picks = rng.integers(len(train_rows), size=args.norm_samples)
+        norm_prompts = [train_rows[i]["prompt"] for i in picks]
         print(f"sampling {len(norm_prompts)} completions of --model for the normalisation …", flush=True)
         for i in range(0, len(norm_prompts), 256):
             with prec.autocast():
@@ -324,7 +483,10 @@ def train(args: Args) -> dict:
     train_ceiling = common.ceiling_accuracy(train_probe) if gold else None
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters)  |  "
-          f"{len(train_pairs)} train pairs, {len(heldout)} held out")
+          f"{len(train_rows)} train rows, {len(heldout)} held-out pairs")
+    if args.max_length is not None:
+        print(f"--max-length {args.max_length}: dropped {cut_train} train and {cut_heldout} held-out rows "
+              "with a longer prompt + completion + EOS (TRL's reward trainer drops them too)")
 
     def evaluate() -> dict:
         m = {}
@@ -342,16 +504,16 @@ def train(args: Args) -> dict:
     ev, t_train = start, time.time()
     for step, (epoch, idx) in enumerate(batches, 1):
         t0 = time.time()
-        batch = [train_pairs[j] for j in idx]
-        B = len(batch)
-        ids, mask, _, _ = common.encode_prompt_completion(
-            tok, [p["prompt"] for p in batch] * 2,
-            [p["chosen"] for p in batch] + [p["rejected"] for p in batch], device)  # [2B, P+T]
+        batch = [train_rows[j] for j in idx]
         with prec.autocast():
-            r = rm(ids, mask)  # [2B]: the B chosen, then the B rejected
-        r_c, r_r = r[:B], r[B:]  # r_φ(x, y_w), r_φ(x, y_l)   [B], [B]
-        bt = bradley_terry_loss(r_c, r_r, args.margin).mean()  # L_RM = mean −log σ(r_w − r_l − m)
-        center = centering_penalty(r_c, r_r).mean()  # mean (r_w + r_l)²
+            rewards, valid = ranking_rewards(rm, tok, batch, device)  # r_φ(x, y_k), best first   [B, K]
+        K = rewards.shape[1]
+        w, l = torch.triu_indices(K, K, offset=1, device=rewards.device)  # the pairs i ≻ j   [C]
+        pair_ok = valid[:, l]  # [B, C]
+        r_c, r_r = rewards[:, w][pair_ok], rewards[:, l][pair_ok]  # r_φ(x, y_w), r_φ(x, y_l) of every pair   [N]
+        # L_RM = mean over rankings of the mean over its pairs of −log σ(r_w − r_l − m)  (pairs: K = 2)
+        bt = ranking_loss(rewards, args.margin, None if bool(valid.all()) else valid).mean()
+        center = centering_penalty(r_c, r_r).mean()  # mean over pairs of (r_w + r_l)²
         loss = bt + args.center_coef * center if args.center_coef > 0 else bt  # L = L_RM + c · center
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
@@ -404,7 +566,9 @@ def train(args: Args) -> dict:
         "ceiling_accuracy": ceiling,
         "train_ceiling_accuracy": train_ceiling,
         "heldout_pairs": len(heldout),
-        "train_pairs": len(train_pairs),
+        "train_pairs": sum(len(ranked(r)) * (len(ranked(r)) - 1) // 2 for r in train_rows),  # C(K,2) each
+        "train_rows": len(train_rows),
+        "max_length_dropped_rows": {"train": cut_train, "heldout": cut_heldout},
         **norm,
         "steps": step,
         "model_dir": model_dir,

@@ -57,9 +57,12 @@ def test_pref_fields():
     # 4,000 built-in pairs / 32 = 125 steps per epoch, 2 epochs = 250; --max-steps cuts it
     kw = to_trl.dpo_fields(common.parse_args(dpo.Args, ["--loss-type", "length_norm"]), 4000)
     assert (kw["max_steps"], kw["loss_type"], kw["max_length"], kw["precompute_ref_log_probs"]) == \
-        (250, ["sigmoid_norm"], None, True)
+        (250, ["sigmoid_norm"], 1024, True)  # --max-length: the scripts' default is TRL's, 1024
     kw = to_trl.reward_fields(common.parse_args(reward_model.Args, ["--no-normalize", "--max-steps", "7"]), 4000)
-    assert (kw["max_steps"], kw["center_rewards_coefficient"], kw["max_length"]) == (7, None, None)
+    assert (kw["max_steps"], kw["center_rewards_coefficient"], kw["max_length"]) == (7, None, 1024)
+    assert to_trl.dpo_fields(common.parse_args(dpo.Args, ["--max-length", "none"]), 4000)["max_length"] is None
+    with pytest.raises(common.UsageError, match="--chat-template"):
+        to_trl.dpo_fields(common.parse_args(dpo.Args, ["--chat-template"]), 4000)
 
 
 def test_lr_factor_is_the_scripts_schedule():

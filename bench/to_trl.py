@@ -110,6 +110,8 @@ PREF_STEPS = [  # dpo.py and reward_model.py loop the same way
     R("warmup_steps", ("warmup_steps", "lr_scheduler_type"), "field",
       "lr_scheduler_type=linear; the exact schedule ((s+1)/(w+1) warm-up, linear decay) through optimizers="),
     R("grad_clip", ("max_grad_norm",), "field", "0 disables clipping in both"),
+    R("chat_template", (), "error", "set is an error: to_trl hands text rows to TRL as text (TRL renders rows "
+                                    "of messages itself)"),
 ]
 MAPPING: dict[str, list[Row]] = {
     "grpo": [
@@ -157,6 +159,7 @@ MAPPING: dict[str, list[Row]] = {
         R("data", (), "to_trl", "common.load_preferences; a space joins prompt and completion where neither "
                                 "has one (TRL tokenizes prompt + completion as one string)"),
         *COMMON_RUN,
+        R("max_length", ("max_length",), "field", "TRL's keep_start truncation, as dpo.py; none → None"),
         R("beta", ("beta",), "field"),
         R("loss_type", ("loss_type",), "field", "sigmoid, ipo, hinge → the same; length_norm → sigmoid_norm; "
                                                 "reference_free is an error (TRL 1.16 dropped it)"),
@@ -178,6 +181,7 @@ MAPPING: dict[str, list[Row]] = {
                                 "reward_model.py does"),
         *COMMON_RUN,
         *PREF_STEPS,
+        R("max_length", ("max_length",), "field", "TRL drops the longer rows, as reward_model.py; none → None"),
         R("weight_decay", ("weight_decay",), "field", "the optimiser (torch AdamW on every parameter, as "
                                                       "reward_model.py) goes in through optimizers="),
         R("margin", (), "to_trl", "a `margin` column of m in every row: TRL's −log σ(r_w − r_l − margin)"),
@@ -197,8 +201,8 @@ FIXED = {
     "all": {"report_to": "none", "save_strategy": "no", "activation_checkpointing": False,
             "dataloader_num_workers": 0},
     "grpo": {"weight_decay": 0.0, "mask_truncated_completions": False, "disable_dropout": True},
-    "dpo": {"weight_decay": 0.0, "max_length": None},
-    "reward_model": {"max_length": None},
+    "dpo": {"weight_decay": 0.0},
+    "reward_model": {},
 }
 FIXED_WHY = {
     "activation_checkpointing": "TRL turns it on by default (as gradient_checkpointing); the "
@@ -206,7 +210,6 @@ FIXED_WHY = {
     "save_strategy": "the final model only", "weight_decay": "the script's AdamW",
     "mask_truncated_completions": "a cut-off completion is trained on, with reward 0",
     "disable_dropout": "grpo.py trains in eval mode",
-    "max_length": "the scripts cut nothing; TRL's default would truncate or drop long rows",
 }
 LOSS_AGG = {"seq-mean": "grpo", "token-mean": "dapo", "constant": "dr_grpo"}
 DPO_LOSS = {"sigmoid": "sigmoid", "ipo": "ipo", "hinge": "hinge", "length_norm": "sigmoid_norm"}
@@ -283,7 +286,9 @@ def pref_steps(a, n_pairs: int) -> int:
 
 
 def pref_fields(a, script: str, n_pairs: int, world: int) -> dict:
-    return {**run_fields(a, script, world), **FIXED["all"], **FIXED[script],
+    check(not a.chat_template, "--chat-template: to_trl hands text rows to TRL as text; give rows of messages "
+                               "instead, which TRL renders with the chat template")
+    return {**run_fields(a, script, world), **FIXED["all"], **FIXED[script], "max_length": a.max_length,
             "num_train_epochs": a.epochs, "max_steps": pref_steps(a, n_pairs),
             "per_device_train_batch_size": per_device(a.batch_size, world, "--batch-size"),
             "learning_rate": a.lr, "warmup_steps": a.warmup_steps, "lr_scheduler_type": "linear",

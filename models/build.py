@@ -296,7 +296,9 @@ def build_tiny_pref_rm(out: Path, seed: int, pref: Path, max_steps: int | None =
             shutil.copy2(f, out / f.name)
     keep = ("start_heldout_accuracy", "heldout_accuracy", "train_accuracy", "ceiling_accuracy",
             "reward_mean", "reward_std", "gold_correlation", "steps")
-    return {"recipe": {"script": "reward_model.py", "model": str(pref), "max_steps": max_steps},
+    shown = Path(pref).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown  # no checkout path in build.json
+    return {"recipe": {"script": "reward_model.py", "model": str(shown), "max_steps": max_steps},
             **{k: round(s[k], 4) if isinstance(s[k], float) else s[k] for k in keep if k in s}}
 
 

@@ -185,6 +185,36 @@ def test_pair_logps_are_invariant_to_padding_and_count_only_completion_tokens():
     torch.testing.assert_close(avg_c, batch_c / n)
 
 
+def test_grad_weight_by_hand():
+    # grad_weight = (1 − ε) σ(−βΔ) − ε σ(βΔ), and ∂L/∂Δ = −β · grad_weight for the logistic losses.
+    #   Δ = 0: σ(0) = ½, so ½ (ε = 0) and (1 − 0.1)·½ − 0.1·½ = 0.4 (ε = 0.1)
+    #   β = 0.5, Δ = 4: σ(−2) = 0.1192029 = σ(r̂_l − r̂_w) with r̂_w − r̂_l = βΔ = 2
+    zero = t(0.0)
+    assert dpo.grad_weight(zero, 0.1).item() == pytest.approx(0.5)
+    assert dpo.grad_weight(zero, 0.1, 0.1).item() == pytest.approx(0.4)
+    assert dpo.grad_weight(t(4.0), 0.5).item() == pytest.approx(0.1192029, abs=1e-6)
+    for eps in (0.0, 0.2):
+        delta = torch.linspace(-6, 6, 7, requires_grad=True)
+        dpo.sigmoid_loss(delta, 0.3, eps).sum().backward()
+        torch.testing.assert_close(delta.grad, -0.3 * dpo.grad_weight(delta.detach(), 0.3, eps))
+
+
+def test_max_length_keeps_the_start_and_drops_prompts_that_fill_it():
+    # Word tokens: "the hotel" 2 | "was great" 2 + EOS, "was bad and the view was nice" 7 + EOS.
+    # --max-length 5 (TRL's keep_start): chosen 2 + 3 = 5 fits; rejected 2 + 8 = 10 keeps its first
+    # 5 tokens, i.e. the prompt and "was bad and" (no EOS); the pair counts as cut. A prompt of 6
+    # words ("the car the bus the park") has ≥ 5 tokens: that pair is dropped.
+    tok = build_word_tokenizer()
+    kept, cut, dropped = dpo.fit_max_length(tok, PAIRS, 5)
+    assert kept == [PAIRS[0], PAIRS[2]] and cut == 1 and dropped == 1  # PAIRS[2]: 2 + 2 + 1 = 5 each
+    assert dpo.fit_max_length(tok, PAIRS, None) == (PAIRS, 0, 0)
+    ids, mask, c_mask, T = common.encode_prompt_completion(
+        tok, [PAIRS[0]["prompt"]] * 2, [PAIRS[0]["chosen"], PAIRS[0]["rejected"]], max_length=5)
+    assert T == 3 and c_mask.tolist() == [[1, 1, 1], [1, 1, 1]]  # 5 − 2 prompt tokens each
+    assert tok.decode(ids[1][mask[1].bool()]) == "the hotel was bad and"
+    assert ids[0, -1].item() == tok.eos_token_id and ids[1, -1].item() != tok.eos_token_id
+
+
 def test_untrained_policy_scores_half_and_zero_kl():
     # π_θ = π_ref: every implicit reward is exactly 0, every pair a tie (½), and the sampled
     # KL estimate Σ_t (log π_θ − log π_ref) is exactly 0.
@@ -310,4 +340,6 @@ def test_short_run_on_a_users_file_with_ipo(runs):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # IPO at Δ = 0: (0 − 1/(2β))² = (1/(2·0.5))² = 1
     assert rows[1]["loss"] == pytest.approx(1.0, rel=1e-6)
+    assert not any("dpo/grad_weight" in r for r in rows)  # σ(−βΔ) is not IPO's gradient weight
+    assert s["max_length"]["cut_pairs"] == {"train": 0, "heldout": 0}
     assert (out / "model" / "config.json").exists()

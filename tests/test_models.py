@@ -224,3 +224,33 @@ def test_a_default_run_builds_nothing(tmp_path, script, argv):
     assert [p for p in home.rglob("*") if p.is_file()] == []
     assert "Warning" not in result.stderr and "deprecated" not in result.stderr, result.stderr[-2000:]
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_sample_preference_pairs_labels_by_bradley_terry_and_drops_bad_pairs(monkeypatch):
+    """models/build.py:sample_preference_pairs with the sampler replaced by a fixed script of texts.
+
+    Every prompt gets the two samples ("was great", "was ok"): r_gold = 1 and 0, so Δr = 1 and the
+    Bradley–Terry label picks "was great" with probability σ(1) = 1/(1 + e^−1) = 0.7311. Over 4,000
+    pairs the binomial standard error is √(0.73·0.27/4000) = 0.007; allow 4 of them (0.028).
+    Every other prompt instead gets a pair the sampler must drop, in turn: two equal texts, an empty
+    one, or one that did not finish. None of those may appear."""
+    calls = {"n": 0}
+
+    def fake_generate_text(model, tokenizer, prompts, max_new_tokens, *a, **k):
+        texts, finished = [], []
+        for i in range(len(prompts) // 2):
+            calls["n"] += 1
+            kind = calls["n"] % 6
+            pair = {0: ("was ok", "was ok"), 2: ("", "was ok"), 4: ("was great", "was bad")}.get(
+                kind, ("was great", "was ok"))
+            texts += list(pair)
+            finished += [True, kind != 4]  # kind 4: the second sample ran into the token limit
+        return None, None, None, None, texts, finished
+
+    monkeypatch.setattr(common, "generate_text", fake_generate_text)
+    pairs, golds = build.sample_preference_pairs(None, None, n_pairs=4000, seed=0, batch_size=500)
+    assert len(pairs) == 4000 and len(golds) == 8000
+    assert all({p["chosen"], p["rejected"]} == {"was great", "was ok"} for p in pairs)  # bad pairs dropped
+    p_great = np.mean([p["chosen"] == "was great" for p in pairs])
+    assert p_great == pytest.approx(1 / (1 + np.exp(-1.0)), abs=0.028)
+    assert sorted(set(golds)) == [0.0, 1.0]

@@ -19,7 +19,7 @@ import torch
 import common
 from models.build import TINY_PREF, build_word_tokenizer
 import reward_model
-from reward_model import RewardModel, bradley_terry_loss, last_token_index, pair_accuracy
+from reward_model import RewardModel, bradley_terry_loss, last_token_index, pair_accuracy, ranking_loss
 
 
 #####################################################################################################
@@ -67,6 +67,56 @@ def test_centering_penalty_and_pair_accuracy():
 #####################################################################################################
 #####  the reward head: read at the last real token, invariant to padding, saved and reloaded
 #####################################################################################################
+
+
+def sp(z: float) -> float:  # softplus(−z) = −log σ(z)
+    return math.log(1 + math.exp(-z))
+
+
+def test_ranking_loss_by_hand():
+    # One ranking y_1 ≻ y_2 ≻ y_3 with rewards (2, 1, 0). Its C(3,2) = 3 pairs and their differences:
+    #   (1,2): 2 − 1 = 1    (1,3): 2 − 0 = 2    (2,3): 1 − 0 = 1
+    #   L = [−log σ(1) − log σ(2) − log σ(1)] / 3 = [0.3132617 + 0.1269280 + 0.3132617] / 3 = 0.2511505
+    t3 = torch.tensor([[2.0, 1.0, 0.0]], requires_grad=True)
+    loss = ranking_loss(t3)
+    assert loss.shape == (1,) and loss.item() == pytest.approx(0.2511505, abs=1e-6)
+    assert (2 * sp(1) + sp(2)) / 3 == pytest.approx(0.2511505, abs=1e-7)
+    # gradient: ∂/∂r_i of −log σ(r_i − r_j) is −σ(−(r_i − r_j)); y_1 wins both its pairs, y_3 loses both:
+    #   ∂L/∂r_1 = −[σ(−1) + σ(−2)] / 3 = −(0.2689414 + 0.1192029) / 3 = −0.1293814
+    #   ∂L/∂r_2 = [σ(−1) − σ(−1)] / 3 = 0   (wins against y_3 by 1, loses against y_1 by 1)
+    #   ∂L/∂r_3 = +[σ(−2) + σ(−1)] / 3 = +0.1293814
+    loss.sum().backward()
+    assert t3.grad[0].tolist() == pytest.approx([-0.1293814, 0.0, 0.1293814], abs=1e-6)
+    # with margin m = 0.5 each difference shrinks by 0.5: [2·(−log σ(0.5)) − log σ(1.5)] / 3
+    assert ranking_loss(torch.tensor([[2.0, 1.0, 0.0]]), margin=0.5).item() == pytest.approx(
+        (2 * sp(0.5) + sp(1.5)) / 3, abs=1e-6)
+    # K = 2 is the Bradley–Terry loss of the pair
+    pair = torch.tensor([[0.3, -1.2], [1.0, 2.0]])
+    torch.testing.assert_close(ranking_loss(pair), bradley_terry_loss(pair[:, 0], pair[:, 1]))
+    # rankings of different K in one batch: row 2 has K = 2 (mask 1 1 0), so only its pair (3 − 0)
+    #   counts: −log σ(3) = 0.0485874; row 1 as above
+    mixed = torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert ranking_loss(mixed, mask=mask).tolist() == pytest.approx([0.2511505, 0.0485874], abs=1e-6)
+    # a ranking is one batch element: its loss is the mean over its pairs, not their sum, so a
+    # ranking of K = 3 weighs as much as a pair in the batch mean
+    assert ranking_loss(mixed, mask=mask).mean().item() == pytest.approx((0.2511505 + 0.0485874) / 2, abs=1e-6)
+
+
+def test_rankings_as_pairs_and_the_max_length_rule():
+    rows = [{"prompt": "the hotel", "completions": ["was great", "was ok", "was bad"]},
+            {"prompt": "the car", "chosen": "was good", "rejected": "was slow"}]
+    assert reward_model.ranking_pairs(rows) == [
+        {"prompt": "the hotel", "chosen": "was great", "rejected": "was ok"},
+        {"prompt": "the hotel", "chosen": "was great", "rejected": "was bad"},
+        {"prompt": "the hotel", "chosen": "was ok", "rejected": "was bad"},
+        {"prompt": "the car", "chosen": "was good", "rejected": "was slow"}]
+    # word tokens: "the hotel" 2, "was great" 2, + EOS 1 = 5 for every sequence of row 1 and of row 2
+    tok = build_word_tokenizer()
+    long = {"prompt": "the hotel", "chosen": "was great and the view was nice", "rejected": "was bad"}  # 2+7+1 = 10
+    assert reward_model.drop_too_long(tok, rows + [long], 5) == (rows, 1)  # TRL drops, never cuts, an RM row
+    assert reward_model.drop_too_long(tok, rows + [long], 10) == (rows + [long], 0)
+    assert reward_model.drop_too_long(tok, rows, None) == (rows, 0)
 
 
 def test_last_token_index_for_any_padding():
@@ -145,6 +195,71 @@ def test_save_and_load_keep_the_rewards_and_the_normalisation(tmp_path):
     common.load_model(str(tmp_path / "rm"), torch.device("cpu"))
     with pytest.raises(common.UsageError, match="reward_head.safetensors"):
         reward_model.load_reward_model(tmp_path)
+
+
+def hf_rewards(folder, ids, mask):
+    """Rewards from transformers' own class, as a TRL user loads a reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    with common.quiet_transformers():
+        hf = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=1, dtype=torch.float32)
+    with torch.no_grad():
+        return hf.eval()(input_ids=ids, attention_mask=mask).logits.squeeze(-1)  # [B]
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_transformers_sequence_classifier_gives_the_same_rewards(tmp_path, pad_is_eos):
+    # A trained head (w, b) and a normalisation (μ, s): r = (w · h + b − μ) / s. The saved
+    # score.weight is w / s and config.reward_offset (b − μ) / s, so transformers'
+    # AutoModelForSequenceClassification (no bias) gives r − reward_offset, within float error.
+    # pad = EOS would make transformers read the score one token early (the rightmost token that is
+    # not the pad): the saved folder pads with unk instead.
+    lm, tok = random_word_llama(seed=3)
+    if pad_is_eos:
+        tok.pad_token = tok.eos_token
+    rm = RewardModel(lm).eval()
+    with torch.no_grad():
+        rm.head.bias.fill_(0.7)
+        rm.reward_mean.fill_(-0.3)
+        rm.reward_std.fill_(2.5)
+    folder = reward_model.save_reward_model(rm, tok, tmp_path / "rm")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["reward_offset"] == pytest.approx((0.7 + 0.3) / 2.5) and config["id2label"] == {"0": "LABEL_0"}
+    assert config["pad_token_id"] != config["eos_token_id"]
+    loaded, tok2 = reward_model.load_reward_model(folder)
+    assert tok2.pad_token_id == config["pad_token_id"]
+    ids, mask, _, _ = common.encode_prompt_completion(tok2, *zip(*ROWS))  # [3, P+T], both-side padding
+    with torch.no_grad():
+        ours = loaded(ids, mask)  # [3]
+    torch.testing.assert_close(hf_rewards(folder, ids, mask) + config["reward_offset"], ours, atol=1e-5, rtol=0)
+    # and the shipped reward model, on held-out pairs of the built-in task
+    rm, tok = reward_model.load_reward_model("tiny-pref-rm")
+    _, heldout = common.load_preferences(None)
+    ids, mask, _, _ = common.encode_prompt_completion(tok, [p["prompt"] for p in heldout[:64]],
+                                                      [p["chosen"] for p in heldout[:64]])
+    offset = json.loads((common.MODELS_DIR / "tiny-pref-rm" / "config.json").read_text())["reward_offset"]
+    with torch.no_grad():
+        torch.testing.assert_close(hf_rewards(common.MODELS_DIR / "tiny-pref-rm", ids, mask) + offset,
+                                   rm(ids, mask), atol=1e-5, rtol=0)
+
+
+def test_load_reward_model_reads_a_transformers_classifier(tmp_path):
+    # A folder that only transformers wrote (TRL's reward-model format: score.weight, no bias, no
+    # reward_head.safetensors) loads as a RewardModel with head w = score.weight, b = 0, μ = 0, s = 1.
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    _, tok = random_word_llama()
+    torch.manual_seed(4)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, num_labels=1,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "trl_rm")
+    tok.save_pretrained(tmp_path / "trl_rm")
+    rm, _ = reward_model.load_reward_model(tmp_path / "trl_rm")
+    assert rm.head.bias.item() == 0 and rm.reward_mean.item() == 0 and rm.reward_std.item() == 1
+    ids, mask, _, _ = common.encode_prompt_completion(tok, *zip(*ROWS))
+    with torch.no_grad():
+        torch.testing.assert_close(rm(ids, mask), hf_rewards(tmp_path / "trl_rm", ids, mask), atol=1e-5, rtol=0)
 
 
 #####################################################################################################
