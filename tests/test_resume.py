@@ -26,17 +26,23 @@ import pytest
 import torch
 
 import common
+import dpo
 import ppo
 import reinforce
+import reward_model
 
 ROOT = common.MODELS_DIR.parent
-STEPS = ["--steps", "6"]
+STEPS = ["--steps", "6"]  # dpo.py and reward_model.py count --max-steps
 CASES = {  # script: (module, flags); each keeps its adaptive state busy (value head, β, β_pen, ptx)
     "reinforce": (reinforce, STEPS + ["--prompts-per-step", "2", "--samples-per-prompt", "2", "--eval-every", "3",
                                       "--eval-size", "20", "--baseline", "value"]),
     "ppo": (ppo, STEPS + ["--batch-size", "8", "--mini-batches", "2", "--ppo-epochs", "1", "--eval-samples", "16",
                           "--eval-every", "3", "--policy-loss", "kl-penalty", "--kl-control", "adaptive",
                           "--ptx-coef", "0.1"]),
+    "dpo": (dpo, ["--max-steps", "6", "--batch-size", "4", "--eval-every", "3", "--eval-size", "40",
+                  "--eval-samples", "16"]),
+    "reward_model": (reward_model, ["--max-steps", "6", "--batch-size", "4", "--eval-every", "3",
+                                    "--eval-size", "40", "--norm-samples", "16"]),
 }
 TIMING = re.compile(r"^time($|/)|seconds|per_second")  # clock figures: never equal between two runs
 SUMMARY_PATHS = {"config", "model_dir"}  # hold the run folder's name
@@ -102,6 +108,8 @@ def test_sigint_after_step_4_writes_an_interrupted_summary_and_keeps_checkpoint_
     assert (ckpt / "model" / "config.json").is_file() and (ckpt / "state.pt").is_file()
     info = json.loads((ckpt / "checkpoint.json").read_text())
     assert info["step"] == 3 and info["config"] == s["config"]
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(ckpt / "model")  # the policy (or the reward model's LM) loads
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -117,9 +125,8 @@ def test_resumed_run_ends_with_the_uninterrupted_metrics_and_weights(runs, name)
     config_b = {**sb["config"], "out_dir": None, "resume": None, "save_every": 0, "log_every": sa["config"]["log_every"]}
     assert config_b == {**sa["config"], "out_dir": None}
     assert sb["config"]["resume"] == str(b) and sb["config"]["log_every"] == 2  # the one flag that changed
-    for sub in ("model", "value_model"):
-        if (a / sub).is_dir():
-            assert (b / sub / "model.safetensors").read_bytes() == (a / sub / "model.safetensors").read_bytes()
+    weights = sorted(p.relative_to(a) for p in a.glob("*/*.safetensors"))  # model/, value_model/, the RM head
+    assert weights and all((b / w).read_bytes() == (a / w).read_bytes() for w in weights)
 
 
 #####################################################################################################
@@ -249,7 +256,7 @@ def test_overwrite_removes_checkpoints_and_the_value_head(tmp_path):
     assert list(run.iterdir()) == []
 
 
-@pytest.mark.parametrize("module", [reinforce, ppo], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [m for m, _ in CASES.values()], ids=lambda m: m.__name__)
 def test_help_names_the_trl_flags(module, capsys):
     with pytest.raises(SystemExit):
         common.parse_args(module.Args, ["--help"])
