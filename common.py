@@ -461,10 +461,12 @@ def resume_config(args, given: set[str] | None = None):
 
     def flag(name):
         return "--" + name.replace("_", "-")
-    explicit = {n for n in names if (n in given if given is not None else getattr(args, n) != getattr(defaults, n))}
+    explicit = {n for n in names
+                if (n in given if given is not None else getattr(args, n) != getattr(defaults, n))}
     if "out_dir" in explicit and args.out_dir is not None:
         check(Path(args.out_dir).expanduser().resolve() == run.resolve(),
-              f"--out-dir {args.out_dir}: --resume continues the run in its own folder ({run}); leave --out-dir out")
+              f"--out-dir {args.out_dir}: --resume continues the run in its own folder ({run}); "
+              "leave --out-dir out")
     for n in sorted(explicit - {"resume", "out_dir", *RESUME_MAY_CHANGE}):
         mine = json.loads(json.dumps(getattr(args, n), default=_jsonable))  # as the checkpoint wrote it
         check(mine == saved[n], f"{flag(n)} {mine}: the run in {run} was started with {flag(n)} {saved[n]}; "

@@ -416,7 +416,8 @@ def train(args: Args) -> dict:
         ev, final_texts, step = dict(start), start_texts, 0
     else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last). The data
         #####   order is `batches`, drawn again from --seed: the run goes on at batch ckpt.step + 1
-        start, start_texts, ev, final_texts = (ckpt.state[k] for k in ("start", "start_texts", "ev", "final_texts"))
+        start, start_texts, ev, final_texts = (ckpt.state[k] for k in ("start", "start_texts", "ev",
+                                                                       "final_texts"))
         step = ckpt.step
         common.restore_training_state(ckpt.state, opt, sched, prec)
 

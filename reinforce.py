@@ -470,7 +470,8 @@ def train(args: Args) -> dict:
               + common.pass_text(start_pass))
         acc, final_pass = start_acc, None
     else:  # --resume: the figures of the run so far
-        start_acc, start_pass, acc, final_pass = (ckpt.state[k] for k in ("start_acc", "start_pass", "acc", "final_pass"))
+        start_acc, start_pass, acc, final_pass = (ckpt.state[k] for k in ("start_acc", "start_pass", "acc",
+                                                                          "final_pass"))
 
     K, n = args.samples_per_prompt, args.prompts_per_step
     B = n * K
@@ -601,7 +602,8 @@ def train(args: Args) -> dict:
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/accuracy" in metrics) else [])
         if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            common.save_checkpoint(out, step, args, {"model": policy, **({"value_head": head} if head else {})}, {
+            models = {"model": policy, **({"value_head": head} if head is not None else {})}
+            common.save_checkpoint(out, step, args, models, {
                 **common.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
                 "start_acc": start_acc, "start_pass": start_pass, "acc": acc, "final_pass": final_pass}, tok)
 

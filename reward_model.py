@@ -129,9 +129,9 @@ class Args:
     save_model: bool = True
     """save the reward model into <out-dir>/model (the LM's save_pretrained folder + reward_head.safetensors)"""
     save_every: int = 0
-    """steps between checkpoints, <out-dir>/checkpoint-<step>/: the reward model (its LM by save_pretrained, its head), the optimiser, the
-    scheduler, the RNG states and the step, all that --resume needs to continue exactly; 0: none
-    (TRL: save_steps)"""
+    """steps between checkpoints, <out-dir>/checkpoint-<step>/: the reward model (its LM by
+    save_pretrained, and its head), the optimiser, the scheduler, the RNG states and the step, all
+    that --resume needs to continue exactly; 0: none (TRL: save_steps)"""
     save_total_limit: Optional[int] = None
     """keep only the newest this many checkpoints; none: keep them all (TRL: save_total_limit)"""
     resume: Optional[str] = None
