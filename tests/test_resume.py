@@ -34,7 +34,7 @@ import reward_model
 ROOT = common.MODELS_DIR.parent
 # float16: a step whose gradients overflowed is skipped (GradScaler), and torch then warns that the
 # scheduler stepped without the optimiser; that is the intended behaviour of MixedPrecision
-pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before")
+pytestmark = pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 STEPS = ["--steps", "6"]  # dpo.py and reward_model.py count --max-steps
 # script: (module, flags); each keeps its own state busy: reinforce's value head and float16's loss
 # scale (GradScaler: on the CPU it backs off from 2¹⁶ in these steps), ppo's β, β_pen and ptx
