@@ -1,8 +1,9 @@
-"""GRPO: Group Relative Policy Optimization for RL with verifiable rewards (RLVR), and Dr. GRPO.
+"""GRPO: Group Relative Policy Optimization for RL with verifiable rewards (RLVR), Dr. GRPO, and
+the GRPO family the field uses now (GSPO, CISPO, DAPO's dynamic sampling and overlong shaping).
 
 Notes: `000_e75205f5b80b652d.txt`, "Group Relative Policy Optimization" and "GRPO Done Right";
 `003_0bc5d2784dac14e1.txt`, the end part on GRPO ("start with PPO, replace GAE with the z-score
-within the group").
+within the group"). The variants after Dr. GRPO are not in the notes; each docstring cites its paper.
 
 State s_t = the prompt x and the tokens generated so far y_<t; action a_t = the next token y_t.
 There is no value network: the advantage of every token of completion y_i is its reward relative
@@ -12,15 +13,25 @@ to the other completions of the same prompt.
         draw `prompts_per_step` prompts x from the train split
         π_old ← π_θ;  sample G completions y_1..y_G ~ π_old(·|x) for every x          (KV cache)
         r_i = reward(x, y_i)                    (1 if the answer is exactly right, else 0)
+            [+ R_length(y_i)                    (--overlong-buffer: DAPO's soft length penalty)]
+        [--dynamic-sampling: drop the groups whose G rewards are all equal, draw more prompts,
+         until `prompts_per_step` groups with mixed rewards are in the batch (DAPO)]
         Â_{i,t} = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + eps)                       (outcome)
             or  Σ_{steps j ending at or after t} r̃_j, with r̃ the group-normalised step rewards
                                                                                         (process)
         cache log π_old(y_t|·) and, if β > 0, log π_ref(y_t|·)
         repeat μ times:                                             (μ inner iterations)
             ρ_t = π_θ(y_t|·) / π_old(y_t|·)
-            L = −1/G Σ_i 1/|y_i| Σ_t { min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε_high) Â_t) − β D_KL,t }
+                  [--ratio sequence: ρ_t = s_i = exp(1/|y_i| Σ_t log ρ_t) for every t (GSPO)]
+            ℓ_t = min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε_high) Â_t) − β D_KL,t
+                  [--policy-loss cispo: ℓ_t = sg(clip(ρ_t, 1−ε, 1+ε_high)) Â_t log π_θ(y_t) − β D_KL,t]
+            L = −1/B Σ_i 1/|y_i| Σ_t ℓ_t          over all B = prompts × G completions of the step
             θ ← θ − lr ∇_θ L                                                      (AdamW)
         every `eval_every` steps: held-out greedy accuracy
+
+The notes write L = −1/G Σ_i for one prompt's group; the code averages over the B completions of
+all the step's prompts, which is the mean over prompts of the notes' per-group loss. D_KL,t is the
+k3 estimator by default (`kl_estimate` says what its value and its gradient are).
 
 Dr. GRPO = `--loss-agg constant --no-scale-rewards`: no 1/|y| (divide by the constant
 `max_new_tokens` instead) and no division by the group's std.
@@ -28,7 +39,11 @@ Dr. GRPO = `--loss-agg constant --no-scale-rewards`: no 1/|y| (divide by the con
 Run:
     python grpo.py                                  # embedded `tiny` model, arithmetic, CPU, minutes
     python grpo.py --loss-agg constant --no-scale-rewards     # Dr. GRPO
-    python grpo.py --reward process                 # process supervision, one reward per digit
+    python grpo.py --reward process                 # process supervision: every completion token a step
+    python grpo.py --mu 4 --ratio sequence          # GSPO (the ratio only matters off-policy, μ > 1)
+    python grpo.py --mu 4 --policy-loss cispo       # CISPO
+    python grpo.py --dynamic-sampling --epsilon-high 0.28 --loss-agg token-mean \\
+        --max-new-tokens 6 --overlong-buffer 2      # DAPO's four changes
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --chat-template \\
         --max-new-tokens 256 --prompts-per-step 8 --group-size 8 --lr 1e-6 --beta 0.04  # one GPU
 """
@@ -48,81 +63,132 @@ from common import check, masked_mean, masked_sum
 
 @dataclass
 class Args:
+    # "(TRL: name)" gives the equivalent field of TRL's GRPOConfig (or of its TrainingArguments base)
     model: str = "tiny"
     """--model NAME_OR_PATH: a Hugging Face causal LM folder (or hub name, if cached), or `tiny`,
-    the embedded default (the folder models/tiny)"""
+    the embedded default (the folder models/tiny) (TRL: GRPOTrainer's model)"""
     data: Optional[str] = None
     """JSONL file with {"prompt", "answer"} lines, or GSM8K as published ({"question", "answer":
     "<solution> #### 72"}: the number after ####), scored by the last number
-    in the completion; default: the built-in arithmetic task, scored strictly"""
+    in the completion; default: the built-in arithmetic task, scored strictly (TRL: train_dataset)"""
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template (for instruct models)"""
     out_dir: Optional[str] = None
-    """run folder for metrics.jsonl, summary.json and the final model; default runs/grpo__s<seed>__<time>"""
+    """run folder for metrics.jsonl, summary.json and the final model; default runs/grpo__s<seed>__<time>
+    (TRL: output_dir)"""
     overwrite: bool = False
     """allow --out-dir to name a folder that already holds a run"""
     seed: int = 1
-    """seed of Python's random, numpy and torch (sampling included)"""
+    """seed of Python's random, numpy and torch (sampling included) (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
-    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
+    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0 (TRL: bf16, fp16)"""
 
     steps: int = 2000
-    """number of GRPO steps (each: generate, score, μ optimiser steps)"""
+    """number of GRPO steps (each: generate, score, μ optimiser steps) (TRL: max_steps)"""
     prompts_per_step: int = 16
-    """prompts x per step; the batch holds prompts_per_step × G completions"""
+    """prompts x per step; the batch holds prompts_per_step × G completions
+    (TRL: generation_batch_size / num_generations)"""
     group_size: int = 8
-    """G, completions sampled per prompt; ≥ 2 (the notes: 'a few responses'; DeepSeekMath used 64)"""
+    """G, completions sampled per prompt; ≥ 2 (the notes: 'a few responses'; DeepSeekMath used 64)
+    (TRL: num_generations)"""
     max_new_tokens: int = 4
-    """completion token limit (4 fits a 3-digit sum and EOS; ~256+ for GSM8K); also the Dr. GRPO constant"""
+    """completion token limit (4 fits a 3-digit sum and EOS; ~256+ for GSM8K); also the Dr. GRPO
+    constant and DAPO's L_max (TRL: max_completion_length)"""
     temperature: float = 1.0
-    """sampling temperature; log-probs are taken of the same tempered distribution"""
+    """sampling temperature; log-probs are taken of the same tempered distribution (TRL: temperature)"""
     lr: float = 3e-4
     """peak learning rate of AdamW (tiny: 3e-4; 1e-3 first drops its accuracy, or collapses it
-    into completions that never end; a 0.5B model: ~1e-6)"""
+    into completions that never end; a 0.5B model: ~1e-6) (TRL: learning_rate)"""
     warmup_steps: int = 20
-    """steps of linear learning-rate warm-up from 0 (Adam's first steps are sign-like and large)"""
+    """steps of linear learning-rate warm-up from 0 (Adam's first steps are sign-like and large)
+    (TRL: warmup_steps)"""
     lr_schedule: Literal["constant", "linear"] = "linear"
     """after warm-up: keep the rate (constant) or decay it linearly to 0 at the last step
     (linear, the shape of TRL's default schedule; HF's version starts its warm-up at 0, this one
-    at lr/(warmup+1))"""
+    at lr/(warmup+1)) (TRL: lr_scheduler_type)"""
     mu: int = 1
-    """μ, inner optimiser steps on each batch, reusing the cached π_old log-probs (GRPO paper: 1)"""
+    """μ, inner optimiser steps on each batch, reusing the cached π_old log-probs (GRPO paper: 1);
+    at μ = 1 every ratio is exactly 1, so --ratio and --policy-loss only matter for μ > 1
+    (TRL: num_iterations)"""
     epsilon: float = 0.2
-    """ε, the clip range: ρ is clipped to [1−ε, 1+ε_high] (usually 0.1..0.3)"""
+    """ε, the clip range of the token ratio: ρ is clipped to [1−ε, 1+ε_high] (usually 0.1..0.3)
+    (TRL: epsilon)"""
     epsilon_high: Optional[float] = None
-    """ε_high, a separate upper clip bound (DAPO's clip-higher, e.g. 0.28); default: ε"""
+    """ε_high, a separate upper clip bound (DAPO's clip-higher, e.g. 0.28); default: ε (TRL: epsilon_high)"""
+    ratio: Literal["token", "sequence"] = "token"
+    """token: one ρ_t per token (GRPO); sequence: GSPO's s_i = (π_θ(y_i|x)/π_old(y_i|x))^(1/|y_i|),
+    shared by every token of y_i and clipped per sequence with --gspo-epsilon(-high)
+    (Zheng et al., 2025) (TRL: importance_sampling_level)"""
+    gspo_epsilon: float = 3e-4
+    """GSPO's clip range below, s_i ≥ 1 − ε (the GSPO paper, §5.1: 3e-4); used with --ratio sequence
+    (TRL: epsilon, with importance_sampling_level="sequence")"""
+    gspo_epsilon_high: float = 4e-4
+    """GSPO's clip range above, s_i ≤ 1 + ε_high (the GSPO paper, §5.1: 4e-4); used with --ratio
+    sequence (TRL: epsilon_high)"""
+    policy_loss: Literal["clip", "cispo"] = "clip"
+    """clip: PPO's clipped surrogate min(ρÂ, clip(ρ)Â), whose gradient is 0 where the clip binds;
+    cispo: −sg(clip(ρ, 1−ε, 1+ε_high)) Â log π_θ, a detached, clipped weight that drops no token's
+    gradient (MiniMax-M1, 2025), with --cispo-epsilon(-high) (TRL: loss_type="cispo")"""
+    cispo_epsilon: Optional[float] = None
+    """CISPO's lower bound on the weight, ρ ≥ 1 − ε; default none: no lower bound, as MiniMax-M1,
+    which sets ε_low large and tunes only ε_high"""
+    cispo_epsilon_high: float = 4.0
+    """CISPO's upper bound on the weight, ρ ≤ 1 + ε_high. MiniMax-M1 does not publish its value; 4
+    (a cap of 5) is TRL's recommended cap for cispo, from ScaleRL (TRL: epsilon_high=5.0, the cap itself)"""
     beta: float = 0.0
-    """β, weight of the k3 KL to the frozen reference inside the loss (DeepSeekMath: 0.04); 0 skips
-    the reference model entirely"""
+    """β, weight of the KL to the frozen reference inside the loss (DeepSeekMath: 0.04); 0 skips
+    the reference model entirely (TRL: beta)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """the per-token estimator D_KL,t of the β term (Schulman, 2020): k3 (DeepSeekMath, TRL) has the
+    unbiased value of KL(π_θ‖π_ref) but the gradient of KL(π_ref‖π_θ); k2 has the gradient of
+    KL(π_θ‖π_ref); k1's gradient is 0 in expectation (see kl_estimate) (TRL: none, always k3)"""
     loss_agg: Literal["seq-mean", "token-mean", "constant"] = "seq-mean"
     """seq-mean: the notes' GRPO, 1/|y| inside, mean over sequences; token-mean: Σ over all tokens /
-    number of tokens (DAPO); constant: Σ / (B · max_new_tokens) (Dr. GRPO)"""
+    number of tokens (DAPO); constant: Σ / (B · max_new_tokens) (Dr. GRPO)
+    (TRL: loss_type = "grpo" / "dapo" / "dr_grpo")"""
     scale_rewards: bool = True
-    """divide the group-centred reward by the group's std (GRPO); --no-scale-rewards for Dr. GRPO"""
+    """divide the group-centred reward by the group's std (GRPO); --no-scale-rewards for Dr. GRPO
+    (TRL: scale_rewards)"""
     adv_eps: float = 1e-4
-    """eps in Â = (r − mean) / (std + eps): keeps an all-equal group at exactly 0 advantage"""
+    """eps in Â = (r − mean) / (std + eps), added to the std as TRL does (note 003 adds it to the
+    variance): keeps an all-equal group at exactly 0 advantage (TRL: fixed at 1e-4)"""
     reward: Literal["outcome", "process"] = "outcome"
-    """outcome: one reward per completion; process: one reward per answer digit (built-in task only)"""
+    """outcome: one reward per completion; process: every completion token is a step, EOS
+    included, rewarded 1 if it is the target's token at that position (built-in task only)
+    (TRL: reward_funcs)"""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose G rewards are all equal (Â = 0, no gradient)
+    and draw more prompts until --prompts-per-step groups with mixed rewards fill the batch"""
+    max_sample_rounds: int = 10
+    """with --dynamic-sampling, at most this many rounds of prompts_per_step prompts per step; when
+    it is hit, the step trains on the mixed groups found so far (and says so)"""
+    overlong_buffer: int = 0
+    """L, DAPO's soft overlong punishment: completions longer than max_new_tokens − L tokens
+    (EOS included) lose c·(|y| − (max_new_tokens − L))/L, up to c at the limit; 0 disables it
+    (DAPO: L_cache = 4096 of 20480) (TRL: the reward function get_soft_overlong_punishment)"""
+    overlong_penalty: float = 1.0
+    """c, the largest overlong penalty, reached at max_new_tokens (DAPO: 1)"""
     grad_clip: float = 1.0
-    """clip the global gradient norm to this value (0 disables)"""
+    """clip the global gradient norm to this value (0 disables) (TRL: max_grad_norm)"""
     micro_batch: Optional[int] = None
-    """completions per forward/backward pass (gradient accumulation); default: the whole batch"""
+    """completions per forward/backward pass (gradient accumulation); default: the whole batch
+    (TRL: per_device_train_batch_size, with gradient_accumulation_steps)"""
 
     eval_every: int = 100
-    """steps between held-out greedy evaluations"""
+    """steps between held-out greedy evaluations (TRL: eval_steps)"""
     eval_size: int = 500
     """held-out prompts per evaluation"""
     pass_at_k: bool = True
     """before and after training, also measure pass@1 and pass@k on the held-out prompts, with k = G
     samples per prompt at --temperature: what sampling can reach, which RL can then reinforce"""
     log_every: int = 50
-    """steps between printed lines (every step is written to metrics.jsonl)"""
+    """steps between printed lines (every step is written to metrics.jsonl) (TRL: logging_steps)"""
     save_model: bool = True
-    """save the final policy with save_pretrained into <out-dir>/model"""
+    """save the final policy with save_pretrained into <out-dir>/model (TRL: save_strategy)"""
 
 
 #####################################################################################################
@@ -140,6 +206,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_std: bool = T
     std is the Bessel-corrected sample std (÷ (G−1)), as `torch.std` and TRL's GRPOTrainer compute
     it; the population std (÷ G) would give larger |Â| for small G. An all-equal group gives
     exactly 0 (0 / eps), never NaN.
+    eps is added to the std, as TRL's GRPOTrainer does (so the side-by-side with TRL matches); note
+    `003` adds it to the variance, (r − mean) / √(var + eps). Both give 0 for an all-equal group.
+    For 0/1 rewards a mixed group with k of G right has var = k(G−k)/(G(G−1)) ≥ 1/G, so std ≥ 1/√G
+    (0.35 for G = 8), where the two differ by less than eps (√(var + eps) ≈ std + eps/(2 std)).
     """
     r = rewards.view(-1, group_size)  # [n, G]
     centred = r - r.mean(dim=1, keepdim=True)  # r − mean   [n, G]
@@ -171,67 +241,185 @@ def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, grou
     return norm.flip(-1).cumsum(-1).flip(-1)  # Â_t = Σ_{j ≥ t} r̃_j   [B, T]
 
 
+def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence-level importance ratio (Zheng et al., 2025, "Group Sequence Policy
+    Optimization", eq. 7), the geometric mean of the token ratios:
+
+        s_i = (π_θ(y_i|x) / π_old(y_i|x))^(1/|y_i|) = exp( 1/|y_i| Σ_t (log π_θ(y_t) − log π_old(y_t)) )
+
+    logp, old_logp, mask: [B, T] -> [B]. Its gradient is ∇s_i = s_i · 1/|y_i| Σ_t ∇log π_θ(y_t): every
+    token of y_i gets the same weight s_i/|y_i|, and a long completion's ratio stays near 1 instead
+    of multiplying |y_i| token ratios together.
+    """
+    log_s = masked_sum(logp - old_logp, mask, dim=1) / mask.sum(dim=1).clamp(min=1)  # 1/|y| Σ_t log ρ_t   [B]
+    return torch.exp(log_s)  # s_i   [B]
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL estimate of D_KL(π_θ || π_ref), the 'k3' estimator (Schulman, 2020), as in
-    DeepSeekMath's GRPO:  π_ref/π_θ − log(π_ref/π_θ) − 1 = exp(ref − logp) − (ref − logp) − 1.
-    Unbiased under y ~ π_θ, and never negative (e^x ≥ 1 + x).  [B, T] -> [B, T]
+    """The 'k3' estimator (Schulman, 2020, "Approximating KL divergence"), as in DeepSeekMath's GRPO
+    and TRL:  π_ref/π_θ − log(π_ref/π_θ) − 1 = exp(ref − logp) − (ref − logp) − 1.  [B, T] -> [B, T]
+    Its value, for y ~ π_θ, is an unbiased estimate of KL(π_θ ‖ π_ref), and never negative
+    (e^x ≥ 1 + x). Its gradient in the loss is that of the other direction, KL(π_ref ‖ π_θ): see
+    `kl_estimate`. With μ > 1 the samples come from π_old, so after the first inner iteration it
+    estimates E_{π_old}[k3], not KL(π_θ ‖ π_ref).
     Computed as expm1(x) − x, the same function: exp(x) − x − 1 in float32 cancels when π_θ ≈ π_ref
     and can come out slightly negative (−6e-8), while expm1(x) − x stays ≥ 0 and accurate."""
     log_ratio = ref_logp - logp  # x = log(π_ref / π_θ)   [B, T]
     return torch.expm1(log_ratio) - log_ratio  # e^x − 1 − x   [B, T]
 
 
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimators of KL(π_θ ‖ π_ref) from one sample y_t (Schulman, 2020).  [B, T] -> [B, T]
+
+    With log r = log π_ref(y_t) − log π_θ(y_t):
+        k1 = −log r                       value: unbiased for KL(π_θ‖π_ref) under y ~ π_θ; can be < 0
+        k2 = ½ (log r)²                   value: biased (≥ 0, equal to KL to second order near π_ref)
+        k3 = (r − 1) − log r              value: unbiased for KL(π_θ‖π_ref) under y ~ π_θ; ≥ 0
+
+    Inside the loss the samples are fixed and only log π_θ(y_t) is differentiated. The expected
+    gradients, over y ~ π_θ (exact enumeration in tests/test_grpo.py):
+        ∇k1 = ∇log π_θ(y)                  E = 0: the score function has zero mean, no pull at all
+        ∇k2 = (log π_θ − log π_ref) ∇log π_θ   E = ∇KL(π_θ ‖ π_ref), the notes' direction
+        ∇k3 = (1 − π_ref/π_θ) ∇log π_θ     E = −Σ_y π_ref(y) ∇log π_θ(y) = ∇KL(π_ref ‖ π_θ),
+                                           the other direction (DeepSeekMath and TRL do the same)
+    Near π_ref the two directions agree to second order, so k2's and k3's gradients agree to first.
+    With μ > 1 the samples come from π_old, so these hold only on the first inner iteration.
+    """
+    log_r = ref_logp - logp  # log r = log π_ref − log π_θ   [B, T]
+    if kind == "k1":
+        return -log_r  # k1   [B, T]
+    if kind == "k2":
+        return 0.5 * log_r ** 2  # k2   [B, T]
+    if kind == "k3":
+        return k3_kl(logp, ref_logp)  # k3   [B, T]
+    raise ValueError(f"unknown KL estimator {kind!r}: expected k1, k2 or k3")
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al., 2025, "DAPO", eq. 13), times c = `penalty`:
+
+        R_length(y) = 0                                  |y| ≤ L_max − L
+                    = ((L_max − L) − |y|) / L            L_max − L < |y| ≤ L_max
+                    = −1                                 |y| > L_max
+
+    lengths: [B] completion tokens, EOS included; max_len = L_max (--max-new-tokens), buffer = L.
+    -> [B], added to the task reward. Generation stops at L_max, so a completion cut off there gets
+    −c on top of its score of 0. buffer = 0 gives zeros.
+    """
+    if buffer == 0:
+        return torch.zeros(lengths.shape, dtype=torch.float32, device=lengths.device)  # [B]
+    over = (lengths.float() - (max_len - buffer)) / buffer  # (|y| − (L_max − L)) / L   [B]
+    return -penalty * over.clamp(min=0.0, max=1.0)  # [B]
+
+
+def mixed_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: which groups have rewards that are not all equal.
+    rewards: [B] with the G completions of a prompt consecutive -> [n] bool. A group whose rewards
+    are all equal has Â = 0 on every completion, so it adds nothing but the KL term to the gradient
+    (DAPO keeps prompts with 0 < #correct < G)."""
+    r = rewards.view(-1, group_size)  # [n, G]
+    return (r != r[:, :1]).any(dim=1)  # [n]
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str, max_len: int | None = None):
+    """The loss −(objective) from the per-token objective ℓ [B, T] and the completion mask [B, T]:
+        seq-mean  : L = −1/B Σ_i 1/|y_i| Σ_t ℓ_t        (the notes' GRPO; GSPO's 1/G Σ_i)
+        token-mean: L = −Σ_i Σ_t ℓ_t / Σ_i |y_i|        (DAPO, CISPO)
+        constant  : L = −1/B Σ_i Σ_t ℓ_t / max_len      (Dr. GRPO; max_len defaults to T)"""
+    if loss_agg == "seq-mean":
+        per_seq = masked_sum(per_token, mask, dim=1) / mask.sum(dim=1).clamp(min=1)  # 1/|y| Σ_t  [B]
+        return -per_seq.mean()
+    if loss_agg == "token-mean":
+        return -masked_sum(per_token, mask) / mask.sum().clamp(min=1)
+    if loss_agg == "constant":
+        L = mask.shape[1] if max_len is None else max_len
+        return -masked_sum(per_token, mask) / (mask.shape[0] * L)
+    raise ValueError(f"unknown loss_agg {loss_agg!r}: expected seq-mean, token-mean or constant")
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
-              epsilon: float = 0.2, epsilon_high: float | None = None, loss_agg: str = "seq-mean",
-              max_len: int | None = None):
-    """The GRPO loss (to minimise: the notes' objective with its sign flipped).
+              epsilon: float | None = 0.2, epsilon_high: float | None = None, loss_agg: str = "seq-mean",
+              max_len: int | None = None, ratio: str = "token", policy_loss: str = "clip",
+              kl_estimator: str = "k3"):
+    """The GRPO loss (to minimise: the notes' objective with its sign flipped), and its variants.
 
     logp, old_logp, ref_logp: [B, T]   log π_θ, log π_old, log π_ref of each completion token
     advantages: [B] (one per completion) or [B, T] (per token, process supervision)
     mask: [B, T]  1 on completion tokens up to and including the first EOS
-        ρ_t    = exp(log π_θ − log π_old)
-        ℓ_t    = min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε_high) Â_t) − β D_KL,t        (D_KL,t: k3)
-        loss_agg="seq-mean"  : L = −1/B Σ_i 1/|y_i| Σ_t ℓ_t        (the notes' GRPO)
-        loss_agg="token-mean": L = −Σ_i Σ_t ℓ_t / Σ_i |y_i|        (DAPO)
-        loss_agg="constant"  : L = −1/B Σ_i Σ_t ℓ_t / max_len      (Dr. GRPO; max_len defaults to T)
-    Returns (loss, metrics) with detached scalar metrics: kl, clip fractions, ratio statistics.
+        ρ_t    = exp(log π_θ − log π_old)                    ratio="token"   (GRPO)
+               = s_i = exp(1/|y_i| Σ_t log ρ_t), every t     ratio="sequence" (GSPO, `sequence_ratio`)
+        ℓ_t    = min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε_high) Â_t) − β D_KL,t           policy_loss="clip"
+               = sg(clip(ρ_t, 1−ε, 1+ε_high)) Â_t log π_θ(y_t) − β D_KL,t        policy_loss="cispo"
+        (D_KL,t: `kl_estimate` of kind `kl_estimator`; for CISPO, ε = None means no lower bound)
+        L      = `aggregate`(ℓ, mask, loss_agg): seq-mean −1/B Σ_i 1/|y_i| Σ_t ℓ_t, over all B rows
+    Here ρ = 1 at the first inner iteration (π_old = π_θ), where all four (token or sequence ratio,
+    clip or CISPO) have the same gradient, −1/B Σ_i 1/|y_i| Σ_t Â_t ∇log π_θ(y_t) for seq-mean.
+    They differ once π_θ has moved (μ > 1): the clip's gradient is 0 where it binds, CISPO's never.
+    Returns (loss, metrics) with detached scalar metrics: the k3 KL to π_ref (whatever the loss's
+    estimator, so that runs compare), the estimator's own mean, clip fractions, the mean ratio.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)  # [B, 1], broadcast over tokens
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp(logp - old_logp)  # ρ_t   [B, T]
-    surr1 = ratio * advantages  # ρ Â   [B, T]
-    surr2 = torch.clamp(ratio, 1 - epsilon, 1 + eps_high) * advantages  # clip(ρ, 1−ε, 1+ε_high) Â
-    per_token = torch.min(surr1, surr2)  # ℓ_t before the KL   [B, T]
-    kl = None
-    if ref_logp is not None and beta != 0.0:
-        kl = k3_kl(logp, ref_logp)  # D_KL,t   [B, T]
-        per_token = per_token - beta * kl  # ℓ_t   [B, T]
-
-    if loss_agg == "seq-mean":
-        per_seq = masked_sum(per_token, mask, dim=1) / mask.sum(dim=1).clamp(min=1)  # 1/|y| Σ_t  [B]
-        loss = -per_seq.mean()
-    elif loss_agg == "token-mean":
-        loss = -masked_sum(per_token, mask) / mask.sum().clamp(min=1)
-    elif loss_agg == "constant":
-        L = mask.shape[1] if max_len is None else max_len
-        loss = -masked_sum(per_token, mask) / (mask.shape[0] * L)
+    if ratio == "token":
+        rho = torch.exp(logp - old_logp)  # ρ_t   [B, T]
+    elif ratio == "sequence":
+        if policy_loss != "clip":
+            raise ValueError("ratio='sequence' goes with policy_loss='clip' (GSPO)")
+        rho = sequence_ratio(logp, old_logp, mask).unsqueeze(1).expand_as(logp)  # s_i on every t   [B, T]
     else:
-        raise ValueError(f"unknown loss_agg {loss_agg!r}: expected seq-mean, token-mean or constant")
+        raise ValueError(f"unknown ratio {ratio!r}: expected token or sequence")
+    low_bound = 1 - epsilon if epsilon is not None else None
+    clipped = torch.clamp(rho, low_bound, 1 + eps_high)  # clip(ρ, 1−ε, 1+ε_high)   [B, T]
+    below = rho < low_bound if low_bound is not None else torch.zeros_like(rho, dtype=torch.bool)  # [B, T]
+    if policy_loss == "clip":
+        per_token = torch.min(rho * advantages, clipped * advantages)  # min(ρ Â, clip(ρ) Â)   [B, T]
+        adv = advantages.expand_as(rho)  # [B, T]
+        low = below & (adv < 0)  # the clip binds below: gradient 0 there
+        high = (rho > 1 + eps_high) & (adv > 0)  # the clip binds above
+    elif policy_loss == "cispo":
+        per_token = clipped.detach() * advantages * logp  # sg(clip(ρ)) Â log π_θ   [B, T]
+        low = below  # the weight is raised to 1 − ε (its gradient still flows, scaled)
+        high = rho > 1 + eps_high  # the weight is capped at 1 + ε_high
+    else:
+        raise ValueError(f"unknown policy_loss {policy_loss!r}: expected clip or cispo")
+    kl = est = None
+    if ref_logp is not None and beta != 0.0:
+        est = kl_estimate(logp, ref_logp, kl_estimator)  # D_KL,t   [B, T]
+        per_token = per_token - beta * est  # ℓ_t   [B, T]
+        kl = est if kl_estimator == "k3" else k3_kl(logp, ref_logp)  # [B, T]
+    loss = aggregate(per_token, mask, loss_agg, max_len)
 
     with torch.no_grad():
-        adv = advantages.expand_as(ratio)
-        low = (ratio < 1 - epsilon) & (adv < 0)  # clipping binds below: gradient is 0 there
-        high = (ratio > 1 + eps_high) & (adv > 0)  # clipping binds above
+        zero = torch.zeros((), device=logp.device)
         metrics = {
             "clip_frac": masked_mean((low | high).float(), mask),
             "clip_frac_low": masked_mean(low.float(), mask),
             "clip_frac_high": masked_mean(high.float(), mask),
-            "ratio_mean": masked_mean(ratio, mask),
-            "kl": masked_mean(kl, mask) if kl is not None else torch.zeros(()),
+            "ratio_mean": masked_mean(rho, mask),
+            "kl": masked_mean(kl, mask) if kl is not None else zero,
+            "kl_estimate": masked_mean(est, mask) if est is not None else zero,
         }
     return loss, metrics
+
+
+def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+               epsilon_low: float | None = None, epsilon_high: float = 4.0, loss_agg: str = "token-mean",
+               max_len: int | None = None):
+    """CISPO (MiniMax-M1, 2025, "MiniMax-M1: Scaling Test-Time Compute Efficiently with Lightning
+    Attention", §3.1), without a KL term: a REINFORCE loss whose importance weight is clipped and
+    detached,
+
+        L = −1/Σ|y_i| Σ_i Σ_t sg(clip(ρ_t, 1−ε_low, 1+ε_high)) Â_t log π_θ(y_t)      (token-mean, the paper's)
+
+    logp, old_logp, mask: [B, T]; advantages: [B] or [B, T]. dL/dlog π_θ(y_t) = −w_t Â_t /Σ|y| with
+    w_t = clip(ρ_t): never 0, unlike PPO-clip's, which is 0 wherever its clip binds. ε_low = None:
+    no lower bound (MiniMax-M1). This is `grpo_loss(policy_loss="cispo")` with CISPO's defaults.
+    Returns (loss, metrics) as `grpo_loss`.
+    """
+    return grpo_loss(logp, old_logp, advantages, mask, epsilon=epsilon_low, epsilon_high=epsilon_high,
+                     loss_agg=loss_agg, max_len=max_len, policy_loss="cispo")
 
 
 #####################################################################################################
@@ -253,6 +441,20 @@ def validate(args: Args) -> None:
     check(args.reward == "outcome" or args.data is None,
           "--reward process needs per-step rewards, which only the built-in arithmetic task defines "
           "(drop --data, or use --reward outcome)")
+    check(not (args.ratio == "sequence" and args.policy_loss == "cispo"),
+          "--ratio sequence with --policy-loss cispo: GSPO clips the sequence ratio inside PPO's min, "
+          "CISPO weights token log-probs; pick one")
+    check(args.gspo_epsilon > 0 and args.gspo_epsilon_high > 0,
+          f"--gspo-epsilon and --gspo-epsilon-high must be > 0 (got {args.gspo_epsilon}, {args.gspo_epsilon_high})")
+    check(args.cispo_epsilon is None or args.cispo_epsilon > 0,
+          f"--cispo-epsilon must be > 0, or none for no lower bound (got {args.cispo_epsilon})")
+    check(args.cispo_epsilon_high > 0, f"--cispo-epsilon-high must be > 0 (got {args.cispo_epsilon_high})")
+    check(0 <= args.overlong_buffer <= args.max_new_tokens,
+          f"--overlong-buffer must be in 0..--max-new-tokens ({args.max_new_tokens}) (got {args.overlong_buffer})")
+    check(args.overlong_penalty >= 0, f"--overlong-penalty must be ≥ 0 (got {args.overlong_penalty})")
+    check(args.overlong_buffer == 0 or args.reward == "outcome",
+          "--overlong-buffer shapes the one reward of a completion: use it with --reward outcome")
+    check(args.max_sample_rounds >= 1, f"--max-sample-rounds must be ≥ 1 (got {args.max_sample_rounds})")
     for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_every", "eval_size",
                  "log_every"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
@@ -261,6 +463,33 @@ def validate(args: Args) -> None:
     check(args.adv_eps > 0, f"--adv-eps must be > 0 (got {args.adv_eps})")
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.micro_batch is None or args.micro_batch >= 1, "--micro-batch must be ≥ 1")
+
+
+def merge_rounds(kept, max_rows: int, pad_id: int):
+    """Concatenate the kept rows of several sampling rounds into one batch of at most `max_rows`
+    rows (whole groups, in order). kept: [(round dict, row mask [b] bool)]. Prompts stay
+    left-padded and completions right-padded, to the longest of the rounds. None if nothing is kept."""
+    parts = [(r, m.nonzero().squeeze(1)) for r, m in kept if bool(m.any())]
+    if not parts:
+        return None
+    P = max(r["p_ids"].shape[1] for r, _ in parts)
+    T = max(r["c_ids"].shape[1] for r, _ in parts)
+    out = {k: [] for k in ("p_ids", "p_mask", "c_ids", "c_mask", "texts", "finished", "answers",
+                           "scores", "shaped")}
+    for r, idx in parts:
+        pp, tt = P - r["p_ids"].shape[1], T - r["c_ids"].shape[1]
+        pad = torch.nn.functional.pad
+        out["p_ids"].append(pad(r["p_ids"][idx], (pp, 0), value=pad_id))  # left-padded   [b, P]
+        out["p_mask"].append(pad(r["p_mask"][idx], (pp, 0), value=0))
+        out["c_ids"].append(pad(r["c_ids"][idx], (0, tt), value=pad_id))  # right-padded   [b, T]
+        out["c_mask"].append(pad(r["c_mask"][idx], (0, tt), value=0))
+        for k in ("scores", "shaped"):
+            out[k].append(r[k][idx])
+        for k in ("texts", "finished", "answers"):
+            out[k].extend(r[k][i] for i in idx.tolist())
+    batch = {k: (torch.cat(v)[:max_rows] if isinstance(v[0], torch.Tensor) else v[:max_rows])
+             for k, v in out.items()}
+    return batch
 
 
 def train(args: Args) -> dict:
@@ -314,13 +543,21 @@ def train(args: Args) -> dict:
     print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
           + common.pass_text(start_pass))
 
-    G, B = args.group_size, args.prompts_per_step * args.group_size
-    mb = args.micro_batch or B
+    G = args.group_size
     rng = np.random.default_rng(args.seed)
-    acc, t_train = start_acc, time.time()
-    for step in range(1, args.steps + 1):
-        t0 = time.time()
-        ##### 1. generate G completions per prompt from π_old (= π_θ right now)
+    # the clip range of the chosen ratio and loss (GSPO's and CISPO's are their own, see Args)
+    if args.ratio == "sequence":
+        eps_low, eps_high = args.gspo_epsilon, args.gspo_epsilon_high
+    elif args.policy_loss == "cispo":
+        eps_low, eps_high = args.cispo_epsilon, args.cispo_epsilon_high
+    else:
+        eps_low, eps_high = args.epsilon, args.epsilon_high
+    if args.mu == 1 and (args.ratio == "sequence" or args.policy_loss == "cispo"):
+        print("note: with --mu 1 every ratio is exactly 1, so --ratio sequence and --policy-loss cispo "
+              "give GRPO's update; they differ only off-policy (--mu > 1)")
+
+    def sample_round():
+        """One round: draw prompts_per_step prompts, sample G completions each from π_old, score."""
         picks = rng.choice(len(train_rows), args.prompts_per_step,
                            replace=args.prompts_per_step > len(train_rows))
         rows = [train_rows[i] for i in picks]
@@ -328,18 +565,62 @@ def train(args: Args) -> dict:
         answers = [r["answer"] for r in rows for _ in range(G)]
         with prec.autocast():
             p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
-                policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
+                policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [b, T]
+        scores = torch.tensor([common.score(c, a, f, strict, tok)  # scored from the ids, as generated
+                               for c, a, f in zip(c_ids.tolist(), answers, finished)], device=device)  # [b]
+        # DAPO's soft overlong punishment, on top of the task reward (0 when --overlong-buffer 0)
+        shaped = scores + overlong_penalty(c_mask.sum(1), args.max_new_tokens, args.overlong_buffer,
+                                           args.overlong_penalty)  # r_i + R_length(y_i)   [b]
+        return dict(p_ids=p_ids, p_mask=p_mask, c_ids=c_ids, c_mask=c_mask, texts=texts,
+                    finished=finished, answers=answers, scores=scores, shaped=shaped)
+
+    acc, t_train, total_generated, capped_steps = start_acc, time.time(), 0, 0
+    for step in range(1, args.steps + 1):
+        t0 = time.time()
+        ##### 1. generate G completions per prompt from π_old (= π_θ right now)
+        #####    --dynamic-sampling (DAPO): keep only groups with mixed rewards, draw more prompts
+        rounds, kept, all_scores, capped = [], [], [], False
+        while True:
+            r = sample_round()
+            rounds.append(r)
+            all_scores.append(r["scores"])
+            if not args.dynamic_sampling:
+                kept.append((r, torch.ones(r["scores"].shape[0], dtype=torch.bool, device=device)))
+                break
+            # filter on the reward the advantage uses (the score, under --reward process)
+            groups = mixed_reward_groups(r["shaped"], G)  # [n]
+            kept.append((r, groups.repeat_interleave(G)))  # [b] rows of the mixed groups
+            n_kept = sum(int(m.sum()) for _, m in kept) // G
+            if n_kept >= args.prompts_per_step:
+                break
+            if len(rounds) == args.max_sample_rounds:
+                if capped_steps == 0:
+                    print(f"step {step}: --max-sample-rounds {args.max_sample_rounds} reached with "
+                          f"{n_kept} of {args.prompts_per_step} groups of mixed rewards; training on "
+                          f"those (this step's batch is smaller; counted in sampling/capped)")
+                capped, capped_steps = True, capped_steps + 1
+                break
+        batch = merge_rounds(kept, args.prompts_per_step * G, tok.pad_token_id)
+        if batch is None:  # no mixed group at all: the last round, whose advantages are all 0
+            batch = merge_rounds([(rounds[-1], torch.ones_like(rounds[-1]["scores"], dtype=torch.bool))],
+                                 args.prompts_per_step * G, tok.pad_token_id)
+        p_ids, p_mask, c_ids, c_mask = batch["p_ids"], batch["p_mask"], batch["c_ids"], batch["c_mask"]  # [B, ·]
+        finished, answers = batch["finished"], batch["answers"]
+        B = c_ids.shape[0]
+        mb = args.micro_batch or B
+        generated = sum(r["scores"].shape[0] for r in rounds)
+        total_generated += generated
+        all_scores = torch.cat(all_scores)  # [generated]
         t_gen = time.time() - t0
 
         ##### 2. rewards and advantages
-        rewards = torch.tensor([common.score(t, a, f, strict) for t, a, f in zip(texts, answers, finished)],
-                               device=device)  # [B]
+        rewards = batch["scores"]  # [B] the task's score of each completion
         if args.reward == "process":
             targets = [tok.encode(a, add_special_tokens=False) + [tok.eos_token_id] for a in answers]
             step_r = common.digit_step_rewards(c_ids, c_mask, targets)  # [B, T]
             adv = process_advantages(step_r, c_mask, G, args.scale_rewards, args.adv_eps)  # [B, T]
         else:
-            adv = group_advantages(rewards, G, args.scale_rewards, args.adv_eps)  # [B]
+            adv = group_advantages(batch["shaped"], G, args.scale_rewards, args.adv_eps)  # [B]
 
         ##### 3. cache log π_old and log π_ref (no gradient)
         ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
@@ -365,8 +646,8 @@ def train(args: Args) -> dict:
                                                       with_entropy=(it == 0))  # [b, T]
                 loss, m = grpo_loss(logp, old_logp[sl] if old_logp is not None else logp.detach(),
                                     adv[sl], c_mask[sl], None if ref_logp is None else ref_logp[sl],
-                                    args.beta, args.epsilon, args.epsilon_high, args.loss_agg,
-                                    args.max_new_tokens)
+                                    args.beta, eps_low, eps_high, args.loss_agg, args.max_new_tokens,
+                                    args.ratio, args.policy_loss, args.kl_estimator)
                 # each micro-batch's share of the full-batch loss, so that the sum of gradients
                 # equals the full-batch gradient whatever the split
                 w = (c_mask[sl].sum() / n_tokens) if args.loss_agg == "token-mean" else (logp.shape[0] / B)
@@ -385,13 +666,19 @@ def train(args: Args) -> dict:
         sched.step()  # one schedule step per GRPO step, whatever μ
 
         ##### 5. log
-        r_groups = rewards.view(-1, G)  # [n, G]
+        r_groups = all_scores.view(-1, G)  # [n, G] every group generated this step
         metrics = {
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()),
+            "reward/mean": float(all_scores.mean()),  # the task score of every completion generated
+            "reward/std": float(all_scores.std()),
             "reward/frac_zero_std_groups": float((r_groups.std(1) == 0).float().mean()),
+            "reward/batch_mean": float(rewards.mean()),  # of the completions trained on
+            "reward/overlong_penalty": float((batch["shaped"] - rewards).mean()),
+            "sampling/generations": generated,
+            "sampling/rounds": len(rounds),
+            "sampling/capped": float(capped),
             "loss/policy": first["loss"],
             "kl/ref": stats["kl"],
+            "kl/estimate": stats["kl_estimate"],
             "policy/clip_frac": stats["clip_frac"],
             "policy/clip_frac_low": stats["clip_frac_low"],
             "policy/clip_frac_high": stats["clip_frac_high"],
@@ -403,7 +690,7 @@ def train(args: Args) -> dict:
             "completions/no_eos_frac": 1.0 - float(np.mean(finished)),
             "time/step_seconds": time.time() - t0,
             "time/generate_seconds": t_gen,
-            "charts/completions_per_second": B / (time.time() - t0),
+            "charts/completions_per_second": generated / (time.time() - t0),
         }
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate()
@@ -413,6 +700,8 @@ def train(args: Args) -> dict:
             metrics.update(common.pass_metrics(final_pass))
         keys = ["reward/mean", "reward/frac_zero_std_groups", "kl/ref", "policy/clip_frac",
                 "policy/entropy", "completions/mean_length", "eval/accuracy"]
+        if args.dynamic_sampling:
+            keys.insert(2, "sampling/generations")
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/accuracy" in metrics) else [])
 
@@ -430,7 +719,9 @@ def train(args: Args) -> dict:
         "start_pass_at_k": start_pass,  # {"k", "pass_at_1", "pass_at_k"} or None
         "final_pass_at_k": final_pass,
         "steps": args.steps,
-        "completions": args.steps * B,
+        "completions": total_generated,  # every completion sampled (more with --dynamic-sampling)
+        "completions_per_step": total_generated / args.steps,
+        "sample_rounds_capped_steps": capped_steps,
         "model_dir": model_dir,
         **common.run_facts(args, device, t_start, train_seconds, load_seconds),
     })

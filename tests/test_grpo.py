@@ -349,13 +349,24 @@ def test_gradient_at_ratio_one_is_the_policy_gradient(loss_agg):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("loss_agg", ["seq-mean", "token-mean", "constant"])
-@pytest.mark.parametrize("micro_batch", [1, 2, 3])
-def test_micro_batch_gradients_sum_to_the_full_batch_gradient(loss_agg, micro_batch):
+LOSS_VARIANTS = {
+    "gspo": {"ratio": "sequence", "epsilon": 1e-3, "epsilon_high": 1e-3},  # a row's ratio uses only its tokens
+    "cispo": {"policy_loss": "cispo", "epsilon": None, "epsilon_high": 0.3},
+    "k2": {"kl_estimator": "k2"},
+    "k1": {"kl_estimator": "k1"},
+}
+
+
+@pytest.mark.parametrize("loss_agg, micro_batch, variant", [
+    *[(agg, mb, {}) for agg in ("seq-mean", "token-mean", "constant") for mb in (1, 2, 3)],  # GRPO
+    *[pytest.param(agg, 3, kw, id=f"{agg}-3-{name}") for name, kw in LOSS_VARIANTS.items()
+      for agg in ("seq-mean", "token-mean", "constant")],
+])
+def test_micro_batch_gradients_sum_to_the_full_batch_gradient(loss_agg, micro_batch, variant):
     """grpo.py accumulates micro-batch gradients with weight w = (tokens in the micro-batch / tokens
     in the batch) for token-mean and (rows in the micro-batch / B) otherwise, and passes the
     constant max_len = --max-new-tokens. The sum must equal the full-batch gradient, with clipping
-    active (ρ ≠ 1), per-token advantages and a KL term."""
+    active (ρ ≠ 1), per-token advantages and a KL term, for GRPO and each variant of the loss."""
     model = random_llama(seed=5)
     params = [p for p in model.parameters() if p.requires_grad]
     ids, mask, c_mask, T = batch_with_different_lengths()
@@ -367,10 +378,12 @@ def test_micro_batch_gradients_sum_to_the_full_batch_gradient(loss_agg, micro_ba
     ref = logp0 + 0.3 * torch.randn(B, T, generator=g)
     adv = torch.randn(B, T, generator=g)  # per-token (as in process supervision)
     kw = dict(beta=0.1, epsilon=0.2, loss_agg=loss_agg, max_len=6)
+    kw.update(variant)
 
     logp, _ = common.token_logprobs(model, ids, mask, T)
-    full_loss, _ = grpo_loss(logp, old, adv, c_mask, ref, **kw)
+    full_loss, m = grpo_loss(logp, old, adv, c_mask, ref, **kw)
     full = flat_grad(full_loss, params, retain_graph=False)
+    assert m["clip_frac"].item() > 0  # the clip (or CISPO's cap) is active somewhere
 
     summed, loss_sum = torch.zeros_like(full), 0.0
     n_tokens = c_mask.sum()
