@@ -27,6 +27,7 @@ import torch
 
 import common
 import dpo
+import grpo
 import ppo
 import reinforce
 import reward_model
@@ -37,10 +38,13 @@ ROOT = common.MODELS_DIR.parent
 pytestmark = pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")
 STEPS = ["--steps", "6"]  # dpo.py and reward_model.py count --max-steps
 # script: (module, flags); each keeps its own state busy: reinforce's value head and float16's loss
-# scale (GradScaler: on the CPU it backs off from 2¹⁶ in these steps), ppo's β, β_pen and ptx
+# scale (GradScaler: on the CPU it backs off from 2¹⁶ in these steps), grpo's rounds of dynamic
+# sampling (their draws and counts), ppo's β, β_pen and ptx
 CASES = {
     "reinforce": (reinforce, STEPS + ["--prompts-per-step", "2", "--samples-per-prompt", "2", "--eval-every", "3",
                                       "--eval-size", "20", "--baseline", "value", "--dtype", "float16"]),
+    "grpo": (grpo, STEPS + ["--prompts-per-step", "2", "--group-size", "2", "--eval-every", "3", "--eval-size", "20",
+                            "--dynamic-sampling", "--max-sample-rounds", "2", "--mu", "2"]),
     "ppo": (ppo, STEPS + ["--batch-size", "8", "--mini-batches", "2", "--ppo-epochs", "1", "--eval-samples", "16",
                           "--eval-every", "3", "--policy-loss", "kl-penalty", "--kl-control", "adaptive",
                           "--ptx-coef", "0.1"]),
