@@ -79,6 +79,8 @@ Run:
     python reinforce.py --model Qwen/Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --chat-template \\
         --max-new-tokens 256 --prompts-per-step 8 --samples-per-prompt 8 --lr 1e-6 \\
         --micro-batch 16 --no-grad-var                   # one GPU
+    python reinforce.py --save-every 100 --out-dir runs/x  # a checkpoint every 100 steps; stopped by
+    python reinforce.py --resume runs/x                    # Ctrl-C, it goes on from the last one
 """
 
 from __future__ import annotations
