@@ -827,7 +827,7 @@ class MixedPrecision:
 
 # The embedded models are files of this repository (models/build.py made them; see its docstring).
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-EMBEDDED = ("tiny", "tiny-pref", "tiny-pref-rm")  # names that --model / --reward-model accept as such
+EMBEDDED = ("tiny", "tiny-pref", "tiny-pref-rm", "tiny-ramble")  # names that --model / --reward-model accept as such
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -689,6 +689,7 @@ def train(args: Args) -> dict:
 
         ##### 5. log
         r_groups = all_scores.view(-1, G)  # [n, G] every group generated this step
+        lengths, right = c_mask.sum(1).float(), rewards > 0  # |y_i|, r_i = 1 of the batch trained on   [B], [B]
         metrics = {
             "reward/mean": float(all_scores.mean()),  # the task score of every completion generated
             "reward/std": float(all_scores.std()),
@@ -709,6 +710,10 @@ def train(args: Args) -> dict:
             "policy/grad_norm": float(grad_norm),
             "charts/lr": opt.param_groups[0]["lr"],
             "completions/mean_length": float(c_mask.sum(1).float().mean()),
+            # mean |y| of the right and of the wrong completions (Dr. GRPO's length bias shows in
+            # the wrong ones); None when the batch has no completion of that kind
+            "completions/len_correct": float(lengths[right].mean()) if right.any() else None,
+            "completions/len_incorrect": float(lengths[~right].mean()) if (~right).any() else None,
             "completions/no_eos_frac": 1.0 - float(np.mean(finished)),
             "time/step_seconds": time.time() - t0,
             "time/generate_seconds": t_gen,

@@ -5,6 +5,8 @@
                           preference pairs (pairs_train.jsonl, pairs_heldout.jsonl)
     models/tiny-pref-rm/  the reward model that ppo.py uses by default: what `python
                           reward_model.py` makes with its defaults, from models/tiny-pref
+    models/tiny-ramble/   `--model models/tiny-ramble`, an arithmetic policy whose wrong answers
+                          are long: the start model of bench/bench_length.py (Dr. GRPO's claim)
 
 Nothing is built when a script runs: the scripts load these folders with `from_pretrained`. This
 file is how they were made, so that anyone can remake them, or make another build to test a
@@ -13,6 +15,7 @@ default against:
     python models/build.py tiny --seed 0 --out models/tiny
     python models/build.py tiny-pref --seed 0 --out models/tiny-pref
     python models/build.py tiny-pref-rm --seed 1 --out models/tiny-pref-rm --pref models/tiny-pref
+    python models/build.py tiny-ramble --seed 0 --out models/tiny-ramble
 
 Each folder gets a `build.json` with the command, the seed, the recipe, the torch and transformers
 versions and the figures measured on the result. A build is deterministic on one machine (same
@@ -34,6 +37,14 @@ The recipe of `tiny` (`TINY`): a supervised warm-up on the answers of a *sloppy 
     An earlier recipe stopped a clean warm-up when a probe accuracy passed 35%; the curve of
     addition is steep there, and the same code gave start models between 0.30 and 0.61 on
     different seeds and CPUs.
+
+The recipe of `tiny-ramble` (`TINY_RAMBLE`): the same annotator, who also *rambles* when it
+    slips: after a+b−10 it writes a run of filler dots, of a length drawn uniformly from
+    1..`ramble_max` at every visit (`37+48=` -> `85`, or `75` then 1 to 8 dots). Right answers stay
+    short (the digits and EOS, 2-4 tokens), wrong ones are long (about 8 tokens), and the ramble
+    carries no information: the strict reward of `75...` and of `75.......` is the same 0. With
+    `--max-new-tokens 16` every label fits. This is the setting where the length bias of a 1/|y|
+    loss (Dr. GRPO, arXiv:2503.20783 §3.1) can show on the wrong answers: see bench/bench_length.py.
 """
 
 from __future__ import annotations
@@ -63,6 +74,11 @@ import common  # noqa: E402  (needs sys.path above)
 TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             sft_batch=128, sft_lr=1e-3, sft_warmup=50, sft_steps=3000, carry_slip=0.7,
             pass_k=8, max_new_tokens=4)
+
+# `tiny-ramble`: `tiny`'s recipe, with wrong labels followed by 1..ramble_max filler dots, and room
+# for them in the completion (3 digits at most, 8 dots, EOS: 12 tokens of 16).
+TINY_RAMBLE = {**TINY, "ramble_max": 8, "max_new_tokens": 16}
+RAMBLE = "."  # the filler character (one token of the character tokenizer)
 
 # `tiny-pref`: a word-level Llama-style model fitted to the review grammar for a fixed number of
 # steps, then 4,000 + 1,000 preference pairs sampled from it and labelled by Bradley–Terry on the
@@ -151,12 +167,33 @@ def ones_carry(prompt: str) -> bool:
     return a % 10 + b % 10 >= 10
 
 
-def sloppy_answer(row: dict, slip: float, rng: np.random.Generator) -> str:
+def sloppy_answer(row: dict, slip: float, rng: np.random.Generator, ramble_max: int = 0) -> str:
     """The annotator's label of one problem: the sum, or, when the ones digits carry, with
-    probability `slip`, the sum without that carry (a + b − 10). Drawn anew at every visit."""
+    probability `slip`, the sum without that carry (a + b − 10). Drawn anew at every visit.
+    With ramble_max > 0 (`tiny-ramble`), a slip is followed by n ~ Uniform{1..ramble_max} RAMBLE
+    characters; ramble_max = 0 draws nothing more, so `tiny`'s labels are unchanged."""
     if ones_carry(row["prompt"]) and rng.random() < slip:
-        return str(int(row["answer"]) - 10)
+        wrong = str(int(row["answer"]) - 10)
+        return wrong + RAMBLE * int(rng.integers(1, ramble_max + 1)) if ramble_max > 0 else wrong
     return row["answer"]
+
+
+@torch.no_grad()
+def length_figures(model, tok, rows: list[dict], k: int, max_new_tokens: int, seed: int = 0) -> dict:
+    """Mean completion length |y| (tokens up to and including the first EOS, as grpo.py counts
+    them) of the right and of the wrong answers among k samples per prompt at temperature 1, a
+    fixed seed in a forked RNG. A mean over no completion is None (JSON null), not NaN."""
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    answers = [r["answer"] for r in rows for _ in range(k)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        *_, c_mask, texts, finished = common.generate_text(model, tok, prompts, max_new_tokens)
+    lengths = c_mask.sum(1).float()  # |y_i|   [n·k]
+    right = torch.tensor([common.score(t, a, f) for t, a, f in zip(texts, answers, finished)]) > 0  # [n·k]
+    def mean(sel):  # [n·k] bool -> the mean |y| of the selected completions, None if none
+        return round(float(lengths[sel].mean()), 4) if sel.any() else None
+    return {"sample_len_correct": mean(right), "sample_len_incorrect": mean(~right),
+            "sample_no_eos_frac": round(1.0 - float(np.mean(finished)), 4)}
 
 
 def arithmetic_figures(model, tok, rows: list[dict], k: int, max_new_tokens: int, seed: int = 0) -> dict:
@@ -175,10 +212,10 @@ def arithmetic_figures(model, tok, rows: list[dict], k: int, max_new_tokens: int
 
 
 def build_tiny(out: Path, seed: int, steps: int | None = None, log_every: int = 0,
-               overrides: dict | None = None) -> dict:
-    """Warm up `tiny` on the sloppy annotator's labels (next-token NLL on the answer and its EOS),
-    save it into `out` and return the measured figures."""
-    cfg = {**TINY, **(overrides or {})}
+               overrides: dict | None = None, recipe: dict = TINY) -> dict:
+    """Warm up `tiny` (or `tiny-ramble`, recipe=TINY_RAMBLE) on the sloppy annotator's labels
+    (next-token NLL on the answer and its EOS), save it into `out` and return the measured figures."""
+    cfg = {**recipe, **(overrides or {})}
     cfg["sft_steps"] = steps or cfg["sft_steps"]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -192,7 +229,8 @@ def build_tiny(out: Path, seed: int, steps: int | None = None, log_every: int = 
     for step in range(1, cfg["sft_steps"] + 1):
         batch = [train[i] for i in rng.integers(0, len(train), cfg["sft_batch"])]
         losses.append(sft_step(model, opt, sched, tok, [b["prompt"] for b in batch],
-                               [sloppy_answer(b, cfg["carry_slip"], rng) for b in batch]))
+                               [sloppy_answer(b, cfg["carry_slip"], rng, cfg.get("ramble_max", 0))
+                                for b in batch]))
         if log_every and step % log_every == 0:
             acc = common.greedy_accuracy(model, tok, heldout, cfg["max_new_tokens"])
             print(f"step {step:>5} | nll {np.mean(losses[-log_every:]):.4f} | held-out greedy {acc:.3f}",
@@ -201,6 +239,8 @@ def build_tiny(out: Path, seed: int, steps: int | None = None, log_every: int = 
     model.save_pretrained(out)
     tok.save_pretrained(out)
     figures = arithmetic_figures(model, tok, heldout, cfg["pass_k"], cfg["max_new_tokens"])
+    if cfg.get("ramble_max", 0) > 0:
+        figures.update(length_figures(model, tok, heldout, cfg["pass_k"], cfg["max_new_tokens"]))
     return {"recipe": cfg, "sft_final_nll": round(float(np.mean(losses[-100:])), 4), **figures}
 
 
@@ -316,20 +356,22 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=["tiny", "tiny-pref", "tiny-pref-rm"], help="which model to build")
+    p.add_argument("name", choices=["tiny", "tiny-pref", "tiny-pref-rm", "tiny-ramble"], help="which model to build")
     p.add_argument("--seed", type=int, default=None,
-                   help="build seed (default: the shipped one: 0 for tiny and tiny-pref, 1 for tiny-pref-rm, "
+                   help="build seed (default: the shipped one: 0 for tiny, tiny-pref and tiny-ramble, 1 for tiny-pref-rm, "
                         "reward_model.py's default)")
     p.add_argument("--out", required=True, help="folder to write; must not exist or be empty")
     p.add_argument("--steps", type=int, default=None,
-                   help="warm-up steps (tiny, tiny-pref) or reward-model steps (tiny-pref-rm); default: the recipe's")
+                   help="warm-up steps (tiny, tiny-pref, tiny-ramble) or reward-model steps (tiny-pref-rm); default: the recipe's")
     p.add_argument("--pairs", type=int, nargs=2, default=None, metavar=("TRAIN", "HELDOUT"),
                    help="tiny-pref only: how many preference pairs to sample (default 4000 1000)")
     p.add_argument("--pref", default=str(ROOT / "models" / "tiny-pref"),
                    help="tiny-pref-rm only: the SFT policy and pairs to train on (default models/tiny-pref)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="tiny only: change one entry of the recipe (TINY), e.g. --set carry_slip=0.6")
-    p.add_argument("--log-every", type=int, default=0, help="tiny only: print held-out accuracy every N steps")
+                   help="tiny, tiny-ramble: change one entry of the recipe (TINY, TINY_RAMBLE), "
+                        "e.g. --set carry_slip=0.6")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="tiny, tiny-ramble: print held-out accuracy every N steps")
     a = p.parse_args(argv)
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -338,19 +380,23 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"error: --steps must be ≥ 1 (got {a.steps})\n")
     if a.name == "tiny-pref-rm" and not (Path(a.pref) / "pairs_train.jsonl").is_file():
         p.exit(2, f"error: --pref {a.pref}: no pairs_train.jsonl there (build tiny-pref first)\n")
+    recipe = TINY_RAMBLE if a.name == "tiny-ramble" else TINY
     overrides = {}
     for kv in a.set:
         key, _, value = kv.partition("=")
-        if key not in TINY or not value:
-            p.exit(2, f"error: --set {kv}: expected KEY=VALUE with KEY one of {', '.join(TINY)}\n")
-        overrides[key] = type(TINY[key])(value)
+        if key not in recipe or not value:
+            p.exit(2, f"error: --set {kv}: expected KEY=VALUE with KEY one of {', '.join(recipe)}\n")
+        try:
+            overrides[key] = type(recipe[key])(value)
+        except ValueError:
+            p.exit(2, f"error: --set {kv}: {key} takes a {type(recipe[key]).__name__}, got {value!r}\n")
     seed = a.seed if a.seed is not None else (1 if a.name == "tiny-pref-rm" else 0)
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     try:
         with torch.random.fork_rng(devices=[]):
-            if a.name == "tiny":
-                facts = build_tiny(out, seed, a.steps, a.log_every, overrides)
+            if a.name in ("tiny", "tiny-ramble"):
+                facts = build_tiny(out, seed, a.steps, a.log_every, overrides, recipe)
             elif a.name == "tiny-pref":
                 facts = build_tiny_pref(out, seed, a.steps, tuple(a.pairs) if a.pairs else None)
             else:

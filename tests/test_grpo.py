@@ -604,6 +604,11 @@ def check_run(out, result, model_type: str):
                     "kl/ref", "policy/clip_frac", "policy/entropy", "completions/mean_length"):
             assert key in r and math.isfinite(r[key]), (key, r)
         assert 0 <= r["reward/mean"] <= 1 and 1 <= r["completions/mean_length"] <= 4
+        # the right (fraction p = reward/batch_mean) and the wrong completions' mean lengths average
+        # to the mean length, p·len_correct + (1 − p)·len_incorrect; a kind absent from the batch is None
+        p, len_c, len_i = r["reward/batch_mean"], r["completions/len_correct"], r["completions/len_incorrect"]
+        assert (len_c is None) == (p == 0) and (len_i is None) == (p == 1), r
+        assert p * (len_c or 0) + (1 - p) * (len_i or 0) == pytest.approx(r["completions/mean_length"])
     evals = {r["step"]: r["eval/accuracy"] for r in rows if "eval/accuracy" in r}
     assert sorted(evals) == [0, 2, 3]  # before training, every 2 steps, and after the last step
 

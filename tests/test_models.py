@@ -1,7 +1,7 @@
 """Tests of the shipped models (models/) and of models/build.py, which remakes them.
 
 The scripts load `tiny`, `tiny-pref` and `tiny-pref-rm` from the repository's files, never from a
-build on first use. So: the shipped folders load and reproduce the figures in their build.json;
+build on first use (and bench/bench_length.py loads `models/tiny-ramble` by its path). So: the shipped folders load and reproduce the figures in their build.json;
 a small build loads and repeats its weights for its seed; and a default run writes nothing
 outside its run folder.
 """
@@ -69,6 +69,27 @@ def test_tiny_reproduces_its_recorded_greedy_accuracy():
     assert r["heldout_accuracy"] < 0.7 and r["pass_at_k"] > 0.9
 
 
+def test_tiny_ramble_reproduces_its_recorded_figures():
+    # models/tiny-ramble is no embedded name (it is loaded by its path), so the folder checks of
+    # the first test are repeated here. Greedy accuracy is exact, as for `tiny`; the sampled
+    # lengths are checked loosely (see above), and what the recipe is for: right answers are
+    # short, wrong ones ramble, and all of them end within --max-new-tokens 16.
+    folder = common.MODELS_DIR / "tiny-ramble"
+    r = json.loads((folder / "build.json").read_text())
+    assert r["name"] == "tiny-ramble" and r["command"].startswith("python models/build.py tiny-ramble")
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == r["weights_sha256"]
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 2**20
+    assert r["recipe"] == {**build.TINY_RAMBLE, "sft_steps": r["recipe"]["sft_steps"]}
+    model, tok = common.load_model(str(folder), CPU, trainable=False)
+    heldout = common.arithmetic_task()[1]
+    assert common.greedy_accuracy(model, tok, heldout, 16) == r["heldout_accuracy"]
+    lengths = build.length_figures(model, tok, heldout[:100], 8, 16)
+    assert lengths["sample_len_correct"] == pytest.approx(r["sample_len_correct"], abs=0.3)
+    assert lengths["sample_len_incorrect"] == pytest.approx(r["sample_len_incorrect"], abs=0.6)
+    assert r["sample_len_correct"] < 4 and r["sample_len_incorrect"] > 6 and r["sample_no_eos_frac"] == 0
+    assert r["heldout_accuracy"] < 0.7 and r["pass_at_k"] > 0.9
+
+
 def test_tiny_pref_pairs_reproduce_their_recorded_ceilings():
     r = record("tiny-pref")
     folder = common.MODELS_DIR / "tiny-pref"
@@ -110,6 +131,26 @@ def test_sloppy_answer_forgets_the_carry_at_the_slip_rate():
     assert np.mean([x == "75" for x in labels]) == pytest.approx(0.7, abs=0.03)  # ±4.5 σ at n = 4000
     # 31+48 = 79 has no ones carry: always right
     assert {build.sloppy_answer({"prompt": "31+48=", "answer": "79"}, 0.7, rng) for _ in range(100)} == {"79"}
+
+
+def test_sloppy_answer_rambles_only_after_a_slip():
+    rng = np.random.default_rng(0)
+    # 37+48 = 85 carries: the label is 85, or 75 followed by n ~ Uniform{1..8} dots
+    labels = [build.sloppy_answer({"prompt": "37+48=", "answer": "85"}, 0.7, rng, ramble_max=8)
+              for _ in range(4000)]
+    wrong = [x for x in labels if x != "85"]
+    assert all(x.startswith("75") and set(x[2:]) == {build.RAMBLE} for x in wrong)
+    assert len(wrong) / 4000 == pytest.approx(0.7, abs=0.03)  # the slip rate, as without a ramble
+    assert {len(x) - 2 for x in wrong} == set(range(1, 9))
+    assert np.mean([len(x) - 2 for x in wrong]) == pytest.approx(4.5, abs=0.15)  # (1 + 8) / 2; sd 2.3/√2800
+    # no carry: always right, and never a ramble
+    assert {build.sloppy_answer({"prompt": "31+48=", "answer": "79"}, 0.7, rng, 8) for _ in range(100)} == {"79"}
+    # ramble_max = 0 (`tiny`) draws nothing more: the same labels and RNG state as before the option
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    row = {"prompt": "37+48=", "answer": "85"}
+    assert [build.sloppy_answer(row, 0.7, a) for _ in range(50)] == \
+        [build.sloppy_answer(row, 0.7, b, ramble_max=0) for _ in range(50)]
+    assert a.random() == b.random()
 
 
 def test_pass_at_k_by_hand(monkeypatch):
@@ -175,6 +216,7 @@ def test_small_builds_load_and_repeat_their_weights(tmp_path):
     (["tiny", "--out", "{existing}"], "--out"),
     (["tiny", "--out", "{new}", "--steps", "0"], "--steps"),
     (["tiny", "--out", "{new}", "--set", "bogus=1"], "--set"),
+    (["tiny", "--out", "{new}", "--set", "carry_slip=abc"], "--set"),
     (["tiny-pref-rm", "--out", "{new}", "--pref", "{new}"], "--pref"),
 ])
 def test_build_bad_input_is_one_line_and_leaves_nothing(tmp_path, argv, names):
