@@ -21,11 +21,13 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import fnmatch
 import inspect
 import json
 import os
 import random
 import shutil
+import signal
 import sys
 import textwrap
 import time
@@ -103,6 +105,16 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
     docstring under the field. The underscore spelling (`--max_new_tokens`) is accepted as well,
     but not shown in `--help`, so every flag appears once.
     """
+    return cls(**vars(_parser(cls, description).parse_args(argv)))
+
+
+def given_flags(cls, argv: list[str] | None = None) -> set[str]:
+    """The fields of `cls` whose flags appear in `argv` (a flag given with its default value
+    counts as given): the same parser, with no defaults, so that argparse fills only those."""
+    return set(vars(_parser(cls, None, defaults=False).parse_args(argv)))
+
+
+def _parser(cls, description: str | None, defaults: bool = True) -> argparse.ArgumentParser:
     docs = _field_docs(cls)
     hints = typing.get_type_hints(cls)
     parser = _OneLineErrorParser(
@@ -115,7 +127,7 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
         flag = "--" + f.name.replace("_", "-")
         alias = "--" + f.name if "_" in f.name else None
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs: dict = {"dest": f.name, "default": default,
+        kwargs: dict = {"dest": f.name, "default": default if defaults else argparse.SUPPRESS,
                         "help": f"{docs.get(f.name, '')} (default: {default})"}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -132,19 +144,39 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
         parser.add_argument(flag, **kwargs)
         if alias:  # the same flag with underscores: works, hidden from --help and from the usage line
             parser.add_argument(alias, **{**kwargs, "help": argparse.SUPPRESS})
-    return cls(**vars(parser.parse_args(argv)))
+    return parser
 
 
 def main(cls, train, doc: str | None = None, argv: list[str] | None = None):
     """`python script.py [flags]`: parse flags, run `train(args)`, and turn a `UsageError` into one
     line on stderr and exit code 2, never a traceback. (Scripts check files and paths themselves
-    and raise `UsageError`, so that the message names the flag.)"""
+    and raise `UsageError`, so that the message names the flag.)
+
+    --resume RUN_DIR takes the run's config from its last checkpoint (`resume_config`; here, with
+    the flags that were given on the command line, so that one given with its default value is
+    checked too). Ctrl-C (KeyboardInterrupt) writes summary.json with "interrupted": true and the
+    figures logged so far (`RunLogger.interrupted`), prints one line and exits with code 130, the
+    shell's code for SIGINT, without a traceback."""
     args = parse_args(cls, argv, description=doc)
     try:
+        if getattr(args, "resume", None) is not None:
+            args = resume_config(args, given_flags(cls, argv))
         return train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        log = RunLogger.active
+        if log is None:
+            print("interrupted before the run had logged anything: nothing written", file=sys.stderr)
+        else:
+            s = log.interrupted(Path(sys.argv[0]).stem, dataclasses.asdict(args))
+            where = (f"resume with --resume {log.out_dir} (from {s['checkpoint']})" if s["checkpoint"]
+                     else "no checkpoint to resume from (--save-every N writes them)")
+            total = f"/{log.total_steps}" if log.total_steps is not None else ""
+            at = f"at step {s['step']}{total}" if s["step"] is not None else "before its first row"
+            print(f"interrupted {at}: {log.out_dir / 'summary.json'} written; {where}", file=sys.stderr)
+        sys.exit(130)
 
 
 def check(condition: bool, message: str):
@@ -187,20 +219,29 @@ def default_run_dir(script: str, seed: int) -> Path:
 
 # What the scripts write into a run folder, and so what --overwrite may remove: nothing else is
 # ever deleted. (model/: the policy or reward model; value_model/: PPO's value model;
-# reward_model/: the reward-model run that ppo.py trains when none is given; q_network.pt: dqn_maze.)
-RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "model", "value_model", "reward_model", "q_network.pt")
+# value_head.pt: reinforce.py's --baseline value head; reward_model/: the reward-model run that
+# ppo.py trains when none is given; q_network.pt: dqn_maze; checkpoint-<step>/: --save-every, and
+# checkpoint-<step>.tmp/, one that was being written when the run stopped.) Shell patterns.
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "model", "value_model", "value_head.pt", "reward_model",
+               "q_network.pt", "checkpoint-*")
 
 
-def prepare_run_dir(out_dir: str | Path, overwrite: bool) -> Path:
+def prepare_run_dir(out_dir: str | Path, overwrite: bool, resume: Checkpoint | None = None) -> Path:
     """Create the run folder and return it. A folder that already holds a run is refused
     (UsageError), unless `overwrite`: then the earlier run's outputs (RUN_OUTPUTS) are removed, and
     the names of what was removed printed. A folder that holds anything else is refused even with
-    `overwrite`, since those files are not ours to delete."""
+    `overwrite`, since those files are not ours to delete.
+
+    `resume` (--resume, see `resume_run`): the run continues in its own folder. Nothing is
+    removed but the rows of metrics.jsonl after the checkpoint's step, which the run writes again."""
+    if resume is not None:
+        truncate_metrics(resume.run_dir, resume.step)
+        return resume.run_dir
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} exists and is not a folder")
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    unknown = [name for name in present if name not in RUN_OUTPUTS]
+    unknown = [name for name in present if not any(fnmatch.fnmatchcase(name, pat) for pat in RUN_OUTPUTS)]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise UsageError(f"--out-dir {out} holds files that no run writes ({shown}); choose another "
@@ -252,6 +293,231 @@ def lr_scheduler(opt, warmup_steps: int, total_steps: int, schedule: str = "line
         opt, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))
 
 
+#####################################################################################################
+#####  checkpoints: --save-every N, --resume RUN_DIR
+#####################################################################################################
+#
+# A checkpoint is everything that the step after it needs, so that a resumed run takes the same
+# steps as one that was never stopped (on the CPU, bit for bit):
+#
+#   <out-dir>/checkpoint-<step>/
+#       model/              the policy (or reward model) with its tokenizer: save_pretrained, so
+#                           from_pretrained (and --model) loads it; value_model/ too in ppo.py
+#       <name>.pt           the state_dict of any other trained module (reinforce.py's value head)
+#       state.pt            optimiser, scheduler (LambdaLR: last_epoch), GradScaler (float16), the
+#                           RNG states (Python, numpy, torch CPU and CUDA), and the script's own:
+#                           its data-order generator, adaptive coefficients, the figures so far
+#       checkpoint.json     the step, the run's full config, and the seconds it had run
+#
+# It is written as checkpoint-<step>.tmp/ and renamed when complete, so a run stopped while it
+# writes leaves no checkpoint that looks whole. All are kept (TRL's default), unless
+# --save-total-limit K: then the K newest.
+
+RESUME_MAY_CHANGE = ("device", "log_every", "save_every", "save_total_limit")  # nothing else changes a step
+SIGINT_HOOK = "RL_REF_SIGINT_AFTER_STEP"  # for tests: a real SIGINT once this step's row is logged
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint read back by `load_checkpoint`: where it is, its step, and what `save_checkpoint`
+    stored (`state` holds the script's dict, with "rng" and the training state of `training_state`)."""
+    path: Path
+    step: int
+    config: dict
+    state: dict
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+
+def rng_state() -> dict:
+    """The global random states: Python's `random`, numpy's legacy one, torch's CPU generator and
+    every CUDA device's. Plain lists and tensors, so that torch.load(weights_only=True) reads them."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, key.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned (the CUDA states only where CUDA is present)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(opt, sched, prec) -> dict:
+    """The state of the optimiser, the scheduler, the GradScaler (float16) and the global RNGs."""
+    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": prec.scaler.state_dict() if prec.scaler is not None else None, "rng": rng_state()}
+
+
+def restore_training_state(state: dict, opt, sched, prec) -> None:
+    """Put back what `training_state` saved. The optimiser's tensors move to its parameters' device;
+    the RNGs are restored last, so call this just before the first step that the run takes again."""
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if prec.scaler is not None and state["scaler"] is not None:
+        prec.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+
+
+def save_checkpoint(out: Path, step: int, args, models: dict, state: dict, tokenizer=None) -> Path:
+    """Write <out>/checkpoint-<step>/ (see the layout above) and return it. `models`: name -> module;
+    one with `save_pretrained` is saved so (with `tokenizer`), any other as <name>.pt (state_dict).
+    `state`: the script's dict of tensors, numbers, strings, lists and dicts (for torch.load with
+    weights_only=True). Then only the newest --save-total-limit checkpoints are kept."""
+    out = Path(out)
+    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for name, module in models.items():
+            if hasattr(module, "save_pretrained"):
+                module.save_pretrained(tmp / name)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / name)
+            else:
+                torch.save(module.state_dict(), tmp / f"{name}.pt")
+        torch.save(state, tmp / "state.pt")
+        elapsed = RunLogger.active.elapsed() if RunLogger.active is not None else None
+        (tmp / "checkpoint.json").write_text(json.dumps(
+            {"step": step, "elapsed_seconds": elapsed, "config": dataclasses.asdict(args)},
+            indent=2, default=_jsonable))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:  # Ctrl-C or a full disk while writing: leave no half checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    limit = getattr(args, "save_total_limit", None)
+    if limit is not None:
+        for old in checkpoints(out)[:-limit]:
+            shutil.rmtree(old)
+    print(f"step {step}: checkpoint saved in {final}", flush=True)
+    return final
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run folder (checkpoint-<step>/ with its checkpoint.json), by step."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir()
+             and p.name.removeprefix("checkpoint-").isdigit() and (p / "checkpoint.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The last checkpoint of the run in `run_dir`; a UsageError naming --resume when `run_dir` is
+    not a run folder or holds no checkpoint."""
+    run = Path(run_dir).expanduser()
+    check(run.is_dir(), f"--resume {run}: " + ("no such folder" if not run.exists() else "not a folder"))
+    check((run / "metrics.jsonl").is_file(), f"--resume {run}: not a run folder (it has no metrics.jsonl)")
+    found = checkpoints(run)
+    check(len(found) > 0, f"--resume {run}: the run has no checkpoint-<step>/ to resume from "
+                          "(only runs started with --save-every N write them)")
+    return found[-1]
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint folder written by `save_checkpoint` (the tensors onto the CPU; the
+    optimiser's state moves to the device when it is loaded into the optimiser)."""
+    path = Path(path)
+    info = json.loads((path / "checkpoint.json").read_text())
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return Checkpoint(path=path, step=int(info["step"]), config=info["config"], state=state)
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Load trained weights saved by `save_checkpoint` into `module`: a save_pretrained folder
+    (read with the module's own class) or a <name>.pt state_dict."""
+    path = Path(path)
+    if path.is_dir():
+        state = type(module).from_pretrained(path, dtype=torch.float32).state_dict()
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state)
+
+
+def resume_config(args, given: set[str] | None = None):
+    """--resume RUN_DIR: the config to continue with, the one saved in the run's last checkpoint.
+
+    A flag given beside --resume must equal the run's own value, or name one of RESUME_MAY_CHANGE
+    (--device, --log-every, --save-every, --save-total-limit), which change no step of the run;
+    anything else is refused with one line naming the flag. --out-dir may only name the run's own
+    folder. `given`: the fields given on the command line (`given_flags`); None (a caller of
+    `train`): those that differ from their default."""
+    run = Path(args.resume).expanduser()
+    saved = json.loads((latest_checkpoint(run) / "checkpoint.json").read_text())["config"]
+    names = [f.name for f in dataclasses.fields(args)]
+    check(set(saved) == set(names), f"--resume {run}: its checkpoints were written by another script "
+                                    "(their config has other flags)")
+    defaults = type(args)()
+
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    explicit = {n for n in names
+                if (n in given if given is not None else getattr(args, n) != getattr(defaults, n))}
+    if "out_dir" in explicit and args.out_dir is not None:
+        check(Path(args.out_dir).expanduser().resolve() == run.resolve(),
+              f"--out-dir {args.out_dir}: --resume continues the run in its own folder ({run}); "
+              "leave --out-dir out")
+    for n in sorted(explicit - {"resume", "out_dir", *RESUME_MAY_CHANGE}):
+        mine = json.loads(json.dumps(getattr(args, n), default=_jsonable))  # as the checkpoint wrote it
+        check(mine == saved[n], f"{flag(n)} {mine}: the run in {run} was started with {flag(n)} {saved[n]}; "
+                                "with --resume, leave it out or give that value (only "
+                                + ", ".join(map(flag, RESUME_MAY_CHANGE)) + " may change)")
+    changed = {n: getattr(args, n) for n in RESUME_MAY_CHANGE if n in explicit and n in names}
+    return type(args)(**{**saved, **changed, "resume": str(run), "out_dir": str(run)})
+
+
+def resume_run(args):
+    """The start of every `train`: check --save-every and --save-total-limit, and for --resume
+    RUN_DIR return the run's saved config (`resume_config`) and its last checkpoint, else
+    (args, None). The script then loads its models and state from the checkpoint, skips its start
+    evaluation, and takes the steps after the checkpoint's."""
+    check(args.save_every >= 0, f"--save-every must be ≥ 0 (got {args.save_every}; 0: no checkpoints)")
+    check(args.save_total_limit is None or args.save_total_limit >= 1,
+          f"--save-total-limit must be ≥ 1 (got {args.save_total_limit}; none keeps every checkpoint)")
+    if args.resume is None:
+        return args, None
+    args = resume_config(args)
+    ckpt = load_checkpoint(latest_checkpoint(args.resume))
+    print(f"--resume: continuing {ckpt.run_dir} from {ckpt.path.name} (step {ckpt.step} of {args_steps(args)})",
+          flush=True)
+    return args, ckpt
+
+
+def args_steps(args) -> str:
+    """The configured length of a run, for messages: --steps or --max-steps (or its epochs)."""
+    for name in ("steps", "max_steps"):
+        if getattr(args, name, None) is not None:
+            return str(getattr(args, name))
+    return "its configured end"
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the rows of metrics.jsonl after `step` (and a last line cut short by a stop), so that a
+    resumed run appends the steps after its checkpoint once."""
+    path = Path(run_dir) / "metrics.jsonl"
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    tmp.replace(path)
+
+
 def _jsonable(x):
     if isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
         return x.tolist()
@@ -270,15 +536,37 @@ class RunLogger:
     With `total_steps`, each line says how far the run is and when it should end: the ETA is the
     time per step since the first logged row (step 0, after the start evaluation) times the steps
     left, so periodic evaluations are counted in it.
+
+    A resumed run (--resume) appends to the rows that its checkpoint kept: the clock goes on from
+    the last row's time. The logger keeps the first row, the last one and the last with `eval/`
+    figures, for the summary of a run stopped with Ctrl-C (`interrupted`); the one logger of the
+    running script is `RunLogger.active`.
     """
+    active: RunLogger | None = None
 
     def __init__(self, out_dir: Path, quiet: bool = False, total_steps: int | None = None):
         self.out_dir = Path(out_dir)
         self.quiet = quiet
         self.total_steps = total_steps
-        self.t0 = time.time()
         self.first: tuple[int, float] | None = None  # (step, time) of the first row, for the ETA
-        self.file = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        self.rows: dict[str, dict] = {}  # "start", "last_eval", "last": rows, for `interrupted`
+        path, elapsed = self.out_dir / "metrics.jsonl", 0.0
+        if path.is_file():  # --resume: the rows up to the checkpoint
+            for line in path.read_text(encoding="utf-8").splitlines():
+                self._remember(json.loads(line))
+                elapsed = self.rows["last"].get("time", elapsed)
+        self.t0 = time.time() - elapsed
+        self.file = open(path, "a", buffering=1)
+        RunLogger.active = self
+
+    def _remember(self, row: dict) -> None:
+        self.rows.setdefault("start", row)
+        self.rows["last"] = row
+        if row is not self.rows["start"] and any(k.startswith("eval/") for k in row):
+            self.rows["last_eval"] = row
+
+    def elapsed(self) -> float:
+        return round(time.time() - self.t0, 3)
 
     def log(self, step: int, metrics: dict, keys: list[str] | None = None) -> None:
         now = time.time()
@@ -286,6 +574,7 @@ class RunLogger:
             self.first = (step, now)
         row = {"step": step, "time": round(now - self.t0, 3), **metrics}
         self.file.write(json.dumps(row, default=_jsonable) + "\n")
+        self._remember(json.loads(json.dumps(row, default=_jsonable)))
         if not self.quiet and keys != []:  # keys=[]: write the row, print nothing
             shown = keys if keys is not None else list(metrics)
             parts = [f"{k} {_fmt(metrics[k])}" for k in shown if k in metrics]
@@ -298,14 +587,33 @@ class RunLogger:
                 if done > 0:
                     tail += f", ETA {_fmt_seconds(spent / done * max(0, self.total_steps - step))}"
             print(" | ".join([head, *parts, tail]), flush=True)
+        if os.environ.get(SIGINT_HOOK) == str(step):  # tests: Ctrl-C at a known step, as a user's
+            os.kill(os.getpid(), signal.SIGINT)
 
     def summary(self, summary: dict) -> dict:
         with open(self.out_dir / "summary.json", "w") as f:
             json.dump(summary, f, indent=2, default=_jsonable)
         return summary
 
+    def interrupted(self, script: str, config: dict) -> dict:
+        """The summary.json of a run stopped by Ctrl-C: what is known without more work. `step` is
+        the last step logged; `start` its first row (the start evaluation), `last_eval` the latest
+        row with eval/ figures after it, `last` the last row; `checkpoint` the newest checkpoint
+        (what --resume would continue from), or None."""
+        found = checkpoints(self.out_dir)
+        last = self.rows.get("last", {})
+        summary = self.summary({
+            "script": script, "interrupted": True, "step": last.get("step"), "steps": self.total_steps,
+            "start": self.rows.get("start"), "last_eval": self.rows.get("last_eval"), "last": last,
+            "checkpoint": found[-1].name if found else None, "wall_seconds": self.elapsed(),
+            "config": config})
+        self.close()
+        return summary
+
     def close(self):
         self.file.close()
+        if RunLogger.active is self:
+            RunLogger.active = None
 
 
 def run_facts(args, device, t_start: float, train_seconds: float, load_seconds: float) -> dict:

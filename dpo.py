@@ -33,6 +33,8 @@ Run:
     python dpo.py --label-smoothing 0.1               # conservative DPO (labels flipped 10% of the time)
     python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --chat-template --batch-size 8 \\
         --lr 5e-7 --epochs 1 --max-new-tokens 256 --max-length 1024      # one GPU, your own pairs
+    python dpo.py --save-every 100 --out-dir runs/x    # a checkpoint every 100 steps; stopped by
+    python dpo.py --resume runs/x                      # Ctrl-C, it goes on from the last one
 """
 
 from __future__ import annotations
@@ -130,6 +132,16 @@ class Args:
     """steps between printed lines (every step is written to metrics.jsonl) (TRL: logging_steps)"""
     save_model: bool = True
     """save the final policy with save_pretrained into <out-dir>/model"""
+    save_every: int = 0
+    """steps between checkpoints, <out-dir>/checkpoint-<step>/: the policy (save_pretrained), the optimiser, the
+    scheduler, the RNG states and the step, all that --resume needs to continue exactly; 0: none
+    (TRL: save_steps)"""
+    save_total_limit: Optional[int] = None
+    """keep only the newest this many checkpoints; none: keep them all (TRL: save_total_limit)"""
+    resume: Optional[str] = None
+    """RUN_DIR: continue that run from its last checkpoint to its configured end, in its folder, with
+    its saved config; other flags must be left out or equal the run's, except --device,
+    --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
 
 #####################################################################################################
@@ -328,6 +340,7 @@ def validate(args: Args) -> None:
 
 
 def train(args: Args) -> dict:
+    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
     common.seed_everything(args.seed)
@@ -340,7 +353,7 @@ def train(args: Args) -> dict:
     ##### models: the policy π_θ and the frozen reference π_ref, both the SFT policy at the start
     path = common.resolve_model_path(args.model)
     print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
-    policy, tok = common.load_model(path, device)  # float32 weights
+    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # float32 weights
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
     train_pairs, heldout = (common.render_chat(tok, rows, args.chat_template, args.model)
                             for rows in (train_pairs, heldout))
@@ -354,7 +367,8 @@ def train(args: Args) -> dict:
     ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     # the run folder is made only once the flags, the data and the model have all been accepted
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("dpo", args.seed), args.overwrite)
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("dpo", args.seed), args.overwrite,
+                                 resume=ckpt)
     rng = np.random.default_rng(args.seed)
     batches = [(epoch, order[i:i + args.batch_size]) for epoch in range(args.epochs)
                for order in [rng.permutation(len(train_pairs))]
@@ -392,17 +406,25 @@ def train(args: Args) -> dict:
         print(f"--max-length {args.max_length}: cut {cut_train} train and {cut_heldout} held-out pairs to their "
               f"first {args.max_length} tokens; dropped {dropped_train} train and {dropped_heldout} held-out "
               "pairs whose prompt alone is that long (TRL's keep_start)")
-    print(f"evaluating the start policy ({len(heldout)} held-out pairs, {args.eval_samples} samples) …",
-          flush=True)
-    start = evaluate()
-    start_texts = start.pop("texts")
-    log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
-    if gold:
-        print(f"before training: gold reward of samples {start['eval/gold_reward']:+.3f}, "
-              f"held-out pair accuracy {start['eval/heldout_pair_accuracy']:.3f} (ceiling {ceiling:.3f})")
+    if ckpt is None:
+        print(f"evaluating the start policy ({len(heldout)} held-out pairs, {args.eval_samples} samples) …",
+              flush=True)
+        start = evaluate()
+        start_texts = start.pop("texts")
+        log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
+        if gold:
+            print(f"before training: gold reward of samples {start['eval/gold_reward']:+.3f}, "
+                  f"held-out pair accuracy {start['eval/heldout_pair_accuracy']:.3f} (ceiling {ceiling:.3f})")
+        ev, final_texts, step = dict(start), start_texts, 0
+    else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last). The data
+        #####   order is `batches`, drawn again from --seed: the run goes on at batch ckpt.step + 1
+        start, start_texts, ev, final_texts = (ckpt.state[k] for k in ("start", "start_texts", "ev",
+                                                                       "final_texts"))
+        step = ckpt.step
+        common.restore_training_state(ckpt.state, opt, sched, prec)
 
-    ev, t_train = dict(start), time.time()
-    for step, (epoch, idx) in enumerate(batches, 1):
+    t_train = time.time()
+    for step, (epoch, idx) in enumerate(batches[step:], step + 1):
         t0 = time.time()
         batch = [train_pairs[j] for j in idx]
         with prec.autocast():
@@ -441,6 +463,10 @@ def train(args: Args) -> dict:
                 "eval/gold_reward", "eval/kl_to_ref"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == total_steps
                                         or "eval/gold_reward" in metrics) else [])
+        if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
+            common.save_checkpoint(out, step, args, {"model": policy}, {
+                **common.training_state(opt, sched, prec), "start": start, "start_texts": start_texts,
+                "ev": ev, "final_texts": final_texts}, tok)
     train_seconds = time.time() - t_train
 
     ##### save and summarise

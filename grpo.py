@@ -46,6 +46,8 @@ Run:
         --max-new-tokens 6 --overlong-buffer 2      # DAPO's four changes
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --chat-template \\
         --max-new-tokens 256 --prompts-per-step 8 --group-size 8 --lr 1e-6 --beta 0.04  # one GPU
+    python grpo.py --save-every 100 --out-dir runs/x   # a checkpoint every 100 steps; stopped by
+    python grpo.py --resume runs/x                     # Ctrl-C, it goes on from the last one
 """
 
 from __future__ import annotations
@@ -189,6 +191,16 @@ class Args:
     """steps between printed lines (every step is written to metrics.jsonl) (TRL: logging_steps)"""
     save_model: bool = True
     """save the final policy with save_pretrained into <out-dir>/model (TRL: save_strategy)"""
+    save_every: int = 0
+    """steps between checkpoints, <out-dir>/checkpoint-<step>/: the policy (save_pretrained), the
+    optimiser, the scheduler, the RNG states and the step, all that --resume needs to continue
+    exactly; 0: none (TRL: save_steps)"""
+    save_total_limit: Optional[int] = None
+    """keep only the newest this many checkpoints; none: keep them all (TRL: save_total_limit)"""
+    resume: Optional[str] = None
+    """RUN_DIR: continue that run from its last checkpoint to its configured end, in its folder, with
+    its saved config; other flags must be left out or equal the run's, except --device,
+    --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
 
 #####################################################################################################
@@ -493,6 +505,7 @@ def merge_rounds(kept, max_rows: int, pad_id: int):
 
 
 def train(args: Args) -> dict:
+    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
     common.seed_everything(args.seed)
@@ -505,13 +518,14 @@ def train(args: Args) -> dict:
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
     print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
           + " …", flush=True)
-    policy, tok = common.load_model(args.model, device)  # float32 weights
+    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
     common.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     # the run folder is made only once the flags, the data and the model have all been accepted
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("grpo", args.seed), args.overwrite)
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("grpo", args.seed), args.overwrite,
+                                 resume=ckpt)
 
     sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # common.lr_factor
     load_seconds = time.time() - t_start
@@ -537,11 +551,12 @@ def train(args: Args) -> dict:
     log = common.RunLogger(out, total_steps=args.steps)
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)")
-    print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
-    start_acc, start_pass = evaluate(), evaluate_pass_at_k()
-    log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
-    print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
-          + common.pass_text(start_pass))
+    if ckpt is None:
+        print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
+        start_acc, start_pass = evaluate(), evaluate_pass_at_k()
+        log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
+        print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
+              + common.pass_text(start_pass))
 
     G = args.group_size
     rng = np.random.default_rng(args.seed)
@@ -574,8 +589,15 @@ def train(args: Args) -> dict:
         return dict(p_ids=p_ids, p_mask=p_mask, c_ids=c_ids, c_mask=c_mask, texts=texts,
                     finished=finished, answers=answers, scores=scores, shaped=shaped)
 
-    acc, t_train, total_generated, capped_steps = start_acc, time.time(), 0, 0
-    for step in range(1, args.steps + 1):
+    t_train = time.time()
+    if ckpt is None:
+        acc, final_pass, total_generated, capped_steps = start_acc, None, 0, 0
+    else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last)
+        start_acc, start_pass, acc, final_pass, total_generated, capped_steps = (ckpt.state[k] for k in (
+            "start_acc", "start_pass", "acc", "final_pass", "total_generated", "capped_steps"))
+        rng.bit_generator.state = ckpt.state["data_rng"]
+        common.restore_training_state(ckpt.state, opt, sched, prec)
+    for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
         t0 = time.time()
         ##### 1. generate G completions per prompt from π_old (= π_θ right now)
         #####    --dynamic-sampling (DAPO): keep only groups with mixed rewards, draw more prompts
@@ -709,6 +731,11 @@ def train(args: Args) -> dict:
             keys.insert(2, "sampling/generations")
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/accuracy" in metrics) else [])
+        if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
+            common.save_checkpoint(out, step, args, {"model": policy}, {
+                **common.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
+                "start_acc": start_acc, "start_pass": start_pass, "acc": acc, "final_pass": final_pass,
+                "total_generated": total_generated, "capped_steps": capped_steps}, tok)
 
     ##### 6. save and summarise
     train_seconds = time.time() - t_train

@@ -87,6 +87,8 @@ Run:
     python ppo.py --policy-loss trpo                     # TRPO: one natural-gradient step per rollout
     python ppo.py --model PATH/sft --reward-model runs/reward_model__s1__.../model --data pairs.jsonl \\
         --batch-size 64 --mini-batches 4 --micro-batch 8 --lr 1e-6 --max-new-tokens 128   # one GPU
+    python ppo.py --save-every 100 --out-dir runs/x    # a checkpoint every 100 steps; stopped by
+    python ppo.py --resume runs/x                      # Ctrl-C, it goes on from the last one
 """
 
 from __future__ import annotations
@@ -261,6 +263,16 @@ class Args:
     save_model: bool = True
     """save the final policy with save_pretrained into <out-dir>/model (the value model into
     <out-dir>/value_model)"""
+    save_every: int = 0
+    """PPO steps between checkpoints, <out-dir>/checkpoint-<step>/: the policy and the value model
+    (save_pretrained), the optimiser, the scheduler, the RNG states, β and β_pen, and the step, all
+    that --resume needs to continue exactly; 0: none (TRL: save_steps)"""
+    save_total_limit: Optional[int] = None
+    """keep only the newest this many checkpoints; none: keep them all (TRL: save_total_limit)"""
+    resume: Optional[str] = None
+    """RUN_DIR: continue that run from its last checkpoint to its configured end, in its folder, with
+    its saved config; other flags must be left out or equal the run's, except --device,
+    --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
 
 #####################################################################################################
@@ -661,15 +673,19 @@ def value_model_from_reward_model(rm) -> ValueModel:
 #####################################################################################################
 
 
-def default_reward_model(args: Args, out: Path | None) -> Path:
+def default_reward_model(args: Args, out: Path | None, resume: bool = False) -> Path:
     """No --reward-model: for the built-in task (tiny-pref, no --data), the shipped reward model
     `models/tiny-pref-rm` (reward_model.py's defaults on the shipped tiny-pref, seed 1). Otherwise
     train one with reward_model.py's defaults (seed 1) on --model and --data, into
-    <out-dir>/reward_model. Returns the folder of the reward model."""
+    <out-dir>/reward_model (`resume`: the one the run trained there before). Returns the folder of
+    the reward model."""
     if args.model == "tiny-pref" and args.data is None:
         path = Path(common.resolve_model_path("tiny-pref-rm"))
         print(f"no --reward-model given: using the shipped one of the built-in task ({path})")
         return path
+    if resume and (out / "reward_model" / "model").is_dir():
+        print(f"--resume: the reward model this run trained, {out / 'reward_model' / 'model'}")
+        return out / "reward_model" / "model"
     print("no --reward-model given: training one first (reward_model.py, its defaults, seed 1, "
           f"--model {args.model}" + (f", --data {args.data}" if args.data else "") + ")", flush=True)
     run = out / "reward_model"
@@ -703,11 +719,12 @@ def read_ptx_data(path: str) -> list[dict]:
     return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
 
 
-def sft_batches(args: Args, train_pairs: list[dict], seed: int, ptx_rows: list[dict] | None = None):
+def sft_batches(args: Args, train_pairs: list[dict], seed, ptx_rows: list[dict] | None = None):
     """An endless stream of (prompts, completions) for the PPO-ptx term: the --ptx-data rows when
     given; else the SFT policy's own training distribution (the grammar of `common.sample_review`)
-    for the built-in task, or the chosen completions of the --data pairs."""
-    rng = np.random.default_rng(seed)
+    for the built-in task, or the chosen completions of the --data pairs. `seed`: an int, or a
+    numpy Generator, which is then drawn from (so that a checkpoint can save its state)."""
+    rng = np.random.default_rng(seed)  # a Generator comes back as it is
     while True:
         if ptx_rows is not None:
             rows = [ptx_rows[i] for i in rng.integers(len(ptx_rows), size=args.ptx_batch)]
@@ -851,6 +868,7 @@ def validate(args: Args) -> None:
 
 
 def train(args: Args) -> dict:
+    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
     common.seed_everything(args.seed)
@@ -867,27 +885,32 @@ def train(args: Args) -> dict:
     path = common.resolve_model_path(args.model)
     print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
           "models …", flush=True)
-    policy, tok = common.load_model(path, device)  # π_θ, float32 weights
+    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # π_θ, float32 weights
     train_pairs, heldout = (common.render_chat(tok, rows, model=args.model) for rows in (train_pairs, heldout))
     prompts_all = [p["prompt"] for p in train_pairs]  # rows of messages: rendered by the chat template
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("ppo", args.seed), args.overwrite)
+    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("ppo", args.seed), args.overwrite,
+                                 resume=ckpt)
     rm_path = (Path(common.resolve_model_path(args.reward_model)).expanduser() if args.reward_model
-               else default_reward_model(args, out))
+               else default_reward_model(args, out, resume=ckpt is not None))
     rm, rm_tok = rm_lib.load_reward_model(rm_path, device)  # r_φ, frozen
     check_same_vocab(tok, rm_tok, str(rm_path))
     if args.value_init == "reward":
         value = value_model_from_reward_model(rm)  # V_ψ = r_φ's head on every prefix
     else:
         value = ValueModel(copy.deepcopy(policy))  # the SFT policy's LM, head = 0
+    if ckpt:
+        common.load_weights(value.lm, ckpt.path / "value_model")
+        common.load_weights(value.head, ckpt.path / "value_head.pt")
     value.eval()  # no dropout in the value model either
     common.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
     params = [{"params": list(policy.parameters())}, {"params": list(value.parameters())}]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-5)
     sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, "constant")  # warm-up, then flat
-    ptx_data = sft_batches(args, train_pairs, args.seed + 2, ptx_rows) if args.ptx_coef > 0 else None
+    ptx_rng = np.random.default_rng(args.seed + 2)  # the PPO-ptx texts' order
+    ptx_data = sft_batches(args, train_pairs, ptx_rng, ptx_rows) if args.ptx_coef > 0 else None
     load_seconds = time.time() - t_start
 
     @torch.no_grad()
@@ -910,20 +933,29 @@ def train(args: Args) -> dict:
     n_params = sum(p.numel() for p in policy.parameters()) / 1e6
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} ({n_params:.2f}M "
           f"parameters)  |  reward model {rm_path}  |  value model from the {args.value_init}")
-    print(f"evaluating the start policy ({args.eval_samples} samples) …", flush=True)
-    start = evaluate()
-    start_texts = start.pop("texts")
-    log.log(0, {**start, "objective/beta": args.beta})
-    print(f"before training: score {start['eval/score']:+.3f}"
-          + (f", gold reward {start['eval/gold_reward']:+.3f}" if gold else "") + " of samples")
+    if ckpt is None:
+        print(f"evaluating the start policy ({args.eval_samples} samples) …", flush=True)
+        start = evaluate()
+        start_texts = start.pop("texts")
+        log.log(0, {**start, "objective/beta": args.beta})
+        print(f"before training: score {start['eval/score']:+.3f}"
+              + (f", gold reward {start['eval/gold_reward']:+.3f}" if gold else "") + " of samples")
 
     beta, beta_pen, B = args.beta, args.penalty_beta, args.batch_size
     trpo_failures = 0
     mb_size = B // args.mini_batches
     micro = min(args.micro_batch or mb_size, mb_size)
     rng = np.random.default_rng(args.seed)
-    ev, final_texts, t_train = dict(start), start_texts, time.time()
-    for step in range(1, args.steps + 1):
+    t_train = time.time()
+    if ckpt is None:
+        ev, final_texts = dict(start), start_texts
+    else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last)
+        st = ckpt.state
+        start, start_texts, ev, final_texts = st["start"], st["start_texts"], st["ev"], st["final_texts"]
+        beta, beta_pen, trpo_failures = st["beta"], st["beta_pen"], st["trpo_failures"]
+        rng.bit_generator.state, ptx_rng.bit_generator.state = st["data_rng"], st["ptx_rng"]
+        common.restore_training_state(st, opt, sched, prec)
+    for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
         t0 = time.time()
         ##### 1. rollout: one completion per prompt from π_old (= π_θ now)
         prompts = [prompts_all[i] for i in rng.integers(len(prompts_all), size=B)]
@@ -1078,6 +1110,13 @@ def train(args: Args) -> dict:
                 "eval/score", "eval/gold_reward", "eval/kl_to_ref"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/score" in metrics) else [])
+        if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
+            common.save_checkpoint(out, step, args, {"model": policy, "value_model": value.lm,
+                                                     "value_head": value.head}, {
+                **common.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
+                "ptx_rng": ptx_rng.bit_generator.state, "beta": beta, "beta_pen": beta_pen,
+                "trpo_failures": trpo_failures, "start": start, "start_texts": start_texts, "ev": ev,
+                "final_texts": final_texts}, tok)
     train_seconds = time.time() - t_train
 
     ##### 8. save and summarise

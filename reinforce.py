@@ -79,6 +79,8 @@ Run:
     python reinforce.py --model Qwen/Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --chat-template \\
         --max-new-tokens 256 --prompts-per-step 8 --samples-per-prompt 8 --lr 1e-6 \\
         --micro-batch 16 --no-grad-var                   # one GPU
+    python reinforce.py --save-every 100 --out-dir runs/x  # a checkpoint every 100 steps; stopped by
+    python reinforce.py --resume runs/x                    # Ctrl-C, it goes on from the last one
 """
 
 from __future__ import annotations
@@ -184,6 +186,16 @@ class Args:
     """steps between printed lines (every step is written to metrics.jsonl)"""
     save_model: bool = True
     """save the final policy with save_pretrained into <out-dir>/model"""
+    save_every: int = 0
+    """steps between checkpoints, <out-dir>/checkpoint-<step>/: the policy (save_pretrained), the
+    value head, the optimiser, the scheduler, the RNG states and the step, all that --resume needs
+    to continue exactly; 0: none (TRL: save_steps)"""
+    save_total_limit: Optional[int] = None
+    """keep only the newest this many checkpoints; none: keep them all (TRL: save_total_limit)"""
+    resume: Optional[str] = None
+    """RUN_DIR: continue that run from its last checkpoint to its configured end, in its folder, with
+    its saved config; other flags must be left out or equal the run's, except --device,
+    --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
 
 #####################################################################################################
@@ -397,6 +409,7 @@ def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 def train(args: Args) -> dict:
+    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
     common.seed_everything(args.seed)
@@ -409,7 +422,7 @@ def train(args: Args) -> dict:
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
     print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
           + " …", flush=True)
-    policy, tok = common.load_model(args.model, device)  # float32 weights
+    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
     policy.eval()  # no dropout: the log-probs of the loss are those of the policy that sampled
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
     common.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
@@ -418,11 +431,13 @@ def train(args: Args) -> dict:
     head = None  # V_ψ, only for --baseline value: a float32 linear head on detached features
     if args.baseline == "value":
         head = value_head(policy.config.hidden_size, device)
+        if ckpt:
+            common.load_weights(head, ckpt.path / "value_head.pt")
         groups.append({"params": list(head.parameters()), "lr": args.value_lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)  # the schedule scales both groups
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reinforce", args.seed),
-                                 args.overwrite)
+                                 args.overwrite, resume=ckpt)
 
     sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # common.lr_factor
     load_seconds = time.time() - t_start
@@ -450,11 +465,16 @@ def train(args: Args) -> dict:
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
           f"Ψ = {'R(τ)' if args.psi == 'return' else 'G_t'} − b[{args.baseline}], γ = {args.gamma}, "
           f"β = {args.beta}{'' if ref is not None else ' (no reference model)'}")
-    print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
-    start_acc, start_pass = evaluate(), evaluate_pass_at_k()
-    log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
-    print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
-          + common.pass_text(start_pass))
+    if ckpt is None:
+        print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
+        start_acc, start_pass = evaluate(), evaluate_pass_at_k()
+        log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
+        print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
+              + common.pass_text(start_pass))
+        acc, final_pass = start_acc, None
+    else:  # --resume: the figures of the run so far
+        start_acc, start_pass, acc, final_pass = (ckpt.state[k] for k in ("start_acc", "start_pass", "acc",
+                                                                          "final_pass"))
 
     K, n = args.samples_per_prompt, args.prompts_per_step
     B = n * K
@@ -463,8 +483,11 @@ def train(args: Args) -> dict:
     n1 = n // 2 if (args.grad_var and n >= 2) else n
     parts = [(0, n1 * K), (n1 * K, B)] if n1 < n else [(0, B)]
     rng = np.random.default_rng(args.seed)
-    acc, t_train = start_acc, time.time()
-    for step in range(1, args.steps + 1):
+    t_train = time.time()
+    if ckpt:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last)
+        rng.bit_generator.state = ckpt.state["data_rng"]
+        common.restore_training_state(ckpt.state, opt, sched, prec)
+    for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
         t0 = time.time()
         ##### 1. sample K completions of each prompt from π_θ
         rows = [train_rows[i] for i in rng.choice(len(train_rows), n, replace=n > len(train_rows))]
@@ -581,6 +604,11 @@ def train(args: Args) -> dict:
                 "value/explained_variance", "completions/mean_length", "eval/accuracy"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/accuracy" in metrics) else [])
+        if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
+            models = {"model": policy, **({"value_head": head} if head is not None else {})}
+            common.save_checkpoint(out, step, args, models, {
+                **common.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
+                "start_acc": start_acc, "start_pass": start_pass, "acc": acc, "final_pass": final_pass}, tok)
 
     ##### 5. save and summarise
     train_seconds = time.time() - t_train

@@ -36,6 +36,8 @@ Run:
     python reward_model.py --margin 0.5 --center-coef 0.01
     python reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --chat-template \\
         --batch-size 16 --lr 1e-5 --epochs 1 --max-new-tokens 256        # one GPU, your own pairs
+    python reward_model.py --save-every 100 --out-dir runs/x  # a checkpoint every 100 steps; stopped by
+    python reward_model.py --resume runs/x                    # Ctrl-C, it goes on from the last one
 """
 
 from __future__ import annotations
@@ -128,6 +130,16 @@ class Args:
     """steps between printed lines (every step is written to metrics.jsonl) (TRL: logging_steps)"""
     save_model: bool = True
     """save the reward model into <out-dir>/model (the LM's save_pretrained folder + reward_head.safetensors)"""
+    save_every: int = 0
+    """steps between checkpoints, <out-dir>/checkpoint-<step>/: the reward model (its LM by
+    save_pretrained, and its head), the optimiser, the scheduler, the RNG states and the step, all
+    that --resume needs to continue exactly; 0: none (TRL: save_steps)"""
+    save_total_limit: Optional[int] = None
+    """keep only the newest this many checkpoints; none: keep them all (TRL: save_total_limit)"""
+    resume: Optional[str] = None
+    """RUN_DIR: continue that run from its last checkpoint to its configured end, in its folder, with
+    its saved config; other flags must be left out or equal the run's, except --device,
+    --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
 
 #####################################################################################################
@@ -431,6 +443,7 @@ def validate(args: Args) -> None:
 
 
 def train(args: Args) -> dict:
+    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
     common.seed_everything(args.seed)
@@ -451,7 +464,7 @@ def train(args: Args) -> dict:
           "that short; raise it (or pass --max-length none)")
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reward_model", args.seed),
-                                 args.overwrite)
+                                 args.overwrite, resume=ckpt)
     heldout = ranking_pairs(heldout_rows)[: args.eval_size]  # held-out pairs, a ranking as its C(K,2)
     rng = np.random.default_rng(args.seed)
     train_probe = ranking_pairs([train_rows[i] for i in rng.choice(
@@ -496,13 +509,22 @@ def train(args: Args) -> dict:
             m[f"eval/{name}_accuracy"] = float(pair_accuracy(r_c, r_r))
         return m
 
-    start = evaluate()
-    log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
-    print(f"held-out pair accuracy before training: {start['eval/heldout_accuracy']:.3f}"
-          + (f"  (ceiling {ceiling:.3f})" if gold else ""))
+    if ckpt is None:
+        start = evaluate()
+        log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
+        print(f"held-out pair accuracy before training: {start['eval/heldout_accuracy']:.3f}"
+              + (f"  (ceiling {ceiling:.3f})" if gold else ""))
+        ev, step = start, 0
+    else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last). The SFT
+        #####   samples for the normalisation were drawn again above, from the untrained LM; the data
+        #####   order is `batches`, drawn again from --seed: the run goes on at batch ckpt.step + 1
+        common.load_weights(rm.lm, ckpt.path / "model")
+        common.load_weights(rm.head, ckpt.path / "reward_head.pt")
+        start, ev, step = ckpt.state["start"], ckpt.state["ev"], ckpt.step
+        common.restore_training_state(ckpt.state, opt, sched, prec)
 
-    ev, t_train = start, time.time()
-    for step, (epoch, idx) in enumerate(batches, 1):
+    t_train = time.time()
+    for step, (epoch, idx) in enumerate(batches[step:], step + 1):
         t0 = time.time()
         batch = [train_rows[j] for j in idx]
         with prec.autocast():
@@ -540,6 +562,9 @@ def train(args: Args) -> dict:
                 "eval/heldout_accuracy"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == total_steps
                                         or "eval/heldout_accuracy" in metrics) else [])
+        if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
+            common.save_checkpoint(out, step, args, {"model": rm.lm, "reward_head": rm.head}, {
+                **common.training_state(opt, sched, prec), "start": start, "ev": ev}, tok)
     train_seconds = time.time() - t_train
 
     ##### normalise over the SFT samples: (μ, s) = mean and std of r_φ, then r ← (r − μ) / s

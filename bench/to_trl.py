@@ -99,6 +99,11 @@ COMMON_RUN = [  # the flags every script shares
                                        "(use CUDA_VISIBLE_DEVICES=N)"),
     R("dtype", ("bf16", "fp16"), "field", "auto → bf16 on a GPU that supports it, else fp32; float32 → "
                                           "neither; bfloat16 → bf16; float16 → fp16 (weights stay fp32)"),
+    R("save_every", (), "error", "set is an error: to_trl saves the final model only (TRL's save_steps "
+                                 "writes TRL's own checkpoints, which --resume cannot read)"),
+    R("save_total_limit", (), "error", "set is an error (see --save-every)"),
+    R("resume", (), "error", "set is an error: TRL resumes its own checkpoints (trainer.train("
+                             "resume_from_checkpoint=...))"),
 ]
 PREF_STEPS = [  # dpo.py and reward_model.py loop the same way
     R("epochs", ("num_train_epochs", "max_steps"), "field", "max_steps = the script's step count, "
@@ -238,6 +243,9 @@ def lr_factor_fn(total: int, warmup: int, schedule: str = "linear", per: int = 1
 
 def run_fields(a, script: str, world: int) -> dict:
     """output_dir, seed, device and precision: the same for every script."""
+    check(a.save_every == 0 and a.save_total_limit is None and a.resume is None,
+          "--save-every, --save-total-limit, --resume: to_trl saves the final model only, and TRL's "
+          "checkpoints are its own (TRL: save_steps, save_total_limit, resume_from_checkpoint)")
     check(a.device is None or a.device in ("cpu", "cuda", "auto"),
           f"--device {a.device}: under TRL the launcher picks the GPUs; use CUDA_VISIBLE_DEVICES=N "
           "(or accelerate launch --gpu_ids) instead of cuda:N")
