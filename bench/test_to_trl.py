@@ -48,6 +48,12 @@ def test_grpo_fields():
     mu = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--steps", "10", "--mu", "2", "--micro-batch", "32"]))
     assert (mu["max_steps"], mu["num_iterations"], mu["per_device_train_batch_size"],
             mu["gradient_accumulation_steps"]) == (20, 2, 32, 4)
+    # GSPO: the sequence ratio with its own clip range; CISPO: TRL caps the weight at epsilon_high itself
+    gspo = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--mu", "2", "--ratio", "sequence"]))
+    assert (gspo["importance_sampling_level"], gspo["epsilon"], gspo["epsilon_high"]) == ("sequence", 3e-4, 4e-4)
+    cispo = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--mu", "2", "--policy-loss", "cispo",
+                                                             "--loss-agg", "token-mean"]))
+    assert (cispo["loss_type"], cispo["epsilon_high"], cispo["importance_sampling_level"]) == ("cispo", 5.0, "token")
     # 4 processes: 128 / 4 = 32 per process, so that the step's batch stays 128
     four = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--out-dir", "x"]), world=4)
     assert (four["per_device_train_batch_size"], four["gradient_accumulation_steps"]) == (32, 1)
@@ -79,6 +85,10 @@ def test_lr_factor_is_the_scripts_schedule():
     (["grpo.py", "--reward", "process"], "--reward process: TRL's GRPOTrainer has no per-token"),
     (["grpo.py", "--micro-batch", "30"], "--micro-batch 30 must divide the 128 completions"),
     (["grpo.py", "--device", "cuda:1"], "--device cuda:1: under TRL the launcher picks the GPUs"),
+    (["grpo.py", "--mu", "2", "--policy-loss", "cispo"], "--policy-loss cispo: TRL's loss_type=cispo is a token"),
+    (["grpo.py", "--beta", "0.04", "--kl-estimator", "k2"], "--kl-estimator k2: TRL's KL term is k3 only"),
+    (["grpo.py", "--dynamic-sampling"], "--dynamic-sampling: TRL's GRPOTrainer has no dynamic sampling"),
+    (["grpo.py", "--overlong-buffer", "2"], "--overlong-buffer: to_trl does not add TRL's soft overlong"),
     (["dpo.py", "--loss-type", "reference_free"], "--loss-type reference_free: TRL 1.16's DPOTrainer has no"),
     (["dpo.py", "--label-smoothing", "0.1"], "--label-smoothing 0.1: TRL 1.16's sigmoid loss ignores"),
     (["dpo.py", "--beta", "0"], "--beta must be > 0"),  # the script's own validate

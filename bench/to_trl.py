@@ -142,6 +142,20 @@ MAPPING: dict[str, list[Row]] = {
         R("epsilon_high", ("epsilon_high",), "field"),
         R("beta", ("beta", "use_bias_correction_kl"), "field", "use_bias_correction_kl=False: grpo.py's plain k3 KL"),
         R("loss_agg", ("loss_type",), "field", "seq-mean → grpo, token-mean → dapo, constant → dr_grpo"),
+        R("ratio", ("importance_sampling_level",), "field", "token → token, sequence → sequence (GSPO)"),
+        R("gspo_epsilon", ("epsilon",), "field", "with --ratio sequence: epsilon"),
+        R("gspo_epsilon_high", ("epsilon_high",), "field", "with --ratio sequence: epsilon_high"),
+        R("policy_loss", ("loss_type",), "field", "cispo → loss_type=cispo, which is a token mean in TRL: "
+                                                  "--policy-loss cispo needs --loss-agg token-mean (else error)"),
+        R("cispo_epsilon", (), "error", "set is an error: TRL's CISPO clips the weight from above only"),
+        R("cispo_epsilon_high", ("epsilon_high",), "field", "with --policy-loss cispo: epsilon_high = 1 + ε_high "
+                                                            "(TRL's value is the cap itself)"),
+        R("kl_estimator", (), "error", "k3 is TRL's (always); k1 or k2 with --beta > 0 is an error"),
+        R("dynamic_sampling", (), "error", "set is an error: GRPOTrainer has no dynamic sampling"),
+        R("max_sample_rounds", (), "to_trl", "only with --dynamic-sampling (an error here)"),
+        R("overlong_buffer", (), "error", "> 0 is an error: to_trl does not add TRL's "
+                                          "trl.rewards.get_soft_overlong_punishment reward"),
+        R("overlong_penalty", (), "to_trl", "only with --overlong-buffer (an error here)"),
         R("scale_rewards", ("scale_rewards",), "field", "true → group, false → none"),
         R("adv_eps", (), "error", "TRL divides by std + 1e-4, fixed: any other value is an error"),
         R("reward", ("reward_funcs",), "field", "outcome → common.score as TRL's reward function; process is "
@@ -270,6 +284,19 @@ def grpo_fields(a, world: int = 1) -> dict:
                                  "use --reward outcome")
     check(a.adv_eps == TRL_ADV_EPS, f"--adv-eps {a.adv_eps}: TRL divides by std + {TRL_ADV_EPS}, fixed; "
                                     f"use --adv-eps {TRL_ADV_EPS}")
+    check(a.policy_loss != "cispo" or a.loss_agg == "token-mean",
+          "--policy-loss cispo: TRL's loss_type=cispo is a token mean; add --loss-agg token-mean")
+    check(a.cispo_epsilon is None, f"--cispo-epsilon {a.cispo_epsilon}: TRL's CISPO has no lower bound")
+    check(a.beta == 0 or a.kl_estimator == "k3", f"--kl-estimator {a.kl_estimator}: TRL's KL term is k3 only")
+    check(not a.dynamic_sampling, "--dynamic-sampling: TRL's GRPOTrainer has no dynamic sampling")
+    check(a.overlong_buffer == 0, "--overlong-buffer: to_trl does not add TRL's soft overlong punishment "
+                                  "(trl.rewards.get_soft_overlong_punishment) as a reward")
+    if a.ratio == "sequence":  # GSPO: its own clip range
+        eps_low, eps_high = a.gspo_epsilon, a.gspo_epsilon_high
+    elif a.policy_loss == "cispo":  # TRL clamps the weight at epsilon_high itself; grpo.py at 1 + ε_high
+        eps_low, eps_high = a.epsilon, 1.0 + a.cispo_epsilon_high
+    else:
+        eps_low, eps_high = a.epsilon, a.epsilon_high
     B = a.prompts_per_step * a.group_size  # completions per GRPO step, over all processes
     local = per_device(B, world, "--prompts-per-step × --group-size")
     mb = min(a.micro_batch or local, local)  # as grpo.py: a micro-batch larger than the batch is the batch
@@ -281,8 +308,10 @@ def grpo_fields(a, world: int = 1) -> dict:
             "max_completion_length": a.max_new_tokens, "temperature": a.temperature, "top_k": 0, "top_p": 1.0,
             "learning_rate": a.lr, "warmup_steps": a.warmup_steps * a.mu,
             "lr_scheduler_type": "linear" if a.lr_schedule == "linear" else "constant_with_warmup",
-            "num_iterations": a.mu, "epsilon": a.epsilon, "epsilon_high": a.epsilon_high, "beta": a.beta,
-            "use_bias_correction_kl": False, "loss_type": LOSS_AGG[a.loss_agg],
+            "num_iterations": a.mu, "epsilon": eps_low, "epsilon_high": eps_high, "beta": a.beta,
+            "use_bias_correction_kl": False,
+            "loss_type": "cispo" if a.policy_loss == "cispo" else LOSS_AGG[a.loss_agg],
+            "importance_sampling_level": a.ratio,
             "scale_rewards": "group" if a.scale_rewards else "none", "max_grad_norm": a.grad_clip,
             "logging_steps": a.log_every * a.mu}
 
