@@ -26,6 +26,7 @@ import inspect
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -796,7 +797,6 @@ class MixedPrecision:
 
     def autocast(self):
         """A context for forward passes: autocast in the compute dtype (nothing for float32)."""
-        import contextlib
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
@@ -1068,7 +1068,6 @@ def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT) -> tuple[list
 def parse_number(s: str):
     """'1,234' -> 1234, '-3.5' -> -7/2, anything else -> None. An exact `Fraction`, so that two
     long integers that differ in the last digit never compare equal (as floats they could)."""
-    import re
     from fractions import Fraction
     s = s.strip().replace(",", "")
     if len(s) > 200:  # no answer is that long; Python also refuses int() of > 4300 digits
@@ -1097,7 +1096,6 @@ def score(completion, answer: str, finished: bool, strict: bool = True, tokenize
     Not strict (`--data`): the last number in the text (special tokens skipped) counts, GSM8K style
     (`... so the answer is 1,234.`); leading zeros and signs are read as numbers.
     """
-    import re
     if not finished:
         return 0.0
     if tokenizer is not None and isinstance(completion, (list, tuple)) \
