@@ -70,9 +70,10 @@ class Args:
     """--model NAME_OR_PATH: a Hugging Face causal LM folder (or hub name, if cached), or `tiny`,
     the embedded default (the folder models/tiny) (TRL: GRPOTrainer's model)"""
     data: Optional[str] = None
-    """JSONL file with {"prompt", "answer"} lines, or GSM8K as published ({"question", "answer":
-    "<solution> #### 72"}: the number after ####), scored by the last number
-    in the completion; default: the built-in arithmetic task, scored strictly (TRL: train_dataset)"""
+    """JSONL file with {"prompt", "answer"} lines (the prompt a string, or a list of {"role",
+    "content"} messages, rendered with the chat template), or GSM8K as published ({"question",
+    "answer": "<solution> #### 72"}: the number after ####), scored by the last number in the
+    completion; default: the built-in arithmetic task, scored strictly (TRL: train_dataset)"""
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template (for instruct models)"""
     out_dir: Optional[str] = None
