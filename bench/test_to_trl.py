@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -54,6 +55,11 @@ def test_grpo_fields():
     cispo = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--mu", "2", "--policy-loss", "cispo",
                                                              "--loss-agg", "token-mean"]))
     assert (cispo["loss_type"], cispo["epsilon_high"], cispo["importance_sampling_level"]) == ("cispo", 5.0, "token")
+    # DAPO's overlong shaping: TRL's soft punishment as a second reward, weighted by c
+    assert kw["reward_weights"] is None
+    ol = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--max-new-tokens", "6", "--overlong-buffer", "2",
+                                                          "--overlong-penalty", "0.5"]))
+    assert ol["reward_weights"] == [1.0, 0.5]
     # 4 processes: 128 / 4 = 32 per process, so that the step's batch stays 128
     four = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--out-dir", "x"]), world=4)
     assert (four["per_device_train_batch_size"], four["gradient_accumulation_steps"]) == (32, 1)
@@ -88,7 +94,6 @@ def test_lr_factor_is_the_scripts_schedule():
     (["grpo.py", "--mu", "2", "--policy-loss", "cispo"], "--policy-loss cispo: TRL's loss_type=cispo is a token"),
     (["grpo.py", "--beta", "0.04", "--kl-estimator", "k2"], "--kl-estimator k2: TRL's KL term is k3 only"),
     (["grpo.py", "--dynamic-sampling"], "--dynamic-sampling: TRL's GRPOTrainer has no dynamic sampling"),
-    (["grpo.py", "--overlong-buffer", "2"], "--overlong-buffer: to_trl does not add TRL's soft overlong"),
     (["dpo.py", "--loss-type", "reference_free"], "--loss-type reference_free: TRL 1.16's DPOTrainer has no"),
     (["dpo.py", "--label-smoothing", "0.1"], "--label-smoothing 0.1: TRL 1.16's sigmoid loss ignores"),
     (["dpo.py", "--beta", "0"], "--beta must be > 0"),  # the script's own validate
@@ -180,3 +185,12 @@ def test_short_run_logs_and_saves(argv, key, tmp_path):
     assert any("trl/loss" in r for r in rows)  # TRL's own logs
     assert summary["steps"] == 2 and json.loads((out / "summary.json").read_text())["final"][key] is not None
     assert (out / "model" / "config.json").is_file()
+
+
+def test_trl_soft_overlong_punishment_is_grpos_overlong_penalty():
+    # the same DAPO eq. 13 on the same lengths: L_max = 6, L = 2 → 0 up to 4 tokens, −0.5 at 5, −1 at 6
+    from trl.rewards import get_soft_overlong_punishment
+    trl_fn = get_soft_overlong_punishment(max_completion_len=6, soft_punish_cache=2)
+    lengths = list(range(0, 7))
+    ours = grpo.overlong_penalty(torch.tensor(lengths), max_len=6, buffer=2, penalty=1.0).tolist()
+    assert ours == pytest.approx(trl_fn([[1] * n for n in lengths])) and ours[4:] == [0.0, -0.5, -1.0]

@@ -153,9 +153,11 @@ MAPPING: dict[str, list[Row]] = {
         R("kl_estimator", (), "error", "k3 is TRL's (always); k1 or k2 with --beta > 0 is an error"),
         R("dynamic_sampling", (), "error", "set is an error: GRPOTrainer has no dynamic sampling"),
         R("max_sample_rounds", (), "to_trl", "only with --dynamic-sampling (an error here)"),
-        R("overlong_buffer", (), "error", "> 0 is an error: to_trl does not add TRL's "
-                                          "trl.rewards.get_soft_overlong_punishment reward"),
-        R("overlong_penalty", (), "to_trl", "only with --overlong-buffer (an error here)"),
+        R("overlong_buffer", ("reward_funcs",), "field", "> 0 adds TRL's trl.rewards.get_soft_overlong_punishment("
+                                                         "max_new_tokens, L), DAPO eq. 13 on the same lengths "
+                                                         "(completion ids up to the first EOS)"),
+        R("overlong_penalty", ("reward_weights",), "field", "reward_weights = [1, c]: the task score plus c × "
+                                                            "the penalty, summed before the group advantage"),
         R("scale_rewards", ("scale_rewards",), "field", "true → group, false → none"),
         R("adv_eps", (), "error", "TRL divides by std + 1e-4, fixed: any other value is an error"),
         R("reward", ("reward_funcs",), "field", "outcome → common.score as TRL's reward function; process is "
@@ -289,8 +291,6 @@ def grpo_fields(a, world: int = 1) -> dict:
     check(a.cispo_epsilon is None, f"--cispo-epsilon {a.cispo_epsilon}: TRL's CISPO has no lower bound")
     check(a.beta == 0 or a.kl_estimator == "k3", f"--kl-estimator {a.kl_estimator}: TRL's KL term is k3 only")
     check(not a.dynamic_sampling, "--dynamic-sampling: TRL's GRPOTrainer has no dynamic sampling")
-    check(a.overlong_buffer == 0, "--overlong-buffer: to_trl does not add TRL's soft overlong punishment "
-                                  "(trl.rewards.get_soft_overlong_punishment) as a reward")
     if a.ratio == "sequence":  # GSPO: its own clip range
         eps_low, eps_high = a.gspo_epsilon, a.gspo_epsilon_high
     elif a.policy_loss == "cispo":  # TRL clamps the weight at epsilon_high itself; grpo.py at 1 + ε_high
@@ -312,6 +312,8 @@ def grpo_fields(a, world: int = 1) -> dict:
             "use_bias_correction_kl": False,
             "loss_type": "cispo" if a.policy_loss == "cispo" else LOSS_AGG[a.loss_agg],
             "importance_sampling_level": a.ratio,
+            # DAPO's overlong shaping as TRL's second reward function, weighted by c (see build_grpo)
+            "reward_weights": [1.0, a.overlong_penalty] if a.overlong_buffer > 0 else None,
             "scale_rewards": "group" if a.scale_rewards else "none", "max_grad_norm": a.grad_clip,
             "logging_steps": a.log_every * a.mu}
 
@@ -461,7 +463,11 @@ def build_grpo(a, cfg, train_rows, heldout, callbacks=(), out: Path | None = Non
         return res
     cbs = list(callbacks) + ([make_callback(evaluate, a.eval_every, a.mu, a.steps, out)] if out else [])
     opt, sched = exact_schedule(model, a.lr, 0.0, lr_factor_fn(a.steps, a.warmup_steps, a.lr_schedule, a.mu))
-    return GRPOTrainer(model=model, reward_funcs=task_reward(tok, strict), args=cfg, train_dataset=data,
+    rewards = [task_reward(tok, strict)]
+    if a.overlong_buffer > 0:  # r_i + c·R_length(y_i), as grpo.py's shaped reward
+        from trl.rewards import get_soft_overlong_punishment
+        rewards.append(get_soft_overlong_punishment(a.max_new_tokens, a.overlong_buffer))
+    return GRPOTrainer(model=model, reward_funcs=rewards, args=cfg, train_dataset=data,
                        processing_class=tok, optimizers=(opt, sched), callbacks=cbs)
 
 
