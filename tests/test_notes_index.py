@@ -1,4 +1,5 @@
-"""Keeps the README's notes index honest: every function and every test it names must exist.
+"""Keeps the README's notes index honest: every function and every test it names must exist, and
+each row's test must call the row's function (read from the test's source, not imported).
 
 The index is the table between the lines `<!-- notes-index:start -->` and `<!-- notes-index:end -->`
 in README.md. Its code cells hold `file.py:function` (or `file.py:Class.method`), and its test cells
