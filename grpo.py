@@ -487,8 +487,7 @@ def merge_rounds(kept, max_rows: int, pad_id: int):
         return None
     P = max(r["p_ids"].shape[1] for r, _ in parts)
     T = max(r["c_ids"].shape[1] for r, _ in parts)
-    out = {k: [] for k in ("p_ids", "p_mask", "c_ids", "c_mask", "texts", "finished", "answers",
-                           "scores", "shaped")}
+    out = {k: [] for k in ("p_ids", "p_mask", "c_ids", "c_mask", "finished", "answers", "scores", "shaped")}
     for r, idx in parts:
         pp, tt = P - r["p_ids"].shape[1], T - r["c_ids"].shape[1]
         pad = torch.nn.functional.pad
@@ -498,7 +497,7 @@ def merge_rounds(kept, max_rows: int, pad_id: int):
         out["c_mask"].append(pad(r["c_mask"][idx], (0, tt), value=0))
         for k in ("scores", "shaped"):
             out[k].append(r[k][idx])
-        for k in ("texts", "finished", "answers"):
+        for k in ("finished", "answers"):
             out[k].extend(r[k][i] for i in idx.tolist())
     batch = {k: (torch.cat(v)[:max_rows] if isinstance(v[0], torch.Tensor) else v[:max_rows])
              for k, v in out.items()}
@@ -580,15 +579,15 @@ def train(args: Args) -> dict:
         prompts = [prompt_text(r) for r in rows for _ in range(G)]  # groups are consecutive
         answers = [r["answer"] for r in rows for _ in range(G)]
         with prec.autocast():
-            p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
+            p_ids, p_mask, c_ids, c_mask, _, finished = common.generate_text(
                 policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [b, T]
         scores = torch.tensor([common.score(c, a, f, strict, tok)  # scored from the ids, as generated
                                for c, a, f in zip(c_ids.tolist(), answers, finished)], device=device)  # [b]
         # DAPO's soft overlong punishment, on top of the task reward (0 when --overlong-buffer 0)
         shaped = scores + overlong_penalty(c_mask.sum(1), args.max_new_tokens, args.overlong_buffer,
                                            args.overlong_penalty)  # r_i + R_length(y_i)   [b]
-        return dict(p_ids=p_ids, p_mask=p_mask, c_ids=c_ids, c_mask=c_mask, texts=texts,
-                    finished=finished, answers=answers, scores=scores, shaped=shaped)
+        return dict(p_ids=p_ids, p_mask=p_mask, c_ids=c_ids, c_mask=c_mask, finished=finished,
+                    answers=answers, scores=scores, shaped=shaped)
 
     t_train = time.time()
     if ckpt is None:

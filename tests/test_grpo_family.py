@@ -216,8 +216,8 @@ def fake_round(prompts: list[list[int]], completions: list[list[int]], scores: l
     c_ids = torch.tensor([c + [0] * (T - len(c)) for c in completions])  # [b, T]
     c_mask = common.completion_mask(c_ids, 1)
     s = torch.tensor(scores)
-    return dict(p_ids=p_ids, p_mask=p_mask, c_ids=c_ids, c_mask=c_mask, texts=[f"{tag}{i}" for i in range(len(s))],
-                finished=[True] * len(s), answers=[tag] * len(s), scores=s, shaped=s)
+    return dict(p_ids=p_ids, p_mask=p_mask, c_ids=c_ids, c_mask=c_mask, finished=[True] * len(s),
+                answers=[f"{tag}{i}" for i in range(len(s))], scores=s, shaped=s)  # answers tag the rows
 
 
 def test_merge_rounds_pads_and_keeps_whole_groups_in_order():
@@ -233,7 +233,7 @@ def test_merge_rounds_pads_and_keeps_whole_groups_in_order():
     keep_b = mixed_reward_groups(b["shaped"], 2).repeat_interleave(2)  # groups [T, T]
     assert keep_a.tolist() == [False, False, True, True] and keep_b.all()
     batch = merge_rounds([(a, keep_a), (b, keep_b)], 4, 0)
-    assert batch["texts"] == ["a2", "a3", "b0", "b1"] and batch["scores"].tolist() == [1, 0, 1, 0]
+    assert batch["answers"] == ["a2", "a3", "b0", "b1"] and batch["scores"].tolist() == [1, 0, 1, 0]
     assert batch["p_ids"].shape == (4, 3) and batch["c_ids"].shape == (4, 4)
     assert batch["p_ids"][2].tolist() == [0, 0, 4] and batch["p_mask"][2].tolist() == [0, 0, 1]
     assert batch["c_ids"][0].tolist() == [12, 13, 1, 0] and batch["c_mask"][0].tolist() == [1, 1, 1, 0]
