@@ -39,6 +39,7 @@ Run:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -48,7 +49,10 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common import check, masked_sum, sample_and_score  # sample_and_score: the evaluation ppo.py shares
+import harness
+import tasks
+from common import check, masked_sum
+from tasks import sample_and_score  # the evaluation ppo.py shares
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "length_norm", "reference_free")
 PER_TOKEN_AVERAGED = ("ipo", "length_norm")  # these take log-probs averaged over the completion
@@ -320,6 +324,7 @@ def implicit_reward_accuracy(chosen_logps, rejected_logps, ref_chosen, ref_rejec
 
 def validate(args: Args) -> None:
     """Bad flags get one clear line that names the flag."""
+    check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
     check(args.loss_type in LOSS_TYPES,
           f"--loss-type {args.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     check(args.beta > 0, f"--beta must be > 0 (got {args.beta}): it scales the implicit reward")
@@ -340,13 +345,13 @@ def validate(args: Args) -> None:
 
 
 def train(args: Args) -> dict:
-    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
+    args, ckpt = harness.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    train_pairs, heldout = common.load_preferences(args.data)
+    harness.seed_everything(args.seed)
+    device = harness.pick_device(args.device)
+    prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
+    train_pairs, heldout = tasks.load_preferences(args.data)
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
     average = args.loss_type in PER_TOKEN_AVERAGED  # (1/|y|) Σ_t instead of Σ_t
 
@@ -355,7 +360,7 @@ def train(args: Args) -> dict:
     print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # float32 weights
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
-    train_pairs, heldout = (common.render_chat(tok, rows, args.chat_template, args.model)
+    train_pairs, heldout = (tasks.render_chat(tok, rows, args.chat_template, args.model)
                             for rows in (train_pairs, heldout))
     (train_pairs, cut_train, dropped_train), (heldout, cut_heldout, dropped_heldout) = (
         fit_max_length(tok, rows, args.max_length) for rows in (train_pairs, heldout))
@@ -367,7 +372,7 @@ def train(args: Args) -> dict:
     ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     # the run folder is made only once the flags, the data and the model have all been accepted
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("dpo", args.seed), args.overwrite,
+    out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("dpo", args.seed), args.overwrite,
                                  resume=ckpt)
     rng = np.random.default_rng(args.seed)
     batches = [(epoch, order[i:i + args.batch_size]) for epoch in range(args.epochs)
@@ -375,7 +380,7 @@ def train(args: Args) -> dict:
                for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
     total_steps = len(batches)
 
-    sched = common.lr_scheduler(opt, args.warmup_steps, total_steps, "linear")  # warm-up, then linear to 0
+    sched = harness.lr_scheduler(opt, args.warmup_steps, total_steps, "linear")  # warm-up, then linear to 0
 
     ##### the reference log-probs, once, before training (π_ref never changes)
     used = np.unique(np.concatenate([idx for _, idx in batches]))  # the pairs training will see
@@ -397,8 +402,8 @@ def train(args: Args) -> dict:
                 "eval/gold_reward": s["gold_reward"], "eval/kl_to_ref": s["kl_to_ref"],
                 "eval/mean_length": s["mean_length"], "texts": s["texts"]}
 
-    log = common.RunLogger(out, total_steps=total_steps)
-    ceiling = common.ceiling_accuracy(heldout) if gold else None
+    log = harness.RunLogger(out, total_steps=total_steps)
+    ceiling = tasks.ceiling_accuracy(heldout) if gold else None
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
           f"{len(train_pairs)} train pairs, {len(heldout)} held out  |  loss {args.loss_type}, β {args.beta}")
@@ -421,7 +426,7 @@ def train(args: Args) -> dict:
         start, start_texts, ev, final_texts = (ckpt.state[k] for k in ("start", "start_texts", "ev",
                                                                        "final_texts"))
         step = ckpt.step
-        common.restore_training_state(ckpt.state, opt, sched, prec)
+        harness.restore_training_state(ckpt.state, opt, sched, prec)
 
     t_train = time.time()
     for step, (epoch, idx) in enumerate(batches[step:], step + 1):
@@ -434,7 +439,9 @@ def train(args: Args) -> dict:
         loss = losses.mean()
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
-        grad_norm = prec.step(opt, policy.parameters(), max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
+        prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf))  # ‖g‖; g ← g·min(1, c/‖g‖)
+        prec.step(opt)  # AdamW: θ ← θ − lr·Adam(g)
         sched.step()
 
         with torch.no_grad():
@@ -464,13 +471,13 @@ def train(args: Args) -> dict:
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == total_steps
                                         or "eval/gold_reward" in metrics) else [])
         if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            common.save_checkpoint(out, step, args, {"model": policy}, {
-                **common.training_state(opt, sched, prec), "start": start, "start_texts": start_texts,
+            harness.save_checkpoint(out, step, args, {"model": policy}, {
+                **harness.training_state(opt, sched, prec), "start": start, "start_texts": start_texts,
                 "ev": ev, "final_texts": final_texts}, tok)
     train_seconds = time.time() - t_train
 
     ##### save and summarise
-    model_dir = common.save_policy(policy, tok, out, args.save_model)
+    model_dir = harness.save_policy(policy, tok, out, args.save_model)
     summary = log.summary({
         "script": "dpo",
         "loss_type": args.loss_type,
@@ -490,7 +497,7 @@ def train(args: Args) -> dict:
         "examples_after": final_texts[:4],
         "steps": step,
         "model_dir": model_dir,
-        **common.run_facts(args, device, t_start, train_seconds, load_seconds),
+        **harness.run_facts(args, device, t_start, train_seconds, load_seconds),
     })
     log.close()
     print(f"\n=== DPO summary ({out})")
@@ -506,4 +513,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    common.main(Args, train, __doc__)
+    harness.main(Args, train, __doc__)

@@ -70,8 +70,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (RunLogger, UsageError, check, default_run_dir, main, pick_device, prepare_run_dir,
-                    seed_everything)
+from common import UsageError, check
+from harness import RunLogger, default_run_dir, main, pick_device, prepare_run_dir, seed_everything
 
 
 @dataclass

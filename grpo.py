@@ -52,6 +52,7 @@ Run:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -60,6 +61,8 @@ import numpy as np
 import torch
 
 import common
+import harness
+import tasks
 from common import check, masked_mean, masked_sum
 
 
@@ -476,6 +479,7 @@ def validate(args: Args) -> None:
     check(args.adv_eps > 0, f"--adv-eps must be > 0 (got {args.adv_eps})")
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.micro_batch is None or args.micro_batch >= 1, "--micro-batch must be ≥ 1")
+    check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
 
 
 def merge_rounds(kept, max_rows: int, pad_id: int):
@@ -505,13 +509,13 @@ def merge_rounds(kept, max_rows: int, pad_id: int):
 
 
 def train(args: Args) -> dict:
-    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
+    args, ckpt = harness.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    train_rows, heldout = common.load_task(args.data)
+    harness.seed_everything(args.seed)
+    device = harness.pick_device(args.device)
+    prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
+    train_rows, heldout = tasks.load_task(args.data)
     heldout = heldout[: args.eval_size]
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
@@ -521,17 +525,17 @@ def train(args: Args) -> dict:
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
-    common.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
+    tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     # the run folder is made only once the flags, the data and the model have all been accepted
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("grpo", args.seed), args.overwrite,
+    out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("grpo", args.seed), args.overwrite,
                                  resume=ckpt)
 
-    sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # common.lr_factor
+    sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # harness.lr_factor
     load_seconds = time.time() - t_start
 
     def prompt_text(row):
-        return common.chat_prompt(tok, row["prompt"], args.chat_template)  # messages: the chat template
+        return tasks.chat_prompt(tok, row["prompt"], args.chat_template)  # messages: the chat template
     for r in heldout:
         r["text"] = prompt_text(r)
 
@@ -539,24 +543,24 @@ def train(args: Args) -> dict:
 
     def evaluate():
         with prec.autocast():
-            return common.greedy_accuracy(policy, tok, eval_rows, args.max_new_tokens, strict)
+            return tasks.greedy_accuracy(policy, tok, eval_rows, args.max_new_tokens, strict)
 
     def evaluate_pass_at_k():  # pass@1 and pass@G at the sampling temperature, a fixed seed
         if not args.pass_at_k:
             return None
         with prec.autocast():
-            return common.pass_at_k(policy, tok, eval_rows, args.group_size, args.max_new_tokens, strict,
+            return tasks.pass_at_k(policy, tok, eval_rows, args.group_size, args.max_new_tokens, strict,
                                     args.temperature)
 
-    log = common.RunLogger(out, total_steps=args.steps)
+    log = harness.RunLogger(out, total_steps=args.steps)
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)")
     if ckpt is None:
         print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
         start_acc, start_pass = evaluate(), evaluate_pass_at_k()
-        log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
+        log.log(0, {"eval/accuracy": start_acc, **tasks.pass_metrics(start_pass)})
         print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
-              + common.pass_text(start_pass))
+              + tasks.pass_text(start_pass))
 
     G = args.group_size
     rng = np.random.default_rng(args.seed)
@@ -581,7 +585,7 @@ def train(args: Args) -> dict:
         with prec.autocast():
             p_ids, p_mask, c_ids, c_mask, _, finished = common.generate_text(
                 policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [b, T]
-        scores = torch.tensor([common.score(c, a, f, strict, tok)  # scored from the ids, as generated
+        scores = torch.tensor([tasks.score(c, a, f, strict, tok)  # scored from the ids, as generated
                                for c, a, f in zip(c_ids.tolist(), answers, finished)], device=device)  # [b]
         # DAPO's soft overlong punishment, on top of the task reward (0 when --overlong-buffer 0)
         shaped = scores + overlong_penalty(c_mask.sum(1), args.max_new_tokens, args.overlong_buffer,
@@ -596,7 +600,7 @@ def train(args: Args) -> dict:
         start_acc, start_pass, acc, final_pass, total_generated, capped_steps = (ckpt.state[k] for k in (
             "start_acc", "start_pass", "acc", "final_pass", "total_generated", "capped_steps"))
         rng.bit_generator.state = ckpt.state["data_rng"]
-        common.restore_training_state(ckpt.state, opt, sched, prec)
+        harness.restore_training_state(ckpt.state, opt, sched, prec)
     for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
         t0 = time.time()
         ##### 1. generate G completions per prompt from π_old (= π_θ right now)
@@ -639,7 +643,7 @@ def train(args: Args) -> dict:
         rewards = batch["scores"]  # [B] the task's score of each completion
         if args.reward == "process":
             targets = [tok.encode(a, add_special_tokens=False) + [tok.eos_token_id] for a in answers]
-            step_r = common.digit_step_rewards(c_ids, c_mask, targets)  # [B, T]
+            step_r = tasks.digit_step_rewards(c_ids, c_mask, targets)  # [B, T]
             adv = process_advantages(step_r, c_mask, G, args.scale_rewards, args.adv_eps)  # [B, T]
         else:
             adv = group_advantages(batch["shaped"], G, args.scale_rewards, args.adv_eps)  # [B]
@@ -681,7 +685,9 @@ def train(args: Args) -> dict:
                     stats[k] = stats.get(k, 0.0) + float(v) * w_tok
                 if ent is not None:
                     stats["entropy"] = stats.get("entropy", 0.0) + float(masked_mean(ent, c_mask[sl])) * w_tok
-            grad_norm = prec.step(opt, policy.parameters(), max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
+            prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf))  # ‖g‖; g ← g·min(1, c/‖g‖)
+            prec.step(opt)  # AdamW: θ ← θ − lr·Adam(g)
             opt.zero_grad(set_to_none=True)
             if it == 0:
                 first = dict(stats)
@@ -724,7 +730,7 @@ def train(args: Args) -> dict:
             metrics["eval/accuracy"] = acc
         if step == args.steps:
             final_pass = evaluate_pass_at_k()
-            metrics.update(common.pass_metrics(final_pass))
+            metrics.update(tasks.pass_metrics(final_pass))
         keys = ["reward/mean", "reward/frac_zero_std_groups", "kl/ref", "policy/clip_frac",
                 "policy/entropy", "completions/mean_length", "eval/accuracy"]
         if args.dynamic_sampling:
@@ -732,14 +738,14 @@ def train(args: Args) -> dict:
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/accuracy" in metrics) else [])
         if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            common.save_checkpoint(out, step, args, {"model": policy}, {
-                **common.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
+            harness.save_checkpoint(out, step, args, {"model": policy}, {
+                **harness.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
                 "start_acc": start_acc, "start_pass": start_pass, "acc": acc, "final_pass": final_pass,
                 "total_generated": total_generated, "capped_steps": capped_steps}, tok)
 
     ##### 6. save and summarise
     train_seconds = time.time() - t_train
-    model_dir = common.save_policy(policy, tok, out, args.save_model)
+    model_dir = harness.save_policy(policy, tok, out, args.save_model)
     examples = heldout[:4]
     with prec.autocast():
         *_, ex_texts, _ = common.generate_text(policy, tok, [r["text"] for r in examples],
@@ -755,7 +761,7 @@ def train(args: Args) -> dict:
         "completions_per_step": total_generated / args.steps,
         "sample_rounds_capped_steps": capped_steps,
         "model_dir": model_dir,
-        **common.run_facts(args, device, t_start, train_seconds, load_seconds),
+        **harness.run_facts(args, device, t_start, train_seconds, load_seconds),
     })
     log.close()
     print(f"\n=== GRPO summary ({out})")
@@ -771,4 +777,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    common.main(Args, train, __doc__)
+    harness.main(Args, train, __doc__)

@@ -93,7 +93,11 @@ Run:
 
 from __future__ import annotations
 
+import math
 import copy
+import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +108,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
-import reward_model as rm_lib
+import harness
+import tasks
 from common import check, masked_mean
 
 
@@ -686,11 +691,19 @@ def default_reward_model(args: Args, out: Path | None, resume: bool = False) -> 
     if resume and (out / "reward_model" / "model").is_dir():
         print(f"--resume: the reward model this run trained, {out / 'reward_model' / 'model'}")
         return out / "reward_model" / "model"
+    script = Path(__file__).resolve().parent / "reward_model.py"
+    check(script.is_file(), f"no --reward-model given, and no {script} to train one with: pass "
+                            "--reward-model FOLDER (the `model` folder of a reward_model.py run)")
     print("no --reward-model given: training one first (reward_model.py, its defaults, seed 1, "
           f"--model {args.model}" + (f", --data {args.data}" if args.data else "") + ")", flush=True)
     run = out / "reward_model"
-    summary = rm_lib.train(rm_lib.Args(model=args.model, data=args.data, out_dir=str(run),
-                                       overwrite=True, seed=1, device=args.device, dtype=args.dtype))
+    cmd = [sys.executable, str(script), "--model", args.model, "--out-dir", str(run), "--overwrite",
+           "--seed", "1", "--dtype", args.dtype]
+    cmd += (["--data", args.data] if args.data else []) + (["--device", args.device] if args.device else [])
+    done = subprocess.run(cmd)  # its own process: no script imports another, and its memory is freed after
+    check(done.returncode == 0, f"training the reward model failed (reward_model.py exited with "
+                                f"{done.returncode}; its error is above): pass --reward-model FOLDER instead")
+    summary = json.loads((run / "summary.json").read_text())
     print(f"reward model trained: held-out pair accuracy {summary['heldout_accuracy']:.3f}; "
           f"saved in {run / 'model'}")
     return run / "model"
@@ -715,13 +728,13 @@ def read_ptx_data(path: str) -> list[dict]:
                 return (f"{k!r} is empty (the LM loss is on the completion given its prompt; for plain "
                         "pretraining text, put its first words in 'prompt')")
         return None
-    rows = common.read_jsonl(path, required=("prompt", "completion"), flag="--ptx-data", validate=why_bad)
+    rows = tasks.read_jsonl(path, required=("prompt", "completion"), flag="--ptx-data", validate=why_bad)
     return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
 
 
 def sft_batches(args: Args, train_pairs: list[dict], seed, ptx_rows: list[dict] | None = None):
     """An endless stream of (prompts, completions) for the PPO-ptx term: the --ptx-data rows when
-    given; else the SFT policy's own training distribution (the grammar of `common.sample_review`)
+    given; else the SFT policy's own training distribution (the grammar of `tasks.sample_review`)
     for the built-in task, or the chosen completions of the --data pairs. `seed`: an int, or a
     numpy Generator, which is then drawn from (so that a checkpoint can save its state)."""
     rng = np.random.default_rng(seed)  # a Generator comes back as it is
@@ -730,7 +743,7 @@ def sft_batches(args: Args, train_pairs: list[dict], seed, ptx_rows: list[dict] 
             rows = [ptx_rows[i] for i in rng.integers(len(ptx_rows), size=args.ptx_batch)]
             prompts, comps = [r["prompt"] for r in rows], [r["completion"] for r in rows]
         elif args.data is None:
-            prompts, comps = zip(*(common.sample_review(rng) for _ in range(args.ptx_batch)))
+            prompts, comps = zip(*(tasks.sample_review(rng) for _ in range(args.ptx_batch)))
         else:
             rows = [train_pairs[i] for i in rng.integers(len(train_pairs), size=args.ptx_batch)]
             prompts, comps = [r["prompt"] for r in rows], [r["chosen"] for r in rows]
@@ -813,6 +826,7 @@ def set_flat(params: list[torch.Tensor], theta: torch.Tensor) -> None:
 
 def validate(args: Args) -> None:
     """Bad flags get one clear line that names the flag."""
+    check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
     for name in ("steps", "batch_size", "mini_batches", "ppo_epochs", "max_new_tokens", "eval_every",
                  "eval_samples", "log_every", "ptx_batch", "kl_horizon"):
         value = getattr(args, name)
@@ -862,22 +876,22 @@ def validate(args: Args) -> None:
         folder = Path(common.resolve_model_path(args.reward_model)).expanduser()
         check(folder.is_dir(), f"--reward-model {args.reward_model}: no such folder (give the `model` "
                                "folder of a reward_model.py run, or leave the flag out to train one)")
-        check((folder / rm_lib.HEAD_FILE).is_file(),
-              f"--reward-model {args.reward_model}: no {rm_lib.HEAD_FILE} in this folder, so it is not a "
+        check((folder / tasks.HEAD_FILE).is_file(),
+              f"--reward-model {args.reward_model}: no {tasks.HEAD_FILE} in this folder, so it is not a "
               "reward model saved by reward_model.py (give the `model` folder inside its run folder)")
 
 
 def train(args: Args) -> dict:
-    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
+    args, ckpt = harness.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
+    harness.seed_everything(args.seed)
+    device = harness.pick_device(args.device)
+    prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
     check(args.policy_loss != "trpo" or prec.dtype != torch.float16,
           f"--dtype {args.dtype} picked float16 on {device}, and TRPO's gradients are not loss-scaled: "
           "pass --dtype float32 (or bfloat16 where the GPU has it) with --policy-loss trpo")
-    train_pairs, heldout = common.load_preferences(args.data)
+    train_pairs, heldout = tasks.load_preferences(args.data)
     ptx_rows = read_ptx_data(args.ptx_data) if args.ptx_data is not None else None
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
 
@@ -886,29 +900,29 @@ def train(args: Args) -> dict:
     print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
           "models …", flush=True)
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # π_θ, float32 weights
-    train_pairs, heldout = (common.render_chat(tok, rows, model=args.model) for rows in (train_pairs, heldout))
+    train_pairs, heldout = (tasks.render_chat(tok, rows, model=args.model) for rows in (train_pairs, heldout))
     prompts_all = [p["prompt"] for p in train_pairs]  # rows of messages: rendered by the chat template
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("ppo", args.seed), args.overwrite,
+    out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("ppo", args.seed), args.overwrite,
                                  resume=ckpt)
     rm_path = (Path(common.resolve_model_path(args.reward_model)).expanduser() if args.reward_model
                else default_reward_model(args, out, resume=ckpt is not None))
-    rm, rm_tok = rm_lib.load_reward_model(rm_path, device)  # r_φ, frozen
+    rm, rm_tok = tasks.load_reward_model(rm_path, device)  # r_φ, frozen
     check_same_vocab(tok, rm_tok, str(rm_path))
     if args.value_init == "reward":
         value = value_model_from_reward_model(rm)  # V_ψ = r_φ's head on every prefix
     else:
         value = ValueModel(copy.deepcopy(policy))  # the SFT policy's LM, head = 0
     if ckpt:
-        common.load_weights(value.lm, ckpt.path / "value_model")
-        common.load_weights(value.head, ckpt.path / "value_head.pt")
+        harness.load_weights(value.lm, ckpt.path / "value_model")
+        harness.load_weights(value.head, ckpt.path / "value_head.pt")
     value.eval()  # no dropout in the value model either
-    common.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
+    harness.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
     params = [{"params": list(policy.parameters())}, {"params": list(value.parameters())}]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-5)
-    sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, "constant")  # warm-up, then flat
+    sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, "constant")  # warm-up, then flat
     ptx_rng = np.random.default_rng(args.seed + 2)  # the PPO-ptx texts' order
     ptx_data = sft_batches(args, train_pairs, ptx_rng, ptx_rows) if args.ptx_coef > 0 else None
     load_seconds = time.time() - t_start
@@ -924,12 +938,12 @@ def train(args: Args) -> dict:
         """Samples for the held-out prompts (fixed seed): gold reward, score, KL to π_ref and length,
         by the same function as dpo.py's evaluation, so that the two compare."""
         with prec.autocast():
-            s = common.sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1,
+            s = tasks.sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1,
                                         gold, score_fn=score)
         return {"eval/gold_reward": s["gold_reward"], "eval/score": s["score"],
                 "eval/kl_to_ref": s["kl_to_ref"], "eval/mean_length": s["mean_length"], "texts": s["texts"]}
 
-    log = common.RunLogger(out, total_steps=args.steps)
+    log = harness.RunLogger(out, total_steps=args.steps)
     n_params = sum(p.numel() for p in policy.parameters()) / 1e6
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} ({n_params:.2f}M "
           f"parameters)  |  reward model {rm_path}  |  value model from the {args.value_init}")
@@ -954,7 +968,7 @@ def train(args: Args) -> dict:
         start, start_texts, ev, final_texts = st["start"], st["start_texts"], st["ev"], st["final_texts"]
         beta, beta_pen, trpo_failures = st["beta"], st["beta_pen"], st["trpo_failures"]
         rng.bit_generator.state, ptx_rng.bit_generator.state = st["data_rng"], st["ptx_rng"]
-        common.restore_training_state(st, opt, sched, prec)
+        harness.restore_training_state(st, opt, sched, prec)
     for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
         t0 = time.time()
         ##### 1. rollout: one completion per prompt from π_old (= π_θ now)
@@ -1044,11 +1058,13 @@ def train(args: Args) -> dict:
                     ptx_loss = -masked_mean(lp, p_cmask)  # a token mean: −Σ log π over all tokens / #tokens
                     prec.backward(args.ptx_coef * ptx_loss)
                     acc["loss/ptx"] = float(ptx_loss.detach())
-                if args.policy_loss == "trpo":  # the policy has no .grad: AdamW skips it
-                    acc["value/grad_norm"] = prec.step(opt, value.parameters(), max_norm=args.grad_clip)
-                else:
-                    acc["policy/grad_norm"], acc["value/grad_norm"] = prec.step(
-                        opt, policy.parameters(), value.parameters(), max_norm=args.grad_clip)  # each clipped
+                prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
+                if args.policy_loss != "trpo":  # (TRPO: the policy has no .grad, and AdamW skips it)
+                    acc["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                        policy.parameters(), args.grad_clip or math.inf))  # ‖g_θ‖; g ← g·min(1, c/‖g‖)
+                acc["value/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                    value.parameters(), args.grad_clip or math.inf))  # ψ clipped on its own
+                prec.step(opt)  # AdamW: θ, ψ ← θ, ψ − lr·Adam(g)
                 opt.zero_grad(set_to_none=True)
                 for name, val in acc.items():
                     stats.setdefault(name, []).append(val)
@@ -1097,7 +1113,7 @@ def train(args: Args) -> dict:
         if args.policy_loss == "trpo":
             metrics.update({f"trpo/{k}": v for k, v in trpo_info.items()})
         if gold:
-            metrics["objective/gold_reward"] = float(np.mean([common.gold_reward(t) for t in texts]))
+            metrics["objective/gold_reward"] = float(np.mean([tasks.gold_reward(t) for t in texts]))
         if ptx_data is not None:
             metrics["loss/ptx"] = float(np.mean(stats["loss/ptx"]))
         if step % args.eval_every == 0 or step == args.steps:
@@ -1111,16 +1127,16 @@ def train(args: Args) -> dict:
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/score" in metrics) else [])
         if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            common.save_checkpoint(out, step, args, {"model": policy, "value_model": value.lm,
+            harness.save_checkpoint(out, step, args, {"model": policy, "value_model": value.lm,
                                                      "value_head": value.head}, {
-                **common.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
+                **harness.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
                 "ptx_rng": ptx_rng.bit_generator.state, "beta": beta, "beta_pen": beta_pen,
                 "trpo_failures": trpo_failures, "start": start, "start_texts": start_texts, "ev": ev,
                 "final_texts": final_texts}, tok)
     train_seconds = time.time() - t_train
 
     ##### 8. save and summarise
-    model_dir = common.save_policy(policy, tok, out, args.save_model)
+    model_dir = harness.save_policy(policy, tok, out, args.save_model)
     if args.save_model:  # the value model too: its LM folder and its head
         value.lm.save_pretrained(out / "value_model")
         torch.save({"weight": value.head.weight.detach().cpu().reshape(-1),
@@ -1144,7 +1160,7 @@ def train(args: Args) -> dict:
         "examples_after": final_texts[:4],
         "steps": args.steps,
         "model_dir": model_dir,
-        **common.run_facts(args, device, t_start, train_seconds, load_seconds),
+        **harness.run_facts(args, device, t_start, train_seconds, load_seconds),
     })
     log.close()
     print(f"\n=== PPO summary ({out})")
@@ -1159,4 +1175,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    common.main(Args, train, __doc__)
+    harness.main(Args, train, __doc__)

@@ -94,6 +94,8 @@ import numpy as np
 import torch
 
 import common
+import harness
+import tasks
 from common import check, masked_mean, masked_sum
 
 PSI = ("return", "reward-to-go")
@@ -409,13 +411,13 @@ def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 def train(args: Args) -> dict:
-    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
+    args, ckpt = harness.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    train_rows, heldout = common.load_task(args.data)
+    harness.seed_everything(args.seed)
+    device = harness.pick_device(args.device)
+    prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
+    train_rows, heldout = tasks.load_task(args.data)
     heldout = heldout[: args.eval_size]
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
@@ -425,25 +427,25 @@ def train(args: Args) -> dict:
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
     policy.eval()  # no dropout: the log-probs of the loss are those of the policy that sampled
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
-    common.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
+    tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     params = [p for p in policy.parameters() if p.requires_grad]
     groups = [{"params": params}]
     head = None  # V_ψ, only for --baseline value: a float32 linear head on detached features
     if args.baseline == "value":
         head = value_head(policy.config.hidden_size, device)
         if ckpt:
-            common.load_weights(head, ckpt.path / "value_head.pt")
+            harness.load_weights(head, ckpt.path / "value_head.pt")
         groups.append({"params": list(head.parameters()), "lr": args.value_lr})
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)  # the schedule scales both groups
     # the run folder is made only once the flags, the data and the model have all been accepted
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reinforce", args.seed),
+    out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("reinforce", args.seed),
                                  args.overwrite, resume=ckpt)
 
-    sched = common.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # common.lr_factor
+    sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # harness.lr_factor
     load_seconds = time.time() - t_start
 
     def prompt_text(row):
-        return common.chat_prompt(tok, row["prompt"], args.chat_template)  # messages: the chat template
+        return tasks.chat_prompt(tok, row["prompt"], args.chat_template)  # messages: the chat template
     for r in heldout:
         r["text"] = prompt_text(r)
 
@@ -451,16 +453,16 @@ def train(args: Args) -> dict:
 
     def evaluate():
         with prec.autocast():
-            return common.greedy_accuracy(policy, tok, eval_rows, args.max_new_tokens, strict)
+            return tasks.greedy_accuracy(policy, tok, eval_rows, args.max_new_tokens, strict)
 
     def evaluate_pass_at_k():  # pass@1 and pass@K at the sampling temperature, a fixed seed
         if not args.pass_at_k:
             return None
         with prec.autocast():
-            return common.pass_at_k(policy, tok, eval_rows, args.samples_per_prompt, args.max_new_tokens, strict,
+            return tasks.pass_at_k(policy, tok, eval_rows, args.samples_per_prompt, args.max_new_tokens, strict,
                                     args.temperature)
 
-    log = common.RunLogger(out, total_steps=args.steps)
+    log = harness.RunLogger(out, total_steps=args.steps)
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
           f"Ψ = {'R(τ)' if args.psi == 'return' else 'G_t'} − b[{args.baseline}], γ = {args.gamma}, "
@@ -468,9 +470,9 @@ def train(args: Args) -> dict:
     if ckpt is None:
         print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
         start_acc, start_pass = evaluate(), evaluate_pass_at_k()
-        log.log(0, {"eval/accuracy": start_acc, **common.pass_metrics(start_pass)})
+        log.log(0, {"eval/accuracy": start_acc, **tasks.pass_metrics(start_pass)})
         print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
-              + common.pass_text(start_pass))
+              + tasks.pass_text(start_pass))
         acc, final_pass = start_acc, None
     else:  # --resume: the figures of the run so far
         start_acc, start_pass, acc, final_pass = (ckpt.state[k] for k in ("start_acc", "start_pass", "acc",
@@ -486,7 +488,7 @@ def train(args: Args) -> dict:
     t_train = time.time()
     if ckpt:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last)
         rng.bit_generator.state = ckpt.state["data_rng"]
-        common.restore_training_state(ckpt.state, opt, sched, prec)
+        harness.restore_training_state(ckpt.state, opt, sched, prec)
     for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
         t0 = time.time()
         ##### 1. sample K completions of each prompt from π_θ
@@ -501,7 +503,7 @@ def train(args: Args) -> dict:
         T = c_ids.shape[1]
 
         ##### 2. per-token rewards r_t and Ψ_t (no gradient)
-        scores = torch.tensor([common.score(c, a, f, strict, tok)  # scored from the ids, as generated
+        scores = torch.tensor([tasks.score(c, a, f, strict, tok)  # scored from the ids, as generated
                                for c, a, f in zip(c_ids.tolist(), answers, finished)],
                               device=device)  # [B]
         log_ratio = None
@@ -561,11 +563,12 @@ def train(args: Args) -> dict:
             grad_var = split_half_variance(g1, g2, n1, n - n1)  # ≈ tr Cov(ĝ)
             if not math.isfinite(grad_var):  # float16: the gradients overflowed and the step is skipped
                 grad_var = None
-        if head is None:
-            grad_norm = prec.step(opt, params, max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
-        else:  # θ and ψ clipped each on its own, one AdamW step for both
-            grad_norm, v_stats["value/grad_norm"] = prec.step(opt, params, head.parameters(),
-                                                              max_norm=args.grad_clip)
+        prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))  # ‖g‖; g ← g·min(1, c/‖g‖)
+        if head is not None:  # θ and ψ clipped each on its own, one AdamW step for both
+            v_stats["value/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(head.parameters(),
+                                                                                args.grad_clip or math.inf))
+        prec.step(opt)  # AdamW: θ ← θ − lr·Adam(g)
         opt.zero_grad(set_to_none=True)
         sched.step()
 
@@ -599,20 +602,20 @@ def train(args: Args) -> dict:
             metrics["eval/accuracy"] = acc
         if step == args.steps:
             final_pass = evaluate_pass_at_k()
-            metrics.update(common.pass_metrics(final_pass))
+            metrics.update(tasks.pass_metrics(final_pass))
         keys = ["reward/mean", "kl/ref", "psi/second_moment", "policy/grad_var", "policy/entropy",
                 "value/explained_variance", "completions/mean_length", "eval/accuracy"]
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/accuracy" in metrics) else [])
         if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
             models = {"model": policy, **({"value_head": head} if head is not None else {})}
-            common.save_checkpoint(out, step, args, models, {
-                **common.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
+            harness.save_checkpoint(out, step, args, models, {
+                **harness.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
                 "start_acc": start_acc, "start_pass": start_pass, "acc": acc, "final_pass": final_pass}, tok)
 
     ##### 5. save and summarise
     train_seconds = time.time() - t_train
-    model_dir = common.save_policy(policy, tok, out, args.save_model)
+    model_dir = harness.save_policy(policy, tok, out, args.save_model)
     if head is not None and args.save_model:  # V_ψ beside the policy: {"weight": [1, d], "bias": [1]}
         torch.save(head.state_dict(), out / "value_head.pt")
     examples = heldout[:4]
@@ -628,7 +631,7 @@ def train(args: Args) -> dict:
         "steps": args.steps,
         "completions": args.steps * B,
         "model_dir": model_dir,
-        **common.run_facts(args, device, t_start, train_seconds, load_seconds),
+        **harness.run_facts(args, device, t_start, train_seconds, load_seconds),
     })
     log.close()
     print(f"\n=== REINFORCE summary ({out})")
@@ -644,4 +647,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    common.main(Args, train, __doc__)
+    harness.main(Args, train, __doc__)

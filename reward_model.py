@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -53,7 +52,10 @@ import torch
 import torch.nn.functional as F
 
 import common
+import harness
+import tasks
 from common import check
+from tasks import RewardModel, save_reward_model  # r_φ: the LM + a linear head read at the last real token
 
 
 @dataclass
@@ -195,169 +197,6 @@ def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Ten
     return ((r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()).mean()
 
 
-#####################################################################################################
-#####  the reward model: the LM's last hidden state at the last real token, then a linear head
-#####################################################################################################
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position where attention_mask is 1, per row.  [B, L] -> [B]
-
-    The running count of real tokens reaches its maximum at the last real token and stays flat
-    after it; argmax returns the first position of the maximum. Works for left, right and
-    both-sided padding.
-    """
-    return attention_mask.long().cumsum(-1).argmax(-1)  # [B]
-
-
-class RewardModel(torch.nn.Module):
-    """r_φ(x, y): a causal LM's transformer (its LM head unused) and a linear head, d -> 1.
-
-    The head is read at the last real token (see `last_token_index`), the EOS that ends the
-    completion: in a causal LM it is the one position that attends to the whole prompt and
-    completion. Its weight is drawn from N(0, 1/(d+1)), i.e. std 1/√(d+1) (as in OpenAI's
-    summarize-from-feedback reward model), and the bias is 0, so the first rewards are O(1) for
-    hidden states of unit scale. `reward_mean` and `reward_std` (0 and 1 until `normalize` sets
-    them) are applied to every output: r = (w · h + b − μ) / s.
-    """
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm  # the whole causal LM, so that it saves and loads as one (`save_pretrained`)
-        d = lm.config.hidden_size
-        self.head = torch.nn.Linear(d, 1, device=lm.device, dtype=torch.float32)
-        torch.nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))  # std 1/√(d+1)
-        torch.nn.init.zeros_(self.head.bias)
-        self.register_buffer("reward_mean", torch.zeros((), device=lm.device))
-        self.register_buffer("reward_std", torch.ones((), device=lm.device))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask: [B, L], any padding on either side.  -> rewards [B] (float32)
-
-        Position ids come from the attention mask, as in `common.token_logprobs`, so a row's
-        reward does not depend on how much padding it has.
-        """
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
-        h = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state  # [B, L, d]
-        last = last_token_index(attention_mask)  # [B]
-        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # [B, d]
-        with torch.autocast(device_type=h.device.type, enabled=False):  # the head in float32
-            r = self.head(h_last.float()).squeeze(-1)  # r_φ(x, y) = w · h + b   [B]
-        return (r - self.reward_mean) / self.reward_std  # (r − μ) / s   [B]
-
-
-HEAD_FILE = "reward_head.safetensors"  # the scalar head and the normalisation, beside the LM's files
-
-
-def hf_pad_token(tokenizer) -> str | None:
-    """The pad token the saved folder declares. transformers' sequence classifiers read the score at
-    the rightmost token that is not `config.pad_token_id` (`GenericForSequenceClassification`), so a
-    pad token equal to EOS (what `common.load_model` sets when a tokenizer has none) would read one
-    token early, at the last token of the completion. Then an existing special token that is not
-    EOS pads instead (unk, else bos); None if there is none (the rewards then need unpadded rows)."""
-    if tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return tokenizer.pad_token
-    for tok in (tokenizer.unk_token, tokenizer.bos_token):
-        if tok is not None and tokenizer.convert_tokens_to_ids(tok) != tokenizer.eos_token_id:
-            return tok
-    return None
-
-
-def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
-    """Write the format that `load_reward_model` reads, which transformers also loads:
-        folder/  config.json, model.safetensors, tokenizer files   (the LM: `save_pretrained`)
-        folder/reward_head.safetensors   {"weight": [d], "bias": [], "reward_mean": [], "reward_std": []}
-    model.safetensors also holds `score.weight` = w / s [1, d], and config.json `num_labels` 1 (as
-    id2label), a pad token that is not EOS (see `hf_pad_token`) and `reward_offset` = (b − μ) / s.
-    So `AutoModelForSequenceClassification.from_pretrained(folder)` (TRL's reward-model format)
-    gives w · h / s = r_φ(x, y) − reward_offset: its head has no bias, and a final hidden state has
-    no constant component to fold b − μ into. Bradley–Terry only sees differences, so that is the
-    same reward model; add `reward_offset` back for the normalised values (mean 0 on SFT samples).
-    transformers numbers the positions 0, 1, … whatever the padding, where `RewardModel` counts
-    only real tokens: the same for rotary models (Llama, Qwen: only differences of positions
-    matter), but with learned absolute positions (GPT-2) left-padded rows differ; pad on the right.
-    The LM folder also loads on its own with `AutoModelForCausalLM` (e.g. to start a value model)."""
-    import copy
-    import json
-
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    w, b = rm.head.weight.detach().float().cpu().reshape(-1), rm.head.bias.detach().float().cpu().reshape(())
-    mu, sd = rm.reward_mean.detach().float().cpu().reshape(()), rm.reward_std.detach().float().cpu().reshape(())
-    state = {k: v for k, v in rm.lm.state_dict().items() if k != "lm_head.weight"
-             or not rm.lm.config.tie_word_embeddings}  # a tied head is the embedding: saved once
-    with common.quiet_transformers():  # no "Writing model shards" bar
-        rm.lm.save_pretrained(folder, state_dict={**state, "score.weight": (w / sd).reshape(1, -1)})  # w/s  [1, d]
-    pad = hf_pad_token(tokenizer)
-    if pad is None:
-        print(f"note: {folder}: the pad token is the EOS and no other special token can pad, so "
-              "AutoModelForSequenceClassification reads padded rows one token early: give it unpadded rows")
-    tok = tokenizer
-    if pad is not None and pad != tokenizer.pad_token:
-        tok = copy.deepcopy(tokenizer)
-        tok.pad_token = pad
-    tok.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update({"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
-                   "pad_token_id": tok.pad_token_id if pad is not None else config.get("pad_token_id"),
-                   "reward_offset": float((b - mu) / sd)})  # r_φ = r_HF + reward_offset
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({"weight": w.contiguous(), "bias": b.contiguous(), "reward_mean": mu.contiguous(),
-               "reward_std": sd.contiguous()}, str(folder / HEAD_FILE))
-    return folder
-
-
-def _hf_score_weight(folder: Path) -> torch.Tensor | None:
-    """`score.weight` [1, d] of a transformers sequence-classification folder (TRL's reward models),
-    from model.safetensors or the shard that its index names; None if there is none."""
-    import json
-
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    shard = (json.loads(index.read_text())["weight_map"].get("score.weight") if index.is_file()
-             else "model.safetensors")
-    if shard is None or not (folder / shard).is_file():
-        return None
-    with safe_open(str(folder / shard), "pt") as f:
-        return f.get_tensor("score.weight") if "score.weight" in f.keys() else None
-
-
-def load_reward_model(folder: str | Path, device: torch.device | str = "cpu", trainable: bool = False):
-    """(RewardModel, tokenizer) from a folder written by `save_reward_model` (`<out-dir>/model` of
-    reward_model.py), or from a transformers sequence classifier with one label (a TRL reward model:
-    its `score.weight`, bias 0, no normalisation). Frozen and in eval mode unless `trainable`.
-    Outputs are normalised if the run normalised them."""
-    from safetensors.torch import load_file
-
-    folder = Path(common.resolve_model_path(str(folder)))  # `tiny-pref-rm`: the shipped one
-    if (folder / HEAD_FILE).is_file():
-        state = load_file(str(folder / HEAD_FILE))
-    else:
-        score = _hf_score_weight(folder) if folder.is_dir() else None
-        check(score is not None and score.shape[0] == 1,
-              f"{folder}: no {HEAD_FILE} and no one-label `score.weight` here, so this is neither a reward "
-              "model saved by reward_model.py nor a transformers sequence classifier with num_labels 1")
-        state = {"weight": score.float().reshape(-1), "bias": torch.zeros(()), "reward_mean": torch.zeros(()),
-                 "reward_std": torch.ones(())}
-    lm, tok = common.load_model(str(folder), torch.device(device), trainable=True)  # float32
-    rm = RewardModel(lm)
-    check(state["weight"].numel() == lm.config.hidden_size,
-          f"{folder}: {HEAD_FILE} has {state['weight'].numel()} weights, the LM's hidden size is "
-          f"{lm.config.hidden_size}")
-    with torch.no_grad():
-        rm.head.weight.copy_(state["weight"].reshape(1, -1))
-        rm.head.bias.copy_(state["bias"].reshape(1))
-        rm.reward_mean.copy_(state["reward_mean"])
-        rm.reward_std.copy_(state["reward_std"])
-    rm.eval()
-    if not trainable:
-        rm.requires_grad_(False)
-    return rm, tok
-
-
 def score_pairs(rm: RewardModel, tokenizer, pairs: list[dict], device, batch_size: int = 256):
     """Rewards of every pair's chosen and rejected completion: two tensors [N] (no gradient)."""
     r_c, r_r = [], []
@@ -428,6 +267,7 @@ def drop_too_long(tokenizer, rows: list[dict], max_length: int | None) -> tuple[
 
 def validate(args: Args) -> None:
     """Bad flags get one clear line that names the flag."""
+    check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
     for name in ("epochs", "batch_size", "eval_every", "eval_size", "log_every", "max_new_tokens"):
         value = getattr(args, name)
         check(value >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {value})")
@@ -443,27 +283,27 @@ def validate(args: Args) -> None:
 
 
 def train(args: Args) -> dict:
-    args, ckpt = common.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
+    args, ckpt = harness.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
     validate(args)
     t_start = time.time()
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    prec = common.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    train_rows, heldout_rows = common.load_preferences(args.data, rankings=True)  # pairs and/or rankings
+    harness.seed_everything(args.seed)
+    device = harness.pick_device(args.device)
+    prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
+    train_rows, heldout_rows = tasks.load_preferences(args.data, rankings=True)  # pairs and/or rankings
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
 
     ##### the model: the SFT policy's transformer and a fresh scalar head
     print(f"loading --model {args.model} …", flush=True)
     lm, tok = common.load_model(common.resolve_model_path(args.model), device)  # float32 weights
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
-    train_rows, heldout_rows = (common.render_chat(tok, rows, args.chat_template, args.model)
+    train_rows, heldout_rows = (tasks.render_chat(tok, rows, args.chat_template, args.model)
                                 for rows in (train_rows, heldout_rows))
     (train_rows, cut_train), (heldout_rows, cut_heldout) = (drop_too_long(tok, rows, args.max_length)
                                                             for rows in (train_rows, heldout_rows))
     check(train_rows and heldout_rows, f"--max-length {args.max_length}: no training or no held-out row is "
           "that short; raise it (or pass --max-length none)")
     # the run folder is made only once the flags, the data and the model have all been accepted
-    out = common.prepare_run_dir(args.out_dir or common.default_run_dir("reward_model", args.seed),
+    out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("reward_model", args.seed),
                                  args.overwrite, resume=ckpt)
     heldout = ranking_pairs(heldout_rows)[: args.eval_size]  # held-out pairs, a ranking as its C(K,2)
     rng = np.random.default_rng(args.seed)
@@ -477,7 +317,7 @@ def train(args: Args) -> dict:
                for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
     total_steps = len(batches)
 
-    sched = common.lr_scheduler(opt, args.warmup_steps, total_steps, "linear")  # warm-up, then linear to 0
+    sched = harness.lr_scheduler(opt, args.warmup_steps, total_steps, "linear")  # warm-up, then linear to 0
 
     ##### completions from the SFT policy for the normalisation, sampled now, before training
     norm_prompts, norm_texts = [], []
@@ -491,9 +331,9 @@ def train(args: Args) -> dict:
             norm_texts += texts  # an empty text is scored as just its EOS
     load_seconds = time.time() - t_start
 
-    log = common.RunLogger(out, total_steps=total_steps)
-    ceiling = common.ceiling_accuracy(heldout) if gold else None
-    train_ceiling = common.ceiling_accuracy(train_probe) if gold else None
+    log = harness.RunLogger(out, total_steps=total_steps)
+    ceiling = tasks.ceiling_accuracy(heldout) if gold else None
+    train_ceiling = tasks.ceiling_accuracy(train_probe) if gold else None
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters)  |  "
           f"{len(train_rows)} train rows, {len(heldout)} held-out pairs")
@@ -518,10 +358,10 @@ def train(args: Args) -> dict:
     else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last). The SFT
         #####   samples for the normalisation were drawn again above, from the untrained LM; the data
         #####   order is `batches`, drawn again from --seed: the run goes on at batch ckpt.step + 1
-        common.load_weights(rm.lm, ckpt.path / "model")
-        common.load_weights(rm.head, ckpt.path / "reward_head.pt")
+        harness.load_weights(rm.lm, ckpt.path / "model")
+        harness.load_weights(rm.head, ckpt.path / "reward_head.pt")
         start, ev, step = ckpt.state["start"], ckpt.state["ev"], ckpt.step
-        common.restore_training_state(ckpt.state, opt, sched, prec)
+        harness.restore_training_state(ckpt.state, opt, sched, prec)
 
     t_train = time.time()
     for step, (epoch, idx) in enumerate(batches[step:], step + 1):
@@ -539,7 +379,9 @@ def train(args: Args) -> dict:
         loss = bt + args.center_coef * center if args.center_coef > 0 else bt  # L = L_RM + c · center
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
-        grad_norm = prec.step(opt, rm.parameters(), max_norm=args.grad_clip)  # clip ‖g‖, AdamW step
+        prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip or math.inf))  # ‖g‖; g ← g·min(1, c/‖g‖)
+        prec.step(opt)  # AdamW: φ ← φ − lr·Adam(g)
         sched.step()
 
         metrics = {
@@ -563,8 +405,8 @@ def train(args: Args) -> dict:
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == total_steps
                                         or "eval/heldout_accuracy" in metrics) else [])
         if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            common.save_checkpoint(out, step, args, {"model": rm.lm, "reward_head": rm.head}, {
-                **common.training_state(opt, sched, prec), "start": start, "ev": ev}, tok)
+            harness.save_checkpoint(out, step, args, {"model": rm.lm, "reward_head": rm.head}, {
+                **harness.training_state(opt, sched, prec), "start": start, "ev": ev}, tok)
     train_seconds = time.time() - t_train
 
     ##### normalise over the SFT samples: (μ, s) = mean and std of r_φ, then r ← (r − μ) / s
@@ -578,7 +420,7 @@ def train(args: Args) -> dict:
         rm.reward_std.fill_(raw.std().clamp(min=1e-6).item())  # s (Bessel-corrected)
         norm = {"reward_mean": rm.reward_mean.item(), "reward_std": rm.reward_std.item()}
         if gold:  # how well the learned reward tracks the gold reward where PPO will start
-            g = torch.tensor([common.gold_reward(t) for t in norm_texts])  # [N]
+            g = torch.tensor([tasks.gold_reward(t) for t in norm_texts])  # [N]
             norm["gold_correlation"] = float(torch.corrcoef(torch.stack([raw.cpu(), g]))[0, 1])
 
     ##### save and summarise
@@ -597,7 +439,7 @@ def train(args: Args) -> dict:
         **norm,
         "steps": step,
         "model_dir": model_dir,
-        **common.run_facts(args, device, t_start, train_seconds, load_seconds),
+        **harness.run_facts(args, device, t_start, train_seconds, load_seconds),
     })
     log.close()
     print(f"\n=== reward model summary ({out})")
@@ -613,4 +455,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    common.main(Args, train, __doc__)
+    harness.main(Args, train, __doc__)

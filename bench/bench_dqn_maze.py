@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import check, main  # noqa: E402  (needs sys.path above)
+from common import check  # noqa: E402  (needs sys.path above)
+from harness import main  # noqa: E402
 
 
 @dataclass

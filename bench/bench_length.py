@@ -100,18 +100,20 @@ def sample_figures(model_dir: str | Path, k: int = 8, seed: int = 0) -> dict:
     import torch
 
     import common
+
+    import tasks
     from models import build
 
     torch.set_num_threads(1)
     model, tok = common.load_model(str(model_dir), torch.device("cpu"), trainable=False)
-    heldout = common.arithmetic_task()[1]
+    heldout = tasks.arithmetic_task()[1]
     prompts = [r["prompt"] for r in heldout for _ in range(k)]
     answers = [r["answer"] for r in heldout for _ in range(k)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         *_, c_mask, texts, finished = common.generate_text(model, tok, prompts, MAX_NEW_TOKENS)
     lengths = c_mask.sum(1).tolist()  # |y_i|, EOS included
-    right = [common.score(t, a, f) > 0 for t, a, f in zip(texts, answers, finished)]
+    right = [tasks.score(t, a, f) > 0 for t, a, f in zip(texts, answers, finished)]
     wrong = [(t, n) for t, n, ok in zip(texts, lengths, right) if not ok]
     dots = [len(t) - len(t.rstrip(build.RAMBLE)) for t, _ in wrong]  # trailing filler characters
     rambles = [d for d in dots if d > 0]

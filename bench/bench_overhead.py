@@ -33,17 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+
+import harness  # noqa: E402
+
+import tasks  # noqa: E402
 import grpo  # noqa: E402
 
 
 def main(repeats: int = 60):
     args = grpo.Args()
-    common.seed_everything(args.seed)
-    device = common.pick_device(None)
+    harness.seed_everything(args.seed)
+    device = harness.pick_device(None)
     policy, tok = common.load_model("tiny", device)
     policy.eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-9, weight_decay=0.0)  # a step that changes ~nothing
-    train_rows, _ = common.load_task(None)
+    train_rows, _ = tasks.load_task(None)
     G = args.group_size
     rng = np.random.default_rng(0)
     rows = [train_rows[i] for i in rng.choice(len(train_rows), args.prompts_per_step, replace=False)]
@@ -58,7 +62,7 @@ def main(repeats: int = 60):
     T = c_ids.shape[1]
 
     def train_part():  # what grpo.train does after sampling, with μ = 1 and β = 0
-        rewards = torch.tensor([common.score(t, a, f) for t, a, f in zip(texts, answers, finished)])
+        rewards = torch.tensor([tasks.score(t, a, f) for t, a, f in zip(texts, answers, finished)])
         adv = grpo.group_advantages(rewards, G, args.scale_rewards, args.adv_eps)  # [B]
         logp, _ = common.token_logprobs(policy, ids, mask, T, args.temperature, with_entropy=True)
         loss, _ = grpo.grpo_loss(logp, logp.detach(), adv, c_mask, None, 0.0, args.epsilon,

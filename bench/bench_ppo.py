@@ -96,8 +96,9 @@ def best_of_n(ns=(1, 2, 4, 8, 16, 32, 64), n_prompts: int = 500, seed: int = 2) 
     import torch
 
     import common
+
+    import tasks
     import ppo
-    import reward_model as rm_lib
 
     t0 = time.time()
     args = ppo.Args()
@@ -105,8 +106,8 @@ def best_of_n(ns=(1, 2, 4, 8, 16, 32, 64), n_prompts: int = 500, seed: int = 2) 
     device = torch.device("cpu")
     policy, tok = common.load_model("tiny-pref", device, trainable=False)
     rm_path = ppo.default_reward_model(args, None)  # the shipped tiny-pref-rm
-    rm, _ = rm_lib.load_reward_model(rm_path, device)
-    _, heldout = common.load_preferences(None)
+    rm, _ = tasks.load_reward_model(rm_path, device)
+    _, heldout = tasks.load_preferences(None)
     prompts = [heldout[i % len(heldout)]["prompt"] for i in range(n_prompts)]
     N = max(ns)
     scores, golds = np.zeros((n_prompts, N)), np.zeros((n_prompts, N))
@@ -117,7 +118,7 @@ def best_of_n(ns=(1, 2, 4, 8, 16, 32, 64), n_prompts: int = 500, seed: int = 2) 
             ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)
             s = rm(ids, mask) - args.missing_eos_penalty * (~torch.tensor(fin)).float()  # [n_prompts]
             scores[:, k] = s.numpy()
-            golds[:, k] = [common.gold_reward(t) for t in texts]
+            golds[:, k] = [tasks.gold_reward(t) for t in texts]
     rows = []
     for n in ns:
         best = scores[:, :n].argmax(1)  # [n_prompts]

@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import ppo  # noqa: E402  (needs sys.path above)
-from common import check, main  # noqa: E402
+from common import check  # noqa: E402
+from harness import main  # noqa: E402
 
 LOSSES = ("clip", "kl-penalty", "trpo")
 

@@ -47,8 +47,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402  (needs sys.path above)
+
+import harness  # noqa: E402
+
+import tasks  # noqa: E402
 import reinforce  # noqa: E402
-from common import check, main  # noqa: E402
+from common import check  # noqa: E402
+from harness import main  # noqa: E402
 
 VARIANTS = {  # name: (--psi, --baseline)
     "return": ("return", "none"),
@@ -130,13 +135,13 @@ def paired_variance(model_path, ref_path, names: list[str], batches: int, seed: 
         b* = E[‖∇log π‖² R] / E[‖∇log π‖²]
     (a baseline lowers the variance of ĝ only when it is near b*, not near the mean of R)."""
     a = reinforce.Args()  # the defaults: prompts, K, β, γ, temperature
-    common.seed_everything(seed)
+    harness.seed_everything(seed)
     device = torch.device("cpu")
     policy, tok = common.load_model(str(model_path), device)
     policy.eval()
     ref = common.load_model(str(ref_path), device, trainable=False)[0]
     params = [p for p in policy.parameters() if p.requires_grad]
-    train_rows, _ = common.load_task(None)
+    train_rows, _ = tasks.load_task(None)
     rng = np.random.default_rng(seed)
     K = a.samples_per_prompt
     grads = {n: [] for n in names}
@@ -152,7 +157,7 @@ def paired_variance(model_path, ref_path, names: list[str], batches: int, seed: 
             policy, tok, prompts, a.max_new_tokens, a.temperature)  # [B, T]
         ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
         T = c_ids.shape[1]
-        scores = torch.tensor([common.score(t, y, f) for t, y, f in zip(texts, answers, finished)])  # [B]
+        scores = torch.tensor([tasks.score(t, y, f) for t, y, f in zip(texts, answers, finished)])  # [B]
         logp, _ = common.token_logprobs(policy, ids, mask, T, a.temperature)  # [B, T]
         with torch.no_grad():
             ref_logp, _ = common.token_logprobs(ref, ids, mask, T, a.temperature)  # [B, T]

@@ -42,7 +42,7 @@ Where the two differ by definition:
     loss, which has a different gradient; its `sigmoid` ignores ε.
 
 Part (b), training throughput. TRL's DPOTrainer and dpo.py train `tiny-pref` from the SFT policy
-on the built-in pairs (common.load_preferences(None)) with the same β 0.1, sigmoid loss, batch 32
+on the built-in pairs (tasks.load_preferences(None)) with the same β 0.1, sigmoid loss, batch 32
 pairs, torch AdamW(lr 3e-4, weight_decay 0), grad-norm clip 1.0, and the same LambdaLR (10 linear
 warm-up steps, (s+1)/11, then linear decay to 0 at the last step: TRL gets it through
 `optimizers=`), for --steps steps. Pairs per second count the training loop only: model loading,
@@ -119,13 +119,15 @@ def loss_agreement(n_examples: int = 64, T: int = 12, seed: int = 0) -> dict:
     import torch
 
     import common
+
+    import tasks
     import dpo
     from trl import DPOTrainer
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.manual_seed(seed)
     model, tok = common.load_model("tiny-pref", torch.device("cpu"))
-    train, _ = common.load_preferences(None)
+    train, _ = tasks.load_preferences(None)
     trainer = DPOTrainer(model=model, args=trl_config(tempfile.mkdtemp(), 1, seed, False),
                          train_dataset=trl_dataset(train[:8]), processing_class=tok)
     trainer.precompute_ref_logps = True  # the reference log-probs come with the inputs
@@ -230,6 +232,7 @@ def run_ours(a) -> dict:
 
     import common
 
+
     timed_calls, outside = [], [True]
     for name in ("all_pair_logps", "sample_and_score"):  # dpo.train looks them up at call time
         plain = getattr(dpo, name)
@@ -276,10 +279,12 @@ def run_trl(a, precompute: bool) -> dict:
 
     import common
 
+    import tasks
+
     os.environ.setdefault("TQDM_DISABLE", "1")
     t_setup = time.perf_counter()
     model, tok = common.load_model("tiny-pref", torch.device("cpu"))
-    train, _ = common.load_preferences(None)
+    train, _ = tasks.load_preferences(None)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor_fn(a.steps, WARMUP))
 
@@ -322,9 +327,11 @@ def heldout_accuracy(model_dir: str) -> float:
     import torch
 
     import common
+
+    import tasks
     import dpo
     device = torch.device("cpu")
-    _, heldout = common.load_preferences(None)
+    _, heldout = tasks.load_preferences(None)
     ref, tok = common.load_model("tiny-pref", device, trainable=False)
     policy = common.load_model(model_dir, device, trainable=False)[0]
     rc, rr = dpo.all_pair_logps(ref, tok, heldout, device, average=False)

@@ -14,8 +14,8 @@ OMP_NUM_THREADS). Results: bench/results/trl_grpo.json and .md, and the table pr
 
 What is the same in both runs (TRL's name in brackets):
     model           the embedded `tiny` (models/tiny), fp32, loaded with common.load_model
-    task            common.arithmetic_task(): 9,500 train prompts, the same 500 held out
-    reward          common.score(completion, answer, finished, strict=True)
+    task            tasks.arithmetic_task(): 9,500 train prompts, the same 500 held out
+    reward          tasks.score(completion, answer, finished, strict=True)
     G               8 completions per prompt                     [num_generations=8]
     prompts/step    16, so 128 completions per optimiser step    [per_device_train_batch_size=128,
                                                                   gradient_accumulation_steps=1]
@@ -47,9 +47,9 @@ How TRL's reward function knows `finished` (EOS emitted within 4 tokens): TRL 1.
 common.completion_mask). So `finished = ids[-1] == eos_id`; the text TRL passes is the same
 `batch_decode(..., skip_special_tokens=True)` that common.generate_text makes.
 
-Timing. Held-out greedy accuracy (common.greedy_accuracy on all 500 held-out prompts,
+Timing. Held-out greedy accuracy (tasks.greedy_accuracy on all 500 held-out prompts,
 max_new_tokens=4, strict) is measured on both every --eval-every steps; its time is excluded from
-both clocks. grpo.py runs in-process (`grpo.train(grpo.Args(...))`), with common.greedy_accuracy
+both clocks. grpo.py runs in-process (`grpo.train(grpo.Args(...))`), with tasks.greedy_accuracy
 wrapped by a timer (grpo.py is not modified); the clock starts when the start evaluation returns,
 which is where grpo.py starts its training loop. TRL's clock starts at the `on_train_begin`
 callback and evaluations run in `on_step_end`. Model loading and trainer construction are outside
@@ -67,7 +67,7 @@ positions, and left padding shifts all of a row's positions alike).
 
 --profile times the parts of a step of both systems (sampling, of which the generation loop,
 reward, log-prob forward + loss, backward, optimiser step, the rest) by wrapping the functions
-that do them (common.generate_text, common.generate, common.score, common.token_logprobs,
+that do them (common.generate_text, common.generate, tasks.score, common.token_logprobs,
 grpo.grpo_loss; GRPOTrainer._generate, GenerationMixin.generate, GRPOTrainer._calculate_rewards,
 GRPOTrainer._compute_loss; torch's Tensor.backward and optimiser step hooks for both) and writes
 <out>_profile.json/.md.
@@ -140,10 +140,11 @@ def install_timers(system: str) -> None:
     register_optimizer_step_post_hook(post)
     if system == "grpo.py":
         import common
+        import tasks
         import grpo
         common.generate_text = _timer("sampling: tokenize, generate, decode", common.generate_text)
         common.generate = _timer("  of which the generation loop", common.generate)
-        common.score = _timer("reward", common.score)
+        tasks.score = _timer("reward", tasks.score)
         common.token_logprobs = _timer("log-prob forward + loss", common.token_logprobs)
         grpo.grpo_loss = _timer("log-prob forward + loss", grpo.grpo_loss)
     else:
@@ -178,11 +179,11 @@ def profile_table(res: dict) -> str:
 
 
 def run_ours(a) -> dict:
-    import common
+    import tasks
     import grpo
 
     evals = []  # (start, seconds, accuracy, CPU start, CPU seconds) of every greedy_accuracy call
-    plain = common.greedy_accuracy
+    plain = tasks.greedy_accuracy
 
     def timed(*args, **kw):
         t, c = time.perf_counter(), time.process_time()
@@ -191,7 +192,7 @@ def run_ours(a) -> dict:
         IN_EVAL[0] = False
         evals.append((t, time.perf_counter() - t, acc, c, time.process_time() - c))
         return acc
-    common.greedy_accuracy = timed  # grpo.evaluate() looks it up through the module at call time
+    tasks.greedy_accuracy = timed  # grpo.evaluate() looks it up through the module at call time
 
     args = bench_args(a)
     out = Path(args.out_dir)
@@ -224,12 +225,13 @@ def run_trl(a) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig
 
-    import common
+
+    import tasks
     import to_trl
 
     t_setup = time.perf_counter()
     args = bench_args(a)
-    train_rows, heldout = common.arithmetic_task()
+    train_rows, heldout = tasks.arithmetic_task()
     # the mapping of bench/to_trl.py; the bench logs every 10 steps to the child's stdout, no tqdm
     cfg = GRPOConfig(**{**to_trl.grpo_fields(args), "logging_steps": 10, "disable_tqdm": True})
 
@@ -240,7 +242,7 @@ def run_trl(a) -> dict:
         def evaluate(self, step, mdl):
             t, c = time.perf_counter(), time.process_time()
             IN_EVAL[0] = True
-            acc = common.greedy_accuracy(mdl, trainer.processing_class, heldout, max_new_tokens=MAX_NEW, strict=True)
+            acc = tasks.greedy_accuracy(mdl, trainer.processing_class, heldout, max_new_tokens=MAX_NEW, strict=True)
             IN_EVAL[0] = False
             dt, dc = time.perf_counter() - t, time.process_time() - c
             train = 0.0 if step == 0 else t - self.t0 - self.spent

@@ -19,6 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import to_trl  # noqa: E402
 
 import common  # noqa: E402  (to_trl puts the repository root on the path)
+
+import harness  # noqa: E402
+
+import tasks  # noqa: E402
 import dpo  # noqa: E402
 import grpo  # noqa: E402
 import reward_model  # noqa: E402
@@ -38,43 +42,43 @@ def test_check_reports_a_renamed_field_and_a_new_flag(monkeypatch):
 
 
 def test_grpo_fields():
-    kw = to_trl.grpo_fields(common.parse_args(grpo.Args, []))
+    kw = to_trl.grpo_fields(harness.parse_args(grpo.Args, []))
     # grpo.py's defaults: 16 prompts × G 8 = 128 completions per step, one micro-batch
     assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"], kw["num_generations"]) == (128, 1, 8)
     assert (kw["loss_type"], kw["scale_rewards"], kw["max_steps"], kw["beta"]) == ("grpo", "group", 2000, 0.0)
     assert kw["use_bias_correction_kl"] is False and kw["activation_checkpointing"] is False
-    dr = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--loss-agg", "constant", "--no-scale-rewards"]))
+    dr = to_trl.grpo_fields(harness.parse_args(grpo.Args, ["--loss-agg", "constant", "--no-scale-rewards"]))
     assert (dr["loss_type"], dr["scale_rewards"]) == ("dr_grpo", "none")  # Dr. GRPO
     # μ = 2: TRL counts optimiser steps, so 10 GRPO steps are 20; micro-batch 32 of 128 → 4 accumulated
-    mu = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--steps", "10", "--mu", "2", "--micro-batch", "32"]))
+    mu = to_trl.grpo_fields(harness.parse_args(grpo.Args, ["--steps", "10", "--mu", "2", "--micro-batch", "32"]))
     assert (mu["max_steps"], mu["num_iterations"], mu["per_device_train_batch_size"],
             mu["gradient_accumulation_steps"]) == (20, 2, 32, 4)
     # GSPO: the sequence ratio with its own clip range; CISPO: TRL caps the weight at epsilon_high itself
-    gspo = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--mu", "2", "--ratio", "sequence"]))
+    gspo = to_trl.grpo_fields(harness.parse_args(grpo.Args, ["--mu", "2", "--ratio", "sequence"]))
     assert (gspo["importance_sampling_level"], gspo["epsilon"], gspo["epsilon_high"]) == ("sequence", 3e-4, 4e-4)
-    cispo = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--mu", "2", "--policy-loss", "cispo",
+    cispo = to_trl.grpo_fields(harness.parse_args(grpo.Args, ["--mu", "2", "--policy-loss", "cispo",
                                                              "--loss-agg", "token-mean"]))
     assert (cispo["loss_type"], cispo["epsilon_high"], cispo["importance_sampling_level"]) == ("cispo", 5.0, "token")
     # DAPO's overlong shaping: TRL's soft punishment as a second reward, weighted by c
     assert kw["reward_weights"] is None
-    ol = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--max-new-tokens", "6", "--overlong-buffer", "2",
+    ol = to_trl.grpo_fields(harness.parse_args(grpo.Args, ["--max-new-tokens", "6", "--overlong-buffer", "2",
                                                           "--overlong-penalty", "0.5"]))
     assert ol["reward_weights"] == [1.0, 0.5]
     # 4 processes: 128 / 4 = 32 per process, so that the step's batch stays 128
-    four = to_trl.grpo_fields(common.parse_args(grpo.Args, ["--out-dir", "x"]), world=4)
+    four = to_trl.grpo_fields(harness.parse_args(grpo.Args, ["--out-dir", "x"]), world=4)
     assert (four["per_device_train_batch_size"], four["gradient_accumulation_steps"]) == (32, 1)
 
 
 def test_pref_fields():
     # 4,000 built-in pairs / 32 = 125 steps per epoch, 2 epochs = 250; --max-steps cuts it
-    kw = to_trl.dpo_fields(common.parse_args(dpo.Args, ["--loss-type", "length_norm"]), 4000)
+    kw = to_trl.dpo_fields(harness.parse_args(dpo.Args, ["--loss-type", "length_norm"]), 4000)
     assert (kw["max_steps"], kw["loss_type"], kw["max_length"], kw["precompute_ref_log_probs"]) == \
         (250, ["sigmoid_norm"], 1024, True)  # --max-length: the scripts' default is TRL's, 1024
-    kw = to_trl.reward_fields(common.parse_args(reward_model.Args, ["--no-normalize", "--max-steps", "7"]), 4000)
+    kw = to_trl.reward_fields(harness.parse_args(reward_model.Args, ["--no-normalize", "--max-steps", "7"]), 4000)
     assert (kw["max_steps"], kw["center_rewards_coefficient"], kw["max_length"]) == (7, None, 1024)
-    assert to_trl.dpo_fields(common.parse_args(dpo.Args, ["--max-length", "none"]), 4000)["max_length"] is None
+    assert to_trl.dpo_fields(harness.parse_args(dpo.Args, ["--max-length", "none"]), 4000)["max_length"] is None
     with pytest.raises(common.UsageError, match="--chat-template"):
-        to_trl.dpo_fields(common.parse_args(dpo.Args, ["--chat-template"]), 4000)
+        to_trl.dpo_fields(harness.parse_args(dpo.Args, ["--chat-template"]), 4000)
 
 
 def test_lr_factor_is_the_scripts_schedule():
@@ -118,7 +122,7 @@ def test_several_processes_keep_the_step_batch(argv, says, capsys, monkeypatch):
 
 
 def test_bad_flag_is_the_scripts_error(capsys):
-    for run in (lambda argv: common.parse_args(grpo.Args, argv), lambda argv: to_trl.main(["grpo.py", *argv])):
+    for run in (lambda argv: harness.parse_args(grpo.Args, argv), lambda argv: to_trl.main(["grpo.py", *argv])):
         with pytest.raises(SystemExit) as e:
             run(["--group-size", "eight"])
         assert e.value.code == 2
@@ -127,7 +131,7 @@ def test_bad_flag_is_the_scripts_error(capsys):
 
 
 def test_cosmetic_flag_warns(capsys):
-    to_trl.reward_fields(common.parse_args(reward_model.Args, []), 4000)  # --normalize is the default
+    to_trl.reward_fields(harness.parse_args(reward_model.Args, []), 4000)  # --normalize is the default
     err = capsys.readouterr().err
     assert err.startswith("warning: --normalize") and err.count("\n") == 1
 
@@ -152,8 +156,8 @@ def test_bad_data_or_model_leaves_no_folder(tmp_path):
 
 def test_trl_tokenizes_pairs_as_the_scripts_do(tmp_path):
     # prompt, then completion + EOS: TRL's ids for the joined text are the ids the scripts score
-    a = common.parse_args(reward_model.Args, ["--no-normalize", "--max-steps", "1", "--out-dir", str(tmp_path)])
-    train, heldout = common.load_preferences(None)
+    a = harness.parse_args(reward_model.Args, ["--no-normalize", "--max-steps", "1", "--out-dir", str(tmp_path)])
+    train, heldout = tasks.load_preferences(None)
     train = train[:16]
     from trl import RewardConfig
     cfg = RewardConfig(**to_trl.reward_fields(a, len(train)))

@@ -1,6 +1,6 @@
 """The README's TRL column, runnable: a script's own flags, trained by TRL's trainer on the project's task.
 
-    python bench/to_trl.py grpo.py [grpo.py's flags]            # GRPOTrainer, arithmetic + common.score
+    python bench/to_trl.py grpo.py [grpo.py's flags]            # GRPOTrainer, arithmetic + tasks.score
     python bench/to_trl.py dpo.py [dpo.py's flags]              # DPOTrainer, the preference pairs
     python bench/to_trl.py reward_model.py [its flags]          # RewardTrainer, the preference pairs
     python bench/to_trl.py --dry-run grpo.py --loss-agg constant --no-scale-rewards   # print the config only
@@ -15,7 +15,7 @@ It runs in the bench virtual environment (TRL is a bench-only dependency):
     python3 -m venv bench/.venv && bench/.venv/bin/pip install -r requirements.txt -r bench/requirements.txt
     HF_HUB_OFFLINE=1 bench/.venv/bin/python bench/to_trl.py grpo.py --steps 20
 
-The flags are parsed by the script's own `Args` (common.parse_args), so the defaults, `--help` and
+The flags are parsed by the script's own `Args` (harness.parse_args), so the defaults, `--help` and
 the errors of a bad flag are the script's; the script's `validate` runs too. Each flag then becomes
 a field of the TRL config (GRPOConfig, DPOConfig, RewardConfig), or something that this file does
 itself (the data, the run folder, the exact learning-rate schedule, the script's evaluation), or a
@@ -27,7 +27,7 @@ built configs construct.
 
 What is the same as the script (see bench/bench_trl_grpo.py for a measured GRPO side by side):
 the model (loaded with common.load_model, float32 weights, autocast through bf16/fp16), the data
-(common.load_task, common.load_preferences), the reward (common.score), the optimiser (torch
+(tasks.load_task, tasks.load_preferences), the reward (tasks.score), the optimiser (torch
 AdamW, weight decay as the script's, grad-norm clip) and the learning-rate schedule: the scripts
 warm up as (s+1)/(w+1), HF's schedules start at 0, so the exact LambdaLR goes to the trainer through
 `optimizers=` (the config's lr_scheduler_type and warmup_steps are set to the nearest HF schedule,
@@ -39,7 +39,7 @@ What differs, by construction: the random streams (prompt order, samples, data o
 generation (HF `generate`), and in reward_model.py the head (TRL: AutoModelForSequenceClassification,
 a bias-free `score` head drawn from N(0, initializer_range²); reward_model.py: a head with a bias,
 N(0, 1/(d+1))). The saved model is TRL's (`save_model` into <out-dir>/model): for reward_model.py a
-sequence-classification folder, which reward_model.load_reward_model does not read.
+sequence-classification folder, which tasks.load_reward_model does not read.
 
 Several GPUs: `accelerate launch --num_processes N bench/to_trl.py SCRIPT ...`, or
 `torchrun --nproc_per_node N bench/to_trl.py SCRIPT ...` (which also runs N processes on the CPU,
@@ -67,6 +67,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+
+import harness  # noqa: E402
+
+import tasks  # noqa: E402
 from common import UsageError, check  # noqa: E402
 
 SCRIPTS = {"grpo": "GRPOConfig", "dpo": "DPOConfig", "reward_model": "RewardConfig"}
@@ -93,7 +97,7 @@ R = Row
 COMMON_RUN = [  # the flags every script shares
     R("out_dir", ("output_dir",), "field", "default runs/trl_<script>__s<seed>__<time>; required with several "
                                           "processes"),
-    R("overwrite", (), "to_trl", "the script's rule (common.prepare_run_dir)"),
+    R("overwrite", (), "to_trl", "the script's rule (harness.prepare_run_dir)"),
     R("seed", ("seed",), "field"),
     R("device", ("use_cpu",), "field", "cpu → use_cpu=True; cuda: the launcher's GPUs; cuda:N is an error "
                                        "(use CUDA_VISIBLE_DEVICES=N)"),
@@ -122,7 +126,7 @@ MAPPING: dict[str, list[Row]] = {
     "grpo": [
         R("model", (), "to_trl", "common.load_model, passed as the instance; TRL builds the β > 0 reference "
                                  "from the same folder"),
-        R("data", (), "to_trl", "common.load_task rows {prompt, answer}; `answer` reaches the reward function"),
+        R("data", (), "to_trl", "tasks.load_task rows {prompt, answer}; `answer` reaches the reward function"),
         R("chat_template", (), "to_trl", "the prompt goes in as [{role: user, content}], which TRL renders with "
                                          "the tokenizer's chat template (add_generation_prompt)"),
         *COMMON_RUN,
@@ -160,15 +164,15 @@ MAPPING: dict[str, list[Row]] = {
                                                             "the penalty, summed before the group advantage"),
         R("scale_rewards", ("scale_rewards",), "field", "true → group, false → none"),
         R("adv_eps", (), "error", "TRL divides by std + 1e-4, fixed: any other value is an error"),
-        R("reward", ("reward_funcs",), "field", "outcome → common.score as TRL's reward function; process is "
+        R("reward", ("reward_funcs",), "field", "outcome → tasks.score as TRL's reward function; process is "
                                                 "an error (TRL has no per-token advantages)"),
         R("grad_clip", ("max_grad_norm",), "field", "0 disables clipping in both"),
         R("micro_batch", ("per_device_train_batch_size", "gradient_accumulation_steps"), "field",
           "per_device_train_batch_size = micro_batch; it must divide B / processes (grpo.py allows a "
           "ragged last micro-batch, TRL does not: error)"),
-        R("eval_every", (), "to_trl", "callback: common.greedy_accuracy every N GRPO steps → eval/accuracy"),
+        R("eval_every", (), "to_trl", "callback: tasks.greedy_accuracy every N GRPO steps → eval/accuracy"),
         R("eval_size", (), "to_trl", "held-out prompts of that evaluation"),
-        R("pass_at_k", (), "to_trl", "callback: common.pass_at_k before and after training"),
+        R("pass_at_k", (), "to_trl", "callback: tasks.pass_at_k before and after training"),
         R("log_every", ("logging_steps",), "field", "× mu"),
         R("save_model", (), "to_trl", "trainer.save_model(<out-dir>/model)"),
     ],
@@ -177,7 +181,7 @@ MAPPING: dict[str, list[Row]] = {
           "reference is the same weights; precompute_ref_log_probs=True on one process (once, before "
           "training, as dpo.py), False on several (TRL's cache of them is per process: a reference "
           "forward pass every step instead)"),
-        R("data", (), "to_trl", "common.load_preferences; a space joins prompt and completion where neither "
+        R("data", (), "to_trl", "tasks.load_preferences; a space joins prompt and completion where neither "
                                 "has one (TRL tokenizes prompt + completion as one string)"),
         *COMMON_RUN,
         R("max_length", ("max_length",), "field", "TRL's keep_start truncation, as dpo.py; none → None"),
@@ -198,7 +202,7 @@ MAPPING: dict[str, list[Row]] = {
     "reward_model": [
         R("model", (), "to_trl", "AutoModelForSequenceClassification(num_labels=1) from the same folder "
                                  "(a bias-free score head, HF's init)"),
-        R("data", (), "to_trl", "common.load_preferences, joined as for dpo.py; TRL appends EOS, as "
+        R("data", (), "to_trl", "tasks.load_preferences, joined as for dpo.py; TRL appends EOS, as "
                                 "reward_model.py does"),
         *COMMON_RUN,
         *PREF_STEPS,
@@ -246,10 +250,10 @@ def world_size() -> int:
 
 
 def lr_factor_fn(total: int, warmup: int, schedule: str = "linear", per: int = 1):
-    """The scripts' schedule (common.lr_factor: warm-up (k+1)/(w+1), then constant or linear decay)
+    """The scripts' schedule (harness.lr_factor: warm-up (k+1)/(w+1), then constant or linear decay)
     as a LambdaLR factor of the optimiser step s (from 0), with k = s // per the script's step
     (GRPO: `per` = μ optimiser steps per GRPO step; its schedule steps once per GRPO step)."""
-    return lambda s: common.lr_factor(s // per, warmup, total, schedule)
+    return lambda s: harness.lr_factor(s // per, warmup, total, schedule)
 
 
 #####################################################################################################
@@ -267,10 +271,10 @@ def run_fields(a, script: str, world: int) -> dict:
           "(or accelerate launch --gpu_ids) instead of cuda:N")
     check(world == 1 or a.out_dir is not None,
           f"--out-dir is required with {world} processes: every process must name the same run folder")
-    device = common.pick_device(a.device)  # checks that CUDA exists when asked for
-    dtype = common.pick_dtype(device, a.dtype)  # checks the name; auto → bf16 on a GPU that has it
+    device = harness.pick_device(a.device)  # checks that CUDA exists when asked for
+    dtype = harness.pick_dtype(device, a.dtype)  # checks the name; auto → bf16 on a GPU that has it
     import torch
-    out = a.out_dir or str(common.default_run_dir(f"trl_{script}", a.seed))
+    out = a.out_dir or str(harness.default_run_dir(f"trl_{script}", a.seed))
     return {"output_dir": out, "seed": a.seed, "use_cpu": device.type == "cpu",
             "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
@@ -362,13 +366,13 @@ def reward_fields(a, n_pairs: int, world: int = 1) -> dict:
 
 
 def task_reward(tok, strict: bool):
-    """common.score as a TRL reward function. TRL passes `completion_ids` cut just after the first
+    """tasks.score as a TRL reward function. TRL passes `completion_ids` cut just after the first
     EOS, so a completion finished iff its ids end in EOS. It is scored from those ids, as the scripts
     score theirs (a special token inside an answer is then wrong under strict scoring)."""
     eos = tok.eos_token_id
 
     def task_score(prompts, completions, completion_ids, answer, **kw):
-        return [common.score(list(ids), ans, len(ids) > 0 and ids[-1] == eos, strict, tok)  # from the ids
+        return [tasks.score(list(ids), ans, len(ids) > 0 and ids[-1] == eos, strict, tok)  # from the ids
                 for ids, ans in zip(completion_ids, answer)]
     return task_score
 
@@ -407,7 +411,7 @@ def make_callback(evaluate, every: int, per: int, total: int, out: Path | None):
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             if state.is_world_process_zero and out is not None:
-                self.log = common.RunLogger(out)
+                self.log = harness.RunLogger(out)
                 self.last = evaluate(model, "start")
                 self.log.log(0, self.last)
 
@@ -432,11 +436,11 @@ def make_callback(evaluate, every: int, per: int, total: int, out: Path | None):
 
 
 def precision(model, dtype: str):
-    return common.MixedPrecision(next(model.parameters()).device, dtype)
+    return harness.MixedPrecision(next(model.parameters()).device, dtype)
 
 
 def build_grpo(a, cfg, train_rows, heldout, callbacks=(), out: Path | None = None):
-    """A GRPOTrainer on grpo.py's task (common.load_task's rows): its model, prompts, reward,
+    """A GRPOTrainer on grpo.py's task (tasks.load_task's rows): its model, prompts, reward,
     optimiser and schedule."""
     import torch
     from datasets import Dataset
@@ -456,9 +460,9 @@ def build_grpo(a, cfg, train_rows, heldout, callbacks=(), out: Path | None = Non
 
     def evaluate(m, when):
         with precision(m, a.dtype).autocast():
-            res = {"eval/accuracy": common.greedy_accuracy(m, tok, eval_rows, a.max_new_tokens, strict)}
+            res = {"eval/accuracy": tasks.greedy_accuracy(m, tok, eval_rows, a.max_new_tokens, strict)}
             if a.pass_at_k and when != "step":  # as grpo.py: before and after training
-                res.update(common.pass_metrics(common.pass_at_k(m, tok, eval_rows, a.group_size,
+                res.update(tasks.pass_metrics(tasks.pass_at_k(m, tok, eval_rows, a.group_size,
                                                                 a.max_new_tokens, strict, a.temperature)))
         return res
     cbs = list(callbacks) + ([make_callback(evaluate, a.eval_every, a.mu, a.steps, out)] if out else [])
@@ -492,7 +496,7 @@ def build_dpo(a, cfg, train_pairs, heldout, out: Path | None = None):
                 ref_h.extend(dpo.all_pair_logps(ref[0], tok, heldout, device, average))
         with precision(m, a.dtype).autocast():
             pc, pr = dpo.all_pair_logps(m, tok, heldout, device, average)
-            s = common.sample_and_score(m, ref[0], tok, prompts, a.max_new_tokens, a.seed + 1, gold)
+            s = tasks.sample_and_score(m, ref[0], tok, prompts, a.max_new_tokens, a.seed + 1, gold)
         return {"eval/heldout_pair_accuracy": dpo.implicit_reward_accuracy(pc, pr, *ref_h, a.beta, a.loss_type),
                 "eval/gold_reward": s["gold_reward"], "eval/kl_to_ref": s["kl_to_ref"],
                 "eval/mean_length": s["mean_length"]}
@@ -566,16 +570,16 @@ def script_name(arg: str) -> str:
 def parse(name: str, argv: list[str]):
     """The script's Args from its own parser (its defaults, --help and errors), then its validate."""
     mod = importlib.import_module(name)
-    a = common.parse_args(mod.Args, argv, description=mod.__doc__)
+    a = harness.parse_args(mod.Args, argv, description=mod.__doc__)
     mod.validate(a)
     return mod, a
 
 
 def config_fields(name: str, a, world: int = 1):
-    """(the config's keyword arguments, (train, heldout) rows: common.load_task's or load_preferences')."""
+    """(the config's keyword arguments, (train, heldout) rows: tasks.load_task's or load_preferences')."""
     if name == "grpo":
-        return grpo_fields(a, world), common.load_task(a.data)
-    pairs = common.load_preferences(a.data)
+        return grpo_fields(a, world), tasks.load_task(a.data)
+    pairs = tasks.load_preferences(a.data)
     return (dpo_fields if name == "dpo" else reward_fields)(a, len(pairs[0]), world), pairs
 
 
@@ -608,7 +612,7 @@ def run(argv: list[str], dry_run: bool = False) -> dict | None:
     build = {"grpo": build_grpo, "dpo": build_dpo, "reward_model": build_reward}[name]
     trainer = build(a, cfg, *rows, out=out)  # model errors, too, come before the run folder
     if rank0:
-        common.prepare_run_dir(out, a.overwrite)
+        harness.prepare_run_dir(out, a.overwrite)
     import trl
     if out is not None:
         print(f"run folder: {out}  |  TRL {trl.__version__} {type(trainer).__name__}  |  {world} process(es)")
@@ -653,7 +657,7 @@ def check_mapping() -> list[str]:
                     "dpo": [["--loss-type", t] for t in DPO_LOSS],
                     "reward_model": [["--no-normalize", "--margin", "0.5", "--center-coef", "0.01"]]}[name]
         for v in variants:
-            a = common.parse_args(mod.Args, v)
+            a = harness.parse_args(mod.Args, v)
             kw, _ = config_fields(name, a)
             extra = set(kw) - named - {"output_dir"}
             if extra:

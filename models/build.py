@@ -66,6 +66,8 @@ if str(ROOT) not in sys.path:
 
 import common  # noqa: E402  (needs sys.path above)
 
+import tasks  # noqa: E402
+
 #####################################################################################################
 #####  recipes
 #####################################################################################################
@@ -115,9 +117,9 @@ def build_word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted(set(common.PREF_POSITIVE + common.PREF_NEGATIVE + common.PREF_NEUTRAL
-                       + common.PREF_INTENSIFIERS + common.PREF_TOPICS + common.PREF_ASPECTS
-                       + common.PREF_VERBS + ("the", "and", "but")))
+    words = sorted(set(tasks.PREF_POSITIVE + tasks.PREF_NEGATIVE + tasks.PREF_NEUTRAL
+                       + tasks.PREF_INTENSIFIERS + tasks.PREF_TOPICS + tasks.PREF_ASPECTS
+                       + tasks.PREF_VERBS + ("the", "and", "but")))
     vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -189,7 +191,7 @@ def length_figures(model, tok, rows: list[dict], k: int, max_new_tokens: int, se
         torch.manual_seed(seed)
         *_, c_mask, texts, finished = common.generate_text(model, tok, prompts, max_new_tokens)
     lengths = c_mask.sum(1).float()  # |y_i|   [n·k]
-    right = torch.tensor([common.score(t, a, f) for t, a, f in zip(texts, answers, finished)]) > 0  # [n·k]
+    right = torch.tensor([tasks.score(t, a, f) for t, a, f in zip(texts, answers, finished)]) > 0  # [n·k]
     def mean(sel):  # [n·k] bool -> the mean |y| of the selected completions, None if none
         return round(float(lengths[sel].mean()), 4) if sel.any() else None
     return {"sample_len_correct": mean(right), "sample_len_incorrect": mean(~right),
@@ -201,11 +203,11 @@ def arithmetic_figures(model, tok, rows: list[dict], k: int, max_new_tokens: int
     temperature 1, each also split by whether the problem has a ones carry."""
     carry = [r for r in rows if ones_carry(r["prompt"])]
     plain = [r for r in rows if not ones_carry(r["prompt"])]
-    out = {"heldout_accuracy": common.greedy_accuracy(model, tok, rows, max_new_tokens)}
-    out.update(common.pass_at_k(model, tok, rows, k, max_new_tokens, seed=seed))
+    out = {"heldout_accuracy": tasks.greedy_accuracy(model, tok, rows, max_new_tokens)}
+    out.update(tasks.pass_at_k(model, tok, rows, k, max_new_tokens, seed=seed))
     for name, part in (("carry", carry), ("no_carry", plain)):
-        out[f"heldout_accuracy_{name}"] = common.greedy_accuracy(model, tok, part, max_new_tokens)
-        p = common.pass_at_k(model, tok, part, k, max_new_tokens, seed=seed)
+        out[f"heldout_accuracy_{name}"] = tasks.greedy_accuracy(model, tok, part, max_new_tokens)
+        p = tasks.pass_at_k(model, tok, part, k, max_new_tokens, seed=seed)
         out[f"pass_at_1_{name}"], out[f"pass_at_k_{name}"] = p["pass_at_1"], p["pass_at_k"]
     out["heldout_carry_fraction"] = len(carry) / len(rows)
     return {key: round(v, 4) if isinstance(v, float) else v for key, v in out.items()}
@@ -221,7 +223,7 @@ def build_tiny(out: Path, seed: int, steps: int | None = None, log_every: int = 
     rng = np.random.default_rng(seed)
     tok = build_char_tokenizer()
     model = small_llama(tok, cfg, max_positions=128)
-    train, heldout = common.arithmetic_task()
+    train, heldout = tasks.arithmetic_task()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: linear_warmup_decay(s, cfg["sft_warmup"], cfg["sft_steps"]))
@@ -232,7 +234,7 @@ def build_tiny(out: Path, seed: int, steps: int | None = None, log_every: int = 
                                [sloppy_answer(b, cfg["carry_slip"], rng, cfg.get("ramble_max", 0))
                                 for b in batch]))
         if log_every and step % log_every == 0:
-            acc = common.greedy_accuracy(model, tok, heldout, cfg["max_new_tokens"])
+            acc = tasks.greedy_accuracy(model, tok, heldout, cfg["max_new_tokens"])
             print(f"step {step:>5} | nll {np.mean(losses[-log_every:]):.4f} | held-out greedy {acc:.3f}",
                   flush=True)
     model.eval()
@@ -267,8 +269,8 @@ def sample_preference_pairs(model, tokenizer, n_pairs: int, seed: int, max_new_t
     with torch.random.fork_rng(devices=[]):  # sampling reseeds torch's CPU RNG; the caller's is kept
         torch.manual_seed(seed)
         while len(pairs) < n_pairs:
-            prompts = [f"the {common.PREF_TOPICS[i]}"
-                       for i in rng.integers(len(common.PREF_TOPICS), size=batch_size)]
+            prompts = [f"the {tasks.PREF_TOPICS[i]}"
+                       for i in rng.integers(len(tasks.PREF_TOPICS), size=batch_size)]
             *_, texts, finished = common.generate_text(
                 model, tokenizer, [p for p in prompts for _ in (0, 1)], max_new_tokens)  # 2 per prompt
             for i, x in enumerate(prompts):
@@ -276,15 +278,15 @@ def sample_preference_pairs(model, tokenizer, n_pairs: int, seed: int, max_new_t
                 if (a == b or not (a.strip() and b.strip()) or not (finished[2 * i] and finished[2 * i + 1])
                         or len(pairs) == n_pairs):
                     continue
-                p_a = 1.0 / (1.0 + np.exp(-(common.gold_reward(a) - common.gold_reward(b))))  # σ(r(a) − r(b))
+                p_a = 1.0 / (1.0 + np.exp(-(tasks.gold_reward(a) - tasks.gold_reward(b))))  # σ(r(a) − r(b))
                 a_wins = rng.random() < p_a
                 pairs.append({"prompt": x, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
-                golds += [common.gold_reward(a), common.gold_reward(b)]
+                golds += [tasks.gold_reward(a), tasks.gold_reward(b)]
     return pairs, golds
 
 
 def build_tiny_pref(out: Path, seed: int, steps: int | None = None, n_pairs: tuple[int, int] | None = None) -> dict:
-    """Fit `tiny-pref` to the grammar of `common.sample_review` (next-token NLL on the completion
+    """Fit `tiny-pref` to the grammar of `tasks.sample_review` (next-token NLL on the completion
     and its EOS, a fixed number of steps), save it into `out`, then sample the preference pairs
     from it and write them there as JSONL. Returns the measured figures."""
     cfg = dict(TINY_PREF)
@@ -299,7 +301,7 @@ def build_tiny_pref(out: Path, seed: int, steps: int | None = None, n_pairs: tup
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / cfg["sft_steps"])
     for _ in range(cfg["sft_steps"]):
-        prompts, completions = zip(*(common.sample_review(rng) for _ in range(cfg["sft_batch"])))
+        prompts, completions = zip(*(tasks.sample_review(rng) for _ in range(cfg["sft_batch"])))
         loss = sft_step(model, opt, sched, tok, prompts, completions)
     model.eval()
     model.save_pretrained(out)
@@ -309,7 +311,7 @@ def build_tiny_pref(out: Path, seed: int, steps: int | None = None, n_pairs: tup
         pairs, golds = sample_preference_pairs(model, tok, n, s, cfg["max_new_tokens"])
         with open(out / f"pairs_{split}.jsonl", "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in pairs)
-        facts[f"{split}_ceiling"] = round(common.ceiling_accuracy(pairs), 4)
+        facts[f"{split}_ceiling"] = round(tasks.ceiling_accuracy(pairs), 4)
         if split == "heldout":
             facts.update(sample_gold_mean=round(float(np.mean(golds)), 4),
                          sample_gold_std=round(float(np.std(golds)), 4))

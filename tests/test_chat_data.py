@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import common
+import tasks
 import dpo
 import reward_model
 from models.build import build_word_tokenizer
@@ -48,20 +49,20 @@ def test_conversational_rows_render_like_trl(chat_tok):
     # of prompt + completion adds after it, "the hotel was" + " great<eos>", with the EOS cut off
     # (encode_prompt_completion appends it as a token)
     rows = [{"prompt": user("hotel"), "chosen": assistant("great"), "rejected": assistant("bad")}]
-    assert common.render_chat(chat_tok, rows) == [{"prompt": "the hotel was", "chosen": " great",
+    assert tasks.render_chat(chat_tok, rows) == [{"prompt": "the hotel was", "chosen": " great",
                                                    "rejected": " bad"}]
     # a ranking: every completion the same way
     rows = [{"prompt": user("car"), "completions": [assistant("good"), assistant("ok"), assistant("slow")]}]
-    assert common.render_chat(chat_tok, rows)[0]["completions"] == [" good", " ok", " slow"]
+    assert tasks.render_chat(chat_tok, rows)[0]["completions"] == [" good", " ok", " slow"]
     # text rows: unchanged, or with --chat-template (wrap) one user and one assistant message
     text = [{"prompt": "hotel", "chosen": "great", "rejected": "bad"}]
-    assert common.render_chat(chat_tok, text) is text
-    assert common.render_chat(chat_tok, text, wrap=True) == [{"prompt": "the hotel was", "chosen": " great",
+    assert tasks.render_chat(chat_tok, text) is text
+    assert tasks.render_chat(chat_tok, text, wrap=True) == [{"prompt": "the hotel was", "chosen": " great",
                                                               "rejected": " bad"}]
     # a prompt-only row (grpo.py, reinforce.py)
-    assert common.chat_prompt(chat_tok, user("park")) == "the park was"
-    assert common.chat_prompt(chat_tok, "the park") == "the park"
-    assert common.chat_prompt(chat_tok, "park", wrap=True) == "the park was"
+    assert tasks.chat_prompt(chat_tok, user("park")) == "the park was"
+    assert tasks.chat_prompt(chat_tok, "the park") == "the park"
+    assert tasks.chat_prompt(chat_tok, "park", wrap=True) == "the park was"
     # the rendered text tokenizes to the same ids as the words would
     ids, mask, c_mask, _ = common.encode_prompt_completion(chat_tok, ["the hotel was"], [" great"])
     assert chat_tok.decode(ids[0]) == "the hotel was great <eos>" and c_mask.tolist() == [[1, 1]]
@@ -72,12 +73,12 @@ def test_no_chat_template_is_one_line_error():
     rows = [{"prompt": user("hotel"), "chosen": assistant("great"), "rejected": assistant("bad")}]
     with pytest.raises(common.UsageError, match=r"^--data \(rows of messages\): the tokenizer of --model m "
                                                 r"has no chat template"):
-        common.render_chat(tok, rows, model="m")
+        tasks.render_chat(tok, rows, model="m")
     with pytest.raises(common.UsageError, match=r"^--chat-template: the tokenizer of --model m"):
-        common.render_chat(tok, [{"prompt": "a", "chosen": "b", "rejected": "c"}], wrap=True, model="m")
+        tasks.render_chat(tok, [{"prompt": "a", "chosen": "b", "rejected": "c"}], wrap=True, model="m")
     with pytest.raises(common.UsageError, match="no chat template"):
-        common.check_chat_template(tok, "m", False, [{"prompt": user("x"), "answer": "1"}])
-    common.check_chat_template(tok, "m", False, [{"prompt": "x", "answer": "1"}])  # text: no template needed
+        tasks.check_chat_template(tok, "m", False, [{"prompt": user("x"), "answer": "1"}])
+    tasks.check_chat_template(tok, "m", False, [{"prompt": "x", "answer": "1"}])  # text: no template needed
 
 
 def write(tmp_path, name, rows):
@@ -89,16 +90,16 @@ def write(tmp_path, name, rows):
 def test_read_preference_jsonl_formats(tmp_path):
     implicit = {"chosen": user("hotel") + assistant("great"), "rejected": user("hotel") + assistant("bad")}
     explicit = {"prompt": user("car"), "chosen": assistant("good"), "rejected": assistant("slow")}
-    rows = common.read_preference_jsonl(write(tmp_path, "conv.jsonl", [implicit, explicit]))
+    rows = tasks.read_preference_jsonl(write(tmp_path, "conv.jsonl", [implicit, explicit]))
     # the implicit prompt is the messages chosen and rejected share (TRL's extract_prompt)
     assert rows[0] == {"prompt": user("hotel"), "chosen": assistant("great"), "rejected": assistant("bad")}
     assert rows[1] == explicit
     ranking = {"prompt": "the bus", "completions": ["was good", "was ok", "was bad"]}
     pair = {"prompt": "the car", "chosen": "was good", "rejected": "was slow"}
     path = write(tmp_path, "rank.jsonl", [ranking, pair])
-    assert common.read_preference_jsonl(path, rankings=True) == [ranking, pair]  # a file may mix them
+    assert tasks.read_preference_jsonl(path, rankings=True) == [ranking, pair]  # a file may mix them
     with pytest.raises(common.UsageError, match=r"rank.jsonl:1: 'completions' rows .* are for reward_model.py"):
-        common.read_preference_jsonl(path)  # dpo.py, ppo.py
+        tasks.read_preference_jsonl(path)  # dpo.py, ppo.py
     bad = {
         "short": ({"prompt": "x", "completions": ["was ok"]}, r"short.jsonl:1: 'completions' must be a list of at least 2"),
         "dupe": ({"prompt": "x", "completions": ["a", "b", "a"]}, r"dupe.jsonl:1: two of the 'completions' are the same"),
@@ -112,17 +113,17 @@ def test_read_preference_jsonl_formats(tmp_path):
     }
     for name, (row, message) in bad.items():
         with pytest.raises(common.UsageError, match=message):
-            common.read_preference_jsonl(write(tmp_path, f"{name}.jsonl", [row]), rankings=True)
+            tasks.read_preference_jsonl(write(tmp_path, f"{name}.jsonl", [row]), rankings=True)
     with pytest.raises(common.UsageError, match=r"both.jsonl:2: the file mixes plain-text rows and conversational"):
-        common.read_preference_jsonl(write(tmp_path, "both.jsonl", [pair, explicit]))
+        tasks.read_preference_jsonl(write(tmp_path, "both.jsonl", [pair, explicit]))
 
 
 def test_load_task_reads_prompts_of_messages(tmp_path):
     path = write(tmp_path, "task.jsonl", [{"prompt": user("2+2"), "answer": "4"}] * 5)
-    train, heldout = common.load_task(str(path))
+    train, heldout = tasks.load_task(str(path))
     assert train[0] == {"prompt": user("2+2"), "answer": "4"} and len(heldout) == 1
     with pytest.raises(common.UsageError, match=r"bad.jsonl:1: 'prompt' must be a non-empty string or a list"):
-        common.load_task(str(write(tmp_path, "bad.jsonl", [{"prompt": [{"role": 1}], "answer": "4"}] * 2)))
+        tasks.load_task(str(write(tmp_path, "bad.jsonl", [{"prompt": [{"role": 1}], "answer": "4"}] * 2)))
 
 
 def test_load_model_leaves_transformers_logging_alone(tmp_path):

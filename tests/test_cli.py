@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common
+import harness
 import dpo
 import dqn_maze
 import grpo
@@ -26,7 +27,7 @@ SCRIPTS = (grpo, reinforce, dpo, reward_model, ppo, dqn_maze)
 
 def help_text(cls, capsys) -> str:
     with pytest.raises(SystemExit) as e:
-        common.parse_args(cls, ["--help"])
+        harness.parse_args(cls, ["--help"])
     assert e.value.code == 0
     return capsys.readouterr().out
 
@@ -58,19 +59,19 @@ def test_help_lists_the_choices_of_fixed_set_flags(capsys):
 
 
 def test_underscore_aliases_still_work():
-    a = common.parse_args(grpo.Args, ["--max_new_tokens", "6", "--no-scale_rewards", "--lr_schedule",
+    a = harness.parse_args(grpo.Args, ["--max_new_tokens", "6", "--no-scale_rewards", "--lr_schedule",
                                       "constant"])
     assert (a.max_new_tokens, a.scale_rewards, a.lr_schedule) == (6, False, "constant")
 
 
 def test_a_fixed_set_flag_refuses_other_values(capsys):
     with pytest.raises(SystemExit) as e:
-        common.parse_args(reinforce.Args, ["--psi", "advantage"])
+        harness.parse_args(reinforce.Args, ["--psi", "advantage"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --psi: invalid choice: 'advantage'") and err.count("\n") == 1
     with pytest.raises(SystemExit):
-        common.parse_args(grpo.Args, ["--dtype", "fp8"])
+        harness.parse_args(grpo.Args, ["--dtype", "fp8"])
     assert "--dtype: invalid choice: 'fp8'" in capsys.readouterr().err
 
 
@@ -84,7 +85,7 @@ def test_a_fixed_set_flag_refuses_other_values(capsys):
 ])
 def test_a_bad_number_is_one_line_that_names_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        common.parse_args(grpo.Args, argv)
+        harness.parse_args(grpo.Args, argv)
     assert e.value.code == 2
     assert capsys.readouterr().err == message  # not argparse's "invalid convert value"
 
@@ -92,9 +93,9 @@ def test_a_bad_number_is_one_line_that_names_the_flag(argv, message, capsys):
 def test_an_unexpanded_tilde_is_expanded(monkeypatch, tmp_path):
     # `--out-dir=~/runs/x` reaches the script as is: the shell expands ~ only at the start of a word
     monkeypatch.setenv("HOME", str(tmp_path))
-    a = common.parse_args(grpo.Args, ["--out-dir=~/runs/x", "--data", "~/gsm8k.jsonl", "--model", "~/m"])
+    a = harness.parse_args(grpo.Args, ["--out-dir=~/runs/x", "--data", "~/gsm8k.jsonl", "--model", "~/m"])
     assert (a.out_dir, a.data, a.model) == (f"{tmp_path}/runs/x", f"{tmp_path}/gsm8k.jsonl", f"{tmp_path}/m")
-    a = common.parse_args(ppo.Args, ["--reward-model", "~/rm", "--model", "tiny-pref"])
+    a = harness.parse_args(ppo.Args, ["--reward-model", "~/rm", "--model", "tiny-pref"])
     assert (a.reward_model, a.model) == (f"{tmp_path}/rm", "tiny-pref")  # names without ~ are untouched
 
 
@@ -103,7 +104,7 @@ def test_an_unexpanded_tilde_is_expanded(monkeypatch, tmp_path):
 #####################################################################################################
 
 
-def old_grpo_factor(step, warmup, steps, schedule):  # grpo.py and reinforce.py, before common.lr_factor
+def old_grpo_factor(step, warmup, steps, schedule):  # grpo.py and reinforce.py, before harness.lr_factor
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant":
@@ -124,13 +125,13 @@ def old_ppo_factor(step, warmup):  # ppo.py: warm-up, then constant
 def test_lr_factor_hand_values():
     # W = 2, N = 5. Warm-up (s + 1)/(W + 1): 1/3, 2/3 at s = 0, 1. Then linear (N − s)/(N − W):
     # s = 2: 3/3, s = 3: 2/3, s = 4: 1/3 (0 would be at s = 5, after the last step); constant: 1.
-    got = [common.lr_factor(s, 2, 5, "linear") for s in range(5)]
+    got = [harness.lr_factor(s, 2, 5, "linear") for s in range(5)]
     assert got == pytest.approx([1 / 3, 2 / 3, 1, 2 / 3, 1 / 3], abs=1e-15)
-    got = [common.lr_factor(s, 2, 5, "constant") for s in range(5)]
+    got = [harness.lr_factor(s, 2, 5, "constant") for s in range(5)]
     assert got == pytest.approx([1 / 3, 2 / 3, 1, 1, 1], abs=1e-15)
-    assert [common.lr_factor(s, 0, 4) for s in range(4)] == [1, 3 / 4, 2 / 4, 1 / 4]  # no warm-up
+    assert [harness.lr_factor(s, 0, 4) for s in range(4)] == [1, 3 / 4, 2 / 4, 1 / 4]  # no warm-up
     with pytest.raises(ValueError):
-        common.lr_factor(3, 2, 5, "cosine")
+        harness.lr_factor(3, 2, 5, "cosine")
 
 
 @pytest.mark.parametrize("warmup, total", [(0, 1), (0, 7), (3, 10), (10, 10), (20, 5), (5, 150)])
@@ -146,11 +147,11 @@ def test_lr_scheduler_matches_the_copies_it_replaced(warmup, total):
             sched.step()
         return out
     for schedule in ("linear", "constant"):
-        assert lrs(None, lambda o: common.lr_scheduler(o, warmup, total, schedule)) == \
+        assert lrs(None, lambda o: harness.lr_scheduler(o, warmup, total, schedule)) == \
             lrs(lambda s: old_grpo_factor(s, warmup, total, schedule), None)
-    assert lrs(None, lambda o: common.lr_scheduler(o, warmup, total, "linear")) == \
+    assert lrs(None, lambda o: harness.lr_scheduler(o, warmup, total, "linear")) == \
         lrs(lambda s: old_pref_factor(s, warmup, total), None)
-    assert lrs(None, lambda o: common.lr_scheduler(o, warmup, total, "constant")) == \
+    assert lrs(None, lambda o: harness.lr_scheduler(o, warmup, total, "constant")) == \
         lrs(lambda s: old_ppo_factor(s, warmup), None)
 
 
@@ -161,8 +162,8 @@ def test_lr_scheduler_matches_the_copies_it_replaced(warmup, total):
 
 def test_progress_line_has_full_names_and_an_eta(tmp_path, capsys, monkeypatch):
     clock = iter([100.0, 100.0, 110.0, 130.0])  # the clock at construction, step 0, step 2, step 3
-    monkeypatch.setattr(common.time, "time", lambda: next(clock))
-    log = common.RunLogger(tmp_path, total_steps=4)
+    monkeypatch.setattr(harness.time, "time", lambda: next(clock))
+    log = harness.RunLogger(tmp_path, total_steps=4)
     log.log(0, {"eval/accuracy": 0.25})
     log.log(2, {"reward/mean": 0.5, "kl/ref": 0.01, "loss/policy": 1.0}, keys=["reward/mean", "kl/ref"])
     log.log(3, {"reward/mean": 0.5}, keys=[])  # written, not printed (and the clock is not read twice)
@@ -176,7 +177,7 @@ def test_progress_line_has_full_names_and_an_eta(tmp_path, capsys, monkeypatch):
 
 
 def test_fmt_seconds():
-    assert [common._fmt_seconds(t) for t in (0, 42.4, 59.6, 190, 3599, 3600, 7500)] == \
+    assert [harness._fmt_seconds(t) for t in (0, 42.4, 59.6, 190, 3599, 3600, 7500)] == \
         ["0s", "42s", "1m00s", "3m10s", "59m59s", "1h00m", "2h05m"]
 
 
@@ -188,15 +189,15 @@ def test_fmt_seconds():
 @pytest.mark.parametrize("seed", [-1, 2 ** 32])
 def test_a_seed_numpy_cannot_take_is_a_usage_error(seed):
     with pytest.raises(common.UsageError, match=r"^--seed must be in \[0, 2\^32 − 1\]"):
-        common.seed_everything(seed)
-    common.seed_everything(2 ** 32 - 1)  # the largest that works
+        harness.seed_everything(seed)
+    harness.seed_everything(2 ** 32 - 1)  # the largest that works
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
 def test_seed_minus_one_is_one_line_and_leaves_no_folder(script, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        common.main(script.Args, script.train, argv=["--seed", "-1", "--out-dir", str(out)])
+        harness.main(script.Args, script.train, argv=["--seed", "-1", "--out-dir", str(out)])
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: --seed must be in [0, 2^32 − 1] (got -1)\n"
     assert not out.exists()
@@ -247,9 +248,9 @@ def test_overwrite_removes_every_output_of_the_earlier_run(tmp_path, capsys):
     out = tmp_path / "run"
     fill_with_a_run(out)
     with pytest.raises(common.UsageError, match="already holds a run; pass --overwrite"):
-        common.prepare_run_dir(out, overwrite=False)
+        harness.prepare_run_dir(out, overwrite=False)
     assert len(list(out.iterdir())) == 6  # refused: nothing removed
-    assert common.prepare_run_dir(out, overwrite=True) == out
+    assert harness.prepare_run_dir(out, overwrite=True) == out
     assert list(out.iterdir()) == []  # no stale model/ next to the new run's metrics
     said = capsys.readouterr().out
     assert said.startswith("--overwrite: removed the earlier run's ") and "value_model/" in said
@@ -261,14 +262,14 @@ def test_a_folder_with_other_files_is_refused_and_kept(tmp_path, overwrite):
     fill_with_a_run(out)
     (out / "notes.txt").write_text("mine")
     with pytest.raises(common.UsageError, match=r"holds files that no run writes \(notes.txt\)"):
-        common.prepare_run_dir(out, overwrite=overwrite)
+        harness.prepare_run_dir(out, overwrite=overwrite)
     assert (out / "notes.txt").read_text() == "mine" and (out / "model" / "config.json").is_file()
 
 
 def test_an_empty_or_new_folder_is_fine(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert common.prepare_run_dir(tmp_path / "empty", overwrite=False).is_dir()
-    assert common.prepare_run_dir(tmp_path / "a" / "b", overwrite=False).is_dir()
+    assert harness.prepare_run_dir(tmp_path / "empty", overwrite=False).is_dir()
+    assert harness.prepare_run_dir(tmp_path / "a" / "b", overwrite=False).is_dir()
     (tmp_path / "file").write_text("x")
     with pytest.raises(common.UsageError, match="exists and is not a folder"):
-        common.prepare_run_dir(tmp_path / "file", overwrite=True)
+        harness.prepare_run_dir(tmp_path / "file", overwrite=True)

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import common
+import harness
+import tasks
 from models.build import build_char_tokenizer
 import grpo
 
@@ -203,7 +205,7 @@ def test_masked_whiten_by_hand():
 def test_read_jsonl_reads_objects_and_skips_blank_lines(tmp_path):
     f = tmp_path / "ok.jsonl"
     f.write_text('{"prompt": "1+1=", "answer": "2"}\n\n   \n{"prompt": "2+2=", "answer": 4}\n')
-    rows = common.read_jsonl(f, required=("prompt", "answer"))
+    rows = tasks.read_jsonl(f, required=("prompt", "answer"))
     assert rows == [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": 4}]
 
 
@@ -217,7 +219,7 @@ def test_read_jsonl_names_file_and_line(tmp_path, bad_line, reason):
     # line 1 good, line 2 blank, line 3 bad: the error must say line 3 (the file's line, blanks counted)
     f.write_text('{"prompt": "1+1=", "answer": "2"}\n\n' + bad_line + '\n{"prompt": "y", "answer": 1}\n')
     with pytest.raises(common.UsageError) as e:
-        common.read_jsonl(f, required=("prompt", "answer"))
+        tasks.read_jsonl(f, required=("prompt", "answer"))
     assert str(e.value).startswith(f"{f}:3: ")
     assert reason in str(e.value)
     assert "\n" not in str(e.value)
@@ -225,22 +227,22 @@ def test_read_jsonl_names_file_and_line(tmp_path, bad_line, reason):
 
 def test_read_jsonl_missing_or_empty_file(tmp_path):
     with pytest.raises(common.UsageError, match="--data .*no such file"):
-        common.read_jsonl(tmp_path / "nope.jsonl")
+        tasks.read_jsonl(tmp_path / "nope.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(common.UsageError, match="no rows"):
-        common.read_jsonl(tmp_path / "empty.jsonl")
+        tasks.read_jsonl(tmp_path / "empty.jsonl")
 
 
 def test_load_task_with_data_file(tmp_path):
     f = tmp_path / "task.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": i}) + "\n" for i in range(10)))
-    train, heldout = common.load_task(str(f))
+    train, heldout = tasks.load_task(str(f))
     # 10 rows: at most a fifth (2) held out, the last ones; answers become strings
     assert [r["prompt"] for r in heldout] == ["q8", "q9"] and len(train) == 8
     assert train[3]["answer"] == "3"
     f.write_text('{"prompt": "q", "answer": "seven"}\n{"prompt": "r", "answer": 1}\n')
     with pytest.raises(common.UsageError, match="'answer' 'seven' is not a number"):
-        common.load_task(str(f))
+        tasks.load_task(str(f))
 
 
 
@@ -251,27 +253,27 @@ def test_load_task_reads_gsm8k_as_published(tmp_path):
             for i in range(9)] + [{"question": "Big?", "answer": "It costs 1,000 + 72.\n#### 1,072"}]
     f = tmp_path / "gsm8k.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train, heldout = common.load_task(str(f))
+    train, heldout = tasks.load_task(str(f))
     assert train[3] == {"prompt": "Q3?", "answer": "6"}
     assert heldout[-1] == {"prompt": "Big?", "answer": "1072"}
-    assert common.score("so the answer is 1,072.", heldout[-1]["answer"], True, strict=False) == 1.0
+    assert tasks.score("so the answer is 1,072.", heldout[-1]["answer"], True, strict=False) == 1.0
     # a solution without its #### line, and a row with neither prompt nor question
     f.write_text(json.dumps({"question": "Q?", "answer": "She has twelve apples in the end."}) + "\n")
     with pytest.raises(common.UsageError, match=r"gsm8k.jsonl:1: 'answer' .* is not a number \(nor a GSM8K answer ending in '#### NUMBER'\)"):
-        common.load_task(str(f))
+        tasks.load_task(str(f))
     f.write_text(json.dumps({"text": "Q?", "answer": 3}) + "\n")
     with pytest.raises(common.UsageError, match=r"gsm8k.jsonl:1: missing key 'prompt' \(or GSM8K's 'question'\)"):
-        common.load_task(str(f))
+        tasks.load_task(str(f))
 
 
 def test_arithmetic_task_split():
-    train, heldout = common.arithmetic_task()
-    assert len(heldout) == common.ARITH_HELDOUT and len(train) + len(heldout) == 100 * 100
+    train, heldout = tasks.arithmetic_task()
+    assert len(heldout) == tasks.ARITH_HELDOUT and len(train) + len(heldout) == 100 * 100
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
     for r in heldout[:50]:
         a, b = map(int, r["prompt"].rstrip("=").split("+"))
         assert r["answer"] == str(a + b)
-    assert common.arithmetic_task()[1] == heldout  # the split is fixed
+    assert tasks.arithmetic_task()[1] == heldout  # the split is fixed
 
 
 #####################################################################################################
@@ -298,12 +300,12 @@ def test_arithmetic_task_split():
     ("８５", True, 0.0),  # full-width digits, likewise
 ])
 def test_score_strict(completion, finished, expected):
-    assert common.score(completion, "85", finished, strict=True) == expected
+    assert tasks.score(completion, "85", finished, strict=True) == expected
 
 
 def test_score_strict_negative_answer():
-    assert common.score("-3", "-3", True) == 1.0
-    assert common.score("3", "-3", True) == 0.0
+    assert tasks.score("-3", "-3", True) == 1.0
+    assert tasks.score("3", "-3", True) == 0.0
 
 
 @pytest.mark.parametrize("completion, answer", [
@@ -313,10 +315,10 @@ def test_score_strict_negative_answer():
     ("-03", "-3"),
 ])
 def test_score_strict_refuses_non_canonical_numbers(completion, answer):
-    assert common.score(completion, answer, True, strict=True) == 0.0
-    assert common.score(completion, answer, True, strict=False) == 1.0  # the lenient mode reads them
+    assert tasks.score(completion, answer, True, strict=True) == 0.0
+    assert tasks.score(completion, answer, True, strict=False) == 1.0  # the lenient mode reads them
     # the canonical spellings pass, and the answer itself may be written any way parse_number reads
-    assert common.score("0", "0", True) == 1.0 and common.score("85", "085", True) == 1.0
+    assert tasks.score("0", "0", True) == 1.0 and tasks.score("85", "085", True) == 1.0
 
 
 def test_score_strict_from_ids_refuses_special_tokens_inside_the_answer():
@@ -327,20 +329,20 @@ def test_score_strict_from_ids_refuses_special_tokens_inside_the_answer():
     d8, d5 = tok.convert_tokens_to_ids(["8", "5"])
     pad, eos, unk = tok.pad_token_id, tok.eos_token_id, tok.unk_token_id
     assert tok.decode([d8, pad, d5, eos], skip_special_tokens=True) == "85"  # the trap
-    assert common.score([d8, d5, eos], "85", True, tokenizer=tok) == 1.0
-    assert common.score([d8, d5, eos, pad, pad], "85", True, tokenizer=tok) == 1.0  # the padding after EOS
-    assert common.score((d8, d5, eos), "85", True, tokenizer=tok) == 1.0  # a tuple too
+    assert tasks.score([d8, d5, eos], "85", True, tokenizer=tok) == 1.0
+    assert tasks.score([d8, d5, eos, pad, pad], "85", True, tokenizer=tok) == 1.0  # the padding after EOS
+    assert tasks.score((d8, d5, eos), "85", True, tokenizer=tok) == 1.0  # a tuple too
     for ids in ([d8, pad, d5, eos], [d8, unk, d5, eos], [pad, d8, d5, eos], [d8, d5, unk, eos]):
-        assert common.score(ids, "85", True, strict=True, tokenizer=tok) == 0.0
-        assert common.score(ids, "85", True, strict=False, tokenizer=tok) == 1.0  # lenient: as before
+        assert tasks.score(ids, "85", True, strict=True, tokenizer=tok) == 0.0
+        assert tasks.score(ids, "85", True, strict=False, tokenizer=tok) == 1.0  # lenient: as before
     zero_85 = tok.convert_tokens_to_ids(["0", "8", "5"]) + [eos]
-    assert common.score(zero_85, "85", True, tokenizer=tok) == 0.0  # a leading zero, from ids too
-    assert common.score([d8, d5, eos], "85", False, tokenizer=tok) == 0.0  # not finished
-    assert common.score([d8, d5, 10_000, eos], "85", True, tokenizer=tok) == 0.0  # outside the vocabulary
-    assert common.score([d8, d5], "85", True, tokenizer=None) == 0.0  # ids without a tokenizer: no answer
+    assert tasks.score(zero_85, "85", True, tokenizer=tok) == 0.0  # a leading zero, from ids too
+    assert tasks.score([d8, d5, eos], "85", False, tokenizer=tok) == 0.0  # not finished
+    assert tasks.score([d8, d5, 10_000, eos], "85", True, tokenizer=tok) == 0.0  # outside the vocabulary
+    assert tasks.score([d8, d5], "85", True, tokenizer=None) == 0.0  # ids without a tokenizer: no answer
     # and it agrees with the process reward: the full reward only for the exact target tokens
     c_ids = torch.tensor([[d8, d5, eos, pad], [d8, pad, d5, eos]])
-    steps = common.digit_step_rewards(c_ids, common.completion_mask(c_ids, eos), [[d8, d5, eos]] * 2)
+    steps = tasks.digit_step_rewards(c_ids, common.completion_mask(c_ids, eos), [[d8, d5, eos]] * 2)
     assert steps.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
 
 
@@ -368,11 +370,11 @@ def test_greedy_accuracy_and_pass_at_k_score_the_generated_ids():
 
     model = Scripted()
     rows = [{"prompt": "37+48=", "answer": "85"}, {"prompt": "40+45=", "answer": "85"}]
-    assert common.greedy_accuracy(model, tok, rows, max_new_tokens=4, strict=True) == 0.0
-    assert common.greedy_accuracy(model, tok, rows, max_new_tokens=4, strict=False) == 1.0
-    p = common.pass_at_k(model, tok, rows, k=2, max_new_tokens=4, strict=True)
+    assert tasks.greedy_accuracy(model, tok, rows, max_new_tokens=4, strict=True) == 0.0
+    assert tasks.greedy_accuracy(model, tok, rows, max_new_tokens=4, strict=False) == 1.0
+    p = tasks.pass_at_k(model, tok, rows, k=2, max_new_tokens=4, strict=True)
     assert p == {"k": 2, "pass_at_1": 0.0, "pass_at_k": 0.0}
-    assert common.pass_at_k(model, tok, rows, k=2, max_new_tokens=4, strict=False)["pass_at_k"] == 1.0
+    assert tasks.pass_at_k(model, tok, rows, k=2, max_new_tokens=4, strict=False)["pass_at_k"] == 1.0
 
 
 @pytest.mark.parametrize("garbage", [None, 85, 8.5, b"85", ["85"], "\x00\uffff\ud800", "é" * 1000,
@@ -382,8 +384,8 @@ def test_greedy_accuracy_and_pass_at_k_score_the_generated_ids():
 def test_score_never_crashes(garbage, strict):
     for answer in ["85", "-3.5", "1,234", "not a number", ""]:
         for finished in (True, False):
-            assert common.score(garbage, answer, finished, strict) in (0.0, 1.0)
-    assert common.score(garbage, "85", True, strict) == 0.0
+            assert tasks.score(garbage, answer, finished, strict) in (0.0, 1.0)
+    assert tasks.score(garbage, "85", True, strict) == 0.0
 
 
 @pytest.mark.parametrize("completion, answer, expected", [
@@ -396,15 +398,15 @@ def test_score_never_crashes(garbage, strict):
     ("", "0", 0.0),
 ])
 def test_score_not_strict_takes_the_last_number(completion, answer, expected):
-    assert common.score(completion, answer, True, strict=False) == expected
-    assert common.score(completion, answer, False, strict=False) == 0.0  # unfinished: 0 as well
+    assert tasks.score(completion, answer, True, strict=False) == expected
+    assert tasks.score(completion, answer, False, strict=False) == 0.0  # unfinished: 0 as well
 
 
 def test_parse_number():
-    assert common.parse_number("1,234") == 1234.0
-    assert common.parse_number(" -3.5 ") == -3.5
-    assert common.parse_number("abc") is None
-    assert common.parse_number("1.") is None
+    assert tasks.parse_number("1,234") == 1234.0
+    assert tasks.parse_number(" -3.5 ") == -3.5
+    assert tasks.parse_number("abc") is None
+    assert tasks.parse_number("1.") is None
 
 
 def test_digit_step_rewards_by_hand():
@@ -416,10 +418,10 @@ def test_digit_step_rewards_by_hand():
     #   855<eos>  -> [1, 1, 0, 0]   (the 2nd 5 sits where EOS should; the 4th token is past the target)
     c_ids = torch.tensor([[8, 5, EOS, PAD], [7, 5, EOS, PAD], [8, EOS, PAD, PAD], [8, 5, 5, EOS]])
     c_mask = common.completion_mask(c_ids, EOS)
-    r = common.digit_step_rewards(c_ids, c_mask, [[8, 5, EOS]] * 4)
+    r = tasks.digit_step_rewards(c_ids, c_mask, [[8, 5, EOS]] * 4)
     assert r.tolist() == [[1, 1, 1, 0], [0, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]]
     # a target longer than T is cut, and padding never matches even when pad == a target token
-    r = common.digit_step_rewards(torch.tensor([[1, 2]]), torch.tensor([[1, 0]]), [[1, 2, 3]])
+    r = tasks.digit_step_rewards(torch.tensor([[1, 2]]), torch.tensor([[1, 0]]), [[1, 2, 3]])
     assert r.tolist() == [[1, 0]]
 
 
@@ -482,9 +484,9 @@ def test_generate_kv_cache_matches_full_forward(arch):
 def test_generate_sampling_is_seeded_and_tempered():
     model = random_llama(seed=2)
     p_ids, p_mask = common.left_pad([[5, 6, 7]] * 64, PAD)
-    common.seed_everything(0)
+    harness.seed_everything(0)
     a, _ = common.generate(model, p_ids, p_mask, 3, eos_id=EOS, pad_id=PAD, temperature=1.0)
-    common.seed_everything(0)
+    harness.seed_everything(0)
     b, _ = common.generate(model, p_ids, p_mask, 3, eos_id=EOS, pad_id=PAD, temperature=1.0)
     assert torch.equal(a, b)
     # a very low temperature samples the greedy tokens
@@ -501,10 +503,10 @@ def test_generate_sampling_is_seeded_and_tempered():
 
 def test_parse_args_help_shows_field_docstrings(capsys):
     with pytest.raises(SystemExit) as e:
-        common.parse_args(grpo.Args, ["--help"])
+        harness.parse_args(grpo.Args, ["--help"])
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    docs = common._field_docs(grpo.Args)
+    docs = harness._field_docs(grpo.Args)
     for f in ("epsilon", "group_size", "loss_agg", "beta", "scale_rewards"):
         assert f in docs
         assert docs[f][:40] in out, f"--{f}: docstring missing from --help"
@@ -514,24 +516,24 @@ def test_parse_args_help_shows_field_docstrings(capsys):
 def test_every_args_field_has_a_docstring():
     import dataclasses
 
-    docs = common._field_docs(grpo.Args)
+    docs = harness._field_docs(grpo.Args)
     assert [f.name for f in dataclasses.fields(grpo.Args) if not docs.get(f.name)] == []
 
 
 def test_parse_args_types_bools_optionals_and_choices(capsys):
-    a = common.parse_args(grpo.Args, [])
+    a = harness.parse_args(grpo.Args, [])
     assert a == grpo.Args()  # no flags: the defaults
-    a = common.parse_args(grpo.Args, ["--group-size", "4", "--epsilon", "0.1", "--no-scale-rewards",
+    a = harness.parse_args(grpo.Args, ["--group-size", "4", "--epsilon", "0.1", "--no-scale-rewards",
                                       "--overwrite", "--loss-agg", "constant", "--epsilon-high",
                                       "0.28", "--micro-batch", "none", "--data", "x.jsonl"])
     assert (a.group_size, a.epsilon, a.scale_rewards, a.overwrite, a.loss_agg, a.epsilon_high,
             a.micro_batch, a.data) == (4, 0.1, False, True, "constant", 0.28, None, "x.jsonl")
-    assert common.parse_args(grpo.Args, ["--scale-rewards"]).scale_rewards is True
-    assert common.parse_args(grpo.Args, ["--group_size", "3"]).group_size == 3  # underscore alias
+    assert harness.parse_args(grpo.Args, ["--scale-rewards"]).scale_rewards is True
+    assert harness.parse_args(grpo.Args, ["--group_size", "3"]).group_size == 3  # underscore alias
     for bad in (["--loss-agg", "bogus"], ["--reward", "dense"], ["--group-size", "two"],
                 ["--no-such-flag"]):
         with pytest.raises(SystemExit) as e:
-            common.parse_args(grpo.Args, bad)
+            harness.parse_args(grpo.Args, bad)
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'bogus'" in err and "invalid choice: 'dense'" in err
@@ -541,7 +543,7 @@ def test_main_turns_usage_error_into_one_line(capsys):
     def train(args):
         raise common.UsageError("--group-size must be ≥ 2 (got 1)")
     with pytest.raises(SystemExit) as e:
-        common.main(grpo.Args, train, argv=[])
+        harness.main(grpo.Args, train, argv=[])
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: --group-size must be ≥ 2 (got 1)\n"
 
@@ -558,11 +560,11 @@ def test_load_model_folder_without_a_model_names_the_flag(tmp_path):
 
 
 def test_prepare_run_dir_refuses_to_overwrite(tmp_path):
-    out = common.prepare_run_dir(tmp_path / "run", overwrite=False)
+    out = harness.prepare_run_dir(tmp_path / "run", overwrite=False)
     (out / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(common.UsageError, match="--out-dir .*--overwrite"):
-        common.prepare_run_dir(out, overwrite=False)
-    common.prepare_run_dir(out, overwrite=True)
+        harness.prepare_run_dir(out, overwrite=False)
+    harness.prepare_run_dir(out, overwrite=True)
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -573,20 +575,20 @@ def test_seed_everything_repeats_all_three_generators():
 
     def draw():
         return random.random(), float(np.random.rand()), float(torch.rand(()))
-    common.seed_everything(7)
+    harness.seed_everything(7)
     a = draw()
-    common.seed_everything(7)
+    harness.seed_everything(7)
     assert draw() == a
 
 
 def test_pick_device():
-    assert common.pick_device("cpu") == torch.device("cpu")
-    assert common.pick_device(None).type in ("cpu", "cuda")
+    assert harness.pick_device("cpu") == torch.device("cpu")
+    assert harness.pick_device(None).type in ("cpu", "cuda")
     with pytest.raises(common.UsageError, match="--device"):
-        common.pick_device("nonsense")
+        harness.pick_device("nonsense")
     if not torch.cuda.is_available():
         with pytest.raises(common.UsageError, match="--device cuda"):
-            common.pick_device("cuda")
+            harness.pick_device("cuda")
 
 
 def test_build_char_tokenizer():
@@ -599,7 +601,7 @@ def test_build_char_tokenizer():
 
 
 def test_logger_writes_jsonl_and_summary(tmp_path, capsys):
-    log = common.RunLogger(tmp_path)
+    log = harness.RunLogger(tmp_path)
     log.log(1, {"reward/mean": 0.5, "loss/policy": torch.tensor(2.0)}, keys=["reward/mean"])
     log.log(2, {"reward/mean": 0.25}, keys=[])  # written, not printed
     log.summary({"start_accuracy": 0.1, "path": tmp_path})

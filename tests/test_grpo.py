@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import tasks
 import grpo
 from grpo import grpo_loss, group_advantages, k3_kl, process_advantages
 
@@ -151,7 +152,7 @@ def test_process_advantages_with_digit_rewards():
     #   completion 0: Â = [3, 2, 1] · √6/6;   completion 1: Â = [−5 + 2, 2, 1] · √6/6 = [−3, 2, 1] · √6/6
     c_ids = torch.tensor([[8, 5, 1], [7, 5, 1]])
     c_mask = common.completion_mask(c_ids, 1)
-    step_r = common.digit_step_rewards(c_ids, c_mask, [[8, 5, 1]] * 2)
+    step_r = tasks.digit_step_rewards(c_ids, c_mask, [[8, 5, 1]] * 2)
     adv = process_advantages(step_r, c_mask, 2, eps=1e-12)
     u = math.sqrt(6) / 6
     torch.testing.assert_close(adv, torch.tensor([[3 * u, 2 * u, u], [-3 * u, 2 * u, u]]))
@@ -509,7 +510,7 @@ def runs(request, tmp_path_factory, tiny_path, tiny_random_other_arch, run_scrip
     are short, so most of their time is Python start-up), and hand each test its own result:
     {name: (out_dir, future of CompletedProcess)}."""
     base = tmp_path_factory.mktemp("grpo_runs")
-    train = common.arithmetic_task()[0]
+    train = tasks.arithmetic_task()[0]
     data = base / "task.jsonl"  # a small --data file: 30 rows, 6 held out
     data.write_text("".join(json.dumps({"prompt": r["prompt"], "answer": int(r["answer"])}) + "\n"
                             for r in train[:30]))
@@ -627,7 +628,7 @@ def check_run(out, result, model_type: str):
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tok = AutoTokenizer.from_pretrained(out / "model")
     assert model.config.model_type == model_type
-    acc = common.greedy_accuracy(model, tok, common.arithmetic_task()[1][:8], 4)
+    acc = tasks.greedy_accuracy(model, tok, tasks.arithmetic_task()[1][:8], 4)
     assert 0 <= acc <= 1
     return rows, summary
 

@@ -1,7 +1,7 @@
 """Mixed precision, checked on the CPU: what a GPU run does, with the same arithmetic.
 
 On a GPU, `--dtype auto` is bfloat16. Every script keeps float32 weights (trained and frozen) and
-runs its forward passes under autocast (`common.MixedPrecision`). The CPU has bf16 autocast too,
+runs its forward passes under autocast (`harness.MixedPrecision`). The CPU has bf16 autocast too,
 so each script runs here for 3 steps with `--dtype bfloat16` at the learning rate that the README
 gives for a 0.5B model on a GPU, and the tests check what would go wrong otherwise:
 
@@ -21,6 +21,8 @@ import pytest
 import torch
 
 import common
+import tasks
+import harness
 import dpo
 import grpo
 import ppo
@@ -74,29 +76,33 @@ def test_bf16_weights_swallow_small_updates_and_float32_keeps_them():
 
 
 def test_mixed_precision_autocast_and_float16_scaler():
-    prec = common.MixedPrecision(CPU, "bfloat16")
+    prec = harness.MixedPrecision(CPU, "bfloat16")
     lin = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)
     with prec.autocast():
         assert lin(x).dtype == torch.bfloat16  # matmuls in the compute dtype
     assert lin.weight.dtype == torch.float32 and prec.scaler is None
-    assert common.MixedPrecision(CPU, "float32").autocast().__class__.__name__ == "nullcontext"
+    assert harness.MixedPrecision(CPU, "float32").autocast().__class__.__name__ == "nullcontext"
     with pytest.raises(common.UsageError, match="--dtype"):
-        common.MixedPrecision(CPU, "float8")
+        harness.MixedPrecision(CPU, "float8")
     # float16: the loss is scaled for backward and the gradient unscaled before clipping, so the
     # returned norm is the true one: L = Σ w·x with x = 1 → ∂L/∂w = 1 for 4 weights → ‖g‖ = 2
-    prec = common.MixedPrecision(CPU, "float16")
+    prec = harness.MixedPrecision(CPU, "float16")
     w = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([w], lr=0.1)
     prec.backward((w * torch.ones(4)).sum())
     assert prec.grad_scale() > 1 and float(w.grad[0]) == prec.grad_scale()
-    assert prec.step(opt, [w], max_norm=0) == pytest.approx(2.0)
+    prec.unscale_(opt)
+    assert float(torch.nn.utils.clip_grad_norm_([w], math.inf)) == pytest.approx(2.0)
+    prec.step(opt)
     assert torch.allclose(w.detach(), torch.full((4,), -0.1))  # SGD on the unscaled gradient
     # an overflowing gradient: the step is skipped (no NaN in the weights) and the scale drops
     scale = prec.grad_scale()
     opt.zero_grad()
     prec.backward((w * torch.full((4,), float("inf"))).sum())
-    assert math.isinf(prec.step(opt, [w], max_norm=1.0))
+    prec.unscale_(opt)
+    assert not math.isfinite(float(torch.nn.utils.clip_grad_norm_([w], 1.0)))
+    prec.step(opt)
     assert torch.allclose(w.detach(), torch.full((4,), -0.1)) and prec.grad_scale() < scale
 
 
@@ -107,11 +113,11 @@ def test_heads_run_in_float32_under_autocast():
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2)).eval()
-    rm = reward_model.RewardModel(lm).eval()
+    rm = tasks.RewardModel(lm).eval()
     vm = ppo.ValueModel(lm, weight=torch.randn(32), bias=0.3).eval()
     ids = torch.randint(3, 20, (3, 7))
     mask = torch.ones_like(ids)
-    prec = common.MixedPrecision(CPU, "bfloat16")
+    prec = harness.MixedPrecision(CPU, "bfloat16")
     with torch.no_grad(), prec.autocast():
         r = rm(ids, mask)  # [3]
         v = vm(ids, mask, 4)  # [3, 4]
@@ -171,7 +177,7 @@ def test_reward_model_bf16(tmp_path):
     rest = {k: v for k, v in before.items() if k not in (emb, "lm_head.weight")}
     assert changed_share(rest, after) >= 0.99
     assert (after[emb][used] != before[emb][used]).float().mean() >= 0.99
-    head = load_file(str(out / "model" / reward_model.HEAD_FILE))
+    head = load_file(str(out / "model" / tasks.HEAD_FILE))
     assert head["weight"].dtype == torch.float32 and torch.isfinite(head["weight"]).all()
 
 

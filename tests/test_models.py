@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import common
+import tasks
 import reward_model
 from models import build
 
@@ -58,11 +59,11 @@ def test_tiny_reproduces_its_recorded_greedy_accuracy():
     # another CPU, a float difference can move a rare sample across a boundary of the multinomial.
     r = record("tiny")
     model, tok = common.load_model("tiny", CPU, trainable=False)
-    heldout = common.arithmetic_task()[1]
-    assert common.greedy_accuracy(model, tok, heldout, 4) == r["heldout_accuracy"]
+    heldout = tasks.arithmetic_task()[1]
+    assert tasks.greedy_accuracy(model, tok, heldout, 4) == r["heldout_accuracy"]
     carry = [x for x in heldout if build.ones_carry(x["prompt"])]
-    assert round(common.greedy_accuracy(model, tok, carry, 4), 4) == r["heldout_accuracy_carry"]
-    p = common.pass_at_k(model, tok, heldout, r["k"], 4)
+    assert round(tasks.greedy_accuracy(model, tok, carry, 4), 4) == r["heldout_accuracy_carry"]
+    p = tasks.pass_at_k(model, tok, heldout, r["k"], 4)
     assert p["pass_at_1"] == pytest.approx(r["pass_at_1"], abs=0.01)
     assert p["pass_at_k"] == pytest.approx(r["pass_at_k"], abs=0.01)
     # what the recipe is for: RL starts far from the top, and sampling reaches most answers
@@ -81,8 +82,8 @@ def test_tiny_ramble_reproduces_its_recorded_figures():
     assert sum(f.stat().st_size for f in folder.iterdir()) < 2**20
     assert r["recipe"] == {**build.TINY_RAMBLE, "sft_steps": r["recipe"]["sft_steps"]}
     model, tok = common.load_model(str(folder), CPU, trainable=False)
-    heldout = common.arithmetic_task()[1]
-    assert common.greedy_accuracy(model, tok, heldout, 16) == r["heldout_accuracy"]
+    heldout = tasks.arithmetic_task()[1]
+    assert tasks.greedy_accuracy(model, tok, heldout, 16) == r["heldout_accuracy"]
     lengths = build.length_figures(model, tok, heldout[:100], 8, 16)
     assert lengths["sample_len_correct"] == pytest.approx(r["sample_len_correct"], abs=0.3)
     assert lengths["sample_len_incorrect"] == pytest.approx(r["sample_len_incorrect"], abs=0.6)
@@ -94,17 +95,17 @@ def test_tiny_pref_pairs_reproduce_their_recorded_ceilings():
     r = record("tiny-pref")
     folder = common.MODELS_DIR / "tiny-pref"
     for split in ("train", "heldout"):
-        pairs = common.read_preference_jsonl(folder / f"pairs_{split}.jsonl")
+        pairs = tasks.read_preference_jsonl(folder / f"pairs_{split}.jsonl")
         assert len(pairs) == r["recipe"][f"{split}_pairs"]
-        assert round(common.ceiling_accuracy(pairs), 4) == r[f"{split}_ceiling"]
+        assert round(tasks.ceiling_accuracy(pairs), 4) == r[f"{split}_ceiling"]
     model, tok = common.load_model("tiny-pref", CPU, trainable=False)
     assert tok.eos_token_id == 1 and model.config.vocab_size == len(tok)
 
 
 def test_tiny_pref_rm_reproduces_its_recorded_pair_accuracy():
     r = record("tiny-pref-rm")
-    rm, tok = reward_model.load_reward_model("tiny-pref-rm")
-    heldout = common.read_preference_jsonl(common.MODELS_DIR / "tiny-pref" / "pairs_heldout.jsonl")
+    rm, tok = tasks.load_reward_model("tiny-pref-rm")
+    heldout = tasks.read_preference_jsonl(common.MODELS_DIR / "tiny-pref" / "pairs_heldout.jsonl")
     r_c, r_r = reward_model.score_pairs(rm, tok, heldout, CPU)
     assert round(float(reward_model.pair_accuracy(r_c, r_r)), 4) == r["heldout_accuracy"]
     assert round(rm.reward_mean.item(), 4) == r["reward_mean"] and round(rm.reward_std.item(), 4) == r["reward_std"]
@@ -164,7 +165,7 @@ def test_pass_at_k_by_hand(monkeypatch):
         None, None, ids[:len(prompts)], None, texts[:len(prompts)], [True] * len(prompts)))
     model = torch.nn.Linear(1, 1)
     rows = [{"prompt": "2+3=", "answer": "5"}, {"prompt": "4+4=", "answer": "8"}]
-    assert common.pass_at_k(model, tok, rows, 2, 4) == {"k": 2, "pass_at_1": 0.25, "pass_at_k": 0.5}
+    assert tasks.pass_at_k(model, tok, rows, 2, 4) == {"k": 2, "pass_at_1": 0.25, "pass_at_k": 0.5}
 
 
 #####################################################################################################
@@ -205,7 +206,7 @@ def test_small_builds_load_and_repeat_their_weights(tmp_path):
     result = build_cli("tiny-pref-rm", "--seed", "1", "--out", str(out), "--steps", "2",
                        "--pref", str(tmp_path / "tiny-pref-a"))
     assert result.returncode == 0, result.stderr[-2000:]
-    rm, _ = reward_model.load_reward_model(out)
+    rm, _ = tasks.load_reward_model(out)
     assert json.loads((out / "build.json").read_text())["steps"] == 2 and rm.reward_std.item() > 0
     # another seed gives other weights
     result = build_cli("tiny", "--seed", "4", "--out", str(tmp_path / "tiny-c"), "--steps", "8")

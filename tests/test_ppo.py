@@ -24,6 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
+import tasks
 from models.build import build_char_tokenizer, build_word_tokenizer
 import ppo
 import reward_model as rm_lib
@@ -840,7 +841,7 @@ def test_value_model_from_reward_model_folds_the_normalisation():
     """The reward model outputs (w · h + b − μ) / s at the last real token. The value model started
     from it has the head (w / s, (b − μ) / s) on every column, so V(s_t) is the reward model's score
     of the prefix x, y_<t, and the head on the final column is the reward model's score itself."""
-    rm = rm_lib.RewardModel(random_llama(seed=5)).eval()
+    rm = tasks.RewardModel(random_llama(seed=5)).eval()
     with torch.no_grad():
         rm.head.bias.fill_(0.7)
         rm.reward_mean.fill_(0.3)
@@ -980,7 +981,7 @@ def char_rm(tmp_path_factory) -> str:
         eos_token_id=tok.eos_token_id, bos_token_id=None))
     torch.random.set_rng_state(state)
     path = tmp_path_factory.mktemp("char_rm") / "model"
-    rm_lib.save_reward_model(rm_lib.RewardModel(lm), tok, path)
+    tasks.save_reward_model(tasks.RewardModel(lm), tok, path)
     return str(path)
 
 

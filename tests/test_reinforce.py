@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import common
+import tasks
 import reinforce
 from reinforce import (per_token_rewards, psi_values, reinforce_loss, reward_to_go, rloo_baseline,
                        split_half_variance, state_features, value_head, value_loss)
@@ -565,7 +566,7 @@ def test_short_run_writes_its_outputs_and_the_model_reloads(runs):
 
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tok = AutoTokenizer.from_pretrained(out / "model")
-    assert 0 <= common.greedy_accuracy(model, tok, common.arithmetic_task()[1][:8], 4) <= 1
+    assert 0 <= tasks.greedy_accuracy(model, tok, tasks.arithmetic_task()[1][:8], 4) <= 1
 
     # the same command again into the same folder refuses, and leaves the run intact
     line = one_line_error(again, "--out-dir")

@@ -3,9 +3,9 @@
 For each script, three runs of the same flags and seed (6 steps, tiny evaluations):
   A   uninterrupted, no checkpoints (in-process);
   B   --save-every 3, stopped by a real SIGINT once step 4 is logged (a subprocess; the test hook
-      common.SIGINT_HOOK sends the signal, so the stop is at a known step): exit code 130, one
+      harness.SIGINT_HOOK sends the signal, so the stop is at a known step): exit code 130, one
       line, summary.json with "interrupted": true, and checkpoint-3/ in the folder;
-  B'  `--resume B` (in-process, through common.main as the command line goes): drops B's row of
+  B'  `--resume B` (in-process, through harness.main as the command line goes): drops B's row of
       step 4, takes steps 4..6 again from checkpoint-3 and appends them.
 B' must end with A's metrics.jsonl rows and summary figures, exactly (float tolerance 0), and the
 same final weights, byte for byte: what a checkpoint holds is all that the steps after it need.
@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import common
+import harness
 import dpo
 import grpo
 import ppo
@@ -58,7 +59,7 @@ SUMMARY_PATHS = {"config", "model_dir"}  # hold the run folder's name
 
 
 def interrupted_run(script: str, argv: list[str], out, at_step: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, common.SIGINT_HOOK: str(at_step), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, harness.SIGINT_HOOK: str(at_step), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, f"{script}.py", *argv, "--out-dir", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -77,14 +78,14 @@ def runs(tmp_path_factory):
     out = {}
     try:
         for name, (module, argv) in CASES.items():
-            module.train(common.parse_args(module.Args, argv + ["--out-dir", str(base / f"{name}_A")]))
+            module.train(harness.parse_args(module.Args, argv + ["--out-dir", str(base / f"{name}_A")]))
         for name, (module, argv) in CASES.items():
             b = base / f"{name}_B"
             result = b_jobs[name].result()
             summary = json.loads((b / "summary.json").read_text()) if (b / "summary.json").is_file() else None
             rows = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
             # the resumed run, as typed: its flags come from the checkpoint; --log-every may change
-            common.main(module.Args, module.train, argv=["--resume", str(b), "--log-every", "2"])
+            harness.main(module.Args, module.train, argv=["--resume", str(b), "--log-every", "2"])
             out[name] = {"A": base / f"{name}_A", "B": b, "B_result": result, "B_summary": summary, "B_rows": rows}
     finally:
         torch.set_num_threads(threads)
@@ -189,13 +190,13 @@ def fake_run(tmp_path, steps=(3,), config=None):
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "time": i}) + "\n" for i in range(6)))
     args = reinforce.Args(**(config or {}), save_every=3, out_dir=str(run))
     for s in steps:
-        common.save_checkpoint(run, s, args, {"head": torch.nn.Linear(2, 1)}, {"x": s})
+        harness.save_checkpoint(run, s, args, {"head": torch.nn.Linear(2, 1)}, {"x": s})
     return run
 
 
 def one_line(capsys, argv, module=reinforce) -> str:
     with pytest.raises(SystemExit) as e:
-        common.main(module.Args, module.train, argv=argv)
+        harness.main(module.Args, module.train, argv=argv)
     assert e.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -212,10 +213,10 @@ def test_resume_refuses_a_folder_that_is_no_run_or_has_no_checkpoint(tmp_path, c
 
 def test_resume_takes_the_saved_config_and_refuses_a_differing_flag(tmp_path, capsys):
     run = fake_run(tmp_path, config={"lr": 1e-3})
-    args = common.resume_config(reinforce.Args(resume=str(run), log_every=7))
+    args = harness.resume_config(reinforce.Args(resume=str(run), log_every=7))
     assert args.lr == 1e-3 and args.log_every == 7 and args.out_dir == str(run) and args.save_every == 3
     # the saved value given again, or a flag left out: accepted (tested above); another value: refused
-    assert common.resume_config(reinforce.Args(resume=str(run), lr=1e-3)).lr == 1e-3
+    assert harness.resume_config(reinforce.Args(resume=str(run), lr=1e-3)).lr == 1e-3
     err = one_line(capsys, ["--resume", str(run), "--lr", "2e-3"])
     assert err.startswith("error: --lr 0.002: the run in") and "--lr 0.001" in err
     # given with its default value, which differs from the run's: refused too (main sees the flag)
@@ -228,7 +229,7 @@ def test_truncate_metrics_keeps_the_rows_up_to_the_checkpoint(tmp_path):
     run = fake_run(tmp_path)
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "ti')  # a line cut short by the stop
-    common.truncate_metrics(run, 3)
+    harness.truncate_metrics(run, 3)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
 
 
@@ -237,17 +238,17 @@ def test_rng_states_read_back_from_a_checkpoint_replay_the_same_numbers(tmp_path
 
     import numpy as np
     args = reinforce.Args(save_every=1)
-    common.seed_everything(5)
+    harness.seed_everything(5)
     gen = np.random.default_rng(9)  # a script's own generator (data order)
-    common.save_checkpoint(tmp_path, 1, args, {}, {"rng": common.rng_state(), "gen": gen.bit_generator.state})
+    harness.save_checkpoint(tmp_path, 1, args, {}, {"rng": harness.rng_state(), "gen": gen.bit_generator.state})
 
     def draws():
         return random.random(), float(np.random.rand()), float(torch.rand(())), float(gen.random())
     expect = draws()
-    common.seed_everything(6)  # move every generator elsewhere
+    harness.seed_everything(6)  # move every generator elsewhere
     gen = np.random.default_rng(0)
-    ckpt = common.load_checkpoint(tmp_path / "checkpoint-1")  # torch.load(weights_only=True) reads it all
-    common.set_rng_state(ckpt.state["rng"])
+    ckpt = harness.load_checkpoint(tmp_path / "checkpoint-1")  # torch.load(weights_only=True) reads it all
+    harness.set_rng_state(ckpt.state["rng"])
     gen.bit_generator.state = ckpt.state["gen"]
     assert ckpt.step == 1 and draws() == expect
 
@@ -255,8 +256,8 @@ def test_rng_states_read_back_from_a_checkpoint_replay_the_same_numbers(tmp_path
 def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
     args = reinforce.Args(save_every=1, save_total_limit=2)
     for step in (1, 2, 3):
-        common.save_checkpoint(tmp_path, step, args, {"head": torch.nn.Linear(2, 1)}, {})
-    assert [p.name for p in common.checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+        harness.save_checkpoint(tmp_path, step, args, {"head": torch.nn.Linear(2, 1)}, {})
+    assert [p.name for p in harness.checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert sorted(p.name for p in (tmp_path / "checkpoint-3").iterdir()) == ["checkpoint.json", "head.pt", "state.pt"]
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -265,13 +266,13 @@ def test_overwrite_removes_checkpoints_and_the_value_head(tmp_path):
     run = fake_run(tmp_path, steps=(3, 6))
     (run / "value_head.pt").write_bytes(b"")
     (run / "checkpoint-9.tmp").mkdir()
-    common.prepare_run_dir(run, overwrite=True)
+    harness.prepare_run_dir(run, overwrite=True)
     assert list(run.iterdir()) == []
 
 
 @pytest.mark.parametrize("module", [m for m, _ in CASES.values()], ids=lambda m: m.__name__)
 def test_help_names_the_trl_flags(module, capsys):
     with pytest.raises(SystemExit):
-        common.parse_args(module.Args, ["--help"])
+        harness.parse_args(module.Args, ["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(TRL: save_steps)" in out and "(TRL: resume_from_checkpoint)" in out and "(TRL: save_total_limit)" in out

@@ -17,9 +17,11 @@ import pytest
 import torch
 
 import common
+import tasks
 from models.build import TINY_PREF, build_word_tokenizer
 import reward_model
-from reward_model import RewardModel, bradley_terry_loss, last_token_index, pair_accuracy, ranking_loss
+from reward_model import bradley_terry_loss, pair_accuracy, ranking_loss
+from tasks import RewardModel, last_token_index
 
 
 #####################################################################################################
@@ -186,15 +188,15 @@ def test_save_and_load_keep_the_rewards_and_the_normalisation(tmp_path):
         rm.reward_std.fill_(2.0)
         normalised = rm(ids, mask)
     torch.testing.assert_close(normalised, (raw - 0.25) / 2.0)  # (r − μ) / s
-    reward_model.save_reward_model(rm, tok, tmp_path / "rm")
-    loaded, tok2 = reward_model.load_reward_model(tmp_path / "rm")
+    tasks.save_reward_model(rm, tok, tmp_path / "rm")
+    loaded, tok2 = tasks.load_reward_model(tmp_path / "rm")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, mask), normalised)
     assert not any(p.requires_grad for p in loaded.parameters())
     # the LM folder also loads on its own, e.g. to start a value model from it
     common.load_model(str(tmp_path / "rm"), torch.device("cpu"))
     with pytest.raises(common.UsageError, match="reward_head.safetensors"):
-        reward_model.load_reward_model(tmp_path)
+        tasks.load_reward_model(tmp_path)
 
 
 def hf_rewards(folder, ids, mask):
@@ -222,19 +224,19 @@ def test_transformers_sequence_classifier_gives_the_same_rewards(tmp_path, pad_i
         rm.head.bias.fill_(0.7)
         rm.reward_mean.fill_(-0.3)
         rm.reward_std.fill_(2.5)
-    folder = reward_model.save_reward_model(rm, tok, tmp_path / "rm")
+    folder = tasks.save_reward_model(rm, tok, tmp_path / "rm")
     config = json.loads((folder / "config.json").read_text())
     assert config["reward_offset"] == pytest.approx((0.7 + 0.3) / 2.5) and config["id2label"] == {"0": "LABEL_0"}
     assert config["pad_token_id"] != config["eos_token_id"]
-    loaded, tok2 = reward_model.load_reward_model(folder)
+    loaded, tok2 = tasks.load_reward_model(folder)
     assert tok2.pad_token_id == config["pad_token_id"]
     ids, mask, _, _ = common.encode_prompt_completion(tok2, *zip(*ROWS))  # [3, P+T], both-side padding
     with torch.no_grad():
         ours = loaded(ids, mask)  # [3]
     torch.testing.assert_close(hf_rewards(folder, ids, mask) + config["reward_offset"], ours, atol=1e-5, rtol=0)
     # and the shipped reward model, on held-out pairs of the built-in task
-    rm, tok = reward_model.load_reward_model("tiny-pref-rm")
-    _, heldout = common.load_preferences(None)
+    rm, tok = tasks.load_reward_model("tiny-pref-rm")
+    _, heldout = tasks.load_preferences(None)
     ids, mask, _, _ = common.encode_prompt_completion(tok, [p["prompt"] for p in heldout[:64]],
                                                       [p["chosen"] for p in heldout[:64]])
     offset = json.loads((common.MODELS_DIR / "tiny-pref-rm" / "config.json").read_text())["reward_offset"]
@@ -255,7 +257,7 @@ def test_load_reward_model_reads_a_transformers_classifier(tmp_path):
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "trl_rm")
     tok.save_pretrained(tmp_path / "trl_rm")
-    rm, _ = reward_model.load_reward_model(tmp_path / "trl_rm")
+    rm, _ = tasks.load_reward_model(tmp_path / "trl_rm")
     assert rm.head.bias.item() == 0 and rm.reward_mean.item() == 0 and rm.reward_std.item() == 1
     ids, mask, _, _ = common.encode_prompt_completion(tok, *zip(*ROWS))
     with torch.no_grad():
@@ -268,15 +270,15 @@ def test_load_reward_model_reads_a_transformers_classifier(tmp_path):
 
 
 def test_gold_reward_by_hand():
-    assert common.gold_reward("was really great but the staff was rude") == 0.0  # +1 − 1
-    assert common.gold_reward("was great and the view was nice") == 2.0  # +1 + 1
-    assert common.gold_reward("Felt AWFUL") == -1.0  # lower-cased
+    assert tasks.gold_reward("was really great but the staff was rude") == 0.0  # +1 − 1
+    assert tasks.gold_reward("was great and the view was nice") == 2.0  # +1 + 1
+    assert tasks.gold_reward("Felt AWFUL") == -1.0  # lower-cased
     # 12 words with 3 positive, then 5 neutral: 17 words, 3 − 0.5 · (17 − 15) = 2
-    assert common.gold_reward("was great and the view was nice and the menu was good " + "ok " * 5) == 2.0
+    assert tasks.gold_reward("was great and the view was nice and the menu was good " + "ok " * 5) == 2.0
     # ceiling: the gold agrees, ties, disagrees -> (1 + ½ + 0) / 3 = 0.5
     pairs = [{"chosen": "was great", "rejected": "was bad"}, {"chosen": "was ok", "rejected": "was new"},
              {"chosen": "was bad", "rejected": "was good"}]
-    assert common.ceiling_accuracy(pairs) == 0.5
+    assert tasks.ceiling_accuracy(pairs) == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -288,15 +290,15 @@ def pref_path():
 def test_built_in_pairs_are_labelled_with_bradley_terry_noise(pref_path):
     # P(chosen has the higher gold reward | |Δr| = k) should be σ(k): σ(1) = 0.7311, σ(2) = 0.8808.
     # With a few hundred pairs per k, the binomial standard error is about 0.02; allow 0.06.
-    pairs = common.read_preference_jsonl(pref_path / "pairs_train.jsonl")
+    pairs = tasks.read_preference_jsonl(pref_path / "pairs_train.jsonl")
     assert len(pairs) == TINY_PREF["train_pairs"]
-    d = np.array([common.gold_reward(p["chosen"]) - common.gold_reward(p["rejected"]) for p in pairs])
+    d = np.array([tasks.gold_reward(p["chosen"]) - tasks.gold_reward(p["rejected"]) for p in pairs])
     for k in (1, 2):
         sel = np.abs(d) == k
         assert sel.sum() > 300
         assert (d[sel] > 0).mean() == pytest.approx(1 / (1 + math.exp(-k)), abs=0.06), k
     # the SFT policy writes mixed sentiment: room to improve in both directions
-    golds = [common.gold_reward(p[k]) for p in pairs for k in ("chosen", "rejected")]
+    golds = [tasks.gold_reward(p[k]) for p in pairs for k in ("chosen", "rejected")]
     assert abs(np.mean(golds)) < 0.5 and min(golds) <= -2 and max(golds) >= 2
 
 
@@ -358,10 +360,10 @@ def test_short_run_writes_outputs_and_the_model_reloads(runs):
     assert 0 <= s["heldout_accuracy"] <= 1 and 0.5 < s["ceiling_accuracy"] < 1
     assert s["reward_std"] > 0 and -1 <= s["gold_correlation"] <= 1
     # the saved reward model reloads with its normalisation, and scores pairs
-    rm, tok = reward_model.load_reward_model(out / "model")
+    rm, tok = tasks.load_reward_model(out / "model")
     assert rm.reward_mean.item() == pytest.approx(s["reward_mean"])
     assert rm.reward_std.item() == pytest.approx(s["reward_std"])
-    pairs = common.read_preference_jsonl(common.MODELS_DIR / "tiny-pref" / "pairs_heldout.jsonl")[:40]
+    pairs = tasks.read_preference_jsonl(common.MODELS_DIR / "tiny-pref" / "pairs_heldout.jsonl")[:40]
     r_c, r_r = reward_model.score_pairs(rm, tok, pairs, "cpu")
     assert pair_accuracy(r_c, r_r).item() == pytest.approx(s["heldout_accuracy"])  # the same 40 pairs
 

@@ -1,0 +1,717 @@
+"""The harness: what runs an algorithm, and what a reader of the algorithm may skip.
+
+  #####  command line   `parse_args(Args)`: a dataclass whose field docstrings become `--help`;
+                        `main(Args, train)`: bad input -> one line on stderr, exit code 2
+  #####  runs           device, seed, run folder, the LR schedule
+  #####  checkpoints    `--save-every N`, `--resume RUN_DIR`
+  #####  logging        `RunLogger` (metrics.jsonl, summary.json, one line per logging step)
+  #####  precision      `MixedPrecision`: float32 weights, autocast forward passes, loss scaling
+
+No step of an algorithm is here: the reward, the advantage, the loss, the clipping and the optimiser
+step are in each algorithm's own file. Nothing here needs a network connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import fnmatch
+import inspect
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import textwrap
+import time
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from common import UsageError, check
+
+#####################################################################################################
+#####  command line
+#####################################################################################################
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Map each dataclass field to the string literal written on the line below it (CleanRL style)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`error: --flag: ...`), exit code 2, not the whole usage."""
+
+    def error(self, message):
+        # argparse says "argument --lr: ..."; the flag alone reads better and matches our own errors
+        message = message.removeprefix("argument ")
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _converter(base, optional: bool):
+    """The `type=` of a flag: `base(s)`, or None for the word `none` when the field is Optional.
+
+    A bad value raises argparse's ArgumentTypeError with a message that says what was expected
+    (`--lr: expected a number, got 'abc'`), not argparse's "invalid convert value". Floats must be
+    finite: no flag here means anything by nan or inf, and a nan would only surface later as a NaN
+    loss. A str value that starts with `~` is expanded as the shell would (os.path.expanduser): the
+    shell leaves `--out-dir=~/runs/x` alone, and every str flag that can hold a `~` is a path."""
+    expected = {int: "an integer", float: "a number"}.get(base)
+
+    def convert(s: str):
+        if optional and s.lower() == "none":
+            return None
+        if base is str:
+            return os.path.expanduser(s) if s.startswith("~") else s
+        try:
+            value = base(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected or base.__name__}, got {s!r}"
+                                             + (" (or none)" if optional else "")) from None
+        if base is float and not np.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+        return value
+    return convert
+
+
+def parse_args(cls, argv: list[str] | None = None, description: str | None = None):
+    """Build an argparse parser from a dataclass `Args` and return a filled instance.
+
+    `max_new_tokens: int = 4` becomes `--max-new-tokens INT`; a bool becomes `--flag/--no-flag`;
+    `Optional[X]` accepts the word `none`; `Literal[...]` is how a field declares a fixed set of
+    values: `--help` lists them and any other value is refused. The help text of each flag is the
+    docstring under the field. The underscore spelling (`--max_new_tokens`) is accepted as well,
+    but not shown in `--help`, so every flag appears once.
+    """
+    return cls(**vars(_parser(cls, description).parse_args(argv)))
+
+
+def given_flags(cls, argv: list[str] | None = None) -> set[str]:
+    """The fields of `cls` whose flags appear in `argv` (a flag given with its default value
+    counts as given): the same parser, with no defaults, so that argparse fills only those."""
+    return set(vars(_parser(cls, None, defaults=False).parse_args(argv)))
+
+
+def _parser(cls, description: str | None, defaults: bool = True) -> argparse.ArgumentParser:
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    parser = _OneLineErrorParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        tp, optional = hints[f.name], False
+        if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", ())):
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp, optional = inner[0], True
+        flag = "--" + f.name.replace("_", "-")
+        alias = "--" + f.name if "_" in f.name else None
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict = {"dest": f.name, "default": default if defaults else argparse.SUPPRESS,
+                        "help": f"{docs.get(f.name, '')} (default: {default})"}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            choices = list(typing.get_args(tp)) if typing.get_origin(tp) is typing.Literal else None
+            base = type(choices[0]) if choices else tp
+            if choices:
+                # {a,b,c} in --help; `none` must pass the choices check too when the field is Optional
+                kwargs["choices"] = choices + [None] if optional else choices
+                kwargs["metavar"] = "{" + ",".join(map(str, choices + (["none"] if optional else []))) + "}"
+            else:
+                kwargs["metavar"] = base.__name__.upper()
+            kwargs["type"] = _converter(base, optional)
+        parser.add_argument(flag, **kwargs)
+        if alias:  # the same flag with underscores: works, hidden from --help and from the usage line
+            parser.add_argument(alias, **{**kwargs, "help": argparse.SUPPRESS})
+    return parser
+
+
+def main(cls, train, doc: str | None = None, argv: list[str] | None = None):
+    """`python script.py [flags]`: parse flags, run `train(args)`, and turn a `UsageError` into one
+    line on stderr and exit code 2, never a traceback. (Scripts check files and paths themselves
+    and raise `UsageError`, so that the message names the flag.)
+
+    --resume RUN_DIR takes the run's config from its last checkpoint (`resume_config`; here, with
+    the flags that were given on the command line, so that one given with its default value is
+    checked too). Ctrl-C (KeyboardInterrupt) writes summary.json with "interrupted": true and the
+    figures logged so far (`RunLogger.interrupted`), prints one line and exits with code 130, the
+    shell's code for SIGINT, without a traceback."""
+    args = parse_args(cls, argv, description=doc)
+    try:
+        if getattr(args, "resume", None) is not None:
+            args = resume_config(args, given_flags(cls, argv))
+        return train(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        log = RunLogger.active
+        if log is None:
+            print("interrupted before the run had logged anything: nothing written", file=sys.stderr)
+        else:
+            s = log.interrupted(Path(sys.argv[0]).stem, dataclasses.asdict(args))
+            where = (f"resume with --resume {log.out_dir} (from {s['checkpoint']})" if s["checkpoint"]
+                     else "no checkpoint to resume from (--save-every N writes them)")
+            total = f"/{log.total_steps}" if log.total_steps is not None else ""
+            at = f"at step {s['step']}{total}" if s["step"] is not None else "before its first row"
+            print(f"interrupted {at}: {log.out_dir / 'summary.json'} written; {where}", file=sys.stderr)
+        sys.exit(130)
+
+
+
+#####################################################################################################
+#####  runs: device, seed, run folder, logging
+#####################################################################################################
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """CUDA when present, else the CPU; `--device cpu|cuda|cuda:1` overrides."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r} is not a torch device ({e})") from None
+    check(dev.type != "cuda" or torch.cuda.is_available(),
+          f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, numpy and torch (CPU and every GPU). numpy's legacy seed takes
+    0 .. 2³² − 1 only, so any other --seed is a UsageError here, before a run folder exists."""
+    check(0 <= seed < 2 ** 32, f"--seed must be in [0, 2^32 − 1] (got {seed})")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def default_run_dir(script: str, seed: int) -> Path:
+    """`runs/<script>__s<seed>__<date-time>`: a new folder per run, so no run overwrites another."""
+    return Path("runs") / f"{script}__s{seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# What the scripts write into a run folder, and so what --overwrite may remove: nothing else is
+# ever deleted. (model/: the policy or reward model; value_model/: PPO's value model;
+# value_head.pt: reinforce.py's --baseline value head; reward_model/: the reward-model run that
+# ppo.py trains when none is given; q_network.pt: dqn_maze; checkpoint-<step>/: --save-every, and
+# checkpoint-<step>.tmp/, one that was being written when the run stopped.) Shell patterns.
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "model", "value_model", "value_head.pt", "reward_model",
+               "q_network.pt", "checkpoint-*")
+
+
+def prepare_run_dir(out_dir: str | Path, overwrite: bool, resume: Checkpoint | None = None) -> Path:
+    """Create the run folder and return it. A folder that already holds a run is refused
+    (UsageError), unless `overwrite`: then the earlier run's outputs (RUN_OUTPUTS) are removed, and
+    the names of what was removed printed. A folder that holds anything else is refused even with
+    `overwrite`, since those files are not ours to delete.
+
+    `resume` (--resume, see `resume_run`): the run continues in its own folder. Nothing is
+    removed but the rows of metrics.jsonl after the checkpoint's step, which the run writes again."""
+    if resume is not None:
+        truncate_metrics(resume.run_dir, resume.step)
+        return resume.run_dir
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} exists and is not a folder")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    unknown = [name for name in present if not any(fnmatch.fnmatchcase(name, pat) for pat in RUN_OUTPUTS)]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UsageError(f"--out-dir {out} holds files that no run writes ({shown}); choose another "
+                         "--out-dir" + " (--overwrite removes only a run's own outputs)" * overwrite)
+    if present:
+        check(overwrite, f"--out-dir {out} already holds a run; pass --overwrite to replace it, "
+                         "or choose another --out-dir")
+        removed = []
+        for name in present:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+                removed.append(name + "/")
+            else:
+                p.unlink()
+                removed.append(name)
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "linear") -> float:
+    """The learning-rate schedule of every script: the factor that multiplies --lr at optimiser
+    step `step` (counted from 0, so the first step uses lr_factor(0)).
+
+        warm-up      (step + 1) / (warmup_steps + 1)                     for step < warmup_steps
+        "constant"   1                                                   after it
+        "linear"     (total_steps − step) / (total_steps − warmup_steps) after it, down to 1/(N − W)
+                     at the last step (N = total_steps), so 0 is reached just after the run ends
+
+    The linear part is that of transformers' `get_linear_schedule_with_warmup` (TRL's default).
+    The warm-up differs: HF's is step / warmup_steps, so its first step has lr 0 and does nothing;
+    this one starts at lr / (warmup_steps + 1). With W = 2, N = 5 the factors are
+    1/3, 2/3, 1, 2/3, 1/3 (linear) and 1/3, 2/3, 1, 1, 1 (constant).
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule != "linear":
+        raise ValueError(f"unknown schedule {schedule!r}: expected linear or constant")
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def lr_scheduler(opt, warmup_steps: int, total_steps: int, schedule: str = "linear"):
+    """A torch LambdaLR over `lr_factor`; call `.step()` once per optimiser step (per PPO step in
+    ppo.py, which takes several optimiser steps on one rate)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, warmup_steps, total_steps, schedule))
+
+
+#####################################################################################################
+#####  checkpoints: --save-every N, --resume RUN_DIR
+#####################################################################################################
+#
+# A checkpoint is everything that the step after it needs, so that a resumed run takes the same
+# steps as one that was never stopped (on the CPU, bit for bit):
+#
+#   <out-dir>/checkpoint-<step>/
+#       model/              the policy (or reward model) with its tokenizer: save_pretrained, so
+#                           from_pretrained (and --model) loads it; value_model/ too in ppo.py
+#       <name>.pt           the state_dict of any other trained module (reinforce.py's value head)
+#       state.pt            optimiser, scheduler (LambdaLR: last_epoch), GradScaler (float16), the
+#                           RNG states (Python, numpy, torch CPU and CUDA), and the script's own:
+#                           its data-order generator, adaptive coefficients, the figures so far
+#       checkpoint.json     the step, the run's full config, and the seconds it had run
+#
+# It is written as checkpoint-<step>.tmp/ and renamed when complete, so a run stopped while it
+# writes leaves no checkpoint that looks whole. All are kept (TRL's default), unless
+# --save-total-limit K: then the K newest.
+
+RESUME_MAY_CHANGE = ("device", "log_every", "save_every", "save_total_limit")  # nothing else changes a step
+SIGINT_HOOK = "RL_REF_SIGINT_AFTER_STEP"  # for tests: a real SIGINT once this step's row is logged
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint read back by `load_checkpoint`: where it is, its step, and what `save_checkpoint`
+    stored (`state` holds the script's dict, with "rng" and the training state of `training_state`)."""
+    path: Path
+    step: int
+    config: dict
+    state: dict
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+
+def rng_state() -> dict:
+    """The global random states: Python's `random`, numpy's legacy one, torch's CPU generator and
+    every CUDA device's. Plain lists and tensors, so that torch.load(weights_only=True) reads them."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, key.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned (the CUDA states only where CUDA is present)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(opt, sched, prec) -> dict:
+    """The state of the optimiser, the scheduler, the GradScaler (float16) and the global RNGs."""
+    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": prec.scaler.state_dict() if prec.scaler is not None else None, "rng": rng_state()}
+
+
+def restore_training_state(state: dict, opt, sched, prec) -> None:
+    """Put back what `training_state` saved. The optimiser's tensors move to its parameters' device;
+    the RNGs are restored last, so call this just before the first step that the run takes again."""
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if prec.scaler is not None and state["scaler"] is not None:
+        prec.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+
+
+def save_checkpoint(out: Path, step: int, args, models: dict, state: dict, tokenizer=None) -> Path:
+    """Write <out>/checkpoint-<step>/ (see the layout above) and return it. `models`: name -> module;
+    one with `save_pretrained` is saved so (with `tokenizer`), any other as <name>.pt (state_dict).
+    `state`: the script's dict of tensors, numbers, strings, lists and dicts (for torch.load with
+    weights_only=True). Then only the newest --save-total-limit checkpoints are kept."""
+    out = Path(out)
+    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for name, module in models.items():
+            if hasattr(module, "save_pretrained"):
+                module.save_pretrained(tmp / name)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp / name)
+            else:
+                torch.save(module.state_dict(), tmp / f"{name}.pt")
+        torch.save(state, tmp / "state.pt")
+        elapsed = RunLogger.active.elapsed() if RunLogger.active is not None else None
+        (tmp / "checkpoint.json").write_text(json.dumps(
+            {"step": step, "elapsed_seconds": elapsed, "config": dataclasses.asdict(args)},
+            indent=2, default=_jsonable))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:  # Ctrl-C or a full disk while writing: leave no half checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    limit = getattr(args, "save_total_limit", None)
+    if limit is not None:
+        for old in checkpoints(out)[:-limit]:
+            shutil.rmtree(old)
+    print(f"step {step}: checkpoint saved in {final}", flush=True)
+    return final
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run folder (checkpoint-<step>/ with its checkpoint.json), by step."""
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir()
+             and p.name.removeprefix("checkpoint-").isdigit() and (p / "checkpoint.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The last checkpoint of the run in `run_dir`; a UsageError naming --resume when `run_dir` is
+    not a run folder or holds no checkpoint."""
+    run = Path(run_dir).expanduser()
+    check(run.is_dir(), f"--resume {run}: " + ("no such folder" if not run.exists() else "not a folder"))
+    check((run / "metrics.jsonl").is_file(), f"--resume {run}: not a run folder (it has no metrics.jsonl)")
+    found = checkpoints(run)
+    check(len(found) > 0, f"--resume {run}: the run has no checkpoint-<step>/ to resume from "
+                          "(only runs started with --save-every N write them)")
+    return found[-1]
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint folder written by `save_checkpoint` (the tensors onto the CPU; the
+    optimiser's state moves to the device when it is loaded into the optimiser)."""
+    path = Path(path)
+    info = json.loads((path / "checkpoint.json").read_text())
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return Checkpoint(path=path, step=int(info["step"]), config=info["config"], state=state)
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+    """Load trained weights saved by `save_checkpoint` into `module`: a save_pretrained folder
+    (read with the module's own class) or a <name>.pt state_dict."""
+    path = Path(path)
+    if path.is_dir():
+        state = type(module).from_pretrained(path, dtype=torch.float32).state_dict()
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state)
+
+
+def resume_config(args, given: set[str] | None = None):
+    """--resume RUN_DIR: the config to continue with, the one saved in the run's last checkpoint.
+
+    A flag given beside --resume must equal the run's own value, or name one of RESUME_MAY_CHANGE
+    (--device, --log-every, --save-every, --save-total-limit), which change no step of the run;
+    anything else is refused with one line naming the flag. --out-dir may only name the run's own
+    folder. `given`: the fields given on the command line (`given_flags`); None (a caller of
+    `train`): those that differ from their default."""
+    run = Path(args.resume).expanduser()
+    saved = json.loads((latest_checkpoint(run) / "checkpoint.json").read_text())["config"]
+    names = [f.name for f in dataclasses.fields(args)]
+    check(set(saved) == set(names), f"--resume {run}: its checkpoints were written by another script "
+                                    "(their config has other flags)")
+    defaults = type(args)()
+
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    explicit = {n for n in names
+                if (n in given if given is not None else getattr(args, n) != getattr(defaults, n))}
+    if "out_dir" in explicit and args.out_dir is not None:
+        check(Path(args.out_dir).expanduser().resolve() == run.resolve(),
+              f"--out-dir {args.out_dir}: --resume continues the run in its own folder ({run}); "
+              "leave --out-dir out")
+    for n in sorted(explicit - {"resume", "out_dir", *RESUME_MAY_CHANGE}):
+        mine = json.loads(json.dumps(getattr(args, n), default=_jsonable))  # as the checkpoint wrote it
+        check(mine == saved[n], f"{flag(n)} {mine}: the run in {run} was started with {flag(n)} {saved[n]}; "
+                                "with --resume, leave it out or give that value (only "
+                                + ", ".join(map(flag, RESUME_MAY_CHANGE)) + " may change)")
+    changed = {n: getattr(args, n) for n in RESUME_MAY_CHANGE if n in explicit and n in names}
+    return type(args)(**{**saved, **changed, "resume": str(run), "out_dir": str(run)})
+
+
+def resume_run(args):
+    """The start of every `train`: check --save-every and --save-total-limit, and for --resume
+    RUN_DIR return the run's saved config (`resume_config`) and its last checkpoint, else
+    (args, None). The script then loads its models and state from the checkpoint, skips its start
+    evaluation, and takes the steps after the checkpoint's."""
+    check(args.save_every >= 0, f"--save-every must be ≥ 0 (got {args.save_every}; 0: no checkpoints)")
+    check(args.save_total_limit is None or args.save_total_limit >= 1,
+          f"--save-total-limit must be ≥ 1 (got {args.save_total_limit}; none keeps every checkpoint)")
+    if args.resume is None:
+        return args, None
+    args = resume_config(args)
+    ckpt = load_checkpoint(latest_checkpoint(args.resume))
+    print(f"--resume: continuing {ckpt.run_dir} from {ckpt.path.name} (step {ckpt.step} of {args_steps(args)})",
+          flush=True)
+    return args, ckpt
+
+
+def args_steps(args) -> str:
+    """The configured length of a run, for messages: --steps or --max-steps (or its epochs)."""
+    for name in ("steps", "max_steps"):
+        if getattr(args, name, None) is not None:
+            return str(getattr(args, name))
+    return "its configured end"
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the rows of metrics.jsonl after `step` (and a last line cut short by a stop), so that a
+    resumed run appends the steps after its checkpoint once."""
+    path = Path(run_dir) / "metrics.jsonl"
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _jsonable(x):
+    if isinstance(x, (torch.Tensor, np.ndarray, np.generic)):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    return str(x)
+
+
+class RunLogger:
+    """One compact line per logging step on stdout, and the same numbers in `metrics.jsonl`.
+
+    Metric names are namespaced, as in CleanRL and TRL: `reward/mean`, `loss/policy`, `eval/accuracy`,
+    and printed in full:  step   50/2000 | reward/mean 0.5 | kl/ref 0.01 | 1m02s, ETA 3m10s
+    With `total_steps`, each line says how far the run is and when it should end: the ETA is the
+    time per step since the first logged row (step 0, after the start evaluation) times the steps
+    left, so periodic evaluations are counted in it.
+
+    A resumed run (--resume) appends to the rows that its checkpoint kept: the clock goes on from
+    the last row's time. The logger keeps the first row, the last one and the last with `eval/`
+    figures, for the summary of a run stopped with Ctrl-C (`interrupted`); the one logger of the
+    running script is `RunLogger.active`.
+    """
+    active: RunLogger | None = None
+
+    def __init__(self, out_dir: Path, quiet: bool = False, total_steps: int | None = None):
+        self.out_dir = Path(out_dir)
+        self.quiet = quiet
+        self.total_steps = total_steps
+        self.first: tuple[int, float] | None = None  # (step, time) of the first row, for the ETA
+        self.rows: dict[str, dict] = {}  # "start", "last_eval", "last": rows, for `interrupted`
+        path, elapsed = self.out_dir / "metrics.jsonl", 0.0
+        if path.is_file():  # --resume: the rows up to the checkpoint
+            for line in path.read_text(encoding="utf-8").splitlines():
+                self._remember(json.loads(line))
+                elapsed = self.rows["last"].get("time", elapsed)
+        self.t0 = time.time() - elapsed
+        self.file = open(path, "a", buffering=1)
+        RunLogger.active = self
+
+    def _remember(self, row: dict) -> None:
+        self.rows.setdefault("start", row)
+        self.rows["last"] = row
+        if row is not self.rows["start"] and any(k.startswith("eval/") for k in row):
+            self.rows["last_eval"] = row
+
+    def elapsed(self) -> float:
+        return round(time.time() - self.t0, 3)
+
+    def log(self, step: int, metrics: dict, keys: list[str] | None = None) -> None:
+        now = time.time()
+        if self.first is None:
+            self.first = (step, now)
+        row = {"step": step, "time": round(now - self.t0, 3), **metrics}
+        self.file.write(json.dumps(row, default=_jsonable) + "\n")
+        self._remember(json.loads(json.dumps(row, default=_jsonable)))
+        if not self.quiet and keys != []:  # keys=[]: write the row, print nothing
+            shown = keys if keys is not None else list(metrics)
+            parts = [f"{k} {_fmt(metrics[k])}" for k in shown if k in metrics]
+            if self.total_steps is None:
+                head, tail = f"step {step:>5}", f"{_fmt_seconds(now - self.t0)}"
+            else:
+                head = f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"
+                tail = _fmt_seconds(now - self.t0)
+                done, spent = step - self.first[0], now - self.first[1]
+                if done > 0:
+                    tail += f", ETA {_fmt_seconds(spent / done * max(0, self.total_steps - step))}"
+            print(" | ".join([head, *parts, tail]), flush=True)
+        if os.environ.get(SIGINT_HOOK) == str(step):  # tests: Ctrl-C at a known step, as a user's
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def summary(self, summary: dict) -> dict:
+        with open(self.out_dir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2, default=_jsonable)
+        return summary
+
+    def interrupted(self, script: str, config: dict) -> dict:
+        """The summary.json of a run stopped by Ctrl-C: what is known without more work. `step` is
+        the last step logged; `start` its first row (the start evaluation), `last_eval` the latest
+        row with eval/ figures after it, `last` the last row; `checkpoint` the newest checkpoint
+        (what --resume would continue from), or None."""
+        found = checkpoints(self.out_dir)
+        last = self.rows.get("last", {})
+        summary = self.summary({
+            "script": script, "interrupted": True, "step": last.get("step"), "steps": self.total_steps,
+            "start": self.rows.get("start"), "last_eval": self.rows.get("last_eval"), "last": last,
+            "checkpoint": found[-1].name if found else None, "wall_seconds": self.elapsed(),
+            "config": config})
+        self.close()
+        return summary
+
+    def close(self):
+        self.file.close()
+        if RunLogger.active is self:
+            RunLogger.active = None
+
+
+def run_facts(args, device, t_start: float, train_seconds: float, load_seconds: float) -> dict:
+    """The facts that end every summary.json: wall time (process start of `train` to now), time in
+    the training loop, time spent loading and preparing, the full config, and where it ran."""
+    return {"wall_seconds": round(time.time() - t_start, 2), "train_seconds": round(train_seconds, 2),
+            "load_seconds": round(load_seconds, 2), "config": dataclasses.asdict(args),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
+
+
+def save_policy(model, tokenizer, out: Path, enabled: bool = True) -> str | None:
+    """`save_pretrained` the model and its tokenizer into out/model, so that `from_pretrained`
+    loads it; returns that folder (None when saving is off)."""
+    if not enabled:
+        return None
+    with common.quiet_transformers():  # no "Writing model shards" bar
+        model.save_pretrained(Path(out) / "model")
+        tokenizer.save_pretrained(Path(out) / "model")
+    return str(Path(out) / "model")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def _fmt_seconds(t: float) -> str:
+    """A duration as people read it: 42s, 3m10s, 2h05m."""
+    t = int(round(t))
+    if t < 60:
+        return f"{t}s"
+    if t < 3600:
+        return f"{t // 60}m{t % 60:02d}s"
+    return f"{t // 3600}h{t % 3600 // 60:02d}m"
+
+
+#####################################################################################################
+#####  precision: float32 weights, autocast forward passes, float16 loss scaling
+#####################################################################################################
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that supports it, else float32 (the CPU path stays in fp32)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    check(name in table, f"--dtype {name!r}: expected auto, {', '.join(table)}")
+    return table[name]
+
+
+class MixedPrecision:
+    """How every script computes: float32 weights, forward passes under autocast in `dtype`.
+
+    Every model is stored in float32, the trained ones (policy, value model, reward model and its
+    head) and the frozen ones (reference, reward model in PPO) alike; `torch.autocast` runs the
+    matmuls of each forward pass in the compute dtype (bfloat16 on a GPU by default).
+      - Trained weights in float32: AdamW's update of a weight w is about lr, and bf16 keeps 8 bits
+        of mantissa, so any update below |w|·2⁻⁹ rounds away. At lr 1e-6 that is nearly every
+        update of a 0.5B model; in float32 it is none.
+      - Frozen weights in float32 too: a copy stored in bf16 also runs its norms, embeddings and
+        residual adds in bf16, where the policy under autocast runs them in float32, so at step 0
+        log π_θ − log π_ref would be ~1e-2 per token instead of exactly 0. The price is memory:
+        two bytes more per frozen weight.
+      - float16 (GPUs without bf16): its 5-bit exponent underflows small gradients, so the loss is
+        scaled before `backward` and the gradients unscaled before clipping (`GradScaler`); a step
+        whose gradients overflowed is skipped and the scale lowered.
+      - float32: no autocast, no scaler; this is the CPU default.
+
+        prec = MixedPrecision(device, args.dtype)
+        with prec.autocast():
+            loss = ...
+        prec.backward(loss)      # instead of loss.backward()
+        prec.unscale_(opt)       # float16: .grad back to the true gradient, before clipping
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # the algorithm's own clipping
+        prec.step(opt)           # instead of opt.step() (float16: skipped if the gradients overflowed)
+    """
+
+    def __init__(self, device: torch.device, name: str = "auto"):
+        self.device = device
+        self.dtype = pick_dtype(device, name)  # the compute dtype
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+
+    def autocast(self):
+        """A context for forward passes: autocast in the compute dtype (nothing for float32)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def grad_scale(self) -> float:
+        """The factor that .grad holds between `backward` and `step` (1 without a scaler)."""
+        return self.scaler.get_scale() if self.scaler is not None else 1.0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale_(self, opt) -> None:
+        """float16: divide every .grad of `opt` by the loss scale, so that clipping sees the true
+        gradient (and remember whether it overflowed). Else nothing."""
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+
+    def step(self, opt) -> None:
+        """`opt.step()`; float16: skipped when the gradients held inf or NaN, and the scale updated."""
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
