@@ -5,9 +5,8 @@
   #####  models   `load_model`: any Hugging Face causal LM folder, or an embedded model of models/
   #####  the LM   `token_logprobs` (log π(y_t | x, y_<t)), `generate` (the rollout, with the KV cache)
 
-Below the algorithm files sit two more modules that a reader may skip: `harness.py` (command line,
-run folder, logging, checkpoints, mixed precision, LR schedule) and `tasks.py` (the built-in tasks,
-their rewards and the users' data formats). This file imports neither. Nothing here needs a network.
+What a reader may skip is below it: `harness.py` (command line, run folder, logging, checkpoints,
+precision) and `tasks.py` (the built-in tasks and the users' data). It imports neither of them.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ def check(condition: bool, message: str):
 
 
 #####################################################################################################
-#####  tensors: masked statistics, padding, completion masks
+#####  tensors: masked statistics, padding, completion masks, the gradient's norm
 #####################################################################################################
 
 
@@ -64,11 +63,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists for generation: returns ids [B, P] and attention mask [B, P].
-
-    Prompts are padded on the left so that every row's last real token sits in the last column,
-    where generation appends the next token.
-    """
+    """Left-pad token lists for generation: returns ids [B, P] and attention mask [B, P]. Every
+    row's last real token then sits in the last column, where generation appends the next token."""
     P = max(len(s) for s in seqs)
     ids = torch.tensor([[pad_id] * (P - len(s)) + list(s) for s in seqs], dtype=torch.long)  # [B, P]
     mask = torch.tensor([[0] * (P - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)  # [B, P]
@@ -93,6 +89,13 @@ def concat_prompt_completion(prompt_ids, prompt_mask, completion_ids, comp_mask)
             torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1))
 
 
+def clip_grad_norm(params, max_norm: float) -> float:
+    """g ← g · min(1, max_norm / ‖g‖) over `params` (max_norm 0: no clipping). Returns ‖g‖ before
+    clipping; inf, not NaN, when float16 gradients overflowed (the scaler then skips the step)."""
+    norm = float(torch.nn.utils.clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf")))
+    return norm if norm == norm else float("inf")
+
+
 #####################################################################################################
 #####  models: any Hugging Face causal LM, or the embedded default `tiny`
 #####################################################################################################
@@ -104,18 +107,14 @@ EMBEDDED = ("tiny", "tiny-pref", "tiny-pref-rm", "tiny-ramble")  # names that --
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """`tiny`, `tiny-pref` and `tiny-pref-rm` (the embedded models) -> their folder in models/;
-    anything else is returned unchanged, for `load_model`."""
-    if name_or_path in EMBEDDED:
-        return str(MODELS_DIR / name_or_path)
-    return name_or_path
+    """An embedded model's name (`tiny`, ...) -> its folder in models/; anything else unchanged."""
+    return str(MODELS_DIR / name_or_path) if name_or_path in EMBEDDED else name_or_path
 
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """transformers' warnings and progress bars off inside the block ("Loading weights" bars on
-    stderr, which is for errors), and the caller's settings back after it, whatever happens: no
-    process-wide side effect (a user who imports common still sees transformers' warnings)."""
+    """transformers' warnings and progress bars off inside the block, and the caller's settings back
+    after it, whatever happens: no process-wide side effect."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -129,16 +128,16 @@ def quiet_transformers():
 
 
 def load_model(name_or_path: str, device: torch.device, trainable: bool = True):
-    """Load (model, tokenizer) through the Auto classes, with float32 weights whatever the
-    compute dtype (see `MixedPrecision`). `tiny` (arithmetic) and `tiny-pref` (the preference
-    task) are the embedded defaults, folders of this repository (`models/`), loaded like any other
-    with `from_pretrained`. The tokenizer pads on the left.
-
-    A frozen copy (`trainable=False`) is put in eval mode with gradients off: the reference policy.
-    """
+    """Load (model, tokenizer) through the Auto classes, with float32 weights whatever the compute
+    dtype (see `harness.MixedPrecision`). The embedded models (`tiny`, ...) are folders of models/,
+    loaded like any other. The tokenizer pads on the left. A frozen copy (`trainable=False`, the
+    reference policy) is put in eval mode with gradients off."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)  # `tiny`, `tiny-pref`: the embedded models
+    check(name_or_path not in EMBEDDED or Path(path).is_dir(),
+          f"--model {name_or_path}: the embedded models are looked for in {MODELS_DIR}, which has no "
+          f"{name_or_path}/ (copy models/ beside common.py, or give --model a model folder)")
     if name_or_path not in EMBEDDED and (name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path
                                    and not Path(name_or_path).exists() and name_or_path.count("/") != 1):
         check(Path(name_or_path).expanduser().exists(), f"--model {name_or_path}: no such folder")
@@ -169,13 +168,9 @@ def vocab_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    temperature: float = 1.0) -> torch.Tensor:
     """log π(· | x, y_<t) over the whole vocabulary, for the last `n_completion` columns.  -> [B, T, V]
 
-    input_ids, attention_mask: [B, L] = [left-padded prompt | right-padded completion]. Row t is
-    the distribution that chose y_t, divided by the sampling temperature and log-softmaxed in
-    float32 (float64 for a float64 model). Position ids come from the attention mask, so the values
-    do not depend on how much padding a row has. Rows whose target is padding are left as the model computes them (finite,
-    meaningless): mask them. `token_logprobs` picks y_t's entry out of this; ppo.py keeps all of
-    it for the exact KL between two policies.
-    """
+    Row t is the distribution that chose y_t (see `token_logprobs` for the inputs), log-softmaxed in
+    float32 (float64 for a float64 model). Rows whose target is padding are finite and meaningless:
+    mask them. ppo.py keeps all of it for the exact KL between two policies."""
     T = n_completion
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
     # the logits at column j predict the token at column j+1: keep the T+1 columns that matter
@@ -202,11 +197,10 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """log π(y_t | x, y_<t) for the last `n_completion` columns of `input_ids`.  -> [B, T]
 
     input_ids, attention_mask: [B, L] = [left-padded prompt | right-padded completion].
-    The logits are divided by the sampling temperature, so that these are the log-probs of the
-    distribution the completions were sampled from. Position ids come from the attention mask, so
-    the values do not depend on how much padding a row has, on either side. Positions whose target
-    is padding come back as 0. With `with_entropy`, also returns the entropy H(π(·|x, y_<t)) [B, T]
-    (no gradient), else None.
+    The logits are divided by the sampling temperature: these are the log-probs of the distribution
+    the completions were sampled from. Position ids come from the attention mask, so the values do
+    not depend on how much padding a row has. Positions whose target is padding come back as 0.
+    With `with_entropy`, also the entropy H(π(·|x, y_<t)) [B, T] (no gradient), else None.
     """
     logprobs_all = vocab_logprobs(model, input_ids, attention_mask, n_completion, temperature)  # [B, T, V]
     logp = pick_token_logprobs(logprobs_all, input_ids, attention_mask)  # [B, T]
@@ -222,9 +216,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
              eos_id: int, pad_id: int, temperature: float = 1.0, greedy: bool = False):
-    """Sample (or greedily decode) completions with the KV cache.
-
-    prompt_ids, prompt_mask: [B, P], left-padded. Returns completion ids [B, T] (T ≤ max_new_tokens,
+    """Sample (or greedily decode) completions with the KV cache. prompt_ids, prompt_mask: [B, P],
+    left-padded. Returns completion ids [B, T] (T ≤ max_new_tokens,
     `pad_id` after each row's first EOS) and the completion mask [B, T] (see `completion_mask`).
     Sampling draws from softmax(logits / temperature) with torch's global RNG (seeded by
     `seed_everything`); there is no top-k or top-p, so the sampling distribution is exactly the one
@@ -258,8 +251,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
 
 
 def check_prompts_tokenize(pairs) -> None:
-    """A prompt that the tokenizer turns into no tokens would crash deep inside attention: refuse it
-    with one line instead. `pairs`: (prompt text, its token ids)."""
+    """A prompt of no tokens would crash deep inside attention. `pairs`: (prompt text, its ids)."""
     for text, ids in pairs:
         check(len(ids) > 0, f"the prompt {text[:60]!r} tokenizes to no tokens with this model's tokenizer "
                             "(check --model and the prompts of --data)")
@@ -282,20 +274,14 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, tem
     return p_ids, p_mask, c_ids, c_mask, texts, finished.tolist()
 
 
-
 def encode_prompt_completion(tokenizer, prompts, completions, device=None, max_length: int | None = None):
     """Tokenize (prompt, completion) text for scoring: [left-padded prompt | completion + EOS,
-    right-padded]. The prompt and the completion are tokenized separately (no special tokens added),
-    and EOS is appended to every completion, so a completion ends the way a sampled one does.
-
-    `max_length`: each row's prompt + completion + EOS is cut to its first `max_length` tokens
-    (TRL's DPO truncation, `truncation_mode="keep_start"`), so the cut falls in the completion; the
-    caller drops the rows whose prompt alone fills `max_length` (dpo.py does), as TRL does.
-
+    right-padded]. Prompt and completion are tokenized separately (no special tokens added), and EOS
+    is appended to every completion, so a completion ends the way a sampled one does.
+    `max_length`: each row is cut to its first `max_length` tokens (TRL's DPO `keep_start`), so the
+    cut falls in the completion; the caller drops the rows whose prompt alone fills it (dpo.py does).
     Returns input_ids, attention_mask [B, P+T], the completion mask [B, T] (1 on the completion's
-    tokens and its EOS) and T. The mask comes from the lengths, so it is right even when the pad
-    token equals the EOS token.
-    """
+    tokens and its EOS; from the lengths, so right even when pad = EOS) and T."""
     def encode(texts):  # one batched call of the tokenizer, not one call per text
         return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     prompt_ids = encode(prompts)

@@ -52,7 +52,6 @@ Run:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -480,6 +479,199 @@ def validate(args: Args) -> None:
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.micro_batch is None or args.micro_batch >= 1, "--micro-batch must be ≥ 1")
     check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
+    if args.mu == 1 and (args.ratio == "sequence" or args.policy_loss == "cispo"):
+        print("note: with --mu 1 every ratio is exactly 1, so --ratio sequence and --policy-loss cispo "
+              "give GRPO's update; they differ only off-policy (--mu > 1)")
+
+
+def train(args: Args) -> dict:
+    args, ckpt = harness.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
+    validate(args)
+    t_start = time.time()
+    harness.seed_everything(args.seed)
+    device = harness.pick_device(args.device)
+    prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
+    train_rows, heldout = tasks.load_task(args.data)
+    heldout = heldout[: args.eval_size]
+    strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
+
+    ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
+    print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
+          + " …", flush=True)
+    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
+    policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
+    ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
+    tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    # the run folder is made only once the flags, the data and the model have all been accepted
+    out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("grpo", args.seed), args.overwrite,
+                                  resume=ckpt)
+    sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # harness.lr_factor
+    load_seconds = time.time() - t_start
+    evaluate = Evaluation(policy, tok, heldout, args, strict, prec)  # held-out greedy accuracy, pass@k
+    log = harness.RunLogger(out, total_steps=args.steps)
+    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
+          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)")
+    if ckpt is None:
+        start_acc, start_pass = evaluate.start(log)
+
+    G = args.group_size
+    rng = np.random.default_rng(args.seed)
+    eps_low, eps_high = clip_range(args)  # GSPO's and CISPO's clip ranges are their own (see Args)
+
+    def sample():  # one round of step 1: prompts_per_step prompts, G completions each, r_i = reward(x, y_i)
+        return sample_groups(policy, tok, train_rows, rng, args, strict, prec)
+
+    t_train = time.time()
+    if ckpt is None:
+        acc, final_pass, total_generated, capped_steps = start_acc, None, 0, 0
+    else:  # --resume: the state at the end of the checkpoint's step (the global RNGs last)
+        start_acc, start_pass, acc, final_pass, total_generated, capped_steps = resume(ckpt, rng, opt, sched, prec)
+    for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
+        t0 = time.time()
+        ##### 1. sample G completions per prompt from π_old (= π_θ right now), and score them
+        if args.dynamic_sampling:  # DAPO: keep the groups with mixed rewards, sample more rounds
+            batch, rounds, capped = dynamic_sampling(sample, args, step, tok.pad_token_id, capped_steps)
+            capped_steps += capped
+        else:
+            batch = sample()
+            rounds, capped = [batch], False
+        p_ids, p_mask, c_ids, c_mask = batch["p_ids"], batch["p_mask"], batch["c_ids"], batch["c_mask"]  # [B, ·]
+        B = c_ids.shape[0]
+        mb = args.micro_batch or B
+        generated = sum(r["scores"].shape[0] for r in rounds)
+        total_generated += generated
+        t_gen = time.time() - t0
+
+        ##### 2. advantages, from the rewards of step 1 (r_i: batch["scores"]; r_i + R_length: "shaped")
+        if args.reward == "process":  # a reward per step (per token here), Â_t per token
+            adv = process_advantages(process_rewards(tok, batch), c_mask, G, args.scale_rewards,
+                                     args.adv_eps)  # [B, T]
+        else:  # Â_i = (r_i − mean(r)) / (std(r) + eps) within each group of G, on the shaped reward
+            adv = group_advantages(batch["shaped"], G, args.scale_rewards, args.adv_eps)  # [B]
+
+        ##### 3. cache log π_old and log π_ref (no gradient)
+        ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
+        T = c_ids.shape[1]
+        # with μ = 1, π_old = π_θ at the only gradient step, so log π_old is logp.detach() and this
+        # forward pass is skipped (TRL does the same)
+        old_logp = frozen_logprobs(policy, ids, mask, T, args, prec) if args.mu > 1 else None  # [B, T]
+        ref_logp = frozen_logprobs(ref, ids, mask, T, args, prec) if ref is not None else None  # [B, T]
+
+        ##### 4. μ optimiser steps on this batch, accumulated over micro-batches
+        n_tokens = c_mask.sum()
+        for it in range(args.mu):
+            stats: dict[str, float] = {}
+            for i in range(0, B, mb):
+                sl = slice(i, i + mb)
+                with prec.autocast():
+                    logp, ent = common.token_logprobs(policy, ids[sl], mask[sl], T, args.temperature,
+                                                      with_entropy=(it == 0))  # log π_θ   [b, T]
+                loss, m = grpo_loss(logp, old_logp[sl] if old_logp is not None else logp.detach(),
+                                    adv[sl], c_mask[sl], None if ref_logp is None else ref_logp[sl],
+                                    args.beta, eps_low, eps_high, args.loss_agg, args.max_new_tokens,
+                                    args.ratio, args.policy_loss, args.kl_estimator)
+                # each micro-batch's share of the full-batch loss, so that the sum of gradients
+                # equals the full-batch gradient whatever the split
+                w = (c_mask[sl].sum() / n_tokens) if args.loss_agg == "token-mean" else (logp.shape[0] / B)
+                prec.backward(loss * w)
+                add_stats(stats, loss, w, m, ent, c_mask[sl], n_tokens)
+            prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
+            grad_norm = common.clip_grad_norm(policy.parameters(), args.grad_clip)  # g ← g·min(1, c/‖g‖)
+            prec.step(opt)  # AdamW: θ ← θ − lr·Adam(g)
+            opt.zero_grad(set_to_none=True)
+            if it == 0:
+                first = dict(stats)
+        sched.step()  # one schedule step per GRPO step, whatever μ
+
+        ##### 5. evaluate every `eval_every` steps, and log
+        metrics = step_metrics(batch, rounds, capped, first, stats, grad_norm, opt, G, t0, t_gen)
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = metrics["eval/accuracy"] = evaluate.accuracy()
+        if step == args.steps:
+            final_pass = evaluate.pass_at_k()
+            metrics.update(tasks.pass_metrics(final_pass))
+        log.log(step, metrics, printed_keys(args) if (step % args.log_every == 0 or step == args.steps
+                                                      or "eval/accuracy" in metrics) else [])
+        if args.save_every and step % args.save_every == 0:  # --save-every: what step + 1 needs
+            harness.save_checkpoint(out, step, args, {"model": policy}, {
+                **harness.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
+                "start_acc": start_acc, "start_pass": start_pass, "acc": acc, "final_pass": final_pass,
+                "total_generated": total_generated, "capped_steps": capped_steps}, tok)
+
+    ##### 6. save and summarise
+    return summarise(policy, tok, out, log, evaluate, args, device, prec, dict(
+        start_accuracy=start_acc, final_accuracy=acc, start_pass_at_k=start_pass, final_pass_at_k=final_pass,
+        completions=total_generated, sample_rounds_capped_steps=capped_steps),
+        t_start, time.time() - t_train, load_seconds)
+
+
+#####################################################################################################
+#####  the steps of train() that the default run does not take, and its bookkeeping
+#####################################################################################################
+
+
+def clip_range(args: Args) -> tuple[float | None, float | None]:
+    """(ε, ε_high) of the chosen ratio and loss: GSPO's and CISPO's ranges are their own (see Args)."""
+    if args.ratio == "sequence":
+        return args.gspo_epsilon, args.gspo_epsilon_high
+    if args.policy_loss == "cispo":
+        return args.cispo_epsilon, args.cispo_epsilon_high
+    return args.epsilon, args.epsilon_high
+
+
+def sample_groups(policy, tok, train_rows: list[dict], rng: np.random.Generator, args: Args, strict: bool,
+                  prec) -> dict:
+    """Step 1, one round: draw prompts_per_step prompts, sample G completions of each from π_old,
+    and score them. Returns the round as a dict: p_ids, p_mask [b, P]; c_ids, c_mask [b, T];
+    finished, answers (lists of b); scores [b] (the task's reward r_i); shaped [b] (r_i + R_length)."""
+    G = args.group_size
+    picks = rng.choice(len(train_rows), args.prompts_per_step, replace=args.prompts_per_step > len(train_rows))
+    rows = [train_rows[i] for i in picks]
+    prompts = [tasks.chat_prompt(tok, r["prompt"], args.chat_template)  # messages: the chat template
+               for r in rows for _ in range(G)]  # groups are consecutive
+    answers = [r["answer"] for r in rows for _ in range(G)]
+    with prec.autocast():
+        p_ids, p_mask, c_ids, c_mask, _, finished = common.generate_text(
+            policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [b, T]
+    scores = torch.tensor([tasks.score(c, a, f, strict, tok)  # r_i, scored from the ids, as generated
+                           for c, a, f in zip(c_ids.tolist(), answers, finished)], device=c_ids.device)  # [b]
+    # DAPO's soft overlong punishment, on top of the task reward (0 when --overlong-buffer 0)
+    shaped = scores + overlong_penalty(c_mask.sum(1), args.max_new_tokens, args.overlong_buffer,
+                                       args.overlong_penalty)  # r_i + R_length(y_i)   [b]
+    return dict(p_ids=p_ids, p_mask=p_mask, c_ids=c_ids, c_mask=c_mask, finished=finished,
+                answers=answers, scores=scores, shaped=shaped)
+
+
+def dynamic_sampling(sample, args: Args, step: int, pad_id: int, capped_steps: int):
+    """DAPO's dynamic sampling: call `sample()` for rounds of prompts, keep the groups whose rewards
+    are not all equal (`mixed_reward_groups`), until prompts_per_step such groups fill the batch or
+    --max-sample-rounds is reached. -> (batch, rounds, capped): the batch (as a round, at most
+    prompts_per_step × G rows; the last round whole if no group was mixed, its advantages all 0),
+    every round sampled (for the metrics), and whether the cap was hit."""
+    G, rounds, kept = args.group_size, [], []
+    while True:
+        r = sample()
+        rounds.append(r)
+        # filter on the reward the advantage uses (the score, under --reward process)
+        groups = mixed_reward_groups(r["shaped"], G)  # [n]
+        kept.append((r, groups.repeat_interleave(G)))  # [b] rows of the mixed groups
+        n_kept = sum(int(m.sum()) for _, m in kept) // G
+        if n_kept >= args.prompts_per_step:
+            capped = False
+            break
+        if len(rounds) == args.max_sample_rounds:
+            if capped_steps == 0:
+                print(f"step {step}: --max-sample-rounds {args.max_sample_rounds} reached with "
+                      f"{n_kept} of {args.prompts_per_step} groups of mixed rewards; training on "
+                      f"those (this step's batch is smaller; counted in sampling/capped)")
+            capped = True
+            break
+    batch = merge_rounds(kept, args.prompts_per_step * G, pad_id)
+    if batch is None:  # no mixed group at all: the last round, whose advantages are all 0
+        batch = merge_rounds([(rounds[-1], torch.ones_like(rounds[-1]["scores"], dtype=torch.bool))],
+                             args.prompts_per_step * G, pad_id)
+    return batch, rounds, capped
 
 
 def merge_rounds(kept, max_rows: int, pad_id: int):
@@ -508,248 +700,132 @@ def merge_rounds(kept, max_rows: int, pad_id: int):
     return batch
 
 
-def train(args: Args) -> dict:
-    args, ckpt = harness.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
-    validate(args)
-    t_start = time.time()
-    harness.seed_everything(args.seed)
-    device = harness.pick_device(args.device)
-    prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    train_rows, heldout = tasks.load_task(args.data)
-    heldout = heldout[: args.eval_size]
-    strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
+def process_rewards(tok, batch: dict) -> torch.Tensor:
+    """--reward process: every completion token is a step, EOS included, rewarded 1 if it is the
+    target's token at that position (the built-in task's `digit_step_rewards`).  -> [B, T]"""
+    targets = [tok.encode(a, add_special_tokens=False) + [tok.eos_token_id] for a in batch["answers"]]
+    return tasks.digit_step_rewards(batch["c_ids"], batch["c_mask"], targets)  # [B, T]
 
-    ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
-    print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
-          + " …", flush=True)
-    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
-    policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
-    ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
-    tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    # the run folder is made only once the flags, the data and the model have all been accepted
-    out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("grpo", args.seed), args.overwrite,
-                                 resume=ckpt)
 
-    sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # harness.lr_factor
-    load_seconds = time.time() - t_start
+def frozen_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, T: int, args: Args, prec) -> torch.Tensor:
+    """log π(y_t | x, y_<t) of a model that is not trained at this point (π_old, π_ref), without a
+    gradient, in micro-batches of --micro-batch rows.  ids, mask: [B, P+T] -> [B, T]"""
+    mb = args.micro_batch or ids.shape[0]
+    with torch.no_grad(), prec.autocast():
+        return torch.cat([common.token_logprobs(model, ids[i:i + mb], mask[i:i + mb], T, args.temperature)[0]
+                          for i in range(0, ids.shape[0], mb)])  # [B, T]
 
-    def prompt_text(row):
-        return tasks.chat_prompt(tok, row["prompt"], args.chat_template)  # messages: the chat template
-    for r in heldout:
-        r["text"] = prompt_text(r)
 
-    eval_rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
+def add_stats(stats: dict, loss, w, m: dict, ent, c_mask: torch.Tensor, n_tokens) -> None:
+    """Accumulate one micro-batch's loss (weighted by its share `w` of the loss) and metrics (token
+    means: weighted by its share of the tokens) into `stats`."""
+    stats["loss"] = stats.get("loss", 0.0) + loss.item() * float(w)
+    w_tok = float(c_mask.sum() / n_tokens)
+    for k, v in m.items():
+        stats[k] = stats.get(k, 0.0) + float(v) * w_tok
+    if ent is not None:
+        stats["entropy"] = stats.get("entropy", 0.0) + float(masked_mean(ent, c_mask)) * w_tok
 
-    def evaluate():
-        with prec.autocast():
-            return tasks.greedy_accuracy(policy, tok, eval_rows, args.max_new_tokens, strict)
 
-    def evaluate_pass_at_k():  # pass@1 and pass@G at the sampling temperature, a fixed seed
-        if not args.pass_at_k:
+def resume(ckpt, rng: np.random.Generator, opt, sched, prec) -> tuple:
+    """--resume: the counters at the end of the checkpoint's step; the data RNG, the optimiser, the
+    scheduler, the scaler and the global RNGs (last) as they were then."""
+    values = tuple(ckpt.state[k] for k in ("start_acc", "start_pass", "acc", "final_pass", "total_generated",
+                                           "capped_steps"))
+    rng.bit_generator.state = ckpt.state["data_rng"]
+    harness.restore_training_state(ckpt.state, opt, sched, prec)
+    return values
+
+
+class Evaluation:
+    """Held-out greedy accuracy, and pass@1 / pass@G at the sampling temperature (a fixed seed)."""
+
+    def __init__(self, policy, tok, heldout: list[dict], args: Args, strict: bool, prec):
+        self.policy, self.tok, self.args, self.strict, self.prec = policy, tok, args, strict, prec
+        self.heldout = heldout
+        for r in heldout:
+            r["text"] = tasks.chat_prompt(tok, r["prompt"], args.chat_template)  # messages: the chat template
+        self.rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
+
+    def accuracy(self) -> float:
+        with self.prec.autocast():
+            return tasks.greedy_accuracy(self.policy, self.tok, self.rows, self.args.max_new_tokens, self.strict)
+
+    def pass_at_k(self) -> dict | None:
+        if not self.args.pass_at_k:
             return None
-        with prec.autocast():
-            return tasks.pass_at_k(policy, tok, eval_rows, args.group_size, args.max_new_tokens, strict,
-                                    args.temperature)
+        with self.prec.autocast():
+            return tasks.pass_at_k(self.policy, self.tok, self.rows, self.args.group_size,
+                                   self.args.max_new_tokens, self.strict, self.args.temperature)
 
-    log = harness.RunLogger(out, total_steps=args.steps)
-    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
-          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)")
-    if ckpt is None:
-        print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
-        start_acc, start_pass = evaluate(), evaluate_pass_at_k()
-        log.log(0, {"eval/accuracy": start_acc, **tasks.pass_metrics(start_pass)})
-        print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
-              + tasks.pass_text(start_pass))
+    def start(self, log) -> tuple:
+        """The start model's accuracy and pass@k, logged as step 0 and printed."""
+        print(f"evaluating the start model on {len(self.rows)} held-out prompts …", flush=True)
+        acc, passed = self.accuracy(), self.pass_at_k()
+        log.log(0, {"eval/accuracy": acc, **tasks.pass_metrics(passed)})
+        print(f"held-out greedy accuracy before training: {acc:.3f} ({len(self.rows)} prompts)"
+              + tasks.pass_text(passed))
+        return acc, passed
 
-    G = args.group_size
-    rng = np.random.default_rng(args.seed)
-    # the clip range of the chosen ratio and loss (GSPO's and CISPO's are their own, see Args)
-    if args.ratio == "sequence":
-        eps_low, eps_high = args.gspo_epsilon, args.gspo_epsilon_high
-    elif args.policy_loss == "cispo":
-        eps_low, eps_high = args.cispo_epsilon, args.cispo_epsilon_high
-    else:
-        eps_low, eps_high = args.epsilon, args.epsilon_high
-    if args.mu == 1 and (args.ratio == "sequence" or args.policy_loss == "cispo"):
-        print("note: with --mu 1 every ratio is exactly 1, so --ratio sequence and --policy-loss cispo "
-              "give GRPO's update; they differ only off-policy (--mu > 1)")
 
-    def sample_round():
-        """One round: draw prompts_per_step prompts, sample G completions each from π_old, score."""
-        picks = rng.choice(len(train_rows), args.prompts_per_step,
-                           replace=args.prompts_per_step > len(train_rows))
-        rows = [train_rows[i] for i in picks]
-        prompts = [prompt_text(r) for r in rows for _ in range(G)]  # groups are consecutive
-        answers = [r["answer"] for r in rows for _ in range(G)]
-        with prec.autocast():
-            p_ids, p_mask, c_ids, c_mask, _, finished = common.generate_text(
-                policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [b, T]
-        scores = torch.tensor([tasks.score(c, a, f, strict, tok)  # scored from the ids, as generated
-                               for c, a, f in zip(c_ids.tolist(), answers, finished)], device=device)  # [b]
-        # DAPO's soft overlong punishment, on top of the task reward (0 when --overlong-buffer 0)
-        shaped = scores + overlong_penalty(c_mask.sum(1), args.max_new_tokens, args.overlong_buffer,
-                                           args.overlong_penalty)  # r_i + R_length(y_i)   [b]
-        return dict(p_ids=p_ids, p_mask=p_mask, c_ids=c_ids, c_mask=c_mask, finished=finished,
-                    answers=answers, scores=scores, shaped=shaped)
+def step_metrics(batch: dict, rounds: list[dict], capped: bool, first: dict, stats: dict, grad_norm: float,
+                 opt, G: int, t0: float, t_gen: float) -> dict:
+    """The metrics of one step (every step is written to metrics.jsonl). `first`: the stats of the
+    first inner iteration, `stats`: of the last."""
+    all_scores = torch.cat([r["scores"] for r in rounds])  # [generated] every completion of the step
+    rewards, c_mask, generated = batch["scores"], batch["c_mask"], all_scores.shape[0]
+    r_groups = all_scores.view(-1, G)  # [n, G] every group generated this step
+    lengths, right = c_mask.sum(1).float(), rewards > 0  # |y_i|, r_i = 1 of the batch trained on   [B], [B]
+    return {
+        "reward/mean": float(all_scores.mean()),  # the task score of every completion generated
+        "reward/std": float(all_scores.std()),
+        "reward/frac_zero_std_groups": float((r_groups.std(1) == 0).float().mean()),
+        "reward/batch_mean": float(rewards.mean()),  # of the completions trained on
+        "reward/overlong_penalty": float((batch["shaped"] - rewards).mean()),
+        "sampling/generations": generated,
+        "sampling/rounds": len(rounds),
+        "sampling/capped": float(capped),
+        "loss/policy": first["loss"],
+        "kl/ref": stats["kl"],
+        "kl/estimate": stats["kl_estimate"],
+        "policy/clip_frac": stats["clip_frac"],
+        "policy/clip_frac_low": stats["clip_frac_low"],
+        "policy/clip_frac_high": stats["clip_frac_high"],
+        "policy/ratio_mean": stats["ratio_mean"],
+        "policy/entropy": first["entropy"],
+        "policy/grad_norm": float(grad_norm),
+        "charts/lr": opt.param_groups[0]["lr"],
+        "completions/mean_length": float(c_mask.sum(1).float().mean()),
+        # mean |y| of the right and of the wrong completions (Dr. GRPO's length bias shows in
+        # the wrong ones); None when the batch has no completion of that kind
+        "completions/len_correct": float(lengths[right].mean()) if right.any() else None,
+        "completions/len_incorrect": float(lengths[~right].mean()) if (~right).any() else None,
+        "completions/no_eos_frac": 1.0 - float(np.mean(batch["finished"])),
+        "time/step_seconds": time.time() - t0,
+        "time/generate_seconds": t_gen,
+        "charts/completions_per_second": generated / (time.time() - t0),
+    }
 
-    t_train = time.time()
-    if ckpt is None:
-        acc, final_pass, total_generated, capped_steps = start_acc, None, 0, 0
-    else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last)
-        start_acc, start_pass, acc, final_pass, total_generated, capped_steps = (ckpt.state[k] for k in (
-            "start_acc", "start_pass", "acc", "final_pass", "total_generated", "capped_steps"))
-        rng.bit_generator.state = ckpt.state["data_rng"]
-        harness.restore_training_state(ckpt.state, opt, sched, prec)
-    for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
-        t0 = time.time()
-        ##### 1. generate G completions per prompt from π_old (= π_θ right now)
-        #####    --dynamic-sampling (DAPO): keep only groups with mixed rewards, draw more prompts
-        rounds, kept, all_scores, capped = [], [], [], False
-        while True:
-            r = sample_round()
-            rounds.append(r)
-            all_scores.append(r["scores"])
-            if not args.dynamic_sampling:
-                kept.append((r, torch.ones(r["scores"].shape[0], dtype=torch.bool, device=device)))
-                break
-            # filter on the reward the advantage uses (the score, under --reward process)
-            groups = mixed_reward_groups(r["shaped"], G)  # [n]
-            kept.append((r, groups.repeat_interleave(G)))  # [b] rows of the mixed groups
-            n_kept = sum(int(m.sum()) for _, m in kept) // G
-            if n_kept >= args.prompts_per_step:
-                break
-            if len(rounds) == args.max_sample_rounds:
-                if capped_steps == 0:
-                    print(f"step {step}: --max-sample-rounds {args.max_sample_rounds} reached with "
-                          f"{n_kept} of {args.prompts_per_step} groups of mixed rewards; training on "
-                          f"those (this step's batch is smaller; counted in sampling/capped)")
-                capped, capped_steps = True, capped_steps + 1
-                break
-        batch = merge_rounds(kept, args.prompts_per_step * G, tok.pad_token_id)
-        if batch is None:  # no mixed group at all: the last round, whose advantages are all 0
-            batch = merge_rounds([(rounds[-1], torch.ones_like(rounds[-1]["scores"], dtype=torch.bool))],
-                                 args.prompts_per_step * G, tok.pad_token_id)
-        p_ids, p_mask, c_ids, c_mask = batch["p_ids"], batch["p_mask"], batch["c_ids"], batch["c_mask"]  # [B, ·]
-        finished, answers = batch["finished"], batch["answers"]
-        B = c_ids.shape[0]
-        mb = args.micro_batch or B
-        generated = sum(r["scores"].shape[0] for r in rounds)
-        total_generated += generated
-        all_scores = torch.cat(all_scores)  # [generated]
-        t_gen = time.time() - t0
 
-        ##### 2. rewards and advantages
-        rewards = batch["scores"]  # [B] the task's score of each completion
-        if args.reward == "process":
-            targets = [tok.encode(a, add_special_tokens=False) + [tok.eos_token_id] for a in answers]
-            step_r = tasks.digit_step_rewards(c_ids, c_mask, targets)  # [B, T]
-            adv = process_advantages(step_r, c_mask, G, args.scale_rewards, args.adv_eps)  # [B, T]
-        else:
-            adv = group_advantages(batch["shaped"], G, args.scale_rewards, args.adv_eps)  # [B]
+def printed_keys(args: Args) -> list[str]:
+    """The metrics of the printed line (every metric goes to metrics.jsonl)."""
+    keys = ["reward/mean", "reward/frac_zero_std_groups", "kl/ref", "policy/clip_frac",
+            "policy/entropy", "completions/mean_length", "eval/accuracy"]
+    if args.dynamic_sampling:
+        keys.insert(2, "sampling/generations")
+    return keys
 
-        ##### 3. cache log π_old and log π_ref (no gradient)
-        ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
-        T = c_ids.shape[1]
-        with torch.no_grad(), prec.autocast():
-            # with μ = 1, π_old = π_θ at the only gradient step, so log π_old is logp.detach()
-            # and this forward pass is skipped (TRL does the same)
-            old_logp = torch.cat([common.token_logprobs(policy, ids[i:i + mb], mask[i:i + mb], T,
-                                                        args.temperature)[0] for i in range(0, B, mb)]
-                                 ) if args.mu > 1 else None  # [B, T]
-            ref_logp = torch.cat([common.token_logprobs(ref, ids[i:i + mb], mask[i:i + mb], T,
-                                                        args.temperature)[0] for i in range(0, B, mb)]
-                                 ) if ref is not None else None  # [B, T]
 
-        ##### 4. μ optimiser steps on this batch, accumulated over micro-batches
-        n_tokens = c_mask.sum()
-        for it in range(args.mu):
-            stats: dict[str, float] = {}
-            for i in range(0, B, mb):
-                sl = slice(i, i + mb)
-                with prec.autocast():
-                    logp, ent = common.token_logprobs(policy, ids[sl], mask[sl], T, args.temperature,
-                                                      with_entropy=(it == 0))  # [b, T]
-                loss, m = grpo_loss(logp, old_logp[sl] if old_logp is not None else logp.detach(),
-                                    adv[sl], c_mask[sl], None if ref_logp is None else ref_logp[sl],
-                                    args.beta, eps_low, eps_high, args.loss_agg, args.max_new_tokens,
-                                    args.ratio, args.policy_loss, args.kl_estimator)
-                # each micro-batch's share of the full-batch loss, so that the sum of gradients
-                # equals the full-batch gradient whatever the split
-                w = (c_mask[sl].sum() / n_tokens) if args.loss_agg == "token-mean" else (logp.shape[0] / B)
-                prec.backward(loss * w)
-                stats["loss"] = stats.get("loss", 0.0) + loss.item() * float(w)
-                # the metrics are token means: weight each micro-batch by its share of the tokens
-                w_tok = float(c_mask[sl].sum() / n_tokens)
-                for k, v in m.items():
-                    stats[k] = stats.get(k, 0.0) + float(v) * w_tok
-                if ent is not None:
-                    stats["entropy"] = stats.get("entropy", 0.0) + float(masked_mean(ent, c_mask[sl])) * w_tok
-            prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf))  # ‖g‖; g ← g·min(1, c/‖g‖)
-            prec.step(opt)  # AdamW: θ ← θ − lr·Adam(g)
-            opt.zero_grad(set_to_none=True)
-            if it == 0:
-                first = dict(stats)
-        sched.step()  # one schedule step per GRPO step, whatever μ
-
-        ##### 5. log
-        r_groups = all_scores.view(-1, G)  # [n, G] every group generated this step
-        lengths, right = c_mask.sum(1).float(), rewards > 0  # |y_i|, r_i = 1 of the batch trained on   [B], [B]
-        metrics = {
-            "reward/mean": float(all_scores.mean()),  # the task score of every completion generated
-            "reward/std": float(all_scores.std()),
-            "reward/frac_zero_std_groups": float((r_groups.std(1) == 0).float().mean()),
-            "reward/batch_mean": float(rewards.mean()),  # of the completions trained on
-            "reward/overlong_penalty": float((batch["shaped"] - rewards).mean()),
-            "sampling/generations": generated,
-            "sampling/rounds": len(rounds),
-            "sampling/capped": float(capped),
-            "loss/policy": first["loss"],
-            "kl/ref": stats["kl"],
-            "kl/estimate": stats["kl_estimate"],
-            "policy/clip_frac": stats["clip_frac"],
-            "policy/clip_frac_low": stats["clip_frac_low"],
-            "policy/clip_frac_high": stats["clip_frac_high"],
-            "policy/ratio_mean": stats["ratio_mean"],
-            "policy/entropy": first["entropy"],
-            "policy/grad_norm": float(grad_norm),
-            "charts/lr": opt.param_groups[0]["lr"],
-            "completions/mean_length": float(c_mask.sum(1).float().mean()),
-            # mean |y| of the right and of the wrong completions (Dr. GRPO's length bias shows in
-            # the wrong ones); None when the batch has no completion of that kind
-            "completions/len_correct": float(lengths[right].mean()) if right.any() else None,
-            "completions/len_incorrect": float(lengths[~right].mean()) if (~right).any() else None,
-            "completions/no_eos_frac": 1.0 - float(np.mean(finished)),
-            "time/step_seconds": time.time() - t0,
-            "time/generate_seconds": t_gen,
-            "charts/completions_per_second": generated / (time.time() - t0),
-        }
-        if step % args.eval_every == 0 or step == args.steps:
-            acc = evaluate()
-            metrics["eval/accuracy"] = acc
-        if step == args.steps:
-            final_pass = evaluate_pass_at_k()
-            metrics.update(tasks.pass_metrics(final_pass))
-        keys = ["reward/mean", "reward/frac_zero_std_groups", "kl/ref", "policy/clip_frac",
-                "policy/entropy", "completions/mean_length", "eval/accuracy"]
-        if args.dynamic_sampling:
-            keys.insert(2, "sampling/generations")
-        log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
-                                        or "eval/accuracy" in metrics) else [])
-        if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            harness.save_checkpoint(out, step, args, {"model": policy}, {
-                **harness.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
-                "start_acc": start_acc, "start_pass": start_pass, "acc": acc, "final_pass": final_pass,
-                "total_generated": total_generated, "capped_steps": capped_steps}, tok)
-
-    ##### 6. save and summarise
-    train_seconds = time.time() - t_train
+def summarise(policy, tok, out, log, evaluate: Evaluation, args: Args, device, prec, figures: dict,
+              t_start: float, train_seconds: float, load_seconds: float) -> dict:
+    """Save the final policy, write summary.json and print the before/after summary."""
     model_dir = harness.save_policy(policy, tok, out, args.save_model)
-    examples = heldout[:4]
+    examples = evaluate.heldout[:4]
     with prec.autocast():
         *_, ex_texts, _ = common.generate_text(policy, tok, [r["text"] for r in examples],
                                                args.max_new_tokens, greedy=True)
+    start_acc, acc = figures["start_accuracy"], figures["final_accuracy"]
+    start_pass, final_pass = figures["start_pass_at_k"], figures["final_pass_at_k"]
     summary = log.summary({
         "script": "grpo",
         "start_accuracy": start_acc,
@@ -757,9 +833,9 @@ def train(args: Args) -> dict:
         "start_pass_at_k": start_pass,  # {"k", "pass_at_1", "pass_at_k"} or None
         "final_pass_at_k": final_pass,
         "steps": args.steps,
-        "completions": total_generated,  # every completion sampled (more with --dynamic-sampling)
-        "completions_per_step": total_generated / args.steps,
-        "sample_rounds_capped_steps": capped_steps,
+        "completions": figures["completions"],  # every completion sampled (more with --dynamic-sampling)
+        "completions_per_step": figures["completions"] / args.steps,
+        "sample_rounds_capped_steps": figures["sample_rounds_capped_steps"],
         "model_dir": model_dir,
         **harness.run_facts(args, device, t_start, train_seconds, load_seconds),
     })

@@ -537,6 +537,8 @@ def load_preferences(data: str | None, heldout_size: int = PREF_HELDOUT,
     the last `heldout_size` rows (at most a fifth of the file) are held out."""
     if data is None:
         path = MODELS_DIR / "tiny-pref"
+        check(path.is_dir(), f"no --data: the built-in task's pairs are looked for in {path}, which does not "
+                             "exist (copy models/ beside common.py, or give --data FILE.jsonl)")
         return (read_preference_jsonl(path / "pairs_train.jsonl"),
                 read_preference_jsonl(path / "pairs_heldout.jsonl"))
     rows = read_preference_jsonl(data, rankings=rankings)
