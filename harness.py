@@ -193,6 +193,29 @@ def pick_device(name: str | None = None) -> torch.device:
     return dev
 
 
+# On the CPU, one operation of a small model is too small to split across threads: torch's default,
+# a thread per core, makes them wait for each other, and for the cores whenever anything else runs
+# (measured in bench/bench_threads.py). Above this many parameters, torch's own choice is kept.
+SMALL_MODEL = 20_000_000
+TORCH_THREADS = torch.get_num_threads()  # torch's own choice, before any script changes it
+
+
+def set_threads(requested: int | None, device: torch.device, *models) -> int | None:
+    """--threads: torch's intra-op CPU threads. Default: 1 for models of under SMALL_MODEL parameters
+    in all, else torch's own choice (a thread per core, or OMP_NUM_THREADS). On a GPU nothing
+    changes (returns None). Printed once; summary.json records it ("threads")."""
+    check(requested is None or requested >= 1, f"--threads must be ≥ 1 (got {requested})")
+    if device.type != "cpu":
+        return None
+    n_params = sum(p.numel() for m in models for p in m.parameters())
+    n = requested or (1 if n_params < SMALL_MODEL else TORCH_THREADS)
+    torch.set_num_threads(n)
+    why = ("--threads" if requested else f"the default for {n_params / 1e6:.2f}M parameters "
+           + ("< " if n_params < SMALL_MODEL else "≥ ") + f"{SMALL_MODEL / 1e6:.0f}M; --threads N to change")
+    print(f"CPU threads: {n} ({why})")
+    return n
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's `random`, numpy and torch (CPU and every GPU). numpy's legacy seed takes
     0 .. 2³² − 1 only, so any other --seed is a UsageError here, before a run folder exists."""

@@ -84,7 +84,7 @@ RAMBLE = "."  # the filler character (one token of the character tokenizer)
 
 # `tiny-pref`: a word-level Llama-style model fitted to the review grammar for a fixed number of
 # steps, then 4,000 + 1,000 preference pairs sampled from it and labelled by Bradley–Terry on the
-# hidden gold reward (common.py, "the preference task").
+# hidden gold reward (tasks.py, "the preference task").
 TINY_PREF = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  sft_batch=64, sft_lr=3e-3, sft_steps=200, train_pairs=4000, heldout_pairs=1000,
                  max_new_tokens=20)

@@ -1,4 +1,4 @@
-"""Tests of the data formats of TRL that the scripts read (common.py, "conversational rows"): rows
+"""Tests of the data formats of TRL that the scripts read (tasks.py, "conversational rows"): rows
 of {"role", "content"} messages rendered with a chat template, implicit prompts, K-wise rankings,
 and the one-line errors; then dpo.py and reward_model.py on such files, and load_model's logging.
 

@@ -1,4 +1,4 @@
-"""The command line and run plumbing of common.py: --help, flag values, the learning-rate schedule,
+"""The command line and run plumbing of harness.py: --help, flag values, the learning-rate schedule,
 the progress line, the run folder, and bad input that must stop with one line before a model loads.
 
 All in-process and fast: every error here fires before any model is loaded, and the one training

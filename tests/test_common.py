@@ -1,4 +1,5 @@
-"""Tests of common.py: the plumbing every script shares.
+"""Tests of common.py (the core: tensors, log-probs, generation, model loading), and of the parts of
+harness.py and tasks.py that every script uses.
 
 Small random models are built in the tests (seeded), so nothing here needs the embedded `tiny`
 model or a network connection.

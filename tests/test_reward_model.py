@@ -1,4 +1,4 @@
-"""Tests of reward_model.py and of the preference task in common.py: the loss by hand, the reward
+"""Tests of reward_model.py and of the preference task in tasks.py: the loss by hand, the reward
 head, the gold reward and the noisy labels, then the script end to end.
 
 Notes `003_0bc5d2784dac14e1.txt`, "Training the reward model" and "Training objective". Every
