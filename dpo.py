@@ -351,25 +351,12 @@ def train(args: Args) -> dict:
     harness.seed_everything(args.seed)
     device = harness.pick_device(args.device)
     prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    train_pairs, heldout = tasks.load_preferences(args.data)
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
     average = args.loss_type in PER_TOKEN_AVERAGED  # (1/|y|) Σ_t instead of Σ_t
 
     ##### models: the policy π_θ and the frozen reference π_ref, both the SFT policy at the start
-    path = common.resolve_model_path(args.model)
-    print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
-    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # float32 weights
-    # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
-    train_pairs, heldout = (tasks.render_chat(tok, rows, args.chat_template, args.model)
-                            for rows in (train_pairs, heldout))
-    (train_pairs, cut_train, dropped_train), (heldout, cut_heldout, dropped_heldout) = (
-        fit_max_length(tok, rows, args.max_length) for rows in (train_pairs, heldout))
-    check(train_pairs and heldout, f"--max-length {args.max_length}: every training or every held-out "
-          "prompt is that long; raise it (or pass --max-length none)")
-    heldout = heldout[: args.eval_size]
+    policy, ref, tok, train_pairs, heldout, cuts = load_pairs_and_models(args, ckpt, device)
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
-    policy.eval()  # no dropout: at the start π_θ must equal π_ref exactly
-    ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("dpo", args.seed), args.overwrite,
@@ -379,7 +366,6 @@ def train(args: Args) -> dict:
                for order in [rng.permutation(len(train_pairs))]
                for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
     total_steps = len(batches)
-
     sched = harness.lr_scheduler(opt, args.warmup_steps, total_steps, "linear")  # warm-up, then linear to 0
 
     ##### the reference log-probs, once, before training (π_ref never changes)
@@ -393,54 +379,32 @@ def train(args: Args) -> dict:
         ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average, args.max_length)  # held out   [M]
     load_seconds = time.time() - t_start
 
-    def evaluate() -> dict:
-        with prec.autocast():
-            pc, pr = all_pair_logps(policy, tok, heldout, device, average, args.max_length)  # [M], [M]
-            s = sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1, gold)
-        return {"eval/heldout_pair_accuracy": implicit_reward_accuracy(pc, pr, ref_hc, ref_hr, args.beta,
-                                                                       args.loss_type),
-                "eval/gold_reward": s["gold_reward"], "eval/kl_to_ref": s["kl_to_ref"],
-                "eval/mean_length": s["mean_length"], "texts": s["texts"]}
-
+    evaluate = evaluator(policy, ref, tok, heldout, ref_hc, ref_hr, eval_prompts, args, gold, device, prec)
     log = harness.RunLogger(out, total_steps=total_steps)
     ceiling = tasks.ceiling_accuracy(heldout) if gold else None
-    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
-          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
-          f"{len(train_pairs)} train pairs, {len(heldout)} held out  |  loss {args.loss_type}, β {args.beta}")
-    if args.max_length is not None:
-        print(f"--max-length {args.max_length}: cut {cut_train} train and {cut_heldout} held-out pairs to their "
-              f"first {args.max_length} tokens; dropped {dropped_train} train and {dropped_heldout} held-out "
-              "pairs whose prompt alone is that long (TRL's keep_start)")
-    if ckpt is None:
-        print(f"evaluating the start policy ({len(heldout)} held-out pairs, {args.eval_samples} samples) …",
-              flush=True)
-        start = evaluate()
-        start_texts = start.pop("texts")
-        log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
-        if gold:
-            print(f"before training: gold reward of samples {start['eval/gold_reward']:+.3f}, "
-                  f"held-out pair accuracy {start['eval/heldout_pair_accuracy']:.3f} (ceiling {ceiling:.3f})")
+    print_header(out, device, prec, args, policy, len(train_pairs), len(heldout), cuts)
+    if ckpt is None:  # the start policy, at step 0
+        start, start_texts = evaluate_start(evaluate, log, ceiling, len(heldout), args.eval_samples, gold)
         ev, final_texts, step = dict(start), start_texts, 0
-    else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last). The data
-        #####   order is `batches`, drawn again from --seed: the run goes on at batch ckpt.step + 1
-        start, start_texts, ev, final_texts = (ckpt.state[k] for k in ("start", "start_texts", "ev",
-                                                                       "final_texts"))
-        step = ckpt.step
-        harness.restore_training_state(ckpt.state, opt, sched, prec)
+    else:  # --resume: the figures of the run so far, and the state at the end of the checkpoint's step
+        start, start_texts, ev, final_texts, step = resume(ckpt, opt, sched, prec)
 
     t_train = time.time()
     for step, (epoch, idx) in enumerate(batches[step:], step + 1):
         t0 = time.time()
         batch = [train_pairs[j] for j in idx]
         with prec.autocast():
-            pc, pr = pair_logps(policy, tok, batch, device, average, args.max_length)  # log π_θ(y_w|x), (y_l|x)  [B]
+            pc, pr = pair_logps(policy, tok, batch, device, average,
+                                args.max_length)  # log π_θ(y_w|x), log π_θ(y_l|x)   [B], [B]
+        # Δ = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)], −log σ(βΔ)
         losses, r_c, r_r = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], args.beta, args.loss_type,
-                                    args.label_smoothing)  # [B] each
-        loss = losses.mean()
+                                    args.label_smoothing)  # the loss, r̂(x,y_w), r̂(x,y_l)   [B] each
+        loss = losses.mean()  # L = mean over the batch
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
         prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf))  # ‖g‖; g ← g·min(1, c/‖g‖)
+        # clip: ‖g‖, then g ← g·min(1, c/‖g‖), c = --grad-clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf))
         prec.step(opt)  # AdamW: θ ← θ − lr·Adam(g)
         sched.step()
 
@@ -459,7 +423,7 @@ def train(args: Args) -> dict:
                 "charts/epoch": epoch + 1,
                 "time/step_seconds": time.time() - t0,
             }
-            if args.loss_type in LOGISTIC:  # σ(−βΔ) = σ(r̂_l − r̂_w): the notes' weight, ÷ β (`grad_weight`)
+            if args.loss_type in LOGISTIC:  # σ(−βΔ) = σ(r̂_l − r̂_w): the notes' weight, ÷ β
                 metrics["dpo/grad_weight"] = grad_weight(margins / args.beta, args.beta,
                                                          args.label_smoothing).mean().item()
         if step % args.eval_every == 0 or step == total_steps:
@@ -471,13 +435,106 @@ def train(args: Args) -> dict:
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == total_steps
                                         or "eval/gold_reward" in metrics) else [])
         if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            harness.save_checkpoint(out, step, args, {"model": policy}, {
-                **harness.training_state(opt, sched, prec), "start": start, "start_texts": start_texts,
-                "ev": ev, "final_texts": final_texts}, tok)
+            save_checkpoint(out, step, args, policy, tok, opt, sched, prec,
+                            start=start, start_texts=start_texts, ev=ev, final_texts=final_texts)
     train_seconds = time.time() - t_train
 
     ##### save and summarise
     model_dir = harness.save_policy(policy, tok, out, args.save_model)
+    return summarise(log, out, args, start, ev, ceiling, cuts, eval_prompts, start_texts, final_texts, step,
+                     model_dir, gold, device, t_start, train_seconds, load_seconds)
+
+
+#####################################################################################################
+#####  bookkeeping: models and data, evaluation, resume and checkpoints, the summary
+#####################################################################################################
+
+
+def load_pairs_and_models(args: Args, ckpt, device):
+    """The preference pairs, rendered with the chat template and fitted to --max-length, and the
+    two models: π_θ (from the checkpoint on --resume; in eval mode: no dropout, so that at the start
+    π_θ equals π_ref exactly) and π_ref, both float32.
+    -> (policy, ref, tok, train pairs, held-out pairs, the --max-length counts for the summary)"""
+    train_pairs, heldout = tasks.load_preferences(args.data)
+    path = common.resolve_model_path(args.model)
+    print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
+    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # float32 weights
+    # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
+    train_pairs, heldout = (tasks.render_chat(tok, rows, args.chat_template, args.model)
+                            for rows in (train_pairs, heldout))
+    (train_pairs, cut_train, dropped_train), (heldout, cut_heldout, dropped_heldout) = (
+        fit_max_length(tok, rows, args.max_length) for rows in (train_pairs, heldout))
+    check(train_pairs and heldout, f"--max-length {args.max_length}: every training or every held-out "
+          "prompt is that long; raise it (or pass --max-length none)")
+    heldout = heldout[: args.eval_size]
+    policy.eval()
+    ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
+    cuts = {"cut_pairs": {"train": cut_train, "heldout": cut_heldout},
+            "dropped_pairs": {"train": dropped_train, "heldout": dropped_heldout}}
+    return policy, ref, tok, train_pairs, heldout, cuts
+
+
+def evaluator(policy, ref, tok, heldout: list[dict], ref_hc, ref_hr, eval_prompts: list[str], args: Args,
+              gold: bool, device, prec):
+    """A closure: the held-out pair accuracy of the implicit reward, and samples from π_θ (a fixed
+    seed) with their gold reward, KL to π_ref and length. ref_hc, ref_hr: log π_ref of the held-out
+    pairs [M]."""
+    average = args.loss_type in PER_TOKEN_AVERAGED
+
+    def evaluate() -> dict:
+        with prec.autocast():
+            pc, pr = all_pair_logps(policy, tok, heldout, device, average, args.max_length)  # [M], [M]
+            s = sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1, gold)
+        return {"eval/heldout_pair_accuracy": implicit_reward_accuracy(pc, pr, ref_hc, ref_hr, args.beta,
+                                                                       args.loss_type),
+                "eval/gold_reward": s["gold_reward"], "eval/kl_to_ref": s["kl_to_ref"],
+                "eval/mean_length": s["mean_length"], "texts": s["texts"]}
+    return evaluate
+
+
+def print_header(out, device, prec, args: Args, policy, n_train: int, n_heldout: int, cuts: dict) -> None:
+    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
+          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
+          f"{n_train} train pairs, {n_heldout} held out  |  loss {args.loss_type}, β {args.beta}")
+    if args.max_length is not None:
+        cut, dropped = cuts["cut_pairs"], cuts["dropped_pairs"]
+        print(f"--max-length {args.max_length}: cut {cut['train']} train and {cut['heldout']} held-out pairs "
+              f"to their first {args.max_length} tokens; dropped {dropped['train']} train and "
+              f"{dropped['heldout']} held-out pairs whose prompt alone is that long (TRL's keep_start)")
+
+
+def evaluate_start(evaluate, log, ceiling, n_heldout: int, n_samples: int, gold: bool) -> tuple[dict, list]:
+    """The start policy's figures, logged at step 0 and printed.  -> (figures, sampled texts)"""
+    print(f"evaluating the start policy ({n_heldout} held-out pairs, {n_samples} samples) …", flush=True)
+    start = evaluate()
+    start_texts = start.pop("texts")
+    log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
+    if gold:
+        print(f"before training: gold reward of samples {start['eval/gold_reward']:+.3f}, "
+              f"held-out pair accuracy {start['eval/heldout_pair_accuracy']:.3f} (ceiling {ceiling:.3f})")
+    return start, start_texts
+
+
+def resume(ckpt, opt, sched, prec) -> tuple:
+    """--resume: the state at the end of the checkpoint's step (the global RNGs last). The data order
+    is `batches`, drawn again from --seed: the run goes on at batch ckpt.step + 1.
+    -> the figures of the run so far: (start, start_texts, ev, final_texts, step)."""
+    start, start_texts, ev, final_texts = (ckpt.state[k] for k in ("start", "start_texts", "ev",
+                                                                   "final_texts"))
+    harness.restore_training_state(ckpt.state, opt, sched, prec)
+    return start, start_texts, ev, final_texts, ckpt.step
+
+
+def save_checkpoint(out, step: int, args: Args, policy, tok, opt, sched, prec, **figures) -> None:
+    """--save-every: <out>/checkpoint-<step>/, all that step + 1 needs."""
+    harness.save_checkpoint(out, step, args, {"model": policy}, {**harness.training_state(opt, sched, prec),
+                                                                  **figures}, tok)
+
+
+def summarise(log, out, args: Args, start: dict, ev: dict, ceiling, cuts: dict, eval_prompts: list[str],
+              start_texts: list[str], final_texts: list[str], step: int, model_dir, gold: bool, device,
+              t_start: float, train_seconds: float, load_seconds: float) -> dict:
+    """summary.json, and the printed summary with a few samples before and after."""
     summary = log.summary({
         "script": "dpo",
         "loss_type": args.loss_type,
@@ -491,8 +548,7 @@ def train(args: Args) -> dict:
         "start_mean_length": start["eval/mean_length"],
         "final_mean_length": ev["eval/mean_length"],
         "eval_samples": args.eval_samples,
-        "max_length": {"cut_pairs": {"train": cut_train, "heldout": cut_heldout},
-                       "dropped_pairs": {"train": dropped_train, "heldout": dropped_heldout}},
+        "max_length": cuts,
         "examples_before": start_texts[:4],
         "examples_after": final_texts[:4],
         "steps": step,

@@ -421,79 +421,41 @@ def train(args: Args) -> dict:
     heldout = heldout[: args.eval_size]
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
-    ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
-    print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
-          + " …", flush=True)
-    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
-    policy.eval()  # no dropout: the log-probs of the loss are those of the policy that sampled
-    ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
+    ##### models: the policy π_θ, the frozen reference π_ref (β > 0 only), V_ψ (--baseline value only)
+    policy, ref, tok = load_models(args, ckpt, device)
     tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     params = [p for p in policy.parameters() if p.requires_grad]
-    groups = [{"params": params}]
-    head = None  # V_ψ, only for --baseline value: a float32 linear head on detached features
-    if args.baseline == "value":
-        head = value_head(policy.config.hidden_size, device)
-        if ckpt:
-            harness.load_weights(head, ckpt.path / "value_head.pt")
-        groups.append({"params": list(head.parameters()), "lr": args.value_lr})
+    head = new_value_head(policy, ckpt, device) if args.baseline == "value" else None  # V_ψ(s_t), or None
+    groups = [{"params": params}] + ([] if head is None else [{"params": list(head.parameters()),
+                                                               "lr": args.value_lr}])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)  # the schedule scales both groups
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("reinforce", args.seed),
                                  args.overwrite, resume=ckpt)
-
     sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, args.lr_schedule)  # harness.lr_factor
     load_seconds = time.time() - t_start
-
-    def prompt_text(row):
-        return tasks.chat_prompt(tok, row["prompt"], args.chat_template)  # messages: the chat template
-    for r in heldout:
-        r["text"] = prompt_text(r)
-
-    eval_rows = [{"prompt": r["text"], "answer": r["answer"]} for r in heldout]
-
-    def evaluate():
-        with prec.autocast():
-            return tasks.greedy_accuracy(policy, tok, eval_rows, args.max_new_tokens, strict)
-
-    def evaluate_pass_at_k():  # pass@1 and pass@K at the sampling temperature, a fixed seed
-        if not args.pass_at_k:
-            return None
-        with prec.autocast():
-            return tasks.pass_at_k(policy, tok, eval_rows, args.samples_per_prompt, args.max_new_tokens, strict,
-                                    args.temperature)
-
+    evaluate, evaluate_pass_at_k = evaluators(policy, tok, heldout, args, strict, prec)
     log = harness.RunLogger(out, total_steps=args.steps)
-    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
-          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
-          f"Ψ = {'R(τ)' if args.psi == 'return' else 'G_t'} − b[{args.baseline}], γ = {args.gamma}, "
-          f"β = {args.beta}{'' if ref is not None else ' (no reference model)'}")
-    if ckpt is None:
-        print(f"evaluating the start model on {len(heldout)} held-out prompts …", flush=True)
-        start_acc, start_pass = evaluate(), evaluate_pass_at_k()
-        log.log(0, {"eval/accuracy": start_acc, **tasks.pass_metrics(start_pass)})
-        print(f"held-out greedy accuracy before training: {start_acc:.3f} ({len(heldout)} prompts)"
-              + tasks.pass_text(start_pass))
+    print_header(out, device, prec, args, policy, ref)
+    rng = np.random.default_rng(args.seed)  # the prompts of each step
+    if ckpt is None:  # the start model, at step 0
+        start_acc, start_pass = evaluate_start(evaluate, evaluate_pass_at_k, log, len(heldout))
         acc, final_pass = start_acc, None
-    else:  # --resume: the figures of the run so far
-        start_acc, start_pass, acc, final_pass = (ckpt.state[k] for k in ("start_acc", "start_pass", "acc",
-                                                                          "final_pass"))
+    else:  # --resume: the figures of the run so far, and the state at the end of the checkpoint's step
+        start_acc, start_pass, acc, final_pass = resume(ckpt, rng, opt, sched, prec)
 
     K, n = args.samples_per_prompt, args.prompts_per_step
     B = n * K
     mb = args.micro_batch or B
-    # two halves of whole prompt groups (for the variance estimate); one part if there is 1 prompt
-    n1 = n // 2 if (args.grad_var and n >= 2) else n
-    parts = [(0, n1 * K), (n1 * K, B)] if n1 < n else [(0, B)]
-    rng = np.random.default_rng(args.seed)
+    chunks = [slice(i, i + mb) for i in range(0, B, mb)]  # the micro-batches of the passes without gradient
+    parts = split_halves(n, K, args.grad_var)  # row ranges whose gradients ĝ_1, ĝ_2 give policy/grad_var
     t_train = time.time()
-    if ckpt:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last)
-        rng.bit_generator.state = ckpt.state["data_rng"]
-        harness.restore_training_state(ckpt.state, opt, sched, prec)
     for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
         t0 = time.time()
         ##### 1. sample K completions of each prompt from π_θ
         rows = [train_rows[i] for i in rng.choice(len(train_rows), n, replace=n > len(train_rows))]
-        prompts = [prompt_text(r) for r in rows for _ in range(K)]  # the K samples of x are consecutive
+        prompts = [tasks.chat_prompt(tok, r["prompt"], args.chat_template)
+                   for r in rows for _ in range(K)]  # the K samples of x are consecutive
         answers = [r["answer"] for r in rows for _ in range(K)]
         with prec.autocast():
             p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
@@ -507,7 +469,6 @@ def train(args: Args) -> dict:
                                for c, a, f in zip(c_ids.tolist(), answers, finished)],
                               device=device)  # [B]
         log_ratio = None
-        chunks = [slice(i, i + mb) for i in range(0, B, mb)]
         if ref is not None:
             with torch.no_grad(), prec.autocast():
                 logp_s = torch.cat([common.token_logprobs(policy, ids[c], mask[c], T, args.temperature)[0]
@@ -516,24 +477,9 @@ def train(args: Args) -> dict:
                                       for c in chunks])  # log π_ref(y_t|s_t)   [B, T]
             log_ratio = logp_s - ref_logp  # log(π_θ/π_ref), the per-token KL sample (k1)   [B, T]
         rewards = per_token_rewards(scores, c_mask, log_ratio, args.beta)  # r_t   [B, T]
-        values = None
-        if head is not None:  # V_ψ(s_t) with the head as it is BEFORE this step: unbiased Ψ
-            with prec.autocast():
-                feats = torch.cat([state_features(policy, ids[c], mask[c], T) for c in chunks])  # h_t   [B, T, d]
-            values = head(feats).squeeze(-1)  # V_ψ(s_t) = w·h_t + c (float32, grad to ψ only)   [B, T]
+        values, v_stats = (None, {}) if head is None else value_baseline(  # V_ψ(s_t), and ∇_ψ L_V
+            head, policy, ids, mask, T, chunks, rewards, c_mask, args.gamma, prec)  # [B, T]
         psi = psi_values(rewards, c_mask, args.gamma, args.psi, args.baseline, K, values)  # Ψ_t   [B, T]
-        v_stats = {}
-        if head is not None:  # the critic's MSE to G_t; its gradient lands on ψ alone
-            G = reward_to_go(rewards, c_mask, args.gamma)  # G_t, the target   [B, T]
-            vf_loss = value_loss(values, G, c_mask)  # mean_t (V_ψ(s_t) − G_t)²
-            prec.backward(vf_loss)
-            with torch.no_grad():
-                var_g = masked_mean((G - masked_mean(G, c_mask)) ** 2, c_mask)  # Var[G_t]
-                resid = G - values  # [B, T]
-                var_r = masked_mean((resid - masked_mean(resid, c_mask)) ** 2, c_mask)  # Var[G_t − V]
-            v_stats = {"value/loss": vf_loss.item(), "value/mean": float(masked_mean(values.detach(), c_mask))}
-            if var_g > 0:  # 1 − Var[G − V]/Var[G]: 0 for V = mean, 1 for V = G (undefined if G is constant)
-                v_stats["value/explained_variance"] = float(1 - var_r / var_g)
 
         ##### 3. ĝ = −∇L, accumulated over micro-batches, part by part
         stats = {"loss": 0.0, "psi_mean": 0.0, "psi_second_moment": 0.0, "entropy": 0.0}
@@ -553,18 +499,12 @@ def train(args: Args) -> dict:
                 stats["psi_mean"] += float(m["psi_mean"]) * w_tok
                 stats["psi_second_moment"] += float(m["psi_second_moment"]) * w_tok
                 stats["entropy"] += float(masked_mean(ent, c_mask[sl])) * w_tok
-            if len(parts) == 2:
-                part_grads.append(flat_grad(params) / prec.grad_scale())  # cumulative: (n1/n) ĝ_1, then ĝ
-        grad_var = None
-        if len(parts) == 2:
-            g_first, g_all = part_grads  # [P], [P]
-            g1 = g_first * (n / n1)  # ĝ_1 over the first n1 prompts   [P]
-            g2 = (g_all - g_first) * (n / (n - n1))  # ĝ_2 over the other n − n1 prompts   [P]
-            grad_var = split_half_variance(g1, g2, n1, n - n1)  # ≈ tr Cov(ĝ)
-            if not math.isfinite(grad_var):  # float16: the gradients overflowed and the step is skipped
-                grad_var = None
+            if len(parts) == 2:  # the split-half probe: the gradient so far, (n1/n) ĝ_1 and then ĝ
+                part_grads.append(flat_grad(params) / prec.grad_scale())
+        grad_var = split_half_grad_var(part_grads, parts, K)  # ≈ tr Cov(ĝ), or None
         prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))  # ‖g‖; g ← g·min(1, c/‖g‖)
+        # clip: ‖g‖, then g ← g·min(1, c/‖g‖), c = --grad-clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))
         if head is not None:  # θ and ψ clipped each on its own, one AdamW step for both
             v_stats["value/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(head.parameters(),
                                                                                 args.grad_clip or math.inf))
@@ -573,33 +513,10 @@ def train(args: Args) -> dict:
         sched.step()
 
         ##### 4. log
-        returns = reward_to_go(rewards, c_mask, args.gamma)[:, 0]  # R(τ) = G_0   [B]
-        metrics = {
-            "reward/mean": float(scores.mean()),  # the task's score, before any KL shaping
-            "reward/std": float(scores.std()) if B > 1 else 0.0,
-            "reward/return_mean": float(returns.mean()),  # R(τ), with the KL terms
-            "reward/frac_zero_std_groups": float((scores.view(-1, K).std(1) == 0).float().mean()) if K > 1 else 1.0,
-            "loss/pseudo": stats["loss"],  # logged for completeness: its value has no meaning
-            "psi/mean": stats["psi_mean"],
-            "psi/second_moment": stats["psi_second_moment"],
-            "policy/grad_norm": float(grad_norm),
-            "policy/entropy": stats["entropy"],
-            "charts/lr": opt.param_groups[0]["lr"],
-            "completions/mean_length": float(c_mask.sum(1).float().mean()),
-            "completions/no_eos_frac": 1.0 - float(np.mean(finished)),
-            "time/step_seconds": time.time() - t0,
-            "time/generate_seconds": t_gen,
-            "charts/completions_per_second": B / (time.time() - t0),
-        }
-        if grad_var is not None:
-            metrics["policy/grad_var"] = grad_var  # ≈ tr Cov(ĝ), before clipping
-        metrics.update(v_stats)  # value/loss, value/mean, value/explained_variance, value/grad_norm
-        if log_ratio is not None:
-            metrics["kl/ref"] = float(masked_mean(log_ratio, c_mask))  # per token
-            metrics["kl/ref_seq"] = float(masked_sum(log_ratio, c_mask, dim=1).mean())  # per completion
+        metrics = step_metrics(scores, rewards, c_mask, finished, log_ratio, stats, grad_norm, grad_var,
+                               v_stats, opt.param_groups[0]["lr"], args.gamma, K, t0, t_gen)
         if step % args.eval_every == 0 or step == args.steps:
-            acc = evaluate()
-            metrics["eval/accuracy"] = acc
+            acc = metrics["eval/accuracy"] = evaluate()
         if step == args.steps:
             final_pass = evaluate_pass_at_k()
             metrics.update(tasks.pass_metrics(final_pass))
@@ -608,20 +525,190 @@ def train(args: Args) -> dict:
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
                                         or "eval/accuracy" in metrics) else [])
         if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            models = {"model": policy, **({"value_head": head} if head is not None else {})}
-            harness.save_checkpoint(out, step, args, models, {
-                **harness.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
-                "start_acc": start_acc, "start_pass": start_pass, "acc": acc, "final_pass": final_pass}, tok)
+            save_checkpoint(out, step, args, policy, head, tok, opt, sched, prec, rng,
+                            start_acc=start_acc, start_pass=start_pass, acc=acc, final_pass=final_pass)
 
     ##### 5. save and summarise
     train_seconds = time.time() - t_train
-    model_dir = harness.save_policy(policy, tok, out, args.save_model)
-    if head is not None and args.save_model:  # V_ψ beside the policy: {"weight": [1, d], "bias": [1]}
+    model_dir = save_models(policy, head, tok, out, args.save_model)  # <out-dir>/model (+ value_head.pt)
+    return summarise(log, out, args, policy, tok, heldout, prec, model_dir, start_acc, acc, start_pass,
+                     final_pass, device, t_start, train_seconds, load_seconds)
+
+
+#####################################################################################################
+#####  beside the default path: the value baseline, the variance probe (a diagnostic), resume, saving
+#####################################################################################################
+
+
+def new_value_head(policy, ckpt, device) -> torch.nn.Linear:
+    """V_ψ for --baseline value: a float32 linear head on the policy's detached hidden state, at 0,
+    or with the checkpoint's weights on --resume."""
+    head = value_head(policy.config.hidden_size, device)
+    if ckpt:
+        harness.load_weights(head, ckpt.path / "value_head.pt")
+    return head
+
+
+def value_baseline(head, policy, ids, mask, T: int, chunks: list[slice], rewards, c_mask, gamma: float,
+                   prec) -> tuple[torch.Tensor, dict]:
+    """--baseline value: V_ψ(s_t) with the head as it is BEFORE this step (so Ψ stays unbiased), and
+    the gradient of the critic's MSE to G_t, which lands on ψ alone (the features are detached).
+    ids, mask: [B, P+T]; rewards, c_mask: [B, T].  -> (values [B, T], the value/ metrics)."""
+    with prec.autocast():
+        feats = torch.cat([state_features(policy, ids[c], mask[c], T) for c in chunks])  # h_t   [B, T, d]
+    values = head(feats).squeeze(-1)  # V_ψ(s_t) = w·h_t + c (float32, grad to ψ only)   [B, T]
+    G = reward_to_go(rewards, c_mask, gamma)  # G_t, the target   [B, T]
+    vf_loss = value_loss(values, G, c_mask)  # L_V = mean_t (V_ψ(s_t) − G_t)²
+    prec.backward(vf_loss)
+    with torch.no_grad():
+        var_g = masked_mean((G - masked_mean(G, c_mask)) ** 2, c_mask)  # Var[G_t]
+        resid = G - values  # [B, T]
+        var_r = masked_mean((resid - masked_mean(resid, c_mask)) ** 2, c_mask)  # Var[G_t − V]
+    v_stats = {"value/loss": vf_loss.item(), "value/mean": float(masked_mean(values.detach(), c_mask))}
+    if var_g > 0:  # 1 − Var[G − V]/Var[G]: 0 for V = mean, 1 for V = G (undefined if G is constant)
+        v_stats["value/explained_variance"] = float(1 - var_r / var_g)
+    return values, v_stats
+
+
+def split_halves(n: int, K: int, grad_var: bool) -> list[tuple[int, int]]:
+    """The rows of the batch, in parts whose gradients are taken one after the other: two halves of
+    whole prompt groups, [0, n1·K) and [n1·K, n·K), for the split-half variance probe; one part,
+    the whole batch, with --no-grad-var or a single prompt."""
+    n1 = n // 2 if (grad_var and n >= 2) else n
+    return [(0, n1 * K), (n1 * K, n * K)] if n1 < n else [(0, n * K)]
+
+
+def split_half_grad_var(part_grads: list[torch.Tensor], parts: list[tuple[int, int]], K: int) -> float | None:
+    """policy/grad_var, ≈ tr Cov(ĝ), from the cumulative gradients after each of the two `parts`:
+    (n1/n) ĝ_1, then ĝ. None with one part, or when float16 gradients overflowed (the step is skipped)."""
+    if len(part_grads) != 2:
+        return None
+    n1, n = parts[0][1] // K, parts[1][1] // K
+    g_first, g_all = part_grads  # [P], [P]
+    g1 = g_first * (n / n1)  # ĝ_1 over the first n1 prompts   [P]
+    g2 = (g_all - g_first) * (n / (n - n1))  # ĝ_2 over the other n − n1 prompts   [P]
+    grad_var = split_half_variance(g1, g2, n1, n - n1)  # ≈ tr Cov(ĝ)
+    return grad_var if math.isfinite(grad_var) else None
+
+
+def resume(ckpt, rng, opt, sched, prec) -> tuple:
+    """--resume: the state at the end of the checkpoint's step (the global RNGs last).
+    -> the figures of the run so far: (start_acc, start_pass, acc, final_pass)."""
+    rng.bit_generator.state = ckpt.state["data_rng"]
+    harness.restore_training_state(ckpt.state, opt, sched, prec)
+    return tuple(ckpt.state[k] for k in ("start_acc", "start_pass", "acc", "final_pass"))
+
+
+def save_models(policy, head, tok, out, enabled: bool) -> str | None:
+    """The final policy (save_pretrained) into <out>/model, and V_ψ beside it, if any, as
+    <out>/value_head.pt: {"weight": [1, d], "bias": [1]}.  -> the model folder, or None."""
+    model_dir = harness.save_policy(policy, tok, out, enabled)
+    if head is not None and enabled:
         torch.save(head.state_dict(), out / "value_head.pt")
+    return model_dir
+
+
+def save_checkpoint(out, step: int, args: Args, policy, head, tok, opt, sched, prec, rng, **figures) -> None:
+    """--save-every: <out>/checkpoint-<step>/, all that step + 1 needs (the value head too, if any)."""
+    models = {"model": policy, **({"value_head": head} if head is not None else {})}
+    harness.save_checkpoint(out, step, args, models, {
+        **harness.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state, **figures}, tok)
+
+
+#####################################################################################################
+#####  bookkeeping: models, evaluation, metrics, the summary
+#####################################################################################################
+
+
+def load_models(args: Args, ckpt, device):
+    """The policy π_θ (from the checkpoint on --resume), in eval mode (no dropout: the log-probs of
+    the loss are those of the policy that sampled), and π_ref only when β > 0.  -> (policy, ref, tok)"""
+    print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
+          + " …", flush=True)
+    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
+    policy.eval()
+    ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
+    return policy, ref, tok
+
+
+def evaluators(policy, tok, heldout: list[dict], args: Args, strict: bool, prec):
+    """Two closures over the held-out prompts: the greedy accuracy, and pass@1 and pass@K at the
+    sampling temperature with a fixed seed (None with --no-pass-at-k)."""
+    eval_rows = [{"prompt": tasks.chat_prompt(tok, r["prompt"], args.chat_template), "answer": r["answer"]}
+                 for r in heldout]  # messages: the chat template
+
+    def evaluate():
+        with prec.autocast():
+            return tasks.greedy_accuracy(policy, tok, eval_rows, args.max_new_tokens, strict)
+
+    def evaluate_pass_at_k():
+        if not args.pass_at_k:
+            return None
+        with prec.autocast():
+            return tasks.pass_at_k(policy, tok, eval_rows, args.samples_per_prompt, args.max_new_tokens,
+                                   strict, args.temperature)
+    return evaluate, evaluate_pass_at_k
+
+
+def evaluate_start(evaluate, evaluate_pass_at_k, log, n_heldout: int) -> tuple:
+    """The start model's figures, logged at step 0 and printed.  -> (accuracy, pass@k or None)"""
+    print(f"evaluating the start model on {n_heldout} held-out prompts …", flush=True)
+    start_acc, start_pass = evaluate(), evaluate_pass_at_k()
+    log.log(0, {"eval/accuracy": start_acc, **tasks.pass_metrics(start_pass)})
+    print(f"held-out greedy accuracy before training: {start_acc:.3f} ({n_heldout} prompts)"
+          + tasks.pass_text(start_pass))
+    return start_acc, start_pass
+
+
+def print_header(out, device, prec, args: Args, policy, ref) -> None:
+    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
+          f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
+          f"Ψ = {'R(τ)' if args.psi == 'return' else 'G_t'} − b[{args.baseline}], γ = {args.gamma}, "
+          f"β = {args.beta}{'' if ref is not None else ' (no reference model)'}")
+
+
+def step_metrics(scores, rewards, c_mask, finished, log_ratio, stats: dict, grad_norm: float,
+                 grad_var: float | None, v_stats: dict, lr: float, gamma: float, K: int, t0: float,
+                 t_gen: float) -> dict:
+    """One step's metrics.jsonl line (before any evaluation)."""
+    B = len(scores)
+    returns = reward_to_go(rewards, c_mask, gamma)[:, 0]  # R(τ) = G_0   [B]
+    metrics = {
+        "reward/mean": float(scores.mean()),  # the task's score, before any KL shaping
+        "reward/std": float(scores.std()) if B > 1 else 0.0,
+        "reward/return_mean": float(returns.mean()),  # R(τ), with the KL terms
+        "reward/frac_zero_std_groups": (float((scores.view(-1, K).std(1) == 0).float().mean()) if K > 1
+                                        else 1.0),
+        "loss/pseudo": stats["loss"],  # logged for completeness: its value has no meaning
+        "psi/mean": stats["psi_mean"],
+        "psi/second_moment": stats["psi_second_moment"],
+        "policy/grad_norm": float(grad_norm),
+        "policy/entropy": stats["entropy"],
+        "charts/lr": lr,
+        "completions/mean_length": float(c_mask.sum(1).float().mean()),
+        "completions/no_eos_frac": 1.0 - float(np.mean(finished)),
+        "time/step_seconds": time.time() - t0,
+        "time/generate_seconds": t_gen,
+        "charts/completions_per_second": B / (time.time() - t0),
+    }
+    if grad_var is not None:
+        metrics["policy/grad_var"] = grad_var  # ≈ tr Cov(ĝ), before clipping
+    metrics.update(v_stats)  # value/loss, value/mean, value/explained_variance, value/grad_norm
+    if log_ratio is not None:
+        metrics["kl/ref"] = float(masked_mean(log_ratio, c_mask))  # per token
+        metrics["kl/ref_seq"] = float(masked_sum(log_ratio, c_mask, dim=1).mean())  # per completion
+    return metrics
+
+
+def summarise(log, out, args: Args, policy, tok, heldout: list[dict], prec, model_dir, start_acc: float,
+              acc: float, start_pass, final_pass, device, t_start: float, train_seconds: float,
+              load_seconds: float) -> dict:
+    """summary.json, and the printed summary with a few greedy answers."""
     examples = heldout[:4]
     with prec.autocast():
-        *_, ex_texts, _ = common.generate_text(policy, tok, [r["text"] for r in examples],
-                                               args.max_new_tokens, greedy=True)
+        *_, ex_texts, _ = common.generate_text(
+            policy, tok, [tasks.chat_prompt(tok, r["prompt"], args.chat_template) for r in examples],
+            args.max_new_tokens, greedy=True)
     summary = log.summary({
         "script": "reinforce",
         "start_accuracy": start_acc,
@@ -629,7 +716,7 @@ def train(args: Args) -> dict:
         "start_pass_at_k": start_pass,  # {"k", "pass_at_1", "pass_at_k"} or None
         "final_pass_at_k": final_pass,
         "steps": args.steps,
-        "completions": args.steps * B,
+        "completions": args.steps * args.prompts_per_step * args.samples_per_prompt,
         "model_dir": model_dir,
         **harness.run_facts(args, device, t_start, train_seconds, load_seconds),
     })

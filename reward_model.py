@@ -289,26 +289,17 @@ def train(args: Args) -> dict:
     harness.seed_everything(args.seed)
     device = harness.pick_device(args.device)
     prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    train_rows, heldout_rows = tasks.load_preferences(args.data, rankings=True)  # pairs and/or rankings
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
 
     ##### the model: the SFT policy's transformer and a fresh scalar head
-    print(f"loading --model {args.model} …", flush=True)
-    lm, tok = common.load_model(common.resolve_model_path(args.model), device)  # float32 weights
-    # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
-    train_rows, heldout_rows = (tasks.render_chat(tok, rows, args.chat_template, args.model)
-                                for rows in (train_rows, heldout_rows))
-    (train_rows, cut_train), (heldout_rows, cut_heldout) = (drop_too_long(tok, rows, args.max_length)
-                                                            for rows in (train_rows, heldout_rows))
-    check(train_rows and heldout_rows, f"--max-length {args.max_length}: no training or no held-out row is "
-          "that short; raise it (or pass --max-length none)")
+    lm, tok, train_rows, heldout_rows, cuts = load_rows_and_model(args, device)  # pairs and/or rankings
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("reward_model", args.seed),
                                  args.overwrite, resume=ckpt)
     heldout = ranking_pairs(heldout_rows)[: args.eval_size]  # held-out pairs, a ranking as its C(K,2)
     rng = np.random.default_rng(args.seed)
-    train_probe = ranking_pairs([train_rows[i] for i in rng.choice(
-        len(train_rows), min(len(train_rows), len(heldout)), replace=False)])[: len(heldout)]  # train accuracy
+    train_probe = ranking_pairs([train_rows[i] for i in rng.choice(  # the pairs of the train accuracy
+        len(train_rows), min(len(train_rows), len(heldout)), replace=False)])[: len(heldout)]
     rm = RewardModel(lm)
     rm.eval()  # no dropout: a pair's two rewards come from the same function
     opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -316,7 +307,6 @@ def train(args: Args) -> dict:
                for order in [rng.permutation(len(train_rows))]
                for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
     total_steps = len(batches)
-
     sched = harness.lr_scheduler(opt, args.warmup_steps, total_steps, "linear")  # warm-up, then linear to 0
 
     ##### completions from the SFT policy for the normalisation, sampled now, before training
@@ -334,34 +324,13 @@ def train(args: Args) -> dict:
     log = harness.RunLogger(out, total_steps=total_steps)
     ceiling = tasks.ceiling_accuracy(heldout) if gold else None
     train_ceiling = tasks.ceiling_accuracy(train_probe) if gold else None
-    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
-          f"({sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters)  |  "
-          f"{len(train_rows)} train rows, {len(heldout)} held-out pairs")
-    if args.max_length is not None:
-        print(f"--max-length {args.max_length}: dropped {cut_train} train and {cut_heldout} held-out rows "
-              "with a longer prompt + completion + EOS (TRL's reward trainer drops them too)")
-
-    def evaluate() -> dict:
-        m = {}
-        for name, pairs in (("train", train_probe), ("heldout", heldout)):
-            with prec.autocast():
-                r_c, r_r = score_pairs(rm, tok, pairs, device)  # [N], [N]
-            m[f"eval/{name}_accuracy"] = float(pair_accuracy(r_c, r_r))
-        return m
-
-    if ckpt is None:
-        start = evaluate()
-        log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
-        print(f"held-out pair accuracy before training: {start['eval/heldout_accuracy']:.3f}"
-              + (f"  (ceiling {ceiling:.3f})" if gold else ""))
+    print_header(out, device, prec, args, rm, len(train_rows), len(heldout), cuts)
+    evaluate = evaluator(rm, tok, train_probe, heldout, device, prec)
+    if ckpt is None:  # the start model, at step 0
+        start = evaluate_start(evaluate, log, ceiling, gold)
         ev, step = start, 0
-    else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last). The SFT
-        #####   samples for the normalisation were drawn again above, from the untrained LM; the data
-        #####   order is `batches`, drawn again from --seed: the run goes on at batch ckpt.step + 1
-        harness.load_weights(rm.lm, ckpt.path / "model")
-        harness.load_weights(rm.head, ckpt.path / "reward_head.pt")
-        start, ev, step = ckpt.state["start"], ckpt.state["ev"], ckpt.step
-        harness.restore_training_state(ckpt.state, opt, sched, prec)
+    else:  # --resume: the trained weights, the figures of the run so far, the state at the checkpoint's end
+        start, ev, step = resume(ckpt, rm, opt, sched, prec)
 
     t_train = time.time()
     for step, (epoch, idx) in enumerate(batches[step:], step + 1):
@@ -372,7 +341,7 @@ def train(args: Args) -> dict:
         K = rewards.shape[1]
         w, l = torch.triu_indices(K, K, offset=1, device=rewards.device)  # the pairs i ≻ j   [C]
         pair_ok = valid[:, l]  # [B, C]
-        r_c, r_r = rewards[:, w][pair_ok], rewards[:, l][pair_ok]  # r_φ(x, y_w), r_φ(x, y_l) of every pair   [N]
+        r_c, r_r = rewards[:, w][pair_ok], rewards[:, l][pair_ok]  # r_φ(x, y_w), r_φ(x, y_l) per pair   [N]
         # L_RM = mean over rankings of the mean over its pairs of −log σ(r_w − r_l − m)  (pairs: K = 2)
         bt = ranking_loss(rewards, args.margin, None if bool(valid.all()) else valid).mean()
         center = centering_penalty(r_c, r_r).mean()  # mean over pairs of (r_w + r_l)²
@@ -380,7 +349,8 @@ def train(args: Args) -> dict:
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
         prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip or math.inf))  # ‖g‖; g ← g·min(1, c/‖g‖)
+        # clip: ‖g‖, then g ← g·min(1, c/‖g‖), c = --grad-clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip or math.inf))
         prec.step(opt)  # AdamW: φ ← φ − lr·Adam(g)
         sched.step()
 
@@ -425,6 +395,78 @@ def train(args: Args) -> dict:
 
     ##### save and summarise
     model_dir = str(save_reward_model(rm, tok, out / "model")) if args.save_model else None
+    return summarise(log, out, args, start, ev, ceiling, train_ceiling, len(heldout), train_rows, cuts, norm,
+                     len(norm_texts), step, model_dir, gold, device, t_start, train_seconds, load_seconds)
+
+
+#####################################################################################################
+#####  bookkeeping: the model and data, evaluation, resume, the summary
+#####################################################################################################
+
+
+def load_rows_and_model(args: Args, device):
+    """The preference rows (pairs and/or rankings), rendered with the chat template, without those
+    longer than --max-length, and the SFT policy's LM (float32 weights).
+    -> (lm, tok, train rows, held-out rows, {"train": dropped, "heldout": dropped})"""
+    train_rows, heldout_rows = tasks.load_preferences(args.data, rankings=True)  # pairs and/or rankings
+    print(f"loading --model {args.model} …", flush=True)
+    lm, tok = common.load_model(common.resolve_model_path(args.model), device)  # float32 weights
+    # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
+    train_rows, heldout_rows = (tasks.render_chat(tok, rows, args.chat_template, args.model)
+                                for rows in (train_rows, heldout_rows))
+    (train_rows, cut_train), (heldout_rows, cut_heldout) = (drop_too_long(tok, rows, args.max_length)
+                                                            for rows in (train_rows, heldout_rows))
+    check(train_rows and heldout_rows, f"--max-length {args.max_length}: no training or no held-out row is "
+          "that short; raise it (or pass --max-length none)")
+    return lm, tok, train_rows, heldout_rows, {"train": cut_train, "heldout": cut_heldout}
+
+
+def print_header(out, device, prec, args: Args, rm, n_train: int, n_heldout: int, cuts: dict) -> None:
+    print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
+          f"({sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters)  |  "
+          f"{n_train} train rows, {n_heldout} held-out pairs")
+    if args.max_length is not None:
+        print(f"--max-length {args.max_length}: dropped {cuts['train']} train and {cuts['heldout']} held-out "
+              "rows with a longer prompt + completion + EOS (TRL's reward trainer drops them too)")
+
+
+def evaluator(rm, tok, train_probe: list[dict], heldout: list[dict], device, prec):
+    """A closure: the pair accuracy of r_φ on a sample of the training pairs and on the held-out pairs."""
+    def evaluate() -> dict:
+        m = {}
+        for name, pairs in (("train", train_probe), ("heldout", heldout)):
+            with prec.autocast():
+                r_c, r_r = score_pairs(rm, tok, pairs, device)  # [N], [N]
+            m[f"eval/{name}_accuracy"] = float(pair_accuracy(r_c, r_r))
+        return m
+    return evaluate
+
+
+def evaluate_start(evaluate, log, ceiling, gold: bool) -> dict:
+    """The start model's figures, logged at step 0 and printed."""
+    start = evaluate()
+    log.log(0, {**start, "eval/ceiling_accuracy": ceiling})
+    print(f"held-out pair accuracy before training: {start['eval/heldout_accuracy']:.3f}"
+          + (f"  (ceiling {ceiling:.3f})" if gold else ""))
+    return start
+
+
+def resume(ckpt, rm, opt, sched, prec) -> tuple:
+    """--resume: the trained weights and the state at the end of the checkpoint's step (the global RNGs
+    last). The SFT samples for the normalisation were drawn again, from the untrained LM; the data
+    order is `batches`, drawn again from --seed: the run goes on at batch ckpt.step + 1.
+    -> the figures of the run so far: (start, ev, step)."""
+    harness.load_weights(rm.lm, ckpt.path / "model")
+    harness.load_weights(rm.head, ckpt.path / "reward_head.pt")
+    start, ev, step = ckpt.state["start"], ckpt.state["ev"], ckpt.step
+    harness.restore_training_state(ckpt.state, opt, sched, prec)
+    return start, ev, step
+
+
+def summarise(log, out, args: Args, start: dict, ev: dict, ceiling, train_ceiling, n_heldout: int,
+              train_rows: list[dict], cuts: dict, norm: dict, n_norm: int, step: int, model_dir, gold: bool,
+              device, t_start: float, train_seconds: float, load_seconds: float) -> dict:
+    """summary.json, and the printed summary."""
     summary = log.summary({
         "script": "reward_model",
         "start_heldout_accuracy": start["eval/heldout_accuracy"],
@@ -432,10 +474,10 @@ def train(args: Args) -> dict:
         "train_accuracy": ev["eval/train_accuracy"],
         "ceiling_accuracy": ceiling,
         "train_ceiling_accuracy": train_ceiling,
-        "heldout_pairs": len(heldout),
+        "heldout_pairs": n_heldout,
         "train_pairs": sum(len(ranked(r)) * (len(ranked(r)) - 1) // 2 for r in train_rows),  # C(K,2) each
         "train_rows": len(train_rows),
-        "max_length_dropped_rows": {"train": cut_train, "heldout": cut_heldout},
+        "max_length_dropped_rows": cuts,
         **norm,
         "steps": step,
         "model_dir": model_dir,
@@ -448,7 +490,7 @@ def train(args: Args) -> dict:
           + f"   held-out {ev['eval/heldout_accuracy']:.3f}" + (f" (ceiling {ceiling:.3f})" if gold else "")
           + f"   in {step} steps, {summary['wall_seconds']:.0f}s wall")
     if norm:
-        print(f"normalised over {len(norm_texts)} SFT samples: μ {norm['reward_mean']:+.3f}, "
+        print(f"normalised over {n_norm} SFT samples: μ {norm['reward_mean']:+.3f}, "
               f"s {norm['reward_std']:.3f}"
               + (f"; correlation with the gold reward {norm['gold_correlation']:.3f}" if gold else ""))
     return summary
