@@ -22,7 +22,7 @@ value network: a supervised loop over fixed pairs.
         every `eval_every` steps: held-out pair accuracy of the implicit reward; samples from π_θ:
                                   their gold reward and the KL to π_ref
 
-On the built-in task (common.py, "the preference task") the pairs were labelled by a hidden gold
+On the built-in task (tasks.py, "the preference task") the pairs were labelled by a hidden gold
 reward, so the policy's samples can be scored with it before and after: the gold reward is used
 only there, never in training.
 
@@ -39,7 +39,6 @@ Run:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -403,8 +402,7 @@ def train(args: Args) -> dict:
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
         prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
-        # clip: ‖g‖, then g ← g·min(1, c/‖g‖), c = --grad-clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or math.inf))
+        grad_norm = common.clip_grad_norm(policy.parameters(), args.grad_clip)  # ‖g‖; g ← g·min(1, c/‖g‖)
         prec.step(opt)  # AdamW: θ ← θ − lr·Adam(g)
         sched.step()
 

@@ -503,11 +503,9 @@ def train(args: Args) -> dict:
                 part_grads.append(flat_grad(params) / prec.grad_scale())
         grad_var = split_half_grad_var(part_grads, parts, K)  # ≈ tr Cov(ĝ), or None
         prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
-        # clip: ‖g‖, then g ← g·min(1, c/‖g‖), c = --grad-clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf))
+        grad_norm = common.clip_grad_norm(params, args.grad_clip)  # g ← g·min(1, c/‖g‖)
         if head is not None:  # θ and ψ clipped each on its own, one AdamW step for both
-            v_stats["value/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(head.parameters(),
-                                                                                args.grad_clip or math.inf))
+            v_stats["value/grad_norm"] = common.clip_grad_norm(head.parameters(), args.grad_clip)
         prec.step(opt)  # AdamW: θ ← θ − lr·Adam(g)
         opt.zero_grad(set_to_none=True)
         sched.step()

@@ -21,15 +21,15 @@ is the only position that has seen the whole text.
     optionally: (μ, s) = mean and std of r_φ over completions sampled from the SFT policy,
                 and the saved model outputs (r_φ − μ) / s
 
-The built-in task (common.py, "the preference task") has a hidden gold reward, so the ceiling is
+The built-in task (tasks.py, "the preference task") has a hidden gold reward, so the ceiling is
 known: how often the gold reward agrees with the noisy labels. No model beats it on average.
 
 The saved folder (`<out-dir>/model`) is the language model's `save_pretrained` folder plus
-`reward_head.safetensors`; `load_reward_model(folder)` rebuilds the reward model (ppo.py uses it).
+`reward_head.safetensors`; `tasks.load_reward_model(folder)` rebuilds the reward model (ppo.py uses it).
 `models/tiny-pref-rm/` is such a folder: this script's defaults, run on the shipped `tiny-pref`.
 The same folder also loads in transformers as a sequence classifier (TRL's reward-model format):
 `AutoModelForSequenceClassification.from_pretrained(folder)` gives r_φ(x, y) − `config.reward_offset`
-(see `save_reward_model`).
+(see `tasks.save_reward_model`).
 
 Run:
     python reward_model.py                            # the built-in task, `tiny-pref`, CPU, ~1 minute
@@ -42,7 +42,6 @@ Run:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -349,8 +348,7 @@ def train(args: Args) -> dict:
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
         prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
-        # clip: ‖g‖, then g ← g·min(1, c/‖g‖), c = --grad-clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(rm.parameters(), args.grad_clip or math.inf))
+        grad_norm = common.clip_grad_norm(rm.parameters(), args.grad_clip)  # ‖g‖; g ← g·min(1, c/‖g‖)
         prec.step(opt)  # AdamW: φ ← φ − lr·Adam(g)
         sched.step()
 
