@@ -85,6 +85,10 @@ class Args:
     (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
+    threads: Optional[int] = None
+    """torch's CPU threads; default: 1 for a model under 20M parameters, whose operations are too small
+    to split (the threads only wait for each other, and for the cores when anything else runs), else
+    torch's own choice (every core); recorded in summary.json; no effect on a GPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
@@ -143,7 +147,7 @@ class Args:
     """keep only the newest this many checkpoints; none: keep them all (TRL: save_total_limit)"""
     resume: Optional[str] = None
     """RUN_DIR: continue that run from its last checkpoint to its configured end, in its folder, with
-    its saved config; other flags must be left out or equal the run's, except --device,
+    its saved config; other flags must be left out or equal the run's, except --device, --threads,
     --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
 
@@ -357,6 +361,7 @@ def train(args: Args) -> dict:
     policy, ref, tok, train_pairs, heldout, cuts = load_pairs_and_models(args, ckpt, device)
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("dpo", args.seed), args.overwrite,
                                  resume=ckpt)

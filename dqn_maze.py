@@ -71,7 +71,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import UsageError, check
-from harness import RunLogger, default_run_dir, main, pick_device, prepare_run_dir, seed_everything
+from harness import (RunLogger, default_run_dir, main, pick_device, prepare_run_dir, seed_everything,
+                     set_threads)
 
 
 @dataclass
@@ -140,6 +141,10 @@ class Args:
     the end"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N for the Q network; default: CUDA when present (the CPU is fine here)"""
+    threads: Optional[int] = None
+    """torch's CPU threads; default: 1 for a model under 20M parameters, whose operations are too small
+    to split (the threads only wait for each other, and for the cores when anything else runs), else
+    torch's own choice (every core); recorded in summary.json; no effect on a GPU"""
     out_dir: Optional[str] = None
     """run folder for metrics.jsonl, summary.json and q_network.pt; default:
     runs/dqn_maze__s<seed>__<time>"""
@@ -605,10 +610,10 @@ def train(args: Args) -> dict:
     maze = Maze(rows, args.max_episode_steps, source)
     device = pick_device(args.device)
     seed_everything(args.seed)
-    out = prepare_run_dir(args.out_dir or default_run_dir("dqn_maze", args.seed), args.overwrite)
     # A network this small gains nothing from a second CPU thread, and on a busy machine the two
     # threads wait for each other (with 2 threads on 2 busy cores we saw 5-10x fewer steps/s).
-    torch.set_num_threads(1)
+    set_threads(args.threads, device)  # the Q-network is far under harness.SMALL_MODEL: 1 thread
+    out = prepare_run_dir(args.out_dir or default_run_dir("dqn_maze", args.seed), args.overwrite)
     logger = RunLogger(out)
 
     q_star = value_iteration(maze.next_state, maze.reward, maze.done, args.gamma)  # [S, A]
@@ -635,7 +640,8 @@ def train(args: Args) -> dict:
               f"{str(r['optimal_everywhere']):>20}{r['wall_seconds']:>8.1f}")
     summary = logger.summary({**results, "v_star_start": float(q_star[maze.start].max()),
                               "reachable_states": len(maze.reachable), "maze": maze.rows,
-                              "q_network": "q_network.pt", "config": asdict(args)})
+                              "q_network": "q_network.pt", "config": asdict(args),
+                              "threads": torch.get_num_threads()})
     logger.close()
     print(f"\nwrote {out}/metrics.jsonl, summary.json, q_network.pt")
     return summary

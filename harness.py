@@ -210,8 +210,8 @@ def set_threads(requested: int | None, device: torch.device, *models) -> int | N
     n_params = sum(p.numel() for m in models for p in m.parameters())
     n = requested or (1 if n_params < SMALL_MODEL else TORCH_THREADS)
     torch.set_num_threads(n)
-    why = ("--threads" if requested else f"the default for {n_params / 1e6:.2f}M parameters "
-           + ("< " if n_params < SMALL_MODEL else "≥ ") + f"{SMALL_MODEL / 1e6:.0f}M; --threads N to change")
+    why = ("--threads" if requested else f"the default for a model {'under' if n_params < SMALL_MODEL else 'of'} "
+           f"{SMALL_MODEL / 1e6:.0f}M parameters{'' if n_params < SMALL_MODEL else ' or more'}; --threads N to change")
     print(f"CPU threads: {n} ({why})")
     return n
 
@@ -326,7 +326,9 @@ def lr_scheduler(opt, warmup_steps: int, total_steps: int, schedule: str = "line
 # writes leaves no checkpoint that looks whole. All are kept (TRL's default), unless
 # --save-total-limit K: then the K newest.
 
-RESUME_MAY_CHANGE = ("device", "log_every", "save_every", "save_total_limit")  # nothing else changes a step
+# what --resume may change: nothing else changes a step
+RESUME_MAY_CHANGE = ("device", "threads", "log_every", "save_every", "save_total_limit")
+ADDED_FLAGS = {"threads"}  # flags newer than some checkpoints: a checkpoint without one takes its default
 SIGINT_HOOK = "RL_REF_SIGINT_AFTER_STEP"  # for tests: a real SIGINT once this step's row is logged
 
 
@@ -461,15 +463,15 @@ def resume_config(args, given: set[str] | None = None):
     """--resume RUN_DIR: the config to continue with, the one saved in the run's last checkpoint.
 
     A flag given beside --resume must equal the run's own value, or name one of RESUME_MAY_CHANGE
-    (--device, --log-every, --save-every, --save-total-limit), which change no step of the run;
+    (--device, --threads, --log-every, --save-every, --save-total-limit), which change no step of the run;
     anything else is refused with one line naming the flag. --out-dir may only name the run's own
     folder. `given`: the fields given on the command line (`given_flags`); None (a caller of
     `train`): those that differ from their default."""
     run = Path(args.resume).expanduser()
     saved = json.loads((latest_checkpoint(run) / "checkpoint.json").read_text())["config"]
     names = [f.name for f in dataclasses.fields(args)]
-    check(set(saved) == set(names), f"--resume {run}: its checkpoints were written by another script "
-                                    "(their config has other flags)")
+    check(set(saved) <= set(names) and set(names) - set(saved) <= ADDED_FLAGS,
+          f"--resume {run}: its checkpoints were written by another script (their config has other flags)")
     defaults = type(args)()
 
     def flag(name):

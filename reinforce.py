@@ -123,6 +123,10 @@ class Args:
     """seed of Python's random, numpy and torch (sampling included) (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
+    threads: Optional[int] = None
+    """torch's CPU threads; default: 1 for a model under 20M parameters, whose operations are too small
+    to split (the threads only wait for each other, and for the cores when anything else runs), else
+    torch's own choice (every core); recorded in summary.json; no effect on a GPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
@@ -196,7 +200,7 @@ class Args:
     """keep only the newest this many checkpoints; none: keep them all (TRL: save_total_limit)"""
     resume: Optional[str] = None
     """RUN_DIR: continue that run from its last checkpoint to its configured end, in its folder, with
-    its saved config; other flags must be left out or equal the run's, except --device,
+    its saved config; other flags must be left out or equal the run's, except --device, --threads,
     --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
 
@@ -429,6 +433,7 @@ def train(args: Args) -> dict:
     groups = [{"params": params}] + ([] if head is None else [{"params": list(head.parameters()),
                                                                "lr": args.value_lr}])
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)  # the schedule scales both groups
+    harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("reinforce", args.seed),
                                  args.overwrite, resume=ckpt)
