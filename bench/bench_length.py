@@ -100,12 +100,12 @@ def sample_figures(model_dir: str | Path, k: int = 8, seed: int = 0) -> dict:
     import torch
 
     import common
-
+    import harness
     import tasks
     from models import build
 
-    torch.set_num_threads(1)
     model, tok = common.load_model(str(model_dir), torch.device("cpu"), trainable=False)
+    harness.set_threads(None, torch.device("cpu"), model)  # the scripts' own setting
     heldout = tasks.arithmetic_task()[1]
     prompts = [r["prompt"] for r in heldout for _ in range(k)]
     answers = [r["answer"] for r in heldout for _ in range(k)]
@@ -131,8 +131,7 @@ def run(arm: str, seed: int, steps: int) -> dict:
            "--steps", str(steps), "--seed", str(seed), *ARMS[arm], "--no-pass-at-k",
            "--out-dir", str(out), "--overwrite"]
     load0, t0 = os.getloadavg()[0], time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # threads: the harness's default
     wall, load1 = time.time() - t0, os.getloadavg()[0]
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
@@ -251,7 +250,7 @@ def main():
         for r in rows:  # one at a time, after the runs
             r["samples_final"] = sample_figures(r.pop("model_dir"))
         result = {"date": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(),
-                  "cpus": os.cpu_count(), "jobs": a.jobs, "threads_per_run": 1, "load_before": load,
+                  "cpus": os.cpu_count(), "jobs": a.jobs, "threads_per_run": "the harness's default (1)", "load_before": load,
                   "load_after": os.getloadavg(), "bench_seconds": round(time.time() - t0),
                   "model": MODEL, "max_new_tokens": MAX_NEW_TOKENS, "steps": a.steps, "seeds": seeds,
                   "arms": a.arms, "samples_start": sample_figures(ROOT / MODEL), "rows": rows}

@@ -60,7 +60,7 @@ class Args:
     jobs: int = 2
     """runs at once (2 on a 2-core machine, one thread each)"""
     threads: int = 1
-    """torch threads per run (OMP_NUM_THREADS); 0 leaves torch's default"""
+    """torch threads per run (the scripts' --threads); 0 leaves the scripts' default (1 for tiny)"""
     extra: str = ""
     """extra flags passed to every ppo.py run (the numbers in the README are for none)"""
     out: str = "bench/results/ppo_updates.json"
@@ -79,7 +79,8 @@ def run_one(loss: str, seed: int, extra: list[str], out: Path, threads: int) -> 
     """One `python ppo.py --policy-loss LOSS --seed SEED` in a subprocess; its numbers."""
     cmd = [sys.executable, "ppo.py", "--policy-loss", loss, "--seed", str(seed), "--out-dir", str(out),
            "--no-save-model", *extra]
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    cmd += ["--threads", str(threads)] if threads else []  # 0: the scripts' own default
+    env = dict(os.environ)
     log_path = out.parent / f"{out.name}.log"
     load_before, t0 = load(), time.time()
     with open(log_path, "w") as log:

@@ -75,7 +75,7 @@ class Args:
     jobs: int = 1
     """training runs at once (1: each run has the whole machine, as the time claim assumes)"""
     threads: int = 0
-    """torch threads per run (OMP_NUM_THREADS); 0 leaves torch's default"""
+    """torch threads per run (the scripts' --threads); 0 leaves the scripts' default (1 for tiny)"""
     probe_batches: int = 48
     """batches (of prompts_per_step × K, the defaults) sampled at each fixed θ; 0 skips part 2"""
     fit_batches: int = 8
@@ -94,7 +94,8 @@ def run_one(name: str, seed: int, steps: int, extra: list[str], out: Path, threa
     psi, baseline = VARIANTS[name]
     cmd = [sys.executable, "reinforce.py", "--seed", str(seed), "--steps", str(steps), "--psi", psi,
            "--baseline", baseline, "--out-dir", str(out), "--log-every", "1000000", *extra]
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    cmd += ["--threads", str(threads)] if threads else []  # 0: the scripts' own default
+    env = dict(os.environ)
     log_path = out.parent / f"{out.name}.log"
     t0 = time.time()
     with open(log_path, "w") as log:

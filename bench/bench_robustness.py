@@ -5,7 +5,7 @@
     python bench/bench_robustness.py --readme      # also write the tables into bench/README.md
 
 What it runs, each as the user would (`python SCRIPT.py --model M --seed S`, every other flag at its
-default, one torch thread per run, `--jobs` runs at a time):
+default (one torch thread per run, the scripts' --threads default), `--jobs` runs at a time):
 
     builds     `tiny` from build seeds 0..4 (0 is the shipped models/tiny; the others are made
                with `python models/build.py tiny --seed N` into bench/.builds/, once), with each
@@ -63,7 +63,7 @@ def run(script: str, model: str, seed: int, tag: str) -> dict:
     cmd = [sys.executable, f"{script}.py", "--model", model, "--seed", str(seed), "--out-dir", str(out),
            "--overwrite", "--no-save-model"]
     load0, t0 = os.getloadavg()[0], time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ),  # threads: the harness's default
                           capture_output=True, text=True)
     wall, load1 = time.time() - t0, os.getloadavg()[0]
     if proc.returncode != 0:

@@ -7,8 +7,8 @@ its dry run green): what the CPU cannot check, in one command, under 8 minutes, 
 
 Every run is `python SCRIPT.py ...` in a subprocess from the repo root, as a user would start it
 (`--device DEV`, `--dtype` left at `auto`: bfloat16 on a GPU, float32 on the CPU), into a run folder
-in a temporary directory, with HF_HUB_OFFLINE=1 (and on the CPU one thread per run, as the other
-benchmarks do: two threads per process thrash on a busy machine). Two groups:
+in a temporary directory, with HF_HUB_OFFLINE=1 and the scripts' own CPU threads (`--threads`: one
+for a small model). Two groups:
 
     defaults   every script's defaults for a few steps (the same commands in a dry run):
                grpo.py --steps 5, reinforce.py --steps 5, dpo.py --max-steps 5,
@@ -346,9 +346,7 @@ def run(name: str, group: str, argv: list[str], device: str, runs: Path, start: 
     cmd = [sys.executable, "-c", WRAPPER, str(peak_file), script, *args]
     row = {"run": name, "group": group, "script": script[:-3],
            "command": " ".join(["python", script, *args]).replace(hide, "$TMP"), "ok": False}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if device == "cpu":  # one thread per run unless told otherwise: on a busy CPU two threads thrash
-        env.setdefault("OMP_NUM_THREADS", "1")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # threads: the scripts' own --threads default
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
