@@ -46,6 +46,7 @@ episode is one completion; it ends at the completion's EOS (or at the token limi
         d = mean_t KL_t at the new θ                                      (policy/kl_old, every loss)
         kl-penalty only: β_pen ← β_pen / 2 if d < d_targ / 1.5;  β_pen × 2 if d > 1.5 d_targ
         β ← KL controller(β, KL of this rollout to π_ref)          (fixed, adaptive, proportional)
+        every `eval_every` steps: held-out prompts: gold reward, score and KL to π_ref of samples
 
 with KL_t = KL(π_old(·|s_t) ‖ π_θ(·|s_t)) = Σ_a π_old(a|s_t) log(π_old(a|s_t) / π_θ(a|s_t)), exact over
 the vocabulary (`policy_kl`), masked-averaged over the batch's completion tokens. Two different KLs
@@ -67,7 +68,6 @@ built-in task 64 × 20 × 76 floats, 0.4 MB); all three losses log the exact d. 
 logits per micro-batch from a frozen copy of θ_old. TRPO's g, F v and line search are sums over
 micro-batches (--micro-batch), so F v can be accumulated chunk by chunk; the TRPO paper also
 computes F v on a 10% subsample of the batch, which this code does not do.
-        every `eval_every` steps: held-out prompts: gold reward, score and KL to π_ref of samples
 
 Which position gets the score: the last token of the completion, i.e. its EOS when it finished,
 otherwise its last sampled token (the token limit). The reward model reads its head at that same
@@ -93,8 +93,9 @@ Run:
 
 from __future__ import annotations
 
-import math
+import contextlib
 import copy
+import math
 import json
 import subprocess
 import sys
@@ -106,6 +107,7 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import clip_grad_norm_
 
 import common
 import harness
@@ -450,6 +452,17 @@ def proportional_beta(beta: float, d: float, d_targ: float, n: int, horizon: int
     return beta * (1.0 + e * n / horizon)
 
 
+def kl_control(kind: str, beta: float, d: float, d_targ: float, n: int, horizon: int = 10000) -> float:
+    """β for the next rollout, from d = this rollout's KL to π_ref (nats per completion): --kl-control
+    fixed keeps β; adaptive is `adaptive_beta` (the notes' PPO-penalty rule), proportional is
+    `proportional_beta` (Ziegler et al. 2019), n the completions that measured d."""
+    if kind == "adaptive":
+        return adaptive_beta(beta, d, d_targ)
+    if kind == "proportional":
+        return proportional_beta(beta, d, d_targ, n, horizon)
+    return beta
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 − Var[R − V] / Var[R] over the mask (population variances): 1 is a perfect critic, 0 one
     that does no better than the mean return, < 0 worse than that. NaN when Var[R] = 0."""
@@ -629,8 +642,23 @@ def trpo_step(theta_old: torch.Tensor, g: torch.Tensor, fvp, evaluate, delta: fl
 
 
 #####################################################################################################
-#####  the value model: an LM with a scalar head on every position
+#####  the score s = r_φ(x, y), and the value model V_ψ: an LM with a scalar head on every position
 #####################################################################################################
+
+
+@torch.no_grad()
+def score(rm, ids: torch.Tensor, mask: torch.Tensor, finished: torch.Tensor, missing_eos_penalty: float = 0.0,
+          autocast=contextlib.nullcontext) -> torch.Tensor:
+    """The score of each completion (notes 000, "RLHF + PPO": r_φ(x, y)), with the 'EOS trick':
+
+        s = r_φ(x, y) − penalty · 1[y ended at the token limit, without EOS]
+
+    rm: the frozen reward model, read at the last real token of prompt + completion; ids, mask:
+    [b, P+T]; finished: [b] bool; autocast: the context of the forward pass.  -> s [b], float32.
+    """
+    with autocast():
+        s = rm(ids, mask).float()  # r_φ(x, y)   [b]
+    return s - missing_eos_penalty * (~finished).float()  # [b]
 
 
 class ValueModel(torch.nn.Module):
@@ -674,8 +702,356 @@ def value_model_from_reward_model(rm) -> ValueModel:
 
 
 #####################################################################################################
-#####  set-up helpers: the reward model (trained here when none is given), the prompts, SFT data
+#####  the variants' updates, one call each in train(): PPO-penalty's loss, PPO-ptx's LM term, TRPO's
+#####  natural-gradient step (the model side of the pure functions above)
 #####################################################################################################
+
+
+def penalty_policy_loss(policy, ids, mask, c_mask, T: int, old_lp_all, old_logp, adv, beta_pen: float,
+                        temperature: float = 1.0, autocast=contextlib.nullcontext):
+    """--policy-loss kl-penalty on one micro-batch: L_KLPEN = −mean_t (ρ_t Â_t − β_pen KL_t), with the exact
+    KL_t = KL(π_old(·|s_t) ‖ π_θ(·|s_t)) over the vocabulary (so π_θ's whole distribution, not only the
+    sampled token's log-prob that PPO-clip needs). β_pen is adapted on d after the epochs (`adaptive_beta`).
+
+    ids, mask: [b, P+T]; c_mask, old_logp, adv: [b, T]; old_lp_all: log π_old(·|s_t), [b, T, V];
+    autocast: the context of the forward pass. -> (loss, metrics), as `ppo_penalty_loss`, its "kl"
+    renamed "penalty/kl" (logged beside β_pen).
+    """
+    with autocast():
+        lp_all = common.vocab_logprobs(policy, ids, mask, T, temperature)  # log π_θ(·|s_t)   [b, T, V]
+        logp = common.pick_token_logprobs(lp_all, ids, mask)  # log π_θ(y_t|s_t)   [b, T]
+    kl_tok = policy_kl(old_lp_all, lp_all)  # KL(π_old(·|s_t) ‖ π_θ(·|s_t))   [b, T]
+    loss, metrics = ppo_penalty_loss(logp, old_logp, adv, kl_tok, c_mask, beta_pen)  # L_KLPEN
+    return loss, {("penalty/kl" if k == "kl" else k): val for k, val in metrics.items()}
+
+
+def ptx_backward(policy, tok, texts, ptx_coef: float, prec, device) -> float:
+    """PPO-ptx (notes 003, the LM term of the objective): backward of λ_ptx · L_ptx on one batch of
+    (prompts, completions) texts, into the .grad of the same optimiser step as L_π + c_V L_V.
+
+        L_ptx = −mean_t log π_θ(y_t | x, y_<t)     a token mean over the completions (EOS included)
+
+    -> L_ptx, a float (logged as loss/ptx).
+    """
+    prompts, completions = texts
+    ids, mask, c_mask, T = common.encode_prompt_completion(tok, prompts, completions, device)
+    with prec.autocast():
+        logp = common.token_logprobs(policy, ids, mask, T)[0]  # log π_θ(y_t | x, y_<t)   [b, T]
+    ptx_loss = -masked_mean(logp, c_mask)  # a token mean: −Σ log π over all tokens / #tokens
+    prec.backward(ptx_coef * ptx_loss)
+    return float(ptx_loss.detach())
+
+
+def trpo_update(policy, ids, mask, c_mask, T: int, old_lp_all, old_logp, adv, temperature: float = 1.0,
+                micro_batch: int | None = None, delta: float = 0.01, cg_iters: int = 10, damping: float = 0.1,
+                backtrack: float = 0.8, max_backtracks: int = 10, autocast=contextlib.nullcontext) -> dict:
+    """--policy-loss trpo: one TRPO step of the policy on the whole rollout batch, in place. It builds
+    what `trpo_step` needs from the model, calls it, and writes the θ it returns into the policy:
+
+        g        = ∇_θ L(θ) at θ_old,  L(θ) = (1/N) Σ_t ρ_t Â_t            (the surrogate)
+        fvp(v)   = F v at θ_old, by `fisher_vector_product` on D̄_KL = mean_t KL(π_old ‖ π_θ)
+        evaluate = θ ↦ (L(θ), D̄_KL(θ_old, θ)), the policy set to θ and run
+        θ        ← trpo_step(θ_old, g, fvp, evaluate, δ, k, λ, α, j_max)  (CG, step size, line search)
+
+    ids, mask: [B, P+T]; c_mask, old_logp, adv: [B, T]; old_lp_all: log π_old(·|s_t), [B, T, V]
+    (detached); temperature: τ of the rollout; delta, cg_iters, damping, backtrack, max_backtracks:
+    δ, k, λ, α and the line search's most steps (`trpo_step`); autocast: the context of the forward
+    passes. θ is every trainable float32 weight of the policy, flattened ([n], n = 136,256 for
+    tiny-pref, tied embeddings counted once); the step is written into them with `copy_`, in float32.
+    Sums over the batch go micro-batch by micro-batch (micro_batch sequences; None: the whole batch),
+    each weighted by its share of the N completion tokens, so g, F v, L and D̄_KL are the whole batch's
+    token means. The forward passes that F v differentiates twice use PyTorch's math attention kernel:
+    the fused kernels (flash, memory-efficient, and the CPU's flash) have no double backward.
+    -> trpo_step's info.
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]  # θ (tied weights once)
+    theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()  # θ_old   [n]
+    size = micro_batch or ids.shape[0]
+    chunks = [slice(i, i + size) for i in range(0, ids.shape[0], size)]
+    n_tok = c_mask.sum().clamp(min=1)
+    share = [float(c_mask[c].sum() / n_tok) for c in chunks]  # each micro-batch's share of the N tokens
+
+    def logprobs(c):
+        with autocast():
+            return common.vocab_logprobs(policy, ids[c], mask[c], T, temperature)  # log π_θ(·|s_t) [b, T, V]
+
+    def surrogate(c, lp_all):
+        logp = common.pick_token_logprobs(lp_all, ids[c], mask[c])  # log π_θ(y_t|s_t)   [b, T]
+        return masked_mean(torch.exp(logp - old_logp[c]) * adv[c], c_mask[c])  # (1/N_c) Σ_t ρ_t Â_t
+
+    # g = ∇_θ L(θ) at θ_old, L = (1/N) Σ_t ρ_t Â_t (= the policy gradient: ρ = 1 here)
+    g = torch.zeros_like(theta_old)  # [n]
+    for c, w in zip(chunks, share):
+        grads = torch.autograd.grad(surrogate(c, logprobs(c)), params, allow_unused=True)
+        g += w * torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
+                            for x, p in zip(grads, params)])  # [n]
+
+    def fvp(v):  # F v = Σ_c w_c ∇_θ(∇_θ D̄_KL,c · v), at θ_old (trpo_step calls it before evaluate)
+        out = torch.zeros_like(v)  # [n]
+        for c, w in zip(chunks, share):
+            with sdpa_kernel(SDPBackend.MATH):  # a kernel with a double backward
+                lp_all = logprobs(c)  # [b, T, V]
+            kl = masked_mean(policy_kl(old_lp_all[c], lp_all), c_mask[c])  # D̄_KL,c (= 0, with graph)
+            out += w * fisher_vector_product(kl, params, v)
+        return out
+
+    @torch.no_grad()
+    def evaluate(theta):  # θ -> (L(θ), D̄_KL(θ_old, θ)): the policy is set to θ and run
+        set_flat(params, theta)
+        surr = kl = 0.0
+        for c, w in zip(chunks, share):
+            lp_all = logprobs(c)  # [b, T, V]
+            surr += w * float(surrogate(c, lp_all))  # L(θ)
+            kl += w * float(masked_mean(policy_kl(old_lp_all[c], lp_all), c_mask[c]))  # D̄_KL(θ_old, θ)
+        return surr, kl
+
+    theta_new, info = trpo_step(theta_old, g, fvp, evaluate, delta, cg_iters, damping, backtrack,
+                                max_backtracks)  # CG, the step size, the line search
+    set_flat(params, theta_new)  # the accepted θ, or θ_old when the line search failed
+    return info
+
+
+def set_flat(params: list[torch.Tensor], theta: torch.Tensor) -> None:
+    """Write the flat vector theta [n] into params in place (copy_, so the tensors, their storage and
+    tied weights stay what they are; the inverse of `parameters_to_vector`)."""
+    with torch.no_grad():
+        i = 0
+        for p in params:
+            p.copy_(theta[i:i + p.numel()].view_as(p))
+            i += p.numel()
+
+
+#####################################################################################################
+#####  training
+#####################################################################################################
+
+
+def train(args: Args) -> dict:
+    args, ckpt = harness.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
+    validate(args)
+    t_start = time.time()
+    harness.seed_everything(args.seed)
+    device = harness.pick_device(args.device)
+    prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
+    ##### the four models (π_θ, π_ref, r_φ, V_ψ), the prompts and the PPO-ptx texts (`setup`, below train)
+    (policy, ref, rm, value, tok, out, rm_path, gold, prompts_all, eval_prompts, ptx_data,
+     ptx_rng) = setup(args, ckpt, device, prec)
+    harness.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
+    params = [{"params": list(policy.parameters())}, {"params": list(value.parameters())}]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-5)  # one AdamW, θ and ψ
+    sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, "constant")  # warm-up, then flat
+    load_seconds = time.time() - t_start
+    evaluate, log, start, start_texts, ev, final_texts = begin_run(  # held-out samples: the start, the latest
+        args, ckpt, out, policy, ref, rm, tok, eval_prompts, gold, device, prec, rm_path)
+    beta, beta_pen, trpo_failures = args.beta, args.penalty_beta, 0  # β of r_t, β_pen of L_KLPEN
+    B, mb_size = args.batch_size, args.batch_size // args.mini_batches
+    micro = min(args.micro_batch or mb_size, mb_size)  # sequences per forward/backward pass
+    max_norm = args.grad_clip or math.inf  # c in g ← g·min(1, c/‖g‖)
+    rng = np.random.default_rng(args.seed)  # the rollouts' prompts
+    t_train = time.time()
+    if ckpt:  # --resume: the state at the end of the checkpoint's step (the global RNGs last)
+        beta, beta_pen, trpo_failures = resume(ckpt.state, rng, ptx_rng, opt, sched, prec)
+    for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
+        t0 = time.time()
+        ##### 1. rollout: one completion per prompt from π_old (= π_θ now)
+        prompts = [prompts_all[i] for i in rng.integers(len(prompts_all), size=B)]
+        with prec.autocast():
+            p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
+                policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
+        finished = torch.tensor(finished, device=device)  # [B]
+        ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
+        T = c_ids.shape[1]
+        t_gen = time.time() - t0
+        ##### 2. cache log π_old, log π_ref, V_old and the score (no gradient)
+        with torch.no_grad(), prec.autocast():
+            chunks = [slice(i, i + micro) for i in range(0, B, micro)]
+            old_lp_all = torch.cat([common.vocab_logprobs(policy, ids[c], mask[c], T, args.temperature)
+                                    for c in chunks])  # log π_old(·|s_t), the whole vocabulary   [B, T, V]
+            old_logp = common.pick_token_logprobs(old_lp_all, ids, mask)  # log π_old(y_t|s_t)   [B, T]
+            entropy = masked_mean(-(old_lp_all.exp() * old_lp_all).sum(-1), c_mask)  # mean H(π_old(·|s_t))
+            ref_logp = torch.cat([common.token_logprobs(ref, ids[c], mask[c], T, args.temperature)[0]
+                                  for c in chunks])  # log π_ref(y_t|s_t)   [B, T]
+            old_values = torch.cat([value(ids[c], mask[c], T) for c in chunks]).float()  # V_old(s_t) [B, T]
+            scores = torch.cat([score(rm, ids[c], mask[c], finished[c], args.missing_eos_penalty,
+                                      prec.autocast) for c in chunks])  # s = r_φ(x, y) − penalty·1[no EOS]
+        ##### 3. rewards, GAE, returns (of the tensors cached without gradient)
+        s = (scores - scores.mean()) / (scores.std() + 1e-8) if args.whiten_scores else scores  # [B]
+        rewards, kl = kl_shaped_rewards(s, old_logp, ref_logp, c_mask, beta, args.kl_estimator)  # [B, T]
+        adv, returns = gae(rewards, old_values, c_mask, args.gamma, args.lam)  # Â_t, R_t   [B, T]
+        if args.whiten_advantages:
+            adv = common.masked_whiten(adv, c_mask)  # (Â − mean) / std over the batch's tokens   [B, T]
+        ##### 4. ppo_epochs passes over shuffled mini-batches, one AdamW step of θ and ψ on each
+        stats, trpo_info = {}, None  # stats: name -> the mini-batches' values
+        if args.policy_loss == "trpo":  # TRPO: θ's natural-gradient step, on the whole batch
+            trpo_info = trpo_update(policy, ids, mask, c_mask, T, old_lp_all, old_logp, adv, args.temperature,
+                                    args.micro_batch, args.trpo_delta, args.trpo_cg_iters, args.trpo_damping,
+                                    args.trpo_backtrack, args.trpo_backtrack_steps, prec.autocast)
+            trpo_failures += trpo_failed(step, trpo_info, args.trpo_delta)  # +1 (and a line) if θ stayed
+        for epoch in range(args.ppo_epochs):
+            order = torch.randperm(B, device=device)
+            for j in range(0, B, mb_size):
+                idx = order[j:j + mb_size]
+                n_tok = c_mask[idx].sum().clamp(min=1)
+                acc: dict[str, float] = {}
+                for k in range(0, mb_size, micro):
+                    sub = idx[k:k + micro]
+                    w = float(c_mask[sub].sum() / n_tok)  # this micro-batch's share of the tokens
+                    with prec.autocast():
+                        v = value(ids[sub], mask[sub], T)  # V_ψ(s_t)   [b, T]
+                    vf_loss, vm = clipped_value_loss(v, old_values[sub], returns[sub], c_mask[sub],
+                                                     args.cliprange_value)  # L_V
+                    if args.policy_loss == "clip":  # L_π = L_clip, the default
+                        with prec.autocast():
+                            logp = common.token_logprobs(policy, ids[sub], mask[sub], T, args.temperature)[0]
+                        pg_loss, pm = ppo_clip_loss(logp, old_logp[sub], adv[sub], c_mask[sub], args.epsilon)
+                    elif args.policy_loss == "kl-penalty":  # L_π = L_KLPEN
+                        pg_loss, pm = penalty_policy_loss(policy, ids[sub], mask[sub], c_mask[sub], T,
+                                                          old_lp_all[sub], old_logp[sub], adv[sub], beta_pen,
+                                                          args.temperature, prec.autocast)
+                    else:  # trpo: θ took its step above, ψ alone here
+                        pg_loss, pm = None, {}
+                    loss = args.vf_coef * vf_loss if pg_loss is None else pg_loss + args.vf_coef * vf_loss
+                    prec.backward(loss * w)  # ∇(L_π + c_V L_V), this micro-batch's share
+                    add_stats(acc, w, vf_loss, vm, pg_loss, pm)
+                if ptx_data is not None:  # PPO-ptx: + λ_ptx L_ptx, the LM loss on SFT text
+                    acc["loss/ptx"] = ptx_backward(policy, tok, next(ptx_data), args.ptx_coef, prec, device)
+                prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
+                if args.policy_loss != "trpo":  # ‖g_θ‖; clipped (TRPO: θ has no .grad, AdamW skips it)
+                    acc["policy/grad_norm"] = float(clip_grad_norm_(policy.parameters(), max_norm))
+                acc["value/grad_norm"] = float(clip_grad_norm_(value.parameters(), max_norm))  # g_ψ: its own
+                prec.step(opt)  # AdamW: θ, ψ ← θ, ψ − lr·Adam(g)
+                opt.zero_grad(set_to_none=True)
+                for name, val in acc.items():
+                    stats.setdefault(name, []).append(val)
+        sched.step()
+        ##### 5. d = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) at the updated θ, exact; kl-penalty's rule on it
+        with torch.no_grad(), prec.autocast():
+            kl_old = torch.cat([policy_kl(old_lp_all[c], common.vocab_logprobs(
+                policy, ids[c], mask[c], T, args.temperature)) for c in chunks])  # [B, T]
+        d_old = float(masked_mean(kl_old, c_mask))  # the notes' d, nats per token
+        beta_pen_used = beta_pen
+        if args.policy_loss == "kl-penalty":  # PPO-penalty: β_pen ÷2 below the band, ×2 above
+            beta_pen = adaptive_beta(beta_pen, d_old, args.penalty_target_kl)
+        ##### 6. KL control: β for the next rollout, from this rollout's KL to π_ref
+        d, beta_used = float(kl.sum(1).mean()), beta  # mean_x Σ_t KL_t, nats per completion
+        beta = kl_control(args.kl_control, beta, d, args.target_kl, B, args.kl_horizon)  # fixed: β stays
+        ##### 7. log; every eval_every steps, held-out samples: gold reward, score and KL to π_ref
+        metrics = step_metrics(args, scores, kl, d, beta_used, entropy, d_old, stats, old_values, returns,
+                               c_mask, finished, texts, gold, beta_pen_used, trpo_info, opt, t0, t_gen)
+        if step % args.eval_every == 0 or step == args.steps:
+            ev, final_texts = evaluate()
+            metrics.update(ev)
+        log.log(step, metrics, printed_keys(step, args, metrics))
+        if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
+            save_checkpoint(out, step, args, policy, value, tok, opt, sched, prec, rng, ptx_rng, beta,
+                            beta_pen, trpo_failures, start, start_texts, ev, final_texts)
+    ##### 8. save and summarise
+    return save_and_summarise(args, out, policy, value, tok, log, start, start_texts, ev, final_texts, beta,
+                              beta_pen, trpo_failures, rm_path, eval_prompts, gold, device, t_start,
+                              time.time() - t_train, load_seconds)
+
+
+#####################################################################################################
+#####  set-up and bookkeeping (not algorithm steps): flags, models, data, the reward model trained
+#####  first, the evaluation, resume, metrics, checkpoints, the summary
+#####################################################################################################
+
+
+def validate(args: Args) -> None:
+    """Bad flags get one clear line that names the flag."""
+    check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
+    for name in ("steps", "batch_size", "mini_batches", "ppo_epochs", "max_new_tokens", "eval_every",
+                 "eval_samples", "log_every", "ptx_batch", "kl_horizon"):
+        value = getattr(args, name)
+        check(value >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {value})")
+    check(args.batch_size % args.mini_batches == 0,
+          f"--batch-size {args.batch_size} must be a multiple of --mini-batches {args.mini_batches}")
+    check(args.micro_batch is None or args.micro_batch >= 1, f"--micro-batch must be ≥ 1 (got {args.micro_batch})")
+    check(0 <= args.gamma <= 1, f"--gamma must be in [0, 1] (got {args.gamma}): it is a discount")
+    check(0 <= args.lam <= 1, f"--lam must be in [0, 1] (got {args.lam}): it mixes n-step estimates")
+    check(args.beta >= 0, f"--beta must be ≥ 0 (got {args.beta}): it weights a KL penalty")
+    check(args.kl_control in ("fixed", "adaptive", "proportional"),
+          f"--kl-control {args.kl_control!r}: expected fixed, adaptive or proportional")
+    check(args.kl_control == "fixed" or args.beta > 0,
+          f"--kl-control {args.kl_control} scales β, so it needs --beta > 0 (got {args.beta})")
+    check(args.kl_estimator in ("k1", "k3"), f"--kl-estimator {args.kl_estimator!r}: expected k1 or k3")
+    check(args.target_kl > 0, f"--target-kl must be > 0 (got {args.target_kl})")
+    check(args.value_init in ("reward", "policy"), f"--value-init {args.value_init!r}: expected reward or policy")
+    check(args.epsilon > 0, f"--epsilon must be > 0 (got {args.epsilon})")
+    check(args.policy_loss in ("clip", "kl-penalty", "trpo"),
+          f"--policy-loss {args.policy_loss!r}: expected clip, kl-penalty or trpo")
+    check(args.penalty_beta > 0, f"--penalty-beta must be > 0 (got {args.penalty_beta}): the rule only "
+                                 "doubles and halves it, so 0 would stay 0")
+    check(args.penalty_target_kl > 0, f"--penalty-target-kl must be > 0 (got {args.penalty_target_kl})")
+    check(args.trpo_delta > 0, f"--trpo-delta must be > 0 (got {args.trpo_delta}): it is the largest KL per step")
+    check(args.trpo_cg_iters >= 1, f"--trpo-cg-iters must be ≥ 1 (got {args.trpo_cg_iters})")
+    check(args.trpo_damping >= 0, f"--trpo-damping must be ≥ 0 (got {args.trpo_damping})")
+    check(0 < args.trpo_backtrack < 1, f"--trpo-backtrack must be in (0, 1) (got {args.trpo_backtrack}): "
+                                       "each try shrinks the step by it")
+    check(args.trpo_backtrack_steps >= 1, f"--trpo-backtrack-steps must be ≥ 1 (got {args.trpo_backtrack_steps})")
+    check(args.policy_loss != "trpo" or args.ptx_coef == 0,
+          f"--ptx-coef {args.ptx_coef} needs --policy-loss clip or kl-penalty: TRPO's policy step is the "
+          "natural-gradient step alone, with no optimiser step to add the LM loss to")
+    check(args.policy_loss != "trpo" or args.dtype != "float16",
+          "--dtype float16 with --policy-loss trpo: TRPO's gradients are not loss-scaled; use bfloat16 or float32")
+    check(args.cliprange_value >= 0, f"--cliprange-value must be ≥ 0 (got {args.cliprange_value})")
+    check(args.vf_coef > 0, f"--vf-coef must be > 0 (got {args.vf_coef}): the value model must learn")
+    check(args.ptx_coef >= 0, f"--ptx-coef must be ≥ 0 (got {args.ptx_coef})")
+    check(args.ptx_data is None or args.ptx_coef > 0,
+          f"--ptx-data {args.ptx_data} needs --ptx-coef > 0: with λ = 0 the PPO-ptx term is off")
+    check(args.missing_eos_penalty >= 0, f"--missing-eos-penalty must be ≥ 0 (got {args.missing_eos_penalty})")
+    check(args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})")
+    check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
+    check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
+    check(args.batch_size >= 2 or not args.whiten_scores,
+          "--whiten-scores needs --batch-size ≥ 2: the std of a single score is undefined")
+    if args.reward_model is not None:
+        folder = Path(common.resolve_model_path(args.reward_model)).expanduser()
+        check(folder.is_dir(), f"--reward-model {args.reward_model}: no such folder (give the `model` "
+                               "folder of a reward_model.py run, or leave the flag out to train one)")
+        check((folder / tasks.HEAD_FILE).is_file(),
+              f"--reward-model {args.reward_model}: no {tasks.HEAD_FILE} in this folder, so it is not a "
+              "reward model saved by reward_model.py (give the `model` folder inside its run folder)")
+
+
+def setup(args: Args, ckpt, device, prec):
+    """Everything train() needs before its first step, in this order: the data, the policy π_θ and the
+    frozen π_ref (float32 weights), the run folder, the reward model r_φ (trained first when none is
+    given), the value model V_ψ (from r_φ or from the policy; on --resume, the checkpoint's weights),
+    and the stream of PPO-ptx texts. -> (policy, ref, rm, value, tok, out, rm_path, gold, prompts_all,
+    eval_prompts, ptx_data, ptx_rng); ptx_data is None when λ_ptx = 0."""
+    check(args.policy_loss != "trpo" or prec.dtype != torch.float16,
+          f"--dtype {args.dtype} picked float16 on {prec.device}, and TRPO's gradients are not loss-scaled: "
+          "pass --dtype float32 (or bfloat16 where the GPU has it) with --policy-loss trpo")
+    train_pairs, heldout = tasks.load_preferences(args.data)
+    ptx_rows = read_ptx_data(args.ptx_data) if args.ptx_data is not None else None
+    gold = args.data is None  # the hidden gold reward exists only for the built-in task
+    path = common.resolve_model_path(args.model)
+    print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
+          "models …", flush=True)
+    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # π_θ, float32
+    train_pairs, heldout = (tasks.render_chat(tok, rows, model=args.model) for rows in (train_pairs, heldout))
+    prompts_all = [p["prompt"] for p in train_pairs]  # rows of messages: rendered by the chat template
+    eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
+    policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
+    ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
+    out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("ppo", args.seed), args.overwrite,
+                                  resume=ckpt)
+    rm_path = (Path(common.resolve_model_path(args.reward_model)).expanduser() if args.reward_model
+               else default_reward_model(args, out, resume=ckpt is not None))
+    rm, rm_tok = tasks.load_reward_model(rm_path, device)  # r_φ, frozen
+    check_same_vocab(tok, rm_tok, str(rm_path))
+    if args.value_init == "reward":
+        value = value_model_from_reward_model(rm)  # V_ψ = r_φ's head on every prefix
+    else:
+        value = ValueModel(copy.deepcopy(policy))  # the SFT policy's LM, head = 0
+    if ckpt:
+        harness.load_weights(value.lm, ckpt.path / "value_model")
+        harness.load_weights(value.head, ckpt.path / "value_head.pt")
+    value.eval()  # no dropout in the value model either
+    ptx_rng = np.random.default_rng(args.seed + 2)  # the PPO-ptx texts' order
+    ptx_data = sft_batches(args, train_pairs, ptx_rng, ptx_rows) if args.ptx_coef > 0 else None
+    return policy, ref, rm, value, tok, out, rm_path, gold, prompts_all, eval_prompts, ptx_data, ptx_rng
 
 
 def default_reward_model(args: Args, out: Path | None, resume: bool = False) -> Path:
@@ -750,397 +1126,135 @@ def sft_batches(args: Args, train_pairs: list[dict], seed, ptx_rows: list[dict] 
         yield list(prompts), list(comps)
 
 
-#####################################################################################################
-#####  training
-#####################################################################################################
-
-
-def trpo_update(policy, ids, mask, c_mask, T: int, old_lp_all, old_logp, adv, args: Args, prec) -> dict:
-    """One TRPO step of the policy on the whole rollout batch, in place: the model side of `trpo_step`.
-
-    ids, mask: [B, P+T]; c_mask, old_logp, adv: [B, T]; old_lp_all: log π_old(·|s_t), [B, T, V]
-    (detached). θ is every trainable float32 weight of the policy, flattened ([n], n = 136,256 for
-    tiny-pref, tied embeddings counted once); the step is written into them with `copy_`, in float32,
-    and the forward passes run under `prec.autocast()`. Sums over the batch go micro-batch by
-    micro-batch (--micro-batch, default the whole batch), each weighted by its share of the N
-    completion tokens, so g, F v, L and D̄_KL are the whole batch's token means. The forward passes
-    that F v differentiates twice use PyTorch's math attention kernel: the fused kernels
-    (flash, memory-efficient, and the CPU's flash) have no double backward. -> trpo_step's info.
-    """
-    params = [p for p in policy.parameters() if p.requires_grad]  # θ (tied weights once)
-    theta_old = torch.nn.utils.parameters_to_vector(params).detach().clone()  # θ_old   [n]
-    size = args.micro_batch or ids.shape[0]
-    chunks = [slice(i, i + size) for i in range(0, ids.shape[0], size)]
-    n_tok = c_mask.sum().clamp(min=1)
-    share = [float(c_mask[c].sum() / n_tok) for c in chunks]  # each micro-batch's share of the N tokens
-
-    def logprobs(c):
-        with prec.autocast():
-            return common.vocab_logprobs(policy, ids[c], mask[c], T, args.temperature)  # log π_θ(·|s_t) [b, T, V]
-
-    def surrogate(c, lp_all):
-        logp = common.pick_token_logprobs(lp_all, ids[c], mask[c])  # log π_θ(y_t|s_t)   [b, T]
-        return masked_mean(torch.exp(logp - old_logp[c]) * adv[c], c_mask[c])  # (1/N_c) Σ_t ρ_t Â_t
-
-    # g = ∇_θ L(θ) at θ_old, L = (1/N) Σ_t ρ_t Â_t (= the policy gradient: ρ = 1 here)
-    g = torch.zeros_like(theta_old)  # [n]
-    for c, w in zip(chunks, share):
-        grads = torch.autograd.grad(surrogate(c, logprobs(c)), params, allow_unused=True)
-        g += w * torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1)
-                            for x, p in zip(grads, params)])  # [n]
-
-    def fvp(v):  # F v = Σ_c w_c ∇_θ(∇_θ D̄_KL,c · v), at θ_old (trpo_step calls it before evaluate)
-        out = torch.zeros_like(v)  # [n]
-        for c, w in zip(chunks, share):
-            with sdpa_kernel(SDPBackend.MATH):  # a kernel with a double backward
-                lp_all = logprobs(c)  # [b, T, V]
-            kl = masked_mean(policy_kl(old_lp_all[c], lp_all), c_mask[c])  # D̄_KL,c (= 0, with graph)
-            out += w * fisher_vector_product(kl, params, v)
-        return out
-
-    @torch.no_grad()
-    def evaluate(theta):  # θ -> (L(θ), D̄_KL(θ_old, θ)): the policy is set to θ and run
-        set_flat(params, theta)
-        surr = kl = 0.0
-        for c, w in zip(chunks, share):
-            lp_all = logprobs(c)  # [b, T, V]
-            surr += w * float(surrogate(c, lp_all))  # L(θ)
-            kl += w * float(masked_mean(policy_kl(old_lp_all[c], lp_all), c_mask[c]))  # D̄_KL(θ_old, θ)
-        return surr, kl
-
-    theta_new, info = trpo_step(theta_old, g, fvp, evaluate, args.trpo_delta, args.trpo_cg_iters,
-                                args.trpo_damping, args.trpo_backtrack, args.trpo_backtrack_steps)
-    set_flat(params, theta_new)  # the accepted θ, or θ_old when the line search failed
-    return info
-
-
-def set_flat(params: list[torch.Tensor], theta: torch.Tensor) -> None:
-    """Write the flat vector theta [n] into params in place (copy_, so the tensors, their storage and
-    tied weights stay what they are; the inverse of `parameters_to_vector`)."""
-    with torch.no_grad():
-        i = 0
-        for p in params:
-            p.copy_(theta[i:i + p.numel()].view_as(p))
-            i += p.numel()
-
-
-def validate(args: Args) -> None:
-    """Bad flags get one clear line that names the flag."""
-    check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
-    for name in ("steps", "batch_size", "mini_batches", "ppo_epochs", "max_new_tokens", "eval_every",
-                 "eval_samples", "log_every", "ptx_batch", "kl_horizon"):
-        value = getattr(args, name)
-        check(value >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {value})")
-    check(args.batch_size % args.mini_batches == 0,
-          f"--batch-size {args.batch_size} must be a multiple of --mini-batches {args.mini_batches}")
-    check(args.micro_batch is None or args.micro_batch >= 1, f"--micro-batch must be ≥ 1 (got {args.micro_batch})")
-    check(0 <= args.gamma <= 1, f"--gamma must be in [0, 1] (got {args.gamma}): it is a discount")
-    check(0 <= args.lam <= 1, f"--lam must be in [0, 1] (got {args.lam}): it mixes n-step estimates")
-    check(args.beta >= 0, f"--beta must be ≥ 0 (got {args.beta}): it weights a KL penalty")
-    check(args.kl_control in ("fixed", "adaptive", "proportional"),
-          f"--kl-control {args.kl_control!r}: expected fixed, adaptive or proportional")
-    check(args.kl_control == "fixed" or args.beta > 0,
-          f"--kl-control {args.kl_control} scales β, so it needs --beta > 0 (got {args.beta})")
-    check(args.kl_estimator in ("k1", "k3"), f"--kl-estimator {args.kl_estimator!r}: expected k1 or k3")
-    check(args.target_kl > 0, f"--target-kl must be > 0 (got {args.target_kl})")
-    check(args.value_init in ("reward", "policy"), f"--value-init {args.value_init!r}: expected reward or policy")
-    check(args.epsilon > 0, f"--epsilon must be > 0 (got {args.epsilon})")
-    check(args.policy_loss in ("clip", "kl-penalty", "trpo"),
-          f"--policy-loss {args.policy_loss!r}: expected clip, kl-penalty or trpo")
-    check(args.penalty_beta > 0, f"--penalty-beta must be > 0 (got {args.penalty_beta}): the rule only "
-                                 "doubles and halves it, so 0 would stay 0")
-    check(args.penalty_target_kl > 0, f"--penalty-target-kl must be > 0 (got {args.penalty_target_kl})")
-    check(args.trpo_delta > 0, f"--trpo-delta must be > 0 (got {args.trpo_delta}): it is the largest KL per step")
-    check(args.trpo_cg_iters >= 1, f"--trpo-cg-iters must be ≥ 1 (got {args.trpo_cg_iters})")
-    check(args.trpo_damping >= 0, f"--trpo-damping must be ≥ 0 (got {args.trpo_damping})")
-    check(0 < args.trpo_backtrack < 1, f"--trpo-backtrack must be in (0, 1) (got {args.trpo_backtrack}): "
-                                       "each try shrinks the step by it")
-    check(args.trpo_backtrack_steps >= 1, f"--trpo-backtrack-steps must be ≥ 1 (got {args.trpo_backtrack_steps})")
-    check(args.policy_loss != "trpo" or args.ptx_coef == 0,
-          f"--ptx-coef {args.ptx_coef} needs --policy-loss clip or kl-penalty: TRPO's policy step is the "
-          "natural-gradient step alone, with no optimiser step to add the LM loss to")
-    check(args.policy_loss != "trpo" or args.dtype != "float16",
-          "--dtype float16 with --policy-loss trpo: TRPO's gradients are not loss-scaled; use bfloat16 or float32")
-    check(args.cliprange_value >= 0, f"--cliprange-value must be ≥ 0 (got {args.cliprange_value})")
-    check(args.vf_coef > 0, f"--vf-coef must be > 0 (got {args.vf_coef}): the value model must learn")
-    check(args.ptx_coef >= 0, f"--ptx-coef must be ≥ 0 (got {args.ptx_coef})")
-    check(args.ptx_data is None or args.ptx_coef > 0,
-          f"--ptx-data {args.ptx_data} needs --ptx-coef > 0: with λ = 0 the PPO-ptx term is off")
-    check(args.missing_eos_penalty >= 0, f"--missing-eos-penalty must be ≥ 0 (got {args.missing_eos_penalty})")
-    check(args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})")
-    check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
-    check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
-    check(args.batch_size >= 2 or not args.whiten_scores,
-          "--whiten-scores needs --batch-size ≥ 2: the std of a single score is undefined")
-    if args.reward_model is not None:
-        folder = Path(common.resolve_model_path(args.reward_model)).expanduser()
-        check(folder.is_dir(), f"--reward-model {args.reward_model}: no such folder (give the `model` "
-                               "folder of a reward_model.py run, or leave the flag out to train one)")
-        check((folder / tasks.HEAD_FILE).is_file(),
-              f"--reward-model {args.reward_model}: no {tasks.HEAD_FILE} in this folder, so it is not a "
-              "reward model saved by reward_model.py (give the `model` folder inside its run folder)")
-
-
-def train(args: Args) -> dict:
-    args, ckpt = harness.resume_run(args)  # --resume RUN_DIR: the run's own config and last checkpoint
-    validate(args)
-    t_start = time.time()
-    harness.seed_everything(args.seed)
-    device = harness.pick_device(args.device)
-    prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    check(args.policy_loss != "trpo" or prec.dtype != torch.float16,
-          f"--dtype {args.dtype} picked float16 on {device}, and TRPO's gradients are not loss-scaled: "
-          "pass --dtype float32 (or bfloat16 where the GPU has it) with --policy-loss trpo")
-    train_pairs, heldout = tasks.load_preferences(args.data)
-    ptx_rows = read_ptx_data(args.ptx_data) if args.ptx_data is not None else None
-    gold = args.data is None  # the hidden gold reward exists only for the built-in task
-
-    ##### the four models
-    path = common.resolve_model_path(args.model)
-    print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
-          "models …", flush=True)
-    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # π_θ, float32 weights
-    train_pairs, heldout = (tasks.render_chat(tok, rows, model=args.model) for rows in (train_pairs, heldout))
-    prompts_all = [p["prompt"] for p in train_pairs]  # rows of messages: rendered by the chat template
-    eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
-    policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
-    ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
-    out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("ppo", args.seed), args.overwrite,
-                                 resume=ckpt)
-    rm_path = (Path(common.resolve_model_path(args.reward_model)).expanduser() if args.reward_model
-               else default_reward_model(args, out, resume=ckpt is not None))
-    rm, rm_tok = tasks.load_reward_model(rm_path, device)  # r_φ, frozen
-    check_same_vocab(tok, rm_tok, str(rm_path))
-    if args.value_init == "reward":
-        value = value_model_from_reward_model(rm)  # V_ψ = r_φ's head on every prefix
-    else:
-        value = ValueModel(copy.deepcopy(policy))  # the SFT policy's LM, head = 0
-    if ckpt:
-        harness.load_weights(value.lm, ckpt.path / "value_model")
-        harness.load_weights(value.head, ckpt.path / "value_head.pt")
-    value.eval()  # no dropout in the value model either
-    harness.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
-    params = [{"params": list(policy.parameters())}, {"params": list(value.parameters())}]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-5)
-    sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, "constant")  # warm-up, then flat
-    ptx_rng = np.random.default_rng(args.seed + 2)  # the PPO-ptx texts' order
-    ptx_data = sft_batches(args, train_pairs, ptx_rng, ptx_rows) if args.ptx_coef > 0 else None
-    load_seconds = time.time() - t_start
-
-    @torch.no_grad()
-    def score(ids, mask, finished):
-        """r_φ at the last real token, minus the EOS-trick penalty where the completion did not end."""
-        with prec.autocast():
-            s = rm(ids, mask).float()  # [b]
-        return s - args.missing_eos_penalty * (~finished).float()  # [b]
-
-    def evaluate() -> dict:
+def begin_run(args: Args, ckpt, out: Path, policy, ref, rm, tok, eval_prompts: list, gold: bool, device, prec,
+              rm_path: Path):
+    """The evaluation, the run's logger and first line, and the start policy's evaluation (step 0 of
+    metrics.jsonl). -> (evaluate, log, start, start_texts, ev, final_texts): ev and final_texts are the
+    latest evaluation, the start's (on --resume, the evaluations the checkpoint kept); evaluate() ->
+    ({"eval/gold_reward", "eval/score", "eval/kl_to_ref", "eval/mean_length"}, texts)."""
+    def evaluate() -> tuple[dict, list[str]]:
         """Samples for the held-out prompts (fixed seed): gold reward, score, KL to π_ref and length,
         by the same function as dpo.py's evaluation, so that the two compare."""
+        def score_fn(ids, mask, finished):  # s = r_φ(x, y) − penalty·1[no EOS], as in the rollouts
+            return score(rm, ids, mask, finished, args.missing_eos_penalty, prec.autocast)
         with prec.autocast():
             s = tasks.sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1,
-                                        gold, score_fn=score)
+                                       gold, score_fn=score_fn)
         return {"eval/gold_reward": s["gold_reward"], "eval/score": s["score"],
-                "eval/kl_to_ref": s["kl_to_ref"], "eval/mean_length": s["mean_length"], "texts": s["texts"]}
+                "eval/kl_to_ref": s["kl_to_ref"], "eval/mean_length": s["mean_length"]}, s["texts"]
 
     log = harness.RunLogger(out, total_steps=args.steps)
     n_params = sum(p.numel() for p in policy.parameters()) / 1e6
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} ({n_params:.2f}M "
           f"parameters)  |  reward model {rm_path}  |  value model from the {args.value_init}")
-    if ckpt is None:
-        print(f"evaluating the start policy ({args.eval_samples} samples) …", flush=True)
-        start = evaluate()
-        start_texts = start.pop("texts")
-        log.log(0, {**start, "objective/beta": args.beta})
-        print(f"before training: score {start['eval/score']:+.3f}"
-              + (f", gold reward {start['eval/gold_reward']:+.3f}" if gold else "") + " of samples")
-
-    beta, beta_pen, B = args.beta, args.penalty_beta, args.batch_size
-    trpo_failures = 0
-    mb_size = B // args.mini_batches
-    micro = min(args.micro_batch or mb_size, mb_size)
-    rng = np.random.default_rng(args.seed)
-    t_train = time.time()
-    if ckpt is None:
-        ev, final_texts = dict(start), start_texts
-    else:  ##### --resume: the state at the end of the checkpoint's step (the global RNGs last)
+    if ckpt is not None:
         st = ckpt.state
-        start, start_texts, ev, final_texts = st["start"], st["start_texts"], st["ev"], st["final_texts"]
-        beta, beta_pen, trpo_failures = st["beta"], st["beta_pen"], st["trpo_failures"]
-        rng.bit_generator.state, ptx_rng.bit_generator.state = st["data_rng"], st["ptx_rng"]
-        harness.restore_training_state(st, opt, sched, prec)
-    for step in range((ckpt.step if ckpt else 0) + 1, args.steps + 1):
-        t0 = time.time()
-        ##### 1. rollout: one completion per prompt from π_old (= π_θ now)
-        prompts = [prompts_all[i] for i in rng.integers(len(prompts_all), size=B)]
-        with prec.autocast():
-            p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
-                policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [B, T]
-        finished = torch.tensor(finished, device=device)  # [B]
-        ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
-        T = c_ids.shape[1]
-        t_gen = time.time() - t0
+        return evaluate, log, st["start"], st["start_texts"], st["ev"], st["final_texts"]
+    print(f"evaluating the start policy ({args.eval_samples} samples) …", flush=True)
+    start, start_texts = evaluate()
+    log.log(0, {**start, "objective/beta": args.beta})
+    print(f"before training: score {start['eval/score']:+.3f}"
+          + (f", gold reward {start['eval/gold_reward']:+.3f}" if gold else "") + " of samples")
+    return evaluate, log, start, start_texts, dict(start), start_texts
 
-        ##### 2. cache log π_old, log π_ref, V_old and the score (no gradient)
-        with torch.no_grad(), prec.autocast():
-            chunks = [slice(i, i + micro) for i in range(0, B, micro)]
-            old_lp_all = torch.cat([common.vocab_logprobs(policy, ids[c], mask[c], T, args.temperature)
-                                    for c in chunks])  # log π_old(·|s_t), the whole vocabulary   [B, T, V]
-            old_logp = common.pick_token_logprobs(old_lp_all, ids, mask)  # log π_old(y_t|s_t)   [B, T]
-            entropy = masked_mean(-(old_lp_all.exp() * old_lp_all).sum(-1), c_mask)  # mean H(π_old(·|s_t))
-            ref_logp = torch.cat([common.token_logprobs(ref, ids[c], mask[c], T, args.temperature)[0]
-                                  for c in chunks])  # log π_ref(y_t|s_t)   [B, T]
-            old_values = torch.cat([value(ids[c], mask[c], T) for c in chunks]).float()  # V_old(s_t) [B, T]
-            scores = torch.cat([score(ids[c], mask[c], finished[c]) for c in chunks])  # s   [B]
 
-        ##### 3. rewards, GAE, returns
-        with torch.no_grad():
-            s = scores
-            if args.whiten_scores:
-                s = (scores - scores.mean()) / (scores.std() + 1e-8)  # Bessel std, over the batch
-            rewards, kl = kl_shaped_rewards(s, old_logp, ref_logp, c_mask, beta, args.kl_estimator)  # [B, T]
-            adv, returns = gae(rewards, old_values, c_mask, args.gamma, args.lam)  # Â_t, R_t   [B, T]
-            if args.whiten_advantages:
-                adv = common.masked_whiten(adv, c_mask)  # (Â − mean) / std over the batch's tokens
-            seq_kl = kl.sum(1)  # Σ_t KL_t, nats per completion   [B]
-            ev_value = explained_variance(old_values, returns, c_mask)
+def resume(state: dict, rng, ptx_rng, opt, sched, prec):
+    """--resume: the state at the end of the checkpoint's step (the generators of the prompts and of
+    the PPO-ptx texts, the optimiser, the schedule, the loss scale, the global RNGs last), set in
+    place. -> (beta, beta_pen, trpo_failures). The evaluations it kept are read by `begin_run`."""
+    rng.bit_generator.state, ptx_rng.bit_generator.state = state["data_rng"], state["ptx_rng"]
+    harness.restore_training_state(state, opt, sched, prec)
+    return state["beta"], state["beta_pen"], state["trpo_failures"]
 
-        ##### 4. the policy update. trpo: one natural-gradient step on the whole batch, here; clip and
-        #####    kl-penalty: in the loop below. Then ppo_epochs passes over shuffled mini-batches, each
-        #####    mini-batch one AdamW step (of the value model alone, for trpo)
-        stats: dict[str, list[float]] = {}
-        if args.policy_loss == "trpo":
-            trpo_info = trpo_update(policy, ids, mask, c_mask, T, old_lp_all, old_logp, adv, args, prec)
-            if trpo_info["line_search_failed"]:
-                trpo_failures += 1
-                print(f"step {step}: TRPO line search found no step with KL ≤ δ = {args.trpo_delta} that "
-                      f"improves the surrogate (xᵀFx = {trpo_info['xFx']:.3g}): the policy is unchanged",
-                      flush=True)
-        for epoch in range(args.ppo_epochs):
-            order = torch.randperm(B, device=device)
-            for j in range(0, B, mb_size):
-                idx = order[j:j + mb_size]
-                n_tok = c_mask[idx].sum().clamp(min=1)
-                acc: dict[str, float] = {}
-                for k in range(0, mb_size, micro):
-                    sub = idx[k:k + micro]
-                    w = float(c_mask[sub].sum() / n_tok)  # this micro-batch's share of the tokens
-                    with prec.autocast():
-                        v = value(ids[sub], mask[sub], T)  # V_ψ(s_t)   [b, T]
-                        if args.policy_loss == "clip":
-                            logp = common.token_logprobs(policy, ids[sub], mask[sub], T, args.temperature)[0]
-                        elif args.policy_loss == "kl-penalty":
-                            lp_all = common.vocab_logprobs(policy, ids[sub], mask[sub], T, args.temperature)
-                            logp = common.pick_token_logprobs(lp_all, ids[sub], mask[sub])  # [b, T]
-                    vf_loss, vm = clipped_value_loss(v, old_values[sub], returns[sub], c_mask[sub],
-                                                     args.cliprange_value)
-                    terms = [("loss/value", vf_loss), ("value/clipfrac", vm["vf_clipfrac"])]
-                    if args.policy_loss == "clip":
-                        pg_loss, pm = ppo_clip_loss(logp, old_logp[sub], adv[sub], c_mask[sub], args.epsilon)
-                    elif args.policy_loss == "kl-penalty":
-                        kl_tok = policy_kl(old_lp_all[sub], lp_all)  # KL(π_old(·|s_t) ‖ π_θ(·|s_t))   [b, T]
-                        pg_loss, pm = ppo_penalty_loss(logp, old_logp[sub], adv[sub], kl_tok, c_mask[sub], beta_pen)
-                        pm = {("penalty/kl" if k == "kl" else k): val for k, val in pm.items()}
-                    if args.policy_loss == "trpo":  # the value model alone: c_V L_V
-                        loss = args.vf_coef * vf_loss
-                    else:  # L_clip (or L_KLPEN) + c_V L_V
-                        loss = pg_loss + args.vf_coef * vf_loss
-                        terms += [("loss/policy", pg_loss)] + [(k if "/" in k else f"policy/{k}", val)
-                                                               for k, val in pm.items()]
-                    prec.backward(loss * w)
-                    for name, val in terms:
-                        acc[name] = acc.get(name, 0.0) + float(val.detach()) * w
-                if ptx_data is not None:  # PPO-ptx: λ · (−mean_t log π_θ(y_t | x, y_<t)) on its texts
-                    px, py = next(ptx_data)
-                    p_ids2, p_mask2, p_cmask, Tp = common.encode_prompt_completion(tok, px, py, device)
-                    with prec.autocast():
-                        lp = common.token_logprobs(policy, p_ids2, p_mask2, Tp)[0]  # [b, Tp]
-                    ptx_loss = -masked_mean(lp, p_cmask)  # a token mean: −Σ log π over all tokens / #tokens
-                    prec.backward(args.ptx_coef * ptx_loss)
-                    acc["loss/ptx"] = float(ptx_loss.detach())
-                prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
-                if args.policy_loss != "trpo":  # (TRPO: the policy has no .grad, and AdamW skips it)
-                    acc["policy/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                        policy.parameters(), args.grad_clip or math.inf))  # ‖g_θ‖; g ← g·min(1, c/‖g‖)
-                acc["value/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
-                    value.parameters(), args.grad_clip or math.inf))  # ψ clipped on its own
-                prec.step(opt)  # AdamW: θ, ψ ← θ, ψ − lr·Adam(g)
-                opt.zero_grad(set_to_none=True)
-                for name, val in acc.items():
-                    stats.setdefault(name, []).append(val)
-        sched.step()
 
-        ##### 5. d = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) at the updated θ, exact; kl-penalty's rule on it
-        with torch.no_grad(), prec.autocast():
-            kl_old = torch.cat([policy_kl(old_lp_all[c], common.vocab_logprobs(policy, ids[c], mask[c], T,
-                                                                               args.temperature))
-                                for c in chunks])  # [B, T]
-        d_old = float(masked_mean(kl_old, c_mask))  # the notes' d, nats per token
-        beta_pen_used = beta_pen
-        if args.policy_loss == "kl-penalty":
-            beta_pen = adaptive_beta(beta_pen, d_old, args.penalty_target_kl)  # ÷2 below the band, ×2 above
+def trpo_failed(step: int, info: dict, delta: float) -> int:
+    """1, and a printed line, when TRPO's line search kept θ_old; else 0."""
+    if not info["line_search_failed"]:
+        return 0
+    print(f"step {step}: TRPO line search found no step with KL ≤ δ = {delta} that improves the surrogate "
+          f"(xᵀFx = {info['xFx']:.3g}): the policy is unchanged", flush=True)
+    return 1
 
-        ##### 6. KL control: β for the next rollout, from this rollout's KL to π_ref
-        d = float(seq_kl.mean())
-        beta_used = beta
-        if args.kl_control == "adaptive":
-            beta = adaptive_beta(beta, d, args.target_kl)
-        elif args.kl_control == "proportional":
-            beta = proportional_beta(beta, d, args.target_kl, B, args.kl_horizon)
 
-        ##### 7. log
-        non_score = float((-beta_used * kl).sum(1).mean())  # mean −β Σ_t KL_t
-        metrics = {
-            "objective/scores": float(scores.mean()),
-            "objective/kl": d,
-            "objective/non_score_reward": non_score,
-            "objective/rlhf_reward": float(scores.mean()) + non_score,
-            "objective/beta": beta_used,
-            "policy/entropy": float(entropy),
-            "policy/kl_old": d_old,
-            **{name: float(np.mean(vals)) for name, vals in stats.items() if name != "loss/ptx"},
-            "value/explained_variance": ev_value,
-            "value/mean": float(masked_mean(old_values, c_mask)),
-            "value/returns_mean": float(masked_mean(returns, c_mask)),
-            "completions/mean_length": float(c_mask.sum(1).float().mean()),
-            "completions/no_eos_frac": 1.0 - float(finished.float().mean()),
-            "charts/lr": opt.param_groups[0]["lr"],
-            "time/step_seconds": time.time() - t0,
-            "time/generate_seconds": t_gen,
-        }
-        if args.policy_loss == "kl-penalty":
-            metrics["penalty/beta_pen"] = beta_pen_used  # the β_pen of this rollout's loss
-        if args.policy_loss == "trpo":
-            metrics.update({f"trpo/{k}": v for k, v in trpo_info.items()})
-        if gold:
-            metrics["objective/gold_reward"] = float(np.mean([tasks.gold_reward(t) for t in texts]))
-        if ptx_data is not None:
-            metrics["loss/ptx"] = float(np.mean(stats["loss/ptx"]))
-        if step % args.eval_every == 0 or step == args.steps:
-            ev = evaluate()
-            final_texts = ev.pop("texts")
-            metrics.update(ev)
-        keys = ["objective/scores", "objective/gold_reward", "objective/kl", "objective/beta",
-                "policy/kl_old", "policy/clipfrac", "penalty/beta_pen", "trpo/step_fraction",
-                "value/explained_variance", "completions/mean_length",
-                "eval/score", "eval/gold_reward", "eval/kl_to_ref"]
-        log.log(step, metrics, keys if (step % args.log_every == 0 or step == args.steps
-                                        or "eval/score" in metrics) else [])
-        if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            harness.save_checkpoint(out, step, args, {"model": policy, "value_model": value.lm,
-                                                     "value_head": value.head}, {
-                **harness.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
-                "ptx_rng": ptx_rng.bit_generator.state, "beta": beta, "beta_pen": beta_pen,
-                "trpo_failures": trpo_failures, "start": start, "start_texts": start_texts, "ev": ev,
-                "final_texts": final_texts}, tok)
-    train_seconds = time.time() - t_train
+def add_stats(acc: dict, w: float, vf_loss, vm: dict, pg_loss, pm: dict) -> None:
+    """Add one micro-batch's losses and loss metrics, weighted by its share w of the mini-batch's tokens,
+    into acc: loss/value, value/clipfrac, then (unless pg_loss is None: trpo) loss/policy and the
+    policy loss's metrics under policy/ (a name with a / kept as it is)."""
+    terms = [("loss/value", vf_loss), ("value/clipfrac", vm["vf_clipfrac"])]
+    if pg_loss is not None:
+        terms += [("loss/policy", pg_loss)] + [(k if "/" in k else f"policy/{k}", v) for k, v in pm.items()]
+    for name, val in terms:
+        acc[name] = acc.get(name, 0.0) + float(val.detach()) * w
 
-    ##### 8. save and summarise
+
+def step_metrics(args: Args, scores, kl, d: float, beta_used: float, entropy, d_old: float, stats: dict,
+                 old_values, returns, c_mask, finished, texts: list[str], gold: bool, beta_pen_used: float,
+                 trpo_info: dict | None, opt, t0: float, t_gen: float) -> dict:
+    """The step's row of metrics.jsonl (the evaluation's keys are added by train)."""
+    non_score = float((-beta_used * kl).sum(1).mean())  # mean −β Σ_t KL_t
+    metrics = {
+        "objective/scores": float(scores.mean()),
+        "objective/kl": d,
+        "objective/non_score_reward": non_score,
+        "objective/rlhf_reward": float(scores.mean()) + non_score,
+        "objective/beta": beta_used,
+        "policy/entropy": float(entropy),
+        "policy/kl_old": d_old,
+        **{name: float(np.mean(vals)) for name, vals in stats.items() if name != "loss/ptx"},
+        "value/explained_variance": explained_variance(old_values, returns, c_mask),
+        "value/mean": float(masked_mean(old_values, c_mask)),
+        "value/returns_mean": float(masked_mean(returns, c_mask)),
+        "completions/mean_length": float(c_mask.sum(1).float().mean()),
+        "completions/no_eos_frac": 1.0 - float(finished.float().mean()),
+        "charts/lr": opt.param_groups[0]["lr"],
+        "time/step_seconds": time.time() - t0,
+        "time/generate_seconds": t_gen,
+    }
+    if args.policy_loss == "kl-penalty":
+        metrics["penalty/beta_pen"] = beta_pen_used  # the β_pen of this rollout's loss
+    if trpo_info is not None:
+        metrics.update({f"trpo/{k}": v for k, v in trpo_info.items()})
+    if gold:
+        metrics["objective/gold_reward"] = float(np.mean([tasks.gold_reward(t) for t in texts]))
+    if "loss/ptx" in stats:
+        metrics["loss/ptx"] = float(np.mean(stats["loss/ptx"]))
+    return metrics
+
+
+def printed_keys(step: int, args: Args, metrics: dict) -> list[str]:
+    """The keys of the step's printed line: every log_every steps, the last step and evaluations."""
+    if not (step % args.log_every == 0 or step == args.steps or "eval/score" in metrics):
+        return []
+    return ["objective/scores", "objective/gold_reward", "objective/kl", "objective/beta",
+            "policy/kl_old", "policy/clipfrac", "penalty/beta_pen", "trpo/step_fraction",
+            "value/explained_variance", "completions/mean_length",
+            "eval/score", "eval/gold_reward", "eval/kl_to_ref"]
+
+
+def save_checkpoint(out: Path, step: int, args: Args, policy, value, tok, opt, sched, prec, rng, ptx_rng,
+                    beta: float, beta_pen: float, trpo_failures: int, start: dict, start_texts: list,
+                    ev: dict, final_texts: list) -> None:
+    """--save-every: what step + 1 needs (the models, the optimiser, the generators, β and β_pen, the
+    start and latest evaluations); `resume` reads it back."""
+    harness.save_checkpoint(out, step, args, {"model": policy, "value_model": value.lm,
+                                             "value_head": value.head}, {
+        **harness.training_state(opt, sched, prec), "data_rng": rng.bit_generator.state,
+        "ptx_rng": ptx_rng.bit_generator.state, "beta": beta, "beta_pen": beta_pen,
+        "trpo_failures": trpo_failures, "start": start, "start_texts": start_texts, "ev": ev,
+        "final_texts": final_texts}, tok)
+
+
+def save_and_summarise(args: Args, out: Path, policy, value, tok, log, start: dict, start_texts: list,
+                       ev: dict, final_texts: list, beta: float, beta_pen: float, trpo_failures: int,
+                       rm_path: Path, eval_prompts: list, gold: bool, device, t_start: float,
+                       train_seconds: float, load_seconds: float) -> dict:
+    """Save the policy (and the value model), write summary.json, print the summary; -> the summary."""
     model_dir = harness.save_policy(policy, tok, out, args.save_model)
     if args.save_model:  # the value model too: its LM folder and its head
         value.lm.save_pretrained(out / "value_model")
         torch.save({"weight": value.head.weight.detach().cpu().reshape(-1),
-                    "bias": value.head.bias.detach().cpu().reshape(())}, out / "value_model" / "value_head.pt")
+                    "bias": value.head.bias.detach().cpu().reshape(())},
+                   out / "value_model" / "value_head.pt")
     summary = log.summary({
         "script": "ppo",
         "start_gold_reward": start["eval/gold_reward"],
@@ -1176,3 +1290,4 @@ def train(args: Args) -> dict:
 
 if __name__ == "__main__":
     harness.main(Args, train, __doc__)
+
