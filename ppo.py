@@ -95,7 +95,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import json
 import subprocess
 import sys
@@ -107,7 +106,6 @@ from typing import Literal, Optional
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.utils import clip_grad_norm_
 
 import common
 import harness
@@ -138,6 +136,10 @@ class Args:
     """seed of Python's random, numpy and torch (sampling included); the evaluation uses seed+1 (TRL: seed)"""
     device: Optional[str] = None
     """cpu, cuda or cuda:N; default: CUDA when present, else the CPU"""
+    threads: Optional[int] = None
+    """torch's CPU threads; default: 1 for a model under 20M parameters, whose operations are too small
+    to split (the threads only wait for each other, and for the cores when anything else runs), else
+    torch's own choice (every core); recorded in summary.json; no effect on a GPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
@@ -278,7 +280,7 @@ class Args:
     """keep only the newest this many checkpoints; none: keep them all (TRL: save_total_limit)"""
     resume: Optional[str] = None
     """RUN_DIR: continue that run from its last checkpoint to its configured end, in its folder, with
-    its saved config; other flags must be left out or equal the run's, except --device,
+    its saved config; other flags must be left out or equal the run's, except --device, --threads,
     --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
 
@@ -846,7 +848,6 @@ def train(args: Args) -> dict:
     beta, beta_pen, trpo_failures = args.beta, args.penalty_beta, 0  # β of r_t, β_pen of L_KLPEN
     B, mb_size = args.batch_size, args.batch_size // args.mini_batches
     micro = min(args.micro_batch or mb_size, mb_size)  # sequences per forward/backward pass
-    max_norm = args.grad_clip or math.inf  # c in g ← g·min(1, c/‖g‖)
     rng = np.random.default_rng(args.seed)  # the rollouts' prompts
     t_train = time.time()
     if ckpt:  # --resume: the state at the end of the checkpoint's step (the global RNGs last)
@@ -917,8 +918,8 @@ def train(args: Args) -> dict:
                     acc["loss/ptx"] = ptx_backward(policy, tok, next(ptx_data), args.ptx_coef, prec, device)
                 prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
                 if args.policy_loss != "trpo":  # ‖g_θ‖; clipped (TRPO: θ has no .grad, AdamW skips it)
-                    acc["policy/grad_norm"] = float(clip_grad_norm_(policy.parameters(), max_norm))
-                acc["value/grad_norm"] = float(clip_grad_norm_(value.parameters(), max_norm))  # g_ψ: its own
+                    acc["policy/grad_norm"] = common.clip_grad_norm(policy.parameters(), args.grad_clip)  # g ← g·min(1, c/‖g‖)
+                acc["value/grad_norm"] = common.clip_grad_norm(value.parameters(), args.grad_clip)  # g_ψ: its own
                 prec.step(opt)  # AdamW: θ, ψ ← θ, ψ − lr·Adam(g)
                 opt.zero_grad(set_to_none=True)
                 for name, val in acc.items():
@@ -1012,6 +1013,11 @@ def validate(args: Args) -> None:
         check((folder / tasks.HEAD_FILE).is_file(),
               f"--reward-model {args.reward_model}: no {tasks.HEAD_FILE} in this folder, so it is not a "
               "reward model saved by reward_model.py (give the `model` folder inside its run folder)")
+    elif not (args.model == "tiny-pref" and args.data is None) and not (
+            args.resume and (Path(args.resume).expanduser() / "reward_model" / "model").is_dir()):
+        script = Path(__file__).resolve().parent / "reward_model.py"  # default_reward_model trains one with it
+        check(script.is_file(), f"no --reward-model given, and no {script} to train one with: pass "
+                                "--reward-model FOLDER (the `model` folder of a reward_model.py run)")
 
 
 def setup(args: Args, ckpt, device, prec):
@@ -1035,6 +1041,7 @@ def setup(args: Args, ckpt, device, prec):
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
+    harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("ppo", args.seed), args.overwrite,
                                   resume=ckpt)
     rm_path = (Path(common.resolve_model_path(args.reward_model)).expanduser() if args.reward_model
@@ -1067,9 +1074,7 @@ def default_reward_model(args: Args, out: Path | None, resume: bool = False) -> 
     if resume and (out / "reward_model" / "model").is_dir():
         print(f"--resume: the reward model this run trained, {out / 'reward_model' / 'model'}")
         return out / "reward_model" / "model"
-    script = Path(__file__).resolve().parent / "reward_model.py"
-    check(script.is_file(), f"no --reward-model given, and no {script} to train one with: pass "
-                            "--reward-model FOLDER (the `model` folder of a reward_model.py run)")
+    script = Path(__file__).resolve().parent / "reward_model.py"  # there: `validate` checked
     print("no --reward-model given: training one first (reward_model.py, its defaults, seed 1, "
           f"--model {args.model}" + (f", --data {args.data}" if args.data else "") + ")", flush=True)
     run = out / "reward_model"
