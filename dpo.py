@@ -40,7 +40,7 @@ Run:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -276,13 +276,15 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 def fit_max_length(tokenizer, pairs: list[dict], max_length: int | None) -> tuple[list[dict], int, int]:
     """TRL's DPO rule (truncation_mode keep_start): each prompt + completion + EOS keeps its first
     `max_length` tokens (`common.encode_prompt_completion` cuts them), and a pair whose prompt alone
-    has `max_length` tokens or more is dropped, as nothing of its completions would be left.
+    has `max_length` tokens or more is dropped, as nothing of its completions would be left. The
+    prompt counts as it is encoded, with BOS where the tokenizer adds one (`common.encode_prompts`).
     -> (kept pairs, how many of them get cut, how many were dropped)."""
     if max_length is None or not pairs:
         return pairs, 0, 0
     def n_tokens(key):
         return [len(ids) for ids in tokenizer([p[key] for p in pairs], add_special_tokens=False)["input_ids"]]
-    rows = list(zip(pairs, n_tokens("prompt"), n_tokens("chosen"), n_tokens("rejected")))
+    prompt_lengths = [len(ids) for ids in common.encode_prompts(tokenizer, [p["prompt"] for p in pairs])]
+    rows = list(zip(pairs, prompt_lengths, n_tokens("chosen"), n_tokens("rejected")))
     kept = [(pair, P, C, R) for pair, P, C, R in rows if P < max_length]
     cut = sum(P + max(C, R) + 1 > max_length for _, P, C, R in kept)  # + 1: the EOS
     return [k[0] for k in kept], cut, len(rows) - len(kept)
@@ -358,7 +360,7 @@ def train(args: Args) -> dict:
     average = args.loss_type in PER_TOKEN_AVERAGED  # (1/|y|) Σ_t instead of Σ_t
 
     ##### models: the policy π_θ and the frozen reference π_ref, both the SFT policy at the start
-    policy, ref, tok, train_pairs, heldout, cuts = load_pairs_and_models(args, ckpt, device)
+    args, policy, ref, tok, train_pairs, heldout, cuts = load_pairs_and_models(args, ckpt, device)
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
@@ -454,14 +456,16 @@ def train(args: Args) -> dict:
 
 
 def load_pairs_and_models(args: Args, ckpt, device):
-    """The preference pairs, rendered with the chat template and fitted to --max-length, and the
-    two models: π_θ (from the checkpoint on --resume; in eval mode: no dropout, so that at the start
-    π_θ equals π_ref exactly) and π_ref, both float32.
-    -> (policy, ref, tok, train pairs, held-out pairs, the --max-length counts for the summary)"""
+    """The preference pairs, rendered with the chat template and fitted to --max-length (capped at
+    the model's context), and the two models: π_θ (from the checkpoint on --resume; in eval mode: no
+    dropout, so that at the start π_θ equals π_ref exactly) and π_ref, both float32.
+    -> (args with that --max-length, policy, ref, tok, train pairs, held-out pairs, the --max-length
+    counts for the summary)"""
     train_pairs, heldout = tasks.load_preferences(args.data)
     path = common.resolve_model_path(args.model)
     print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # float32 weights
+    args = replace(args, max_length=tasks.cap_max_length(args.max_length, policy))  # ≤ its positions
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
     train_pairs, heldout = (tasks.render_chat(tok, rows, args.chat_template, args.model)
                             for rows in (train_pairs, heldout))
@@ -470,11 +474,13 @@ def load_pairs_and_models(args: Args, ckpt, device):
     check(train_pairs and heldout, f"--max-length {args.max_length}: every training or every held-out "
           "prompt is that long; raise it (or pass --max-length none)")
     heldout = heldout[: args.eval_size]
+    # the evaluation samples --max-new-tokens after the first --eval-samples held-out prompts
+    tasks.check_context(tok, policy, [p["prompt"] for p in heldout[: args.eval_samples]], args.max_new_tokens)
     policy.eval()
     ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
     cuts = {"cut_pairs": {"train": cut_train, "heldout": cut_heldout},
             "dropped_pairs": {"train": dropped_train, "heldout": dropped_heldout}}
-    return policy, ref, tok, train_pairs, heldout, cuts
+    return args, policy, ref, tok, train_pairs, heldout, cuts
 
 
 def evaluator(policy, ref, tok, heldout: list[dict], ref_hc, ref_hr, eval_prompts: list[str], args: Args,

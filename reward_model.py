@@ -43,7 +43,7 @@ Run:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import numpy as np
@@ -252,12 +252,13 @@ def ranking_rewards(rm: RewardModel, tokenizer, rows: list[dict], device):
 
 def drop_too_long(tokenizer, rows: list[dict], max_length: int | None) -> tuple[list[dict], int]:
     """TRL's reward-trainer rule: keep a row only if every prompt + completion + EOS has at most
-    `max_length` tokens (a cut sequence has no EOS for the reward to be read at). -> (kept, dropped)."""
+    `max_length` tokens (a cut sequence has no EOS for the reward to be read at); the prompt counts
+    with BOS where the tokenizer adds one (`common.encode_prompts`). -> (kept, dropped)."""
     if max_length is None or not rows:
         return rows, 0
     def n_tokens(texts):
         return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-    p_len = n_tokens(r["prompt"] for r in rows)
+    p_len = [len(ids) for ids in common.encode_prompts(tokenizer, [r["prompt"] for r in rows])]
     c_len = iter(n_tokens(c for r in rows for c in ranked(r)))
     kept = [r for r, p in zip(rows, p_len) if max(p + next(c_len) + 1 for _ in ranked(r)) <= max_length]
     return kept, len(rows) - len(kept)
@@ -295,7 +296,7 @@ def train(args: Args) -> dict:
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
 
     ##### the model: the SFT policy's transformer and a fresh scalar head
-    lm, tok, train_rows, heldout_rows, cuts = load_rows_and_model(args, device)  # pairs and/or rankings
+    args, lm, tok, train_rows, heldout_rows, cuts = load_rows_and_model(args, device)  # pairs and/or rankings
     harness.set_threads(args.threads, device, lm)  # CPU: 1 thread for a small model (see --threads)
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("reward_model", args.seed),
@@ -409,11 +410,13 @@ def train(args: Args) -> dict:
 
 def load_rows_and_model(args: Args, device):
     """The preference rows (pairs and/or rankings), rendered with the chat template, without those
-    longer than --max-length, and the SFT policy's LM (float32 weights).
-    -> (lm, tok, train rows, held-out rows, {"train": dropped, "heldout": dropped})"""
+    longer than --max-length (capped at the model's context), and the SFT policy's LM (float32
+    weights). -> (args with that --max-length, lm, tok, train rows, held-out rows,
+    {"train": dropped, "heldout": dropped})"""
     train_rows, heldout_rows = tasks.load_preferences(args.data, rankings=True)  # pairs and/or rankings
     print(f"loading --model {args.model} …", flush=True)
     lm, tok = common.load_model(common.resolve_model_path(args.model), device)  # float32 weights
+    args = replace(args, max_length=tasks.cap_max_length(args.max_length, lm))  # ≤ its positions
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
     train_rows, heldout_rows = (tasks.render_chat(tok, rows, args.chat_template, args.model)
                                 for rows in (train_rows, heldout_rows))
@@ -421,7 +424,9 @@ def load_rows_and_model(args: Args, device):
                                                             for rows in (train_rows, heldout_rows))
     check(train_rows and heldout_rows, f"--max-length {args.max_length}: no training or no held-out row is "
           "that short; raise it (or pass --max-length none)")
-    return lm, tok, train_rows, heldout_rows, {"train": cut_train, "heldout": cut_heldout}
+    if args.normalize:  # the SFT samples of the normalisation: --max-new-tokens after train prompts
+        tasks.check_context(tok, lm, [r["prompt"] for r in train_rows], args.max_new_tokens)
+    return args, lm, tok, train_rows, heldout_rows, {"train": cut_train, "heldout": cut_heldout}
 
 
 def print_header(out, device, prec, args: Args, rm, n_train: int, n_heldout: int, cuts: dict) -> None:
