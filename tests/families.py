@@ -20,7 +20,8 @@ generation_config.json, config.json), not guessed:
     template starts with {{ bos_token }} (GEMMA_TEMPLATE, verbatim).
 
 The vocabularies are small: the special tokens of the family and one token per printable character
-(so the ids differ from the real ones; what matters here is which token plays which part). The
+(byte-level for Qwen, whose space is `Ġ`), so the ids differ from the real ones; what matters here
+is which token plays which part. The
 models are tiny random ones of the family's architecture (Qwen2, Llama, Gemma2), with
 `max_position_embeddings` = `context` (256 by default), so that a long prompt is easy to write.
 `answer_with="second_stop"` builds a model that answers every prompt with its second stop token at
@@ -106,14 +107,19 @@ FAMILIES = {
 
 def build_tokenizer(family: str):
     """The family's tokenizer: its special tokens, BOS rule and chat template, one token per character."""
-    from tokenizers import Tokenizer, decoders, models, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     f = FAMILIES[family]
     chars = list(string.printable[:-5]) + ["\n"]  # digits, letters, punctuation, space, newline
+    if f["arch"] == "qwen2":  # byte-level BPE, as Qwen's (transformers loads it as Qwen2Tokenizer,
+        chars = [c for c in chars if c not in " \n"] + ["Ġ", "Ċ"]  # which maps space, newline so)
     vocab = {t: i for i, t in enumerate(f["special"] + chars if f["first"] else chars + f["special"])}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=f["unk"]))  # no merges: characters
     backend.decoder = decoders.Fuse()
+    if f["arch"] == "qwen2":
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
     if f["adds_bos"]:  # Llama-3's tokenizer.json post-processor; Gemma's add_bos_token does the same
         bos = f["bos"]
         backend.post_processor = processors.TemplateProcessing(

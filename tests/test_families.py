@@ -64,6 +64,11 @@ def test_load_model_takes_every_stop_token(models):
     for family, (path, _) in models.items():
         _, tok = common.load_model(str(path), CPU)
         assert tok.convert_ids_to_tokens(tok.stop_ids) == FAMILIES[family]["stops"]
+        # the folder loads as the tokenizer built (Qwen's as Qwen2Tokenizer, byte-level)
+        text = "Hi there,\n1 + 1 =" + tok.eos_token
+        assert tok(text)["input_ids"] == build_tokenizer(family)(text)["input_ids"]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids, skip_special_tokens=True) == text[:-len(tok.eos_token)]
         assert common.stop_ids(tok) == tok.stop_ids
     # the embedded models keep their one EOS; a bare tokenizer has its EOS
     _, tok = common.load_model("tiny", CPU)
@@ -193,8 +198,9 @@ def test_every_script_runs_two_steps(family, models, tmp_path, capsys):
     path = str(models[family][1])  # answers with its second stop token
     task = write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"{a}+{a}=", "answer": str(2 * a)}
                                                  for a in range(5)])  # 4 train rows, 1 held out
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"review {a}:", "chosen": " good",
-                                                    "rejected": " bad"} for a in range(5)])
+    pairs = [{"prompt": f"review {a}:", "chosen": " good", "rejected": " bad"} for a in range(5)]
+    pairs[0]["rejected"] = " " + "bad " * 70  # 281 tokens: past the context (256), not past --max-length 1024
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pairs)  # 4 train rows, 1 held out
     cpu = dict(model=path, device="cpu", dtype="float32", log_every=1)
 
     def metrics(out):
@@ -213,11 +219,13 @@ def test_every_script_runs_two_steps(family, models, tmp_path, capsys):
     rm_out = tmp_path / "rm"
     s = reward_model.train(reward_model.Args(**cpu, data=str(pairs), max_steps=2, batch_size=2, eval_size=2,
                                              norm_samples=2, max_new_tokens=4, out_dir=str(rm_out)))
-    assert s["steps"] == 2 and s["config"]["max_length"] == 256  # --max-length 1024 capped at the context
+    # --max-length 1024 is capped at the context, and said: the long row is dropped (TRL's reward trainer)
+    assert s["steps"] == 2 and s["max_length_dropped_rows"] == {"train": 1, "heldout": 0}
     assert "--max-length 1024: capped at 256, the context of --model" in capsys.readouterr().out
     s = dpo.train(dpo.Args(**cpu, data=str(pairs), chat_template=True, max_steps=2, batch_size=2, eval_size=2,
                            eval_samples=2, max_new_tokens=4, save_model=False, out_dir=str(tmp_path / "dpo")))
-    assert s["steps"] == 2 and s["config"]["max_length"] == 256
+    assert s["steps"] == 2 and s["max_length"]["cut_pairs"] == {"train": 1, "heldout": 0}  # keep_start at 256
+    assert "--max-length 1024: capped at 256, the context of --model" in capsys.readouterr().out
     s = ppo.train(ppo.Args(**cpu, data=str(pairs), reward_model=str(rm_out / "model"), steps=2, batch_size=2,
                            mini_batches=1, ppo_epochs=1, eval_samples=2, eval_every=2, max_new_tokens=4,
                            save_model=False, out_dir=str(tmp_path / "ppo")))
