@@ -48,11 +48,9 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / sqrt(var + eps) over the masked positions; masked positions come back as 0.
-
-    The variance is Bessel-corrected (÷ (n−1)) when n > 1, as in TRL's `masked_whiten`.
-    With `shift_mean=False` the mean is added back (scale only).
-    """
+    """(x − mean) / sqrt(var + eps) over the masked positions; masked positions come back as 0. The
+    variance is Bessel-corrected (÷ (n−1)) when n > 1, as in TRL's `masked_whiten`. With
+    `shift_mean=False` the mean is added back (scale only)."""
     mean = masked_mean(x, mask)
     n = mask.sum()
     var = masked_sum((x - mean) ** 2, mask) / (n - 1).clamp(min=1)
@@ -71,13 +69,12 @@ def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+def completion_mask(completion_ids: torch.Tensor, eos_ids) -> torch.Tensor:
     """1 on every completion token up to and including the first EOS, 0 after it.  # [B, T]
-
-    A completion with no EOS (cut at the token limit) is all ones. The mask is positional, so it
-    is right even when the pad token equals the EOS token, as in many real tokenizers.
-    """
-    is_eos = completion_ids == eos_id  # [B, T]
+    `eos_ids`: the EOS id, or a list (the model's stop tokens, `stop_ids`: any one ends it). A
+    completion with none (cut at the token limit) is all ones. The mask is positional, so it is
+    right even when the pad token equals the EOS token, as in many real tokenizers."""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(eos_ids, device=completion_ids.device))  # [B, T]
     # number of EOS strictly before position t; the token at t is kept iff that number is 0
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # [B, T]
     return (eos_before == 0).long()  # [B, T]
@@ -113,8 +110,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """transformers' warnings and progress bars off inside the block, and the caller's settings back
-    after it, whatever happens: no process-wide side effect."""
+    """transformers' warnings and progress bars off inside the block, the caller's settings after it."""
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -130,8 +126,8 @@ def quiet_transformers():
 def load_model(name_or_path: str, device: torch.device, trainable: bool = True):
     """Load (model, tokenizer) through the Auto classes, with float32 weights whatever the compute
     dtype (see `harness.MixedPrecision`). The embedded models (`tiny`, ...) are folders of models/,
-    loaded like any other. The tokenizer pads on the left. A frozen copy (`trainable=False`, the
-    reference policy) is put in eval mode with gradients off."""
+    loaded like any other. The tokenizer pads on the left and carries the stop tokens (`stop_ids`).
+    A frozen copy (`trainable=False`, the reference policy) is in eval mode with gradients off."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)  # `tiny`, `tiny-pref`: the embedded models
@@ -153,6 +149,10 @@ def load_model(name_or_path: str, device: torch.device, trainable: bool = True):
     if tokenizer.pad_token_id is None:  # the completion mask is positional, so pad == EOS is safe
         tokenizer.pad_token = tokenizer.eos_token
     check(tokenizer.eos_token_id is not None, f"--model {name_or_path}: the tokenizer has no EOS token")
+    # every stop token of transformers' generate (Llama-3's <|eot_id|>, Gemma's <end_of_turn> too)
+    more = getattr(model.generation_config, "eos_token_id", None)  # None, an id or a list of ids
+    more = [more] if isinstance(more, int) else list(more or [])
+    tokenizer.stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, *more]))  # EOS first, once each
     model.to(device)
     if not trainable:
         model.eval().requires_grad_(False)
@@ -185,23 +185,20 @@ def pick_token_logprobs(logprobs_all: torch.Tensor, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor) -> torch.Tensor:
     """log π(y_t | x, y_<t) from `vocab_logprobs`' [B, T, V] for the last T tokens of input_ids
     [B, L]; positions whose target is padding come back as 0.  -> [B, T]"""
-    T = logprobs_all.shape[1]
-    targets = input_ids[:, -T:]  # [B, T]
+    targets = input_ids[:, -logprobs_all.shape[1]:]  # the last T tokens   [B, T]
     logp = logprobs_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T]
-    real = attention_mask[:, -T:].bool()  # [B, T]
+    real = attention_mask[:, -targets.shape[1]:].bool()  # [B, T]
     return torch.where(real, logp, torch.zeros_like(logp))  # [B, T]
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                    temperature: float = 1.0, with_entropy: bool = False):
     """log π(y_t | x, y_<t) for the last `n_completion` columns of `input_ids`.  -> [B, T]
-
     input_ids, attention_mask: [B, L] = [left-padded prompt | right-padded completion].
     The logits are divided by the sampling temperature: these are the log-probs of the distribution
     the completions were sampled from. Position ids come from the attention mask, so the values do
     not depend on how much padding a row has. Positions whose target is padding come back as 0.
-    With `with_entropy`, also the entropy H(π(·|x, y_<t)) [B, T] (no gradient), else None.
-    """
+    With `with_entropy`, also the entropy H(π(·|x, y_<t)) [B, T] (no gradient), else None."""
     logprobs_all = vocab_logprobs(model, input_ids, attention_mask, n_completion, temperature)  # [B, T, V]
     logp = pick_token_logprobs(logprobs_all, input_ids, attention_mask)  # [B, T]
     entropy = None
@@ -215,21 +212,19 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-             eos_id: int, pad_id: int, temperature: float = 1.0, greedy: bool = False):
+             eos_ids, pad_id: int, temperature: float = 1.0, greedy: bool = False):
     """Sample (or greedily decode) completions with the KV cache. prompt_ids, prompt_mask: [B, P],
-    left-padded. Returns completion ids [B, T] (T ≤ max_new_tokens,
-    `pad_id` after each row's first EOS) and the completion mask [B, T] (see `completion_mask`).
-    Sampling draws from softmax(logits / temperature) with torch's global RNG (seeded by
-    `seed_everything`); there is no top-k or top-p, so the sampling distribution is exactly the one
-    `token_logprobs` scores.
-    """
-    B = prompt_ids.shape[0]
+    left-padded; eos_ids: the EOS id or the list of stop tokens. Returns completion ids [B, T]
+    (T ≤ max_new_tokens, `pad_id` after each row's first EOS) and the mask [B, T] (`completion_mask`).
+    Sampling draws from softmax(logits / temperature) with torch's global RNG (`seed_everything`);
+    no top-k or top-p, so the sampling distribution is exactly the one `token_logprobs` scores."""
     mask = prompt_mask.clone()  # [B, P + t]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
     past, next_pos = out.cache, position_ids[:, -1:] + 1  # [B, 1]
-    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)  # [B]
+    done = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)  # [B]
+    stops = torch.as_tensor(eos_ids, device=prompt_ids.device)  # [n_stop] or a scalar
     tokens = []
     for t in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # [B, V]
@@ -239,7 +234,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
             nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1).squeeze(-1)  # [B]
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # [B]
         tokens.append(nxt)
-        done |= nxt == eos_id
+        done |= torch.isin(nxt, stops)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [B, P + t + 1]
@@ -247,47 +242,53 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
                     cache=past, use_cache=True)
         past, next_pos = out.cache, next_pos + 1
     completion = torch.stack(tokens, dim=1)  # [B, T]
-    return completion, completion_mask(completion, eos_id)
+    return completion, completion_mask(completion, eos_ids)
 
 
-def check_prompts_tokenize(pairs) -> None:
-    """A prompt of no tokens would crash deep inside attention. `pairs`: (prompt text, its ids)."""
-    for text, ids in pairs:
-        check(len(ids) > 0, f"the prompt {text[:60]!r} tokenizes to no tokens with this model's tokenizer "
-                            "(check --model and the prompts of --data)")
+def stop_ids(tokenizer) -> list[int]:
+    """The ids that end a completion: those `load_model` set (EOS and generation_config's), else EOS."""
+    return getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_token_id]
+
+
+def encode_prompts(tokenizer, texts) -> list[list[int]]:
+    """Prompt ids as the tokenizer's default has them: BOS first where it adds one (Llama, Gemma; not
+    GPT-2, Qwen), once (a chat template that writes BOS keeps its own), and no EOS. A prompt of no
+    tokens would crash deep inside attention: it is refused."""
+    ids, bos = tokenizer(list(texts), add_special_tokens=False)["input_ids"], tokenizer.bos_token_id
+    if bos is not None and tokenizer("x")["input_ids"][:1] == [bos]:  # its default adds BOS
+        ids = [s if s[:1] == [bos] else [bos] + s for s in ids]
+    empty = next((t for t, s in zip(texts, ids) if not s), None)
+    check(empty is None, f"the prompt {str(empty)[:60]!r} tokenizes to no tokens with this model's "
+                         "tokenizer (check --model and the prompts of --data)")
+    return ids
 
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
                   greedy: bool = False):
     """Tokenize `prompts`, generate, and return (prompt_ids, prompt_mask, completion_ids,
-    completion_mask, completion_texts, finished) where `finished[i]` says the row emitted EOS."""
-    device = next(model.parameters()).device
-    encoded = {p: tokenizer.encode(p, add_special_tokens=False) for p in dict.fromkeys(prompts)}  # once each
-    check_prompts_tokenize(encoded.items())
-    p_ids, p_mask = left_pad([encoded[p] for p in prompts], tokenizer.pad_token_id, device)  # [B, P]
-    c_ids, c_mask = generate(model, p_ids, p_mask, max_new_tokens, tokenizer.eos_token_id,
-                             tokenizer.pad_token_id, temperature, greedy)
-    finished = ((c_ids == tokenizer.eos_token_id) & c_mask.bool()).any(-1)  # [B]
-    lengths = c_mask.sum(1).tolist()  # the mask is a prefix: the tokens up to and including the first EOS
-    texts = tokenizer.batch_decode([row[:n] for row, n in zip(c_ids.tolist(), lengths)],
-                                   skip_special_tokens=True)
+    completion_mask, completion_texts, finished) where `finished[i]` says the row emitted a stop
+    token; a text is what comes before it."""
+    device, stops = next(model.parameters()).device, stop_ids(tokenizer)
+    p_ids, p_mask = left_pad(encode_prompts(tokenizer, prompts), tokenizer.pad_token_id, device)  # [B, P]
+    c_ids, c_mask = generate(model, p_ids, p_mask, max_new_tokens, stops, tokenizer.pad_token_id,
+                             temperature, greedy)
+    finished = (torch.isin(c_ids, torch.tensor(stops, device=device)) & c_mask.bool()).any(-1)  # [B]
+    lengths = (c_mask.sum(1) - finished.long()).tolist()  # the mask is a prefix; the stop token off
+    texts = tokenizer.batch_decode([r[:n] for r, n in zip(c_ids.tolist(), lengths)], skip_special_tokens=True)
     return p_ids, p_mask, c_ids, c_mask, texts, finished.tolist()
 
 
 def encode_prompt_completion(tokenizer, prompts, completions, device=None, max_length: int | None = None):
     """Tokenize (prompt, completion) text for scoring: [left-padded prompt | completion + EOS,
-    right-padded]. Prompt and completion are tokenized separately (no special tokens added), and EOS
-    is appended to every completion, so a completion ends the way a sampled one does.
-    `max_length`: each row is cut to its first `max_length` tokens (TRL's DPO `keep_start`), so the
-    cut falls in the completion; the caller drops the rows whose prompt alone fills it (dpo.py does).
-    Returns input_ids, attention_mask [B, P+T], the completion mask [B, T] (1 on the completion's
-    tokens and its EOS; from the lengths, so right even when pad = EOS) and T."""
-    def encode(texts):  # one batched call of the tokenizer, not one call per text
-        return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    prompt_ids = encode(prompts)
-    check_prompts_tokenize(zip(prompts, prompt_ids))
+    right-padded]. Prompt (`encode_prompts`) and completion (no special token) are tokenized apart,
+    and EOS is appended to every completion, so a completion ends the way a sampled one does.
+    `max_length`: each row keeps its first `max_length` tokens (TRL's DPO `keep_start`; dpo.py drops
+    the rows whose prompt alone fills it). Returns input_ids, attention_mask [B, P+T], the completion
+    mask [B, T] (the completion and its EOS, from the lengths: right even when pad = EOS) and T."""
+    prompt_ids = encode_prompts(tokenizer, prompts)  # one batched call of the tokenizer, as below
     p_ids, p_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)  # [B, P]
-    comps = [c + [tokenizer.eos_token_id] for c in encode(completions)]
+    comps = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    comps = [c + [tokenizer.eos_token_id] for c in comps]
     if max_length is not None:  # keep_start: the first max_length tokens of prompt + completion
         comps = [c[:max(0, max_length - len(p))] for p, c in zip(prompt_ids, comps)]
     T = max(map(len, comps))

@@ -276,13 +276,15 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 def fit_max_length(tokenizer, pairs: list[dict], max_length: int | None) -> tuple[list[dict], int, int]:
     """TRL's DPO rule (truncation_mode keep_start): each prompt + completion + EOS keeps its first
     `max_length` tokens (`common.encode_prompt_completion` cuts them), and a pair whose prompt alone
-    has `max_length` tokens or more is dropped, as nothing of its completions would be left.
+    has `max_length` tokens or more is dropped, as nothing of its completions would be left. The
+    prompt counts as it is encoded, with BOS where the tokenizer adds one (`common.encode_prompts`).
     -> (kept pairs, how many of them get cut, how many were dropped)."""
     if max_length is None or not pairs:
         return pairs, 0, 0
     def n_tokens(key):
         return [len(ids) for ids in tokenizer([p[key] for p in pairs], add_special_tokens=False)["input_ids"]]
-    rows = list(zip(pairs, n_tokens("prompt"), n_tokens("chosen"), n_tokens("rejected")))
+    prompt_lengths = [len(ids) for ids in common.encode_prompts(tokenizer, [p["prompt"] for p in pairs])]
+    rows = list(zip(pairs, prompt_lengths, n_tokens("chosen"), n_tokens("rejected")))
     kept = [(pair, P, C, R) for pair, P, C, R in rows if P < max_length]
     cut = sum(P + max(C, R) + 1 > max_length for _, P, C, R in kept)  # + 1: the EOS
     return [k[0] for k in kept], cut, len(rows) - len(kept)
@@ -358,7 +360,7 @@ def train(args: Args) -> dict:
     average = args.loss_type in PER_TOKEN_AVERAGED  # (1/|y|) Σ_t instead of Σ_t
 
     ##### models: the policy π_θ and the frozen reference π_ref, both the SFT policy at the start
-    policy, ref, tok, train_pairs, heldout, cuts = load_pairs_and_models(args, ckpt, device)
+    policy, ref, tok, train_pairs, heldout, cuts, max_length = load_pairs_and_models(args, ckpt, device)
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
@@ -379,14 +381,15 @@ def train(args: Args) -> dict:
     print(f"log π_ref of {len(used)} train and {len(heldout)} held-out pairs, once …", flush=True)
     with prec.autocast():
         ref_c[used], ref_r[used] = all_pair_logps(ref, tok, [train_pairs[j] for j in used], device, average,
-                                                  args.max_length)
-        ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average, args.max_length)  # held out   [M]
+                                                  max_length)
+        ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average, max_length)  # held out   [M]
     load_seconds = time.time() - t_start
 
-    evaluate = evaluator(policy, ref, tok, heldout, ref_hc, ref_hr, eval_prompts, args, gold, device, prec)
+    evaluate = evaluator(policy, ref, tok, heldout, ref_hc, ref_hr, eval_prompts, args, gold, device, prec,
+                         max_length)
     log = harness.RunLogger(out, total_steps=total_steps)
     ceiling = tasks.ceiling_accuracy(heldout) if gold else None
-    print_header(out, device, prec, args, policy, len(train_pairs), len(heldout), cuts)
+    print_header(out, device, prec, args, policy, len(train_pairs), len(heldout), cuts, max_length)
     if ckpt is None:  # the start policy, at step 0
         start, start_texts = evaluate_start(evaluate, log, ceiling, len(heldout), args.eval_samples, gold)
         ev, final_texts, step = dict(start), start_texts, 0
@@ -399,7 +402,7 @@ def train(args: Args) -> dict:
         batch = [train_pairs[j] for j in idx]
         with prec.autocast():
             pc, pr = pair_logps(policy, tok, batch, device, average,
-                                args.max_length)  # log π_θ(y_w|x), log π_θ(y_l|x)   [B], [B]
+                                max_length)  # log π_θ(y_w|x), log π_θ(y_l|x)   [B], [B]
         # Δ = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)], −log σ(βΔ)
         losses, r_c, r_r = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], args.beta, args.loss_type,
                                     args.label_smoothing)  # the loss, r̂(x,y_w), r̂(x,y_l)   [B] each
@@ -454,31 +457,35 @@ def train(args: Args) -> dict:
 
 
 def load_pairs_and_models(args: Args, ckpt, device):
-    """The preference pairs, rendered with the chat template and fitted to --max-length, and the
-    two models: π_θ (from the checkpoint on --resume; in eval mode: no dropout, so that at the start
-    π_θ equals π_ref exactly) and π_ref, both float32.
-    -> (policy, ref, tok, train pairs, held-out pairs, the --max-length counts for the summary)"""
+    """The preference pairs, rendered with the chat template and fitted to --max-length (capped at
+    the model's context), and the two models: π_θ (from the checkpoint on --resume; in eval mode: no
+    dropout, so that at the start π_θ equals π_ref exactly) and π_ref, both float32.
+    -> (policy, ref, tok, train pairs, held-out pairs, the --max-length counts for the summary, the
+    --max-length in force)"""
     train_pairs, heldout = tasks.load_preferences(args.data)
     path = common.resolve_model_path(args.model)
     print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # float32 weights
+    max_length = tasks.cap_max_length(args.max_length, policy)  # --max-length ≤ the model's positions
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
     train_pairs, heldout = (tasks.render_chat(tok, rows, args.chat_template, args.model)
                             for rows in (train_pairs, heldout))
     (train_pairs, cut_train, dropped_train), (heldout, cut_heldout, dropped_heldout) = (
-        fit_max_length(tok, rows, args.max_length) for rows in (train_pairs, heldout))
-    check(train_pairs and heldout, f"--max-length {args.max_length}: every training or every held-out "
+        fit_max_length(tok, rows, max_length) for rows in (train_pairs, heldout))
+    check(train_pairs and heldout, f"--max-length {max_length}: every training or every held-out "
           "prompt is that long; raise it (or pass --max-length none)")
     heldout = heldout[: args.eval_size]
+    # the evaluation samples --max-new-tokens after the first --eval-samples held-out prompts
+    tasks.check_context(tok, policy, [p["prompt"] for p in heldout[: args.eval_samples]], args.max_new_tokens)
     policy.eval()
     ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
     cuts = {"cut_pairs": {"train": cut_train, "heldout": cut_heldout},
             "dropped_pairs": {"train": dropped_train, "heldout": dropped_heldout}}
-    return policy, ref, tok, train_pairs, heldout, cuts
+    return policy, ref, tok, train_pairs, heldout, cuts, max_length
 
 
 def evaluator(policy, ref, tok, heldout: list[dict], ref_hc, ref_hr, eval_prompts: list[str], args: Args,
-              gold: bool, device, prec):
+              gold: bool, device, prec, max_length: int | None):
     """A closure: the held-out pair accuracy of the implicit reward, and samples from π_θ (a fixed
     seed) with their gold reward, KL to π_ref and length. ref_hc, ref_hr: log π_ref of the held-out
     pairs [M]."""
@@ -486,7 +493,7 @@ def evaluator(policy, ref, tok, heldout: list[dict], ref_hc, ref_hr, eval_prompt
 
     def evaluate() -> dict:
         with prec.autocast():
-            pc, pr = all_pair_logps(policy, tok, heldout, device, average, args.max_length)  # [M], [M]
+            pc, pr = all_pair_logps(policy, tok, heldout, device, average, max_length)  # [M], [M]
             s = sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1, gold)
         return {"eval/heldout_pair_accuracy": implicit_reward_accuracy(pc, pr, ref_hc, ref_hr, args.beta,
                                                                        args.loss_type),
@@ -495,14 +502,15 @@ def evaluator(policy, ref, tok, heldout: list[dict], ref_hc, ref_hr, eval_prompt
     return evaluate
 
 
-def print_header(out, device, prec, args: Args, policy, n_train: int, n_heldout: int, cuts: dict) -> None:
+def print_header(out, device, prec, args: Args, policy, n_train: int, n_heldout: int, cuts: dict,
+                 max_length: int | None) -> None:
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M parameters)  |  "
           f"{n_train} train pairs, {n_heldout} held out  |  loss {args.loss_type}, β {args.beta}")
-    if args.max_length is not None:
+    if max_length is not None:
         cut, dropped = cuts["cut_pairs"], cuts["dropped_pairs"]
-        print(f"--max-length {args.max_length}: cut {cut['train']} train and {cut['heldout']} held-out pairs "
-              f"to their first {args.max_length} tokens; dropped {dropped['train']} train and "
+        print(f"--max-length {max_length}: cut {cut['train']} train and {cut['heldout']} held-out pairs "
+              f"to their first {max_length} tokens; dropped {dropped['train']} train and "
               f"{dropped['heldout']} held-out pairs whose prompt alone is that long (TRL's keep_start)")
 
 

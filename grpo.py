@@ -506,6 +506,9 @@ def train(args: Args) -> dict:
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
     tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
+    # every prompt + --max-new-tokens within the model's positions (row i of train + held out: line of --data)
+    tasks.check_context(tok, policy, [tasks.chat_prompt(tok, r["prompt"], args.chat_template)
+                                      for r in train_rows + heldout], args.max_new_tokens, args.data)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
     # the run folder is made only once the flags, the data and the model have all been accepted

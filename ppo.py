@@ -1039,6 +1039,9 @@ def setup(args: Args, ckpt, device, prec):
     train_pairs, heldout = (tasks.render_chat(tok, rows, model=args.model) for rows in (train_pairs, heldout))
     prompts_all = [p["prompt"] for p in train_pairs]  # rows of messages: rendered by the chat template
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
+    # every prompt + --max-new-tokens within the model's positions (row i of train + held out: line of --data)
+    tasks.check_context(tok, policy, [p["prompt"] for p in train_pairs + heldout], args.max_new_tokens,
+                        args.data)
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
     harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)

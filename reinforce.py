@@ -428,6 +428,9 @@ def train(args: Args) -> dict:
     ##### models: the policy π_θ, the frozen reference π_ref (β > 0 only), V_ψ (--baseline value only)
     policy, ref, tok = load_models(args, ckpt, device)
     tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
+    # every prompt + --max-new-tokens within the model's positions (row i of train + held out: line of --data)
+    tasks.check_context(tok, policy, [tasks.chat_prompt(tok, r["prompt"], args.chat_template)
+                                      for r in train_rows + heldout], args.max_new_tokens, args.data)
     params = [p for p in policy.parameters() if p.requires_grad]
     head = new_value_head(policy, ckpt, device) if args.baseline == "value" else None  # V_ψ(s_t), or None
     groups = [{"params": params}] + ([] if head is None else [{"params": list(head.parameters()),

@@ -252,12 +252,13 @@ def ranking_rewards(rm: RewardModel, tokenizer, rows: list[dict], device):
 
 def drop_too_long(tokenizer, rows: list[dict], max_length: int | None) -> tuple[list[dict], int]:
     """TRL's reward-trainer rule: keep a row only if every prompt + completion + EOS has at most
-    `max_length` tokens (a cut sequence has no EOS for the reward to be read at). -> (kept, dropped)."""
+    `max_length` tokens (a cut sequence has no EOS for the reward to be read at); the prompt counts
+    with BOS where the tokenizer adds one (`common.encode_prompts`). -> (kept, dropped)."""
     if max_length is None or not rows:
         return rows, 0
     def n_tokens(texts):
         return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-    p_len = n_tokens(r["prompt"] for r in rows)
+    p_len = [len(ids) for ids in common.encode_prompts(tokenizer, [r["prompt"] for r in rows])]
     c_len = iter(n_tokens(c for r in rows for c in ranked(r)))
     kept = [r for r, p in zip(rows, p_len) if max(p + next(c_len) + 1 for _ in ranked(r)) <= max_length]
     return kept, len(rows) - len(kept)
@@ -295,7 +296,7 @@ def train(args: Args) -> dict:
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
 
     ##### the model: the SFT policy's transformer and a fresh scalar head
-    lm, tok, train_rows, heldout_rows, cuts = load_rows_and_model(args, device)  # pairs and/or rankings
+    lm, tok, train_rows, heldout_rows, cuts, max_length = load_rows_and_model(args, device)  # pairs, rankings
     harness.set_threads(args.threads, device, lm)  # CPU: 1 thread for a small model (see --threads)
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("reward_model", args.seed),
@@ -328,7 +329,7 @@ def train(args: Args) -> dict:
     log = harness.RunLogger(out, total_steps=total_steps)
     ceiling = tasks.ceiling_accuracy(heldout) if gold else None
     train_ceiling = tasks.ceiling_accuracy(train_probe) if gold else None
-    print_header(out, device, prec, args, rm, len(train_rows), len(heldout), cuts)
+    print_header(out, device, prec, args, rm, len(train_rows), len(heldout), cuts, max_length)
     evaluate = evaluator(rm, tok, train_probe, heldout, device, prec)
     if ckpt is None:  # the start model, at step 0
         start = evaluate_start(evaluate, log, ceiling, gold)
@@ -409,27 +410,32 @@ def train(args: Args) -> dict:
 
 def load_rows_and_model(args: Args, device):
     """The preference rows (pairs and/or rankings), rendered with the chat template, without those
-    longer than --max-length, and the SFT policy's LM (float32 weights).
-    -> (lm, tok, train rows, held-out rows, {"train": dropped, "heldout": dropped})"""
+    longer than --max-length (capped at the model's context), and the SFT policy's LM (float32
+    weights). -> (lm, tok, train rows, held-out rows, {"train": dropped, "heldout": dropped},
+    the --max-length in force)"""
     train_rows, heldout_rows = tasks.load_preferences(args.data, rankings=True)  # pairs and/or rankings
     print(f"loading --model {args.model} …", flush=True)
     lm, tok = common.load_model(common.resolve_model_path(args.model), device)  # float32 weights
+    max_length = tasks.cap_max_length(args.max_length, lm)  # --max-length ≤ the model's positions
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
     train_rows, heldout_rows = (tasks.render_chat(tok, rows, args.chat_template, args.model)
                                 for rows in (train_rows, heldout_rows))
-    (train_rows, cut_train), (heldout_rows, cut_heldout) = (drop_too_long(tok, rows, args.max_length)
+    (train_rows, cut_train), (heldout_rows, cut_heldout) = (drop_too_long(tok, rows, max_length)
                                                             for rows in (train_rows, heldout_rows))
-    check(train_rows and heldout_rows, f"--max-length {args.max_length}: no training or no held-out row is "
+    check(train_rows and heldout_rows, f"--max-length {max_length}: no training or no held-out row is "
           "that short; raise it (or pass --max-length none)")
-    return lm, tok, train_rows, heldout_rows, {"train": cut_train, "heldout": cut_heldout}
+    if args.normalize:  # the SFT samples of the normalisation: --max-new-tokens after train prompts
+        tasks.check_context(tok, lm, [r["prompt"] for r in train_rows], args.max_new_tokens)
+    return lm, tok, train_rows, heldout_rows, {"train": cut_train, "heldout": cut_heldout}, max_length
 
 
-def print_header(out, device, prec, args: Args, rm, n_train: int, n_heldout: int, cuts: dict) -> None:
+def print_header(out, device, prec, args: Args, rm, n_train: int, n_heldout: int, cuts: dict,
+                 max_length: int | None) -> None:
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters)  |  "
           f"{n_train} train rows, {n_heldout} held-out pairs")
-    if args.max_length is not None:
-        print(f"--max-length {args.max_length}: dropped {cuts['train']} train and {cuts['heldout']} held-out "
+    if max_length is not None:
+        print(f"--max-length {max_length}: dropped {cuts['train']} train and {cuts['heldout']} held-out "
               "rows with a longer prompt + completion + EOS (TRL's reward trainer drops them too)")
 
 

@@ -1,6 +1,7 @@
 """The tasks: the project's own gym, and the users' data. A reader of an algorithm may skip it.
 
   #####  data             `read_jsonl` that names `file:line: reason`
+  #####  the context      prompt + completion within the model's positions (`check_context`)
   #####  the verifiable task   arithmetic prompts with exact answers, `score` (the strict reward),
                           `--data FILE.jsonl` (prompt/answer rows, GSM8K as published)
   #####  the preference task  a hidden gold reward, the embedded SFT policy `tiny-pref`, noisy pairs
@@ -57,6 +58,60 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), flag: str = "--
             rows.append(row)
     check(len(rows) > 0, f"{flag} {p}: the file holds no rows")
     return rows
+
+
+def jsonl_line(path: str | Path, index: int) -> int:
+    """The line number of row `index` (0-based) of a JSONL file, blank lines skipped as `read_jsonl`
+    skips them: for messages about a row found after reading."""
+    with open(path, encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip()][index]
+
+
+#####################################################################################################
+#####  the context: prompt + completion within the model's positions
+#####################################################################################################
+#
+# A model has positions 0 … n−1 (config.max_position_embeddings; GPT-2's n_positions answers to that
+# name too). Past them a model with learned positions crashes (an IndexError deep in the embedding),
+# and a rotary one (Llama, Qwen) runs on positions it was never trained on. So the scripts check the
+# lengths once, before the run folder is made: generation needs prompt + --max-new-tokens ≤ n, and
+# dpo.py's and reward_model.py's --max-length is capped at n.
+
+
+def model_context(model) -> int | None:
+    """The model's number of positions (config.max_position_embeddings); None if it declares none."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_context(tokenizer, model, prompts: list[str], max_new_tokens: int, data: str | None = None,
+                  flag: str = "--max-new-tokens") -> None:
+    """One line, not a crash or a run past the model's positions, unless every prompt + `max_new_tokens`
+    generated tokens fits them. The longest prompt is named: with `data`, by its line of that file
+    (`prompts[i]` is row i of it), else by its start. A prompt that alone fills the context is
+    refused as such; otherwise the error names `flag` and the largest value that fits."""
+    n = model_context(model)
+    if n is None or not prompts:
+        return
+    lengths = [len(ids) for ids in common.encode_prompts(tokenizer, prompts)]  # BOS included where added
+    i = max(range(len(lengths)), key=lengths.__getitem__)  # the longest prompt
+    where = f"{data}:{jsonl_line(data, i)}" if data else f"the prompt {prompts[i][:40]!r}…"
+    check(lengths[i] < n, f"{where}: the prompt has {lengths[i]} tokens, which fill the context of --model "
+                          f"({n} positions): no room for a completion (shorten it, or drop the row)")
+    check(lengths[i] + max_new_tokens <= n,
+          f"{flag} {max_new_tokens}: the longest prompt ({where}, {lengths[i]} tokens) and {max_new_tokens} "
+          f"new tokens exceed the context of --model ({n} positions); give {flag} {n - lengths[i]} or less, "
+          "or shorten that prompt")
+
+
+def cap_max_length(max_length: int | None, model, flag: str = "--max-length") -> int | None:
+    """`max_length` (None: no limit) capped at the model's context; the cap is printed when it bites."""
+    n = model_context(model)
+    if n is None or (max_length is not None and max_length <= n):
+        return max_length
+    print(f"{flag} {'none' if max_length is None else max_length}: capped at {n}, the context of --model "
+          "(config max_position_embeddings)")
+    return n
 
 
 #####################################################################################################
@@ -129,7 +184,8 @@ def score(completion, answer: str, finished: bool, strict: bool = True, tokenize
     """The verifiable reward: 1.0 if the completion answers `answer`, else 0.0. Never raises.
 
     completion: the generated token ids (a list of ints, with `tokenizer`; everything from the
-    first EOS on is dropped), or the decoded text. A completion that did not finish (no EOS within
+    first stop token on is dropped: EOS, or another of the model's, `common.stop_ids`), or the
+    decoded text. A completion that did not finish (no EOS within
     the token limit) scores 0 either way: an answer that was cut off is not an answer.
 
     strict (the built-in arithmetic task) scores what was generated: the tokens before the EOS must
@@ -150,9 +206,9 @@ def score(completion, answer: str, finished: bool, strict: bool = True, tokenize
         return 0.0
     if tokenizer is not None and isinstance(completion, (list, tuple)) \
             and all(isinstance(i, int) for i in completion):
+        stops = set(common.stop_ids(tokenizer))  # EOS, and the model's other stop tokens
         ids = list(completion)
-        if tokenizer.eos_token_id in ids:
-            ids = ids[:ids.index(tokenizer.eos_token_id)]  # the answer: the tokens before the first EOS
+        ids = ids[:next((k for k, i in enumerate(ids) if i in stops), len(ids))]  # before the first EOS
         special, n_vocab = set(tokenizer.all_special_ids), len(tokenizer)
         if strict and any(i in special or not 0 <= i < n_vocab for i in ids):
             return 0.0  # a <pad>, <unk>, ... (or no token at all) inside the answer: not the number as written

@@ -367,12 +367,13 @@ def reward_fields(a, n_pairs: int, world: int = 1) -> dict:
 
 def task_reward(tok, strict: bool):
     """tasks.score as a TRL reward function. TRL passes `completion_ids` cut just after the first
-    EOS, so a completion finished iff its ids end in EOS. It is scored from those ids, as the scripts
-    score theirs (a special token inside an answer is then wrong under strict scoring)."""
-    eos = tok.eos_token_id
+    EOS, so a completion finished iff its ids end in EOS, or in another of the model's stop tokens
+    (`common.stop_ids`), where generate stopped. It is scored from those ids, as the scripts score
+    theirs (a special token inside an answer is then wrong under strict scoring)."""
+    stops = set(common.stop_ids(tok))
 
     def task_score(prompts, completions, completion_ids, answer, **kw):
-        return [tasks.score(list(ids), ans, len(ids) > 0 and ids[-1] == eos, strict, tok)  # from the ids
+        return [tasks.score(list(ids), ans, len(ids) > 0 and ids[-1] in stops, strict, tok)  # from the ids
                 for ids, ans in zip(completion_ids, answer)]
     return task_score
 

@@ -435,8 +435,8 @@ def test_generate_greedy_is_deterministic_and_stops_at_eos():
     model = random_llama(seed=3)
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
     p_ids, p_mask = common.left_pad(prompts, PAD)
-    free, _ = common.generate(model, p_ids, p_mask, 8, eos_id=31, pad_id=PAD, greedy=True)  # [3, 8]
-    again, _ = common.generate(model, p_ids, p_mask, 8, eos_id=31, pad_id=PAD, greedy=True)
+    free, _ = common.generate(model, p_ids, p_mask, 8, eos_ids=31, pad_id=PAD, greedy=True)  # [3, 8]
+    again, _ = common.generate(model, p_ids, p_mask, 8, eos_ids=31, pad_id=PAD, greedy=True)
     assert torch.equal(free, again)  # greedy: no randomness
 
     # Make row 0 stop: take the first token it emits at step k ≥ 1 that it has not emitted before
@@ -445,7 +445,7 @@ def test_generate_greedy_is_deterministic_and_stops_at_eos():
     row0 = free[0].tolist()
     k = next(k for k in range(1, 8) if row0[k] not in row0[:k])
     eos = row0[k]
-    c_ids, c_mask = common.generate(model, p_ids, p_mask, 8, eos_id=eos, pad_id=PAD, greedy=True)
+    c_ids, c_mask = common.generate(model, p_ids, p_mask, 8, eos_ids=eos, pad_id=PAD, greedy=True)
     assert c_ids[0, :k + 1].tolist() == row0[:k + 1]
     assert c_mask[0].tolist() == [1] * (k + 1) + [0] * (c_ids.shape[1] - k - 1)
     for row, cm, ref in zip(c_ids, c_mask, free):
@@ -461,7 +461,7 @@ def test_generate_greedy_is_deterministic_and_stops_at_eos():
     # when every row has stopped, generation stops: one EOS everywhere at step 0
     first = int(free[0, 0])
     p_same, m_same = common.left_pad([prompts[0]] * 2, PAD)
-    c, m = common.generate(model, p_same, m_same, 8, eos_id=first, pad_id=PAD, greedy=True)
+    c, m = common.generate(model, p_same, m_same, 8, eos_ids=first, pad_id=PAD, greedy=True)
     assert c.tolist() == [[first], [first]] and m.tolist() == [[1], [1]]
 
 
@@ -471,7 +471,7 @@ def test_generate_kv_cache_matches_full_forward(arch):
     over [prompt | completion so far] without a cache (teacher-forced)."""
     model = random_model(arch, seed=1)
     p_ids, p_mask = common.left_pad([[5, 6, 7], [8], [9, 10, 11, 12, 13], [2, 3]], PAD)
-    c_ids, c_mask = common.generate(model, p_ids, p_mask, 10, eos_id=EOS, pad_id=PAD, greedy=True)
+    c_ids, c_mask = common.generate(model, p_ids, p_mask, 10, eos_ids=EOS, pad_id=PAD, greedy=True)
     ids, mask = common.concat_prompt_completion(p_ids, p_mask, c_ids, c_mask)  # [B, P+T]
     with torch.no_grad():
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -486,13 +486,13 @@ def test_generate_sampling_is_seeded_and_tempered():
     model = random_llama(seed=2)
     p_ids, p_mask = common.left_pad([[5, 6, 7]] * 64, PAD)
     harness.seed_everything(0)
-    a, _ = common.generate(model, p_ids, p_mask, 3, eos_id=EOS, pad_id=PAD, temperature=1.0)
+    a, _ = common.generate(model, p_ids, p_mask, 3, eos_ids=EOS, pad_id=PAD, temperature=1.0)
     harness.seed_everything(0)
-    b, _ = common.generate(model, p_ids, p_mask, 3, eos_id=EOS, pad_id=PAD, temperature=1.0)
+    b, _ = common.generate(model, p_ids, p_mask, 3, eos_ids=EOS, pad_id=PAD, temperature=1.0)
     assert torch.equal(a, b)
     # a very low temperature samples the greedy tokens
-    g, _ = common.generate(model, p_ids[:1], p_mask[:1], 3, eos_id=EOS, pad_id=PAD, greedy=True)
-    cold, _ = common.generate(model, p_ids, p_mask, 3, eos_id=EOS, pad_id=PAD, temperature=1e-4)
+    g, _ = common.generate(model, p_ids[:1], p_mask[:1], 3, eos_ids=EOS, pad_id=PAD, greedy=True)
+    cold, _ = common.generate(model, p_ids, p_mask, 3, eos_ids=EOS, pad_id=PAD, temperature=1e-4)
     assert (cold == g).all()
     assert len({tuple(r) for r in a.tolist()}) > 1  # temperature 1 on a random model: diverse
 
