@@ -339,7 +339,7 @@ def train(args: Args) -> dict:
     log = harness.RunLogger(out, total_steps=total_steps)
     ceiling = tasks.ceiling_accuracy(heldout) if gold else None
     train_ceiling = tasks.ceiling_accuracy(train_probe) if gold else None
-    print_header(out, device, prec, args, rm, len(train_rows), len(heldout), cuts)
+    print_header(out, device, prec, args, rm, len(train_rows), len(heldout), cuts, tok, suffix)
     evaluate = evaluator(rm, tok, train_probe, heldout, device, prec, suffix)
     if ckpt is None:  # the start model, at step 0
         start = evaluate_start(evaluate, log, ceiling, gold)
@@ -443,13 +443,17 @@ def load_rows_and_model(args: Args, device):
     return lm, tok, train_rows, heldout_rows, {"train": cut_train, "heldout": cut_heldout}, suffix
 
 
-def print_header(out, device, prec, args: Args, rm, n_train: int, n_heldout: int, cuts: dict) -> None:
+def print_header(out, device, prec, args: Args, rm, n_train: int, n_heldout: int, cuts: dict, tok=None,
+                 suffix: list[int] | None = None) -> None:
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters)  |  "
           f"{n_train} train rows, {n_heldout} held-out pairs")
     if args.max_length is not None:
         print(f"--max-length {args.max_length}: dropped {cuts['train']} train and {cuts['heldout']} held-out "
               "rows with a longer prompt + completion + EOS (TRL's reward trainer drops them too)")
+    if suffix:
+        print(f"chat-formatted rows: the reward is read after the EOS and the template's trailing tokens "
+              f"{tok.decode(suffix)!r}, where transformers and TRL read it")
 
 
 def evaluator(rm, tok, train_probe: list[dict], heldout: list[dict], device, prec,
