@@ -72,7 +72,11 @@ computes F v on a 10% subsample of the batch, which this code does not do.
 Which position gets the score: the last token of the completion, i.e. its EOS when it finished,
 otherwise its last sampled token (the token limit). The reward model reads its head at that same
 token (the last real token of prompt + completion), so the score is the value of the whole text,
-and it enters the return of every earlier token through GAE.
+and it enters the return of every earlier token through GAE. On chat-formatted rows (--chat-template,
+or rows of messages) a finished completion is read as reward_model.py and TRL train on such rows, and
+as transformers' AutoModelForSequenceClassification reads `apply_chat_template(conversation)`: after
+the template's trailing tokens (Qwen's turns end "<|im_end|>\n": the head reads the "\n"); the
+score still enters r_t at the EOS.
 
 On the built-in task (common.py, "the preference task") the reward model was fitted to noisy labels
 of a hidden gold reward, so a sample's gold reward tells how good it really is: the score (the
@@ -126,7 +130,13 @@ class Args:
     data: Optional[str] = None
     """JSONL preference pairs {"prompt", "chosen", "rejected"}: their prompts are PPO's prompts, their
     chosen texts the PPO-ptx data unless --ptx-data is given (and the reward model's data when it is
-    trained here); default: the built-in task"""
+    trained here); text, or TRL's conversational lists of {"role", "content"} messages, rendered with
+    the chat template; default: the built-in task"""
+    chat_template: bool = False
+    """render text pairs as a user message and an assistant reply with the tokenizer's chat template
+    (for instruct models), as reward_model.py --chat-template and dpo.py --chat-template do; rows of
+    messages always use it. The reward model then reads each completion as it was trained on such
+    rows: after the EOS and the template's trailing tokens (Qwen: "<|im_end|>" then "\n")"""
     out_dir: Optional[str] = None
     """run folder for metrics.jsonl, summary.json and the final policy; default runs/ppo__s<seed>__<time>
     (TRL: output_dir)"""
@@ -650,14 +660,18 @@ def trpo_step(theta_old: torch.Tensor, g: torch.Tensor, fvp, evaluate, delta: fl
 
 @torch.no_grad()
 def score(rm, ids: torch.Tensor, mask: torch.Tensor, finished: torch.Tensor, missing_eos_penalty: float = 0.0,
-          autocast=contextlib.nullcontext) -> torch.Tensor:
+          autocast=contextlib.nullcontext, suffix: list[int] | None = None) -> torch.Tensor:
     """The score of each completion (notes 000, "RLHF + PPO": r_φ(x, y)), with the 'EOS trick':
 
         s = r_φ(x, y) − penalty · 1[y ended at the token limit, without EOS]
 
     rm: the frozen reward model, read at the last real token of prompt + completion; ids, mask:
     [b, P+T]; finished: [b] bool; autocast: the context of the forward pass.  -> s [b], float32.
+    suffix (chat-formatted rows): the template's trailing tokens, written after the EOS of each
+    finished completion before r_φ reads it, so that it reads the text `apply_chat_template` writes
+    for the conversation, as it was trained (`tasks.chat_suffix`); None for plain-text rows.
     """
+    ids, mask = tasks.append_after_last(ids, mask, suffix, finished)  # [b, P+T(+S)]
     with autocast():
         s = rm(ids, mask).float()  # r_φ(x, y)   [b]
     return s - missing_eos_penalty * (~finished).float()  # [b]
@@ -836,15 +850,15 @@ def train(args: Args) -> dict:
     device = harness.pick_device(args.device)
     prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
     ##### the four models (π_θ, π_ref, r_φ, V_ψ), the prompts and the PPO-ptx texts (`setup`, below train)
-    (policy, ref, rm, value, tok, out, rm_path, gold, prompts_all, eval_prompts, ptx_data,
-     ptx_rng) = setup(args, ckpt, device, prec)
+    (policy, ref, rm, rm_suffix, value, tok, out, rm_path, gold, prompts_all, eval_prompts, ptx_data,
+     ptx_rng) = setup(args, ckpt, device, prec)  # rm_suffix: chat rows' trailing tokens, read after EOS
     harness.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
     params = [{"params": list(policy.parameters())}, {"params": list(value.parameters())}]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-5)  # one AdamW, θ and ψ
     sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, "constant")  # warm-up, then flat
     load_seconds = time.time() - t_start
     evaluate, log, start, start_texts, ev, final_texts = begin_run(  # held-out samples: the start, the latest
-        args, ckpt, out, policy, ref, rm, tok, eval_prompts, gold, device, prec, rm_path)
+        args, ckpt, out, policy, ref, rm, rm_suffix, tok, eval_prompts, gold, device, prec, rm_path)
     beta, beta_pen, trpo_failures = args.beta, args.penalty_beta, 0  # β of r_t, β_pen of L_KLPEN
     B, mb_size = args.batch_size, args.batch_size // args.mini_batches
     micro = min(args.micro_batch or mb_size, mb_size)  # sequences per forward/backward pass
@@ -874,7 +888,8 @@ def train(args: Args) -> dict:
                                   for c in chunks])  # log π_ref(y_t|s_t)   [B, T]
             old_values = torch.cat([value(ids[c], mask[c], T) for c in chunks]).float()  # V_old(s_t) [B, T]
             scores = torch.cat([score(rm, ids[c], mask[c], finished[c], args.missing_eos_penalty,
-                                      prec.autocast) for c in chunks])  # s = r_φ(x, y) − penalty·1[no EOS]
+                                      prec.autocast, rm_suffix)
+                                for c in chunks])  # s = r_φ(x, y) − penalty·1[no EOS]   [B]
         ##### 3. rewards, GAE, returns (of the tensors cached without gradient)
         s = (scores - scores.mean()) / (scores.std() + 1e-8) if args.whiten_scores else scores  # [B]
         rewards, kl = kl_shaped_rewards(s, old_logp, ref_logp, c_mask, beta, args.kl_estimator)  # [B, T]
@@ -1010,9 +1025,10 @@ def validate(args: Args) -> None:
         folder = Path(common.resolve_model_path(args.reward_model)).expanduser()
         check(folder.is_dir(), f"--reward-model {args.reward_model}: no such folder (give the `model` "
                                "folder of a reward_model.py run, or leave the flag out to train one)")
-        check((folder / tasks.HEAD_FILE).is_file(),
-              f"--reward-model {args.reward_model}: no {tasks.HEAD_FILE} in this folder, so it is not a "
-              "reward model saved by reward_model.py (give the `model` folder inside its run folder)")
+        check((folder / tasks.HEAD_FILE).is_file() or tasks.hf_score_weight(folder) is not None,
+              f"--reward-model {args.reward_model}: no {tasks.HEAD_FILE} and no one-label `score.weight` in "
+              "this folder, so it is neither a reward model saved by reward_model.py nor one saved by TRL "
+              "(give the `model` folder inside its run folder)")
     elif not (args.model == "tiny-pref" and args.data is None) and not (
             args.resume and (Path(args.resume).expanduser() / "reward_model" / "model").is_dir()):
         script = Path(__file__).resolve().parent / "reward_model.py"  # default_reward_model trains one with it
@@ -1036,8 +1052,12 @@ def setup(args: Args, ckpt, device, prec):
     print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
           "models …", flush=True)
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # π_θ, float32
-    train_pairs, heldout = (tasks.render_chat(tok, rows, model=args.model) for rows in (train_pairs, heldout))
-    prompts_all = [p["prompt"] for p in train_pairs]  # rows of messages: rendered by the chat template
+    chat = args.chat_template or isinstance(train_pairs[0]["prompt"], list)  # one file: text, or messages
+    train_pairs, heldout = (tasks.render_chat(tok, rows, args.chat_template, args.model)
+                            for rows in (train_pairs, heldout))  # messages (or --chat-template) -> text
+    rm_suffix = tasks.chat_suffix(tok) if chat else None  # read after the EOS, as the RM was trained
+    check_reward_model_rows(args, tok, chat, train_pairs, heldout, rm_suffix)  # before the run folder
+    prompts_all = [p["prompt"] for p in train_pairs]
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     # every prompt + --max-new-tokens within the model's positions (row i of train + held out: line of --data)
     tasks.check_context(tok, policy, [p["prompt"] for p in train_pairs + heldout], args.max_new_tokens,
@@ -1061,7 +1081,8 @@ def setup(args: Args, ckpt, device, prec):
     value.eval()  # no dropout in the value model either
     ptx_rng = np.random.default_rng(args.seed + 2)  # the PPO-ptx texts' order
     ptx_data = sft_batches(args, train_pairs, ptx_rng, ptx_rows) if args.ptx_coef > 0 else None
-    return policy, ref, rm, value, tok, out, rm_path, gold, prompts_all, eval_prompts, ptx_data, ptx_rng
+    return (policy, ref, rm, rm_suffix, value, tok, out, rm_path, gold, prompts_all, eval_prompts, ptx_data,
+            ptx_rng)
 
 
 def default_reward_model(args: Args, out: Path | None, resume: bool = False) -> Path:
@@ -1079,11 +1100,13 @@ def default_reward_model(args: Args, out: Path | None, resume: bool = False) -> 
         return out / "reward_model" / "model"
     script = Path(__file__).resolve().parent / "reward_model.py"  # there: `validate` checked
     print("no --reward-model given: training one first (reward_model.py, its defaults, seed 1, "
-          f"--model {args.model}" + (f", --data {args.data}" if args.data else "") + ")", flush=True)
+          f"--model {args.model}" + (f", --data {args.data}" if args.data else "")
+          + (", --chat-template" if args.chat_template else "") + ")", flush=True)
     run = out / "reward_model"
     cmd = [sys.executable, str(script), "--model", args.model, "--out-dir", str(run), "--overwrite",
            "--seed", "1", "--dtype", args.dtype]
     cmd += (["--data", args.data] if args.data else []) + (["--device", args.device] if args.device else [])
+    cmd += ["--max-length", str(RM_MAX_LENGTH)] + (["--chat-template"] if args.chat_template else [])
     done = subprocess.run(cmd)  # its own process: no script imports another, and its memory is freed after
     check(done.returncode == 0, f"training the reward model failed (reward_model.py exited with "
                                 f"{done.returncode}; its error is above): pass --reward-model FOLDER instead")
@@ -1091,6 +1114,39 @@ def default_reward_model(args: Args, out: Path | None, resume: bool = False) -> 
     print(f"reward model trained: held-out pair accuracy {summary['heldout_accuracy']:.3f}; "
           f"saved in {run / 'model'}")
     return run / "model"
+
+
+RM_MAX_LENGTH = 1024  # --max-length of the reward model trained here (reward_model.py's default, TRL's)
+
+
+def check_reward_model_rows(args: Args, tok, chat: bool, train_pairs: list[dict], heldout: list[dict],
+                            suffix: list[int] | None) -> None:
+    """Before the run folder: one line naming ppo.py's flags, not a failure inside reward_model.py.
+    With --reward-model: it must have been trained on rows of the kind this run scores (chat-formatted
+    or plain text; TRL's folders do not say). Without it, on --data: the reward model trained here
+    drops the pairs longer than RM_MAX_LENGTH tokens (prompt + completion + EOS + suffix), so some
+    training and some held-out pair must fit."""
+    if args.reward_model is not None:
+        trained = tasks.reward_model_chat(args.reward_model)  # None: the folder does not say
+        check(trained is None or trained == chat, f"--reward-model {args.reward_model} was trained on "
+              + ("chat-formatted rows, and this run's rows are plain text: pass --chat-template" if trained
+                 else "plain-text rows, and this run renders its rows with the chat template "
+                 "(--chat-template or rows of messages): give a reward model trained on such rows"))
+        return
+    trained_before = args.resume and (Path(args.resume).expanduser() / "reward_model" / "model").is_dir()
+    if args.data is None or trained_before:
+        return  # the built-in task's shipped reward model, or the one this run trained before
+    def n_tokens(texts):
+        return [len(ids) for ids in tok(list(texts), add_special_tokens=False)["input_ids"]]
+    for name, rows in (("training", train_pairs), ("held-out", heldout)):
+        longest = [len(p) + 1 + len(suffix or []) + max(c, r) for p, c, r in zip(
+            common.encode_prompts(tok, [x["prompt"] for x in rows]), n_tokens(x["chosen"] for x in rows),
+            n_tokens(x["rejected"] for x in rows))]  # prompt (BOS too) + completion + EOS (+ suffix), the longer one
+        check(min(longest) <= RM_MAX_LENGTH,
+              f"--data {args.data}: no --reward-model given, and no {name} pair fits in the {RM_MAX_LENGTH} "
+              f"tokens of the reward model trained here (its shortest has {min(longest)}): train one with "
+              "reward_model.py on these pairs and a larger maximum length, and pass it as "
+              "--reward-model FOLDER")
 
 
 def check_same_vocab(tok, rm_tok, where: str) -> None:
@@ -1134,8 +1190,8 @@ def sft_batches(args: Args, train_pairs: list[dict], seed, ptx_rows: list[dict] 
         yield list(prompts), list(comps)
 
 
-def begin_run(args: Args, ckpt, out: Path, policy, ref, rm, tok, eval_prompts: list, gold: bool, device, prec,
-              rm_path: Path):
+def begin_run(args: Args, ckpt, out: Path, policy, ref, rm, rm_suffix, tok, eval_prompts: list, gold: bool,
+              device, prec, rm_path: Path):
     """The evaluation, the run's logger and first line, and the start policy's evaluation (step 0 of
     metrics.jsonl). -> (evaluate, log, start, start_texts, ev, final_texts): ev and final_texts are the
     latest evaluation, the start's (on --resume, the evaluations the checkpoint kept); evaluate() ->
@@ -1144,7 +1200,7 @@ def begin_run(args: Args, ckpt, out: Path, policy, ref, rm, tok, eval_prompts: l
         """Samples for the held-out prompts (fixed seed): gold reward, score, KL to π_ref and length,
         by the same function as dpo.py's evaluation, so that the two compare."""
         def score_fn(ids, mask, finished):  # s = r_φ(x, y) − penalty·1[no EOS], as in the rollouts
-            return score(rm, ids, mask, finished, args.missing_eos_penalty, prec.autocast)
+            return score(rm, ids, mask, finished, args.missing_eos_penalty, prec.autocast, rm_suffix)
         with prec.autocast():
             s = tasks.sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1,
                                        gold, score_fn=score_fn)

@@ -9,7 +9,8 @@ P(y_w ≻ y_l | x) = σ(r(x, y_w) − r(x, y_l)), and the reward model is logist
 difference of its two scores. The model is the language model itself (the SFT policy, as in
 InstructGPT) with its LM head replaced by a linear head that outputs one number, read at the last
 real token of prompt + completion (the EOS that ends the completion): with causal attention, that
-is the only position that has seen the whole text.
+is the only position that has seen the whole text. Chat-formatted rows are read where transformers
+and TRL read them, after the template's trailing tokens (Qwen's "<|im_end|>\n": at the "\n").
 
     r_φ(x, y) = w · h_L(x, y)[last non-pad token] + b       h: the LM's final hidden states
     for epoch = 1 .. epochs:
@@ -70,11 +71,12 @@ class Args:
     out); default: the built-in task's pairs, labelled by a hidden gold reward"""
     chat_template: bool = False
     """render text rows as a user message and an assistant reply with the tokenizer's chat template
-    (for instruct models); rows of messages always use it"""
+    (for instruct models); rows of messages always use it. Such rows are read after the template's
+    trailing tokens (Qwen: "<|im_end|>\n"), where transformers and TRL read them"""
     max_length: Optional[int] = 1024
-    """drop the rows where prompt + completion + EOS has more tokens than this, as TRL's reward
-    trainer does (a cut sequence has no EOS to read the reward at); the run reports how many
-    (TRL: max_length); none keeps every row"""
+    """drop the rows where prompt + completion + EOS (+ the chat template's trailing tokens) has more
+    tokens than this, as TRL's reward trainer does (a cut sequence has no EOS to read the reward at);
+    the run reports how many (TRL: max_length); none keeps every row"""
     out_dir: Optional[str] = None
     """run folder for metrics.jsonl, summary.json and the reward model; default
     runs/reward_model__s<seed>__<time> (TRL: output_dir)"""
@@ -200,8 +202,10 @@ def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Ten
     return ((r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()).mean()
 
 
-def score_pairs(rm: RewardModel, tokenizer, pairs: list[dict], device, batch_size: int = 256):
-    """Rewards of every pair's chosen and rejected completion: two tensors [N] (no gradient)."""
+def score_pairs(rm: RewardModel, tokenizer, pairs: list[dict], device, batch_size: int = 256,
+                suffix: list[int] | None = None):
+    """Rewards of every pair's chosen and rejected completion: two tensors [N] (no gradient).
+    `suffix`: the chat template's trailing tokens, read after the EOS (`tasks.chat_suffix`)."""
     r_c, r_r = [], []
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
@@ -209,7 +213,7 @@ def score_pairs(rm: RewardModel, tokenizer, pairs: list[dict], device, batch_siz
             ids, mask, _, _ = common.encode_prompt_completion(
                 tokenizer, [p["prompt"] for p in chunk] * 2,
                 [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk], device)  # [2b, P+T]
-            r = rm(ids, mask)  # [2b]
+            r = rm(*tasks.append_after_last(ids, mask, suffix, pad_id=tokenizer.pad_token_id))  # [2b]
             r_c.append(r[:len(chunk)])
             r_r.append(r[len(chunk):])
     return torch.cat(r_c), torch.cat(r_r)  # [N], [N]
@@ -232,17 +236,20 @@ def ranking_pairs(rows: list[dict]) -> list[dict]:
             for r in rows for c in [ranked(r)] for i in range(len(c)) for j in range(i + 1, len(c))]
 
 
-def ranking_rewards(rm: RewardModel, tokenizer, rows: list[dict], device):
+def ranking_rewards(rm: RewardModel, tokenizer, rows: list[dict], device,
+                    suffix: list[int] | None = None):
     """r_φ of every completion of a batch of rankings, in one forward pass.  -> rewards [B, K],
     valid [B, K] (K = the longest ranking; each row's first K_b entries are real, the rest 0).
     The sequences go completion by completion (all first completions, then all second ones, ...),
-    so a batch of pairs is the B chosen then the B rejected."""
+    so a batch of pairs is the B chosen then the B rejected. Each is prompt + completion + EOS, then
+    `suffix` (chat-formatted rows: the template's trailing tokens, `tasks.chat_suffix`), where the
+    reward is read: the text `apply_chat_template` writes for the conversation, as TRL tokenizes it."""
     comps = [ranked(r) for r in rows]
     K = max(map(len, comps))
     slots = [(b, k) for k in range(K) for b, c in enumerate(comps) if k < len(c)]  # (row, rank)
     ids, mask, _, _ = common.encode_prompt_completion(
         tokenizer, [rows[b]["prompt"] for b, _ in slots], [comps[b][k] for b, k in slots], device)  # [N, L]
-    r = rm(ids, mask)  # [N], N = Σ_b K_b
+    r = rm(*tasks.append_after_last(ids, mask, suffix, pad_id=tokenizer.pad_token_id))  # [N], N = Σ_b K_b
     b_idx, k_idx = (torch.tensor(v, device=r.device) for v in zip(*slots))  # [N], [N]
     rewards = r.new_zeros(len(rows), K).index_put((b_idx, k_idx), r)  # [B, K]
     valid = torch.zeros(len(rows), K, dtype=torch.bool, device=r.device).index_put(
@@ -250,17 +257,20 @@ def ranking_rewards(rm: RewardModel, tokenizer, rows: list[dict], device):
     return rewards, valid
 
 
-def drop_too_long(tokenizer, rows: list[dict], max_length: int | None) -> tuple[list[dict], int]:
-    """TRL's reward-trainer rule: keep a row only if every prompt + completion + EOS has at most
-    `max_length` tokens (a cut sequence has no EOS for the reward to be read at); the prompt counts
-    with BOS where the tokenizer adds one (`common.encode_prompts`). -> (kept, dropped)."""
+def drop_too_long(tokenizer, rows: list[dict], max_length: int | None,
+                  extra: int = 0) -> tuple[list[dict], int]:
+    """TRL's reward-trainer rule: keep a row only if every prompt + completion + EOS (+ `extra`
+    tokens: the chat template's trailing ones) has at most `max_length` tokens (a cut sequence has no
+    EOS for the reward to be read at); the prompt counts with BOS where the tokenizer adds one
+    (`common.encode_prompts`). -> (kept, dropped)."""
     if max_length is None or not rows:
         return rows, 0
     def n_tokens(texts):
         return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
     p_len = [len(ids) for ids in common.encode_prompts(tokenizer, [r["prompt"] for r in rows])]
     c_len = iter(n_tokens(c for r in rows for c in ranked(r)))
-    kept = [r for r, p in zip(rows, p_len) if max(p + next(c_len) + 1 for _ in ranked(r)) <= max_length]
+    kept = [r for r, p in zip(rows, p_len)
+            if max(p + next(c_len) + 1 + extra for _ in ranked(r)) <= max_length]
     return kept, len(rows) - len(kept)
 
 
@@ -296,7 +306,8 @@ def train(args: Args) -> dict:
     gold = args.data is None  # the hidden gold reward exists only for the built-in task
 
     ##### the model: the SFT policy's transformer and a fresh scalar head
-    lm, tok, train_rows, heldout_rows, cuts, max_length = load_rows_and_model(args, device)  # pairs, rankings
+    lm, tok, train_rows, heldout_rows, cuts, max_length, suffix = load_rows_and_model(args, device)
+    # suffix: None for plain-text rows; chat-formatted rows are read after the template's trailing tokens
     harness.set_threads(args.threads, device, lm)  # CPU: 1 thread for a small model (see --threads)
     # the run folder is made only once the flags, the data and the model have all been accepted
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("reward_model", args.seed),
@@ -329,8 +340,8 @@ def train(args: Args) -> dict:
     log = harness.RunLogger(out, total_steps=total_steps)
     ceiling = tasks.ceiling_accuracy(heldout) if gold else None
     train_ceiling = tasks.ceiling_accuracy(train_probe) if gold else None
-    print_header(out, device, prec, args, rm, len(train_rows), len(heldout), cuts, max_length)
-    evaluate = evaluator(rm, tok, train_probe, heldout, device, prec)
+    print_header(out, device, prec, args, rm, len(train_rows), len(heldout), cuts, max_length, tok, suffix)
+    evaluate = evaluator(rm, tok, train_probe, heldout, device, prec, suffix)
     if ckpt is None:  # the start model, at step 0
         start = evaluate_start(evaluate, log, ceiling, gold)
         ev, step = start, 0
@@ -342,7 +353,7 @@ def train(args: Args) -> dict:
         t0 = time.time()
         batch = [train_rows[j] for j in idx]
         with prec.autocast():
-            rewards, valid = ranking_rewards(rm, tok, batch, device)  # r_φ(x, y_k), best first   [B, K]
+            rewards, valid = ranking_rewards(rm, tok, batch, device, suffix)  # r_φ(x, y_k)  [B, K]
         K = rewards.shape[1]
         w, l = torch.triu_indices(K, K, offset=1, device=rewards.device)  # the pairs i ≻ j   [C]
         pair_ok = valid[:, l]  # [B, C]
@@ -387,9 +398,12 @@ def train(args: Args) -> dict:
     norm = {}
     if args.normalize:
         with torch.no_grad(), prec.autocast():
-            raw = torch.cat([rm(*common.encode_prompt_completion(
-                tok, norm_prompts[i:i + 256], norm_texts[i:i + 256], device)[:2])
-                for i in range(0, len(norm_texts), 256)])  # [N]
+            raw = []
+            for i in range(0, len(norm_texts), 256):
+                ids, mask, _, _ = common.encode_prompt_completion(tok, norm_prompts[i:i + 256],
+                                                                  norm_texts[i:i + 256], device)  # [b, L]
+                raw.append(rm(*tasks.append_after_last(ids, mask, suffix, pad_id=tok.pad_token_id)))  # [b]
+            raw = torch.cat(raw)  # r_φ of the SFT samples   [N]
         rm.reward_mean.fill_(raw.mean().item())  # μ
         rm.reward_std.fill_(raw.std().clamp(min=1e-6).item())  # s (Bessel-corrected)
         norm = {"reward_mean": rm.reward_mean.item(), "reward_std": rm.reward_std.item()}
@@ -398,7 +412,8 @@ def train(args: Args) -> dict:
             norm["gold_correlation"] = float(torch.corrcoef(torch.stack([raw.cpu(), g]))[0, 1])
 
     ##### save and summarise
-    model_dir = str(save_reward_model(rm, tok, out / "model")) if args.save_model else None
+    model_dir = (str(save_reward_model(rm, tok, out / "model", chat=suffix is not None)) if args.save_model
+                 else None)
     return summarise(log, out, args, start, ev, ceiling, train_ceiling, len(heldout), train_rows, cuts, norm,
                      len(norm_texts), step, model_dir, gold, device, t_start, train_seconds, load_seconds)
 
@@ -412,40 +427,48 @@ def load_rows_and_model(args: Args, device):
     """The preference rows (pairs and/or rankings), rendered with the chat template, without those
     longer than --max-length (capped at the model's context), and the SFT policy's LM (float32
     weights). -> (lm, tok, train rows, held-out rows, {"train": dropped, "heldout": dropped},
-    the --max-length in force)"""
+    the --max-length in force, suffix): suffix is None for plain-text rows, and for chat-formatted
+    ones the template's trailing tokens (`tasks.chat_suffix`)"""
     train_rows, heldout_rows = tasks.load_preferences(args.data, rankings=True)  # pairs and/or rankings
     print(f"loading --model {args.model} …", flush=True)
     lm, tok = common.load_model(common.resolve_model_path(args.model), device)  # float32 weights
     max_length = tasks.cap_max_length(args.max_length, lm)  # --max-length ≤ the model's positions
+    chat = args.chat_template or isinstance(train_rows[0]["prompt"], list)  # one file: text, or messages
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
     train_rows, heldout_rows = (tasks.render_chat(tok, rows, args.chat_template, args.model)
                                 for rows in (train_rows, heldout_rows))
-    (train_rows, cut_train), (heldout_rows, cut_heldout) = (drop_too_long(tok, rows, max_length)
-                                                            for rows in (train_rows, heldout_rows))
+    suffix = tasks.chat_suffix(tok) if chat else None
+    (train_rows, cut_train), (heldout_rows, cut_heldout) = (
+        drop_too_long(tok, rows, max_length, len(suffix or [])) for rows in (train_rows, heldout_rows))
     check(train_rows and heldout_rows, f"--max-length {max_length}: no training or no held-out row is "
           "that short; raise it (or pass --max-length none)")
     if args.normalize:  # the SFT samples of the normalisation: --max-new-tokens after train prompts
         tasks.check_context(tok, lm, [r["prompt"] for r in train_rows], args.max_new_tokens)
-    return lm, tok, train_rows, heldout_rows, {"train": cut_train, "heldout": cut_heldout}, max_length
+    return (lm, tok, train_rows, heldout_rows, {"train": cut_train, "heldout": cut_heldout}, max_length,
+            suffix)
 
 
 def print_header(out, device, prec, args: Args, rm, n_train: int, n_heldout: int, cuts: dict,
-                 max_length: int | None) -> None:
+                 max_length: int | None, tok=None, suffix: list[int] | None = None) -> None:
     print(f"run folder: {out}  |  device {device}, {prec.dtype}  |  model {args.model} "
           f"({sum(p.numel() for p in rm.parameters()) / 1e6:.2f}M parameters)  |  "
           f"{n_train} train rows, {n_heldout} held-out pairs")
     if max_length is not None:
         print(f"--max-length {max_length}: dropped {cuts['train']} train and {cuts['heldout']} held-out "
               "rows with a longer prompt + completion + EOS (TRL's reward trainer drops them too)")
+    if suffix:
+        print(f"chat-formatted rows: the reward is read after the EOS and the template's trailing tokens "
+              f"{tok.decode(suffix)!r}, where transformers and TRL read it")
 
 
-def evaluator(rm, tok, train_probe: list[dict], heldout: list[dict], device, prec):
+def evaluator(rm, tok, train_probe: list[dict], heldout: list[dict], device, prec,
+              suffix: list[int] | None = None):
     """A closure: the pair accuracy of r_φ on a sample of the training pairs and on the held-out pairs."""
     def evaluate() -> dict:
         m = {}
         for name, pairs in (("train", train_probe), ("heldout", heldout)):
             with prec.autocast():
-                r_c, r_r = score_pairs(rm, tok, pairs, device)  # [N], [N]
+                r_c, r_r = score_pairs(rm, tok, pairs, device, suffix=suffix)  # [N], [N]
             m[f"eval/{name}_accuracy"] = float(pair_accuracy(r_c, r_r))
         return m
     return evaluate

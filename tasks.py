@@ -449,7 +449,8 @@ def ceiling_accuracy(pairs: list[dict]) -> float:
 # preference row without "prompt" takes the messages that chosen and rejected share as its prompt
 # (TRL's "implicit prompt"). Our one difference: the completion's own EOS is cut off the text,
 # because `encode_prompt_completion` appends EOS to every completion (a template whose turns end
-# in another token keeps that token, and gets the EOS after it).
+# in another token keeps that token, and gets the EOS after it). What the template writes after
+# that EOS (Qwen: "\n") is cut too, and a reward model reads it back (`chat_suffix`).
 
 
 def is_messages(value) -> bool:
@@ -488,16 +489,68 @@ def chat_prompt(tokenizer, prompt, wrap: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def _cut_eos(tokenizer, text: str) -> tuple[str, str | None]:
+    """(text before its final EOS, what the template wrote after that EOS) when the text ends in the
+    EOS and white space only (Qwen's turns end "<|im_end|>\n": -> (…, "\n")); else (text, None)."""
+    eos = tokenizer.eos_token
+    if eos and eos in text and text.rsplit(eos, 1)[1].strip() == "":
+        before, after = text.rsplit(eos, 1)
+        return before, after
+    return text, None
+
+
 def _chat_completion(tokenizer, prompt_msgs: list, completion_msgs: list) -> tuple[str, str]:
     """(prompt text, completion text) of one conversational prompt + completion."""
     prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
     n = len(os.path.commonprefix([prompt, full]))  # < len(prompt) if the template renders the prompt
     completion = full[n:]                          # alone differently; TRL also splits where they part
-    eos = tokenizer.eos_token
-    if eos and eos in completion and completion.rsplit(eos, 1)[1].strip() == "":
-        completion = completion.rsplit(eos, 1)[0]  # the EOS is appended again as a token
-    return prompt[:n], completion
+    return prompt[:n], _cut_eos(tokenizer, completion)[0]  # the EOS is appended again as a token
+
+
+def chat_suffix(tokenizer) -> list[int]:
+    """The template's trailing tokens: the ids of what the chat template writes after the EOS that
+    ends the last assistant turn (Qwen2.5: "<|im_end|>" + "\n" -> the ids of "\n"; [] for a
+    template that ends its turn in the EOS, or in a token that is not the EOS).
+
+    `render_chat` cuts them off with the EOS (the policy's completion ends at its EOS), but a reward
+    model is read where transformers reads it: `AutoModelForSequenceClassification` takes the
+    rightmost token that is not `config.pad_token_id` (transformers 5.24, modeling_layers.py,
+    `GenericForSequenceClassification.forward`), and TRL's `RewardTrainer` (1.16,
+    trl/trainer/reward_trainer.py, `_prepare_dataset`) trains on `apply_chat_template(prompt +
+    chosen)`, trailing "\n" included, appending an EOS only to text rows. So the reward of a
+    chat-formatted row is read on prompt + completion + EOS + these tokens (`append_after_last`).
+    """
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    tail = _cut_eos(tokenizer, tokenizer.apply_chat_template(msgs, tokenize=False))[1]
+    return tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+
+
+def append_after_last(ids: torch.Tensor, mask: torch.Tensor, suffix: list[int] | None,
+                      rows: torch.Tensor | None = None, pad_id: int = 0):
+    """Write the tokens `suffix` right after the last real token of each row (of the rows where `rows`
+    [B] is true; default: every row), as real tokens.  ids, mask [B, L] -> ids, mask [B, L + len(suffix)]
+
+    ppo.py passes rows = finished: a completion cut at the token limit ended no turn, so it gets no
+    turn's trailing tokens. Positions come from the mask, so the layout [left-padded prompt |
+    right-padded completion] stays valid; the new columns are padding (`pad_id`, masked) where no
+    suffix lands: give the pad token's id when transformers' classifier reads the batch, since it
+    finds the last token by its id, not by the mask.
+    """
+    if not suffix:  # None or []: plain-text rows, or a template with nothing after its EOS
+        return ids, mask
+    S = len(suffix)
+    B = ids.shape[0]
+    ids = torch.cat([ids, ids.new_full((B, S), pad_id)], dim=1)  # [B, L+S]
+    mask = torch.cat([mask, mask.new_zeros(B, S)], dim=1)  # [B, L+S]
+    pos = last_token_index(mask)[:, None] + 1 + torch.arange(S, device=ids.device)  # [B, S]
+    on = torch.ones(B, S, dtype=torch.bool, device=ids.device) if rows is None \
+        else rows.to(ids.device).bool()[:, None].expand(B, S)  # [B, S]
+    new = torch.tensor(suffix, dtype=ids.dtype, device=ids.device).expand(B, S)  # [B, S]
+    one = torch.ones_like(new, dtype=mask.dtype)  # [B, S]
+    ids = ids.scatter(1, pos, torch.where(on, new, ids.gather(1, pos)))  # [B, L+S]
+    mask = mask.scatter(1, pos, torch.where(on, one, mask.gather(1, pos)))  # [B, L+S]
+    return ids, mask
 
 
 def render_chat(tokenizer, rows: list[dict], wrap: bool = False, model: str = "") -> list[dict]:
@@ -623,10 +676,12 @@ class RewardModel(torch.nn.Module):
 
     The head is read at the last real token (see `last_token_index`), the EOS that ends the
     completion: in a causal LM it is the one position that attends to the whole prompt and
-    completion. Its weight is drawn from N(0, 1/(d+1)), i.e. std 1/√(d+1) (as in OpenAI's
-    summarize-from-feedback reward model), and the bias is 0, so the first rewards are O(1) for
-    hidden states of unit scale. `reward_mean` and `reward_std` (0 and 1 until `normalize` sets
-    them) are applied to every output: r = (w · h + b − μ) / s.
+    completion; on chat-formatted rows the callers first write the template's trailing tokens after
+    the EOS (`append_after_last`), so that it reads where transformers and TRL read. Its weight is
+    drawn from N(0, 1/(d+1)), i.e. std 1/√(d+1) (as in OpenAI's summarize-from-feedback reward
+    model), and the bias is 0, so the first rewards are O(1) for hidden states of unit scale.
+    `reward_mean` and `reward_std` (0 and 1 until `normalize` sets them) are applied to every output:
+    r = (w · h + b − μ) / s.
     """
 
     def __init__(self, lm):
@@ -672,7 +727,7 @@ def hf_pad_token(tokenizer) -> str | None:
     return None
 
 
-def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
+def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path, chat: bool | None = None) -> Path:
     """Write the format that `load_reward_model` reads, which transformers also loads:
         folder/  config.json, model.safetensors, tokenizer files   (the LM: `save_pretrained`)
         folder/reward_head.safetensors   {"weight": [d], "bias": [], "reward_mean": [], "reward_std": []}
@@ -685,7 +740,9 @@ def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
     transformers numbers the positions 0, 1, … whatever the padding, where `RewardModel` counts
     only real tokens: the same for rotary models (Llama, Qwen: only differences of positions
     matter), but with learned absolute positions (GPT-2) left-padded rows differ; pad on the right.
-    The LM folder also loads on its own with `AutoModelForCausalLM` (e.g. to start a value model)."""
+    The LM folder also loads on its own with `AutoModelForCausalLM` (e.g. to start a value model).
+    `chat`: whether the rows were chat-formatted (read after the template's trailing tokens, see
+    `chat_suffix`), kept in config.json as `reward_chat_template` for ppo.py (`reward_model_chat`)."""
     import copy
     import json
 
@@ -710,14 +767,15 @@ def save_reward_model(rm: RewardModel, tokenizer, folder: str | Path) -> Path:
     config = json.loads((folder / "config.json").read_text())
     config.update({"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
                    "pad_token_id": tok.pad_token_id if pad is not None else config.get("pad_token_id"),
-                   "reward_offset": float((b - mu) / sd)})  # r_φ = r_HF + reward_offset
+                   "reward_offset": float((b - mu) / sd),  # r_φ = r_HF + reward_offset
+                   **({} if chat is None else {"reward_chat_template": chat})})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file({"weight": w.contiguous(), "bias": b.contiguous(), "reward_mean": mu.contiguous(),
                "reward_std": sd.contiguous()}, str(folder / HEAD_FILE))
     return folder
 
 
-def _hf_score_weight(folder: Path) -> torch.Tensor | None:
+def hf_score_weight(folder: Path) -> torch.Tensor | None:
     """`score.weight` [1, d] of a transformers sequence-classification folder (TRL's reward models),
     from model.safetensors or the shard that its index names; None if there is none."""
     import json
@@ -744,7 +802,7 @@ def load_reward_model(folder: str | Path, device: torch.device | str = "cpu", tr
     if (folder / HEAD_FILE).is_file():
         state = load_file(str(folder / HEAD_FILE))
     else:
-        score = _hf_score_weight(folder) if folder.is_dir() else None
+        score = hf_score_weight(folder) if folder.is_dir() else None
         check(score is not None and score.shape[0] == 1,
               f"{folder}: no {HEAD_FILE} and no one-label `score.weight` here, so this is neither a reward "
               "model saved by reward_model.py nor a transformers sequence classifier with num_labels 1")
@@ -764,3 +822,12 @@ def load_reward_model(folder: str | Path, device: torch.device | str = "cpu", tr
     if not trainable:
         rm.requires_grad_(False)
     return rm, tok
+
+
+def reward_model_chat(folder: str | Path) -> bool | None:
+    """Whether the reward model in `folder` was trained on chat-formatted rows (True), on plain text
+    (False), or None when the folder does not say (TRL's, or an older reward_model.py's)."""
+    import json
+
+    config = Path(common.resolve_model_path(str(folder))) / "config.json"
+    return json.loads(config.read_text()).get("reward_chat_template") if config.is_file() else None

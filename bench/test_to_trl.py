@@ -77,8 +77,13 @@ def test_pref_fields():
     kw = to_trl.reward_fields(harness.parse_args(reward_model.Args, ["--no-normalize", "--max-steps", "7"]), 4000)
     assert (kw["max_steps"], kw["center_rewards_coefficient"], kw["max_length"]) == (7, None, 1024)
     assert to_trl.dpo_fields(harness.parse_args(dpo.Args, ["--max-length", "none"]), 4000)["max_length"] is None
-    with pytest.raises(common.UsageError, match="--chat-template"):
-        to_trl.dpo_fields(harness.parse_args(dpo.Args, ["--chat-template"]), 4000)
+    # --chat-template: text rows go to TRL as messages (pair_rows); the config is the same
+    plain, chat = (to_trl.dpo_fields(harness.parse_args(dpo.Args, flags), 4000)
+                   for flags in ([], ["--chat-template"]))
+    assert chat == plain
+    assert to_trl.pair_rows([{"prompt": "p", "chosen": "c", "rejected": "r"}], chat_template=True) == [
+        {"prompt": [{"role": "user", "content": "p"}], "chosen": [{"role": "assistant", "content": "c"}],
+         "rejected": [{"role": "assistant", "content": "r"}]}]
 
 
 def test_lr_factor_is_the_scripts_schedule():
@@ -198,3 +203,80 @@ def test_trl_soft_overlong_punishment_is_grpos_overlong_penalty():
     lengths = list(range(0, 7))
     ours = grpo.overlong_penalty(torch.tensor(lengths), max_len=6, buffer=2, penalty=1.0).tolist()
     assert ours == pytest.approx(trl_fn([[1] * n for n in lengths])) and ours[4:] == [0.0, -0.5, -1.0]
+
+
+#####################################################################################################
+#####  chat data: conversational prompts for grpo.py, message pairs for dpo.py and reward_model.py,
+#####  and --chat-template on text rows, on a small model with Qwen2.5-Instruct's conventions
+#####################################################################################################
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from qwen_style import save_qwen_style  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """A random Qwen2 model whose chat template ends every turn "<|im_end|>\\n" (tests/qwen_style.py)."""
+    return save_qwen_style(tmp_path_factory.mktemp("qwen_style"))
+
+
+def chat_data(folder: Path, kind: str) -> Path:
+    """10 rows: `prompts` (conversational prompt-only rows with an answer), `pairs` (message pairs)
+    or `text` (text pairs)."""
+    def user(t):
+        return [{"role": "user", "content": t}]
+
+    def assistant(t):
+        return [{"role": "assistant", "content": t}]
+    rows = {"prompts": [{"prompt": user(f"What is {i}+{i}?"), "answer": 2 * i} for i in range(10)],
+            "pairs": [{"prompt": user(f"What is {i}+{i}?"), "chosen": assistant(f"It is {2 * i}."),
+                       "rejected": assistant(f"{2 * i + 1}")} for i in range(10)],
+            "text": [{"prompt": f"What is {i}+{i}?", "chosen": f"It is {2 * i}.", "rejected": f"{2 * i + 1}"}
+                     for i in range(10)]}[kind]
+    path = folder / f"{kind}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+GRPO_2 = ["--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--eval-every", "1",
+          "--eval-size", "2", "--no-pass-at-k", "--max-new-tokens", "4"]
+PREF_2 = ["--max-steps", "2", "--batch-size", "2", "--eval-every", "1", "--eval-size", "2"]
+
+
+@pytest.mark.parametrize("script, data, flags, key", [
+    ("grpo.py", "prompts", GRPO_2, "eval/accuracy"),  # TRL's conversational prompt-only rows
+    ("dpo.py", "pairs", PREF_2 + ["--eval-samples", "2", "--max-new-tokens", "4"],
+     "eval/heldout_pair_accuracy"),
+    ("dpo.py", "text", PREF_2 + ["--eval-samples", "2", "--max-new-tokens", "4", "--chat-template"],
+     "eval/heldout_pair_accuracy"),
+    ("reward_model.py", "pairs", PREF_2 + ["--no-normalize"], "eval/heldout_accuracy"),
+    ("reward_model.py", "text", PREF_2 + ["--no-normalize", "--chat-template"], "eval/heldout_accuracy"),
+])
+def test_chat_data_short_run(script, data, flags, key, qwen, tmp_path):
+    out = tmp_path / "run"
+    summary = to_trl.run([script, "--model", str(qwen), "--data", str(chat_data(tmp_path, data)), *flags,
+                          "--out-dir", str(out), "--device", "cpu", "--log-every", "1"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if key in r] == [0, 1, 2]  # the script's evaluation, on the chat rows
+    assert summary["steps"] == 2 and (out / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("data, flags", [("pairs", []), ("text", ["--chat-template"])])
+def test_trl_reads_a_chat_reward_where_the_scripts_do(data, flags, qwen, tmp_path):
+    # TRL's RewardTrainer tokenizes apply_chat_template(prompt + chosen), "<|im_end|>\n" at the end;
+    # the scripts' rows (render_chat, then prompt + completion + EOS + tasks.chat_suffix) are the same ids
+    path = chat_data(tmp_path, data)
+    a = harness.parse_args(reward_model.Args, ["--model", str(qwen), "--data", str(path), "--no-normalize",
+                                               "--max-steps", "1", "--out-dir", str(tmp_path / "run"),
+                                               *flags])
+    train, heldout = tasks.load_preferences(str(path))
+    from trl import RewardConfig
+    trainer = to_trl.build_reward(a, RewardConfig(**to_trl.reward_fields(a, len(train))), train, heldout)
+    tok = trainer.processing_class
+    suffix = tasks.chat_suffix(tok)
+    assert suffix == tok("\n", add_special_tokens=False)["input_ids"]
+    for p, ex in zip(tasks.render_chat(tok, train, a.chat_template), trainer.train_dataset):
+        ids, mask, _, _ = common.encode_prompt_completion(tok, [p["prompt"]] * 2,
+                                                          [p["chosen"], p["rejected"]])  # [2, L]
+        ids, mask = tasks.append_after_last(ids, mask, suffix, pad_id=tok.pad_token_id)
+        assert [row[m.bool()].tolist() for row, m in zip(ids, mask)] == [ex["chosen_ids"], ex["rejected_ids"]]

@@ -39,7 +39,12 @@ What differs, by construction: the random streams (prompt order, samples, data o
 generation (HF `generate`), and in reward_model.py the head (TRL: AutoModelForSequenceClassification,
 a bias-free `score` head drawn from N(0, initializer_range²); reward_model.py: a head with a bias,
 N(0, 1/(d+1))). The saved model is TRL's (`save_model` into <out-dir>/model): for reward_model.py a
-sequence-classification folder, which tasks.load_reward_model does not read.
+sequence-classification folder, which tasks.load_reward_model and ppo.py --reward-model read.
+
+Chat data: rows of messages go to TRL as they are, and with --chat-template text rows go as one user
+and one assistant message, which TRL renders with the tokenizer's chat template; the evaluation
+renders them as the script does (tasks.render_chat), and reads a reward model where TRL trained it,
+after the template's trailing tokens (tasks.chat_suffix).
 
 Several GPUs: `accelerate launch --num_processes N bench/to_trl.py SCRIPT ...`, or
 `torchrun --nproc_per_node N bench/to_trl.py SCRIPT ...` (which also runs N processes on the CPU,
@@ -108,6 +113,7 @@ COMMON_RUN = [  # the flags every script shares
     R("save_total_limit", (), "error", "set is an error (see --save-every)"),
     R("resume", (), "error", "set is an error: TRL resumes its own checkpoints (trainer.train("
                              "resume_from_checkpoint=...))"),
+    R("threads", (), "to_trl", "harness.set_threads on the model, as the script (the CPU only)"),
 ]
 PREF_STEPS = [  # dpo.py and reward_model.py loop the same way
     R("epochs", ("num_train_epochs", "max_steps"), "field", "max_steps = the script's step count, "
@@ -119,16 +125,19 @@ PREF_STEPS = [  # dpo.py and reward_model.py loop the same way
     R("warmup_steps", ("warmup_steps", "lr_scheduler_type"), "field",
       "lr_scheduler_type=linear; the exact schedule ((s+1)/(w+1) warm-up, linear decay) through optimizers="),
     R("grad_clip", ("max_grad_norm",), "field", "0 disables clipping in both"),
-    R("chat_template", (), "error", "set is an error: to_trl hands text rows to TRL as text (TRL renders rows "
-                                    "of messages itself)"),
+    R("chat_template", (), "to_trl", "text rows go to TRL as [{role: user, content: prompt}] and "
+                                     "[{role: assistant, content: completion}], which TRL renders with the "
+                                     "chat template, as the script's --chat-template; rows of messages go "
+                                     "as they are"),
 ]
 MAPPING: dict[str, list[Row]] = {
     "grpo": [
         R("model", (), "to_trl", "common.load_model, passed as the instance; TRL builds the β > 0 reference "
                                  "from the same folder"),
         R("data", (), "to_trl", "tasks.load_task rows {prompt, answer}; `answer` reaches the reward function"),
-        R("chat_template", (), "to_trl", "the prompt goes in as [{role: user, content}], which TRL renders with "
-                                         "the tokenizer's chat template (add_generation_prompt)"),
+        R("chat_template", (), "to_trl", "a text prompt goes in as [{role: user, content}], which TRL "
+                                         "renders with the tokenizer's chat template "
+                                         "(add_generation_prompt); a prompt of messages goes as it is"),
         *COMMON_RUN,
         R("steps", ("max_steps",), "field", "max_steps = steps × mu (TRL counts optimiser steps)"),
         R("prompts_per_step", ("per_device_train_batch_size", "gradient_accumulation_steps"), "field",
@@ -329,8 +338,6 @@ def pref_steps(a, n_pairs: int) -> int:
 
 
 def pref_fields(a, script: str, n_pairs: int, world: int) -> dict:
-    check(not a.chat_template, "--chat-template: to_trl hands text rows to TRL as text; give rows of messages "
-                               "instead, which TRL renders with the chat template")
     return {**run_fields(a, script, world), **FIXED["all"], **FIXED[script], "max_length": a.max_length,
             "num_train_epochs": a.epochs, "max_steps": pref_steps(a, n_pairs),
             "per_device_train_batch_size": per_device(a.batch_size, world, "--batch-size"),
@@ -387,7 +394,18 @@ def joined(prompt, completion):
     return completion if prompt[-1:].isspace() or completion[:1].isspace() else " " + completion
 
 
-def pair_rows(pairs: list[dict], margin: float = 0.0) -> list[dict]:
+def as_messages(text, role: str):
+    """--chat-template on text rows: a string becomes one message of `role`, as the scripts' render_chat
+    wraps it; a list of messages stays as it is (TRL renders both with the chat template)."""
+    return [{"role": role, "content": text}] if isinstance(text, str) else text
+
+
+def pair_rows(pairs: list[dict], margin: float = 0.0, chat_template: bool = False) -> list[dict]:
+    """TRL's preference rows: text (joined, see `joined`), messages as they are, or with --chat-template
+    text as one user and one assistant message."""
+    if chat_template:
+        pairs = [{"prompt": as_messages(p["prompt"], "user"), "chosen": as_messages(p["chosen"], "assistant"),
+                  "rejected": as_messages(p["rejected"], "assistant")} for p in pairs]
     return [{"prompt": p["prompt"], "chosen": joined(p["prompt"], p["chosen"]),
              "rejected": joined(p["prompt"], p["rejected"]), **({"margin": margin} if margin > 0 else {})}
             for p in pairs]
@@ -449,15 +467,13 @@ def build_grpo(a, cfg, train_rows, heldout, callbacks=(), out: Path | None = Non
 
     strict = a.data is None  # as grpo.py: the built-in task strictly, a --data file by its last number
     model, tok = common.load_model(a.model, torch.device("cpu"))  # the trainer moves it
-    check(not a.chat_template or getattr(tok, "chat_template", None),
-          f"--chat-template: the tokenizer of --model {a.model} has no chat template")
+    tasks.check_chat_template(tok, a.model, a.chat_template, train_rows + heldout)  # grpo.py's check
 
-    def prompt(text):
-        return [{"role": "user", "content": text}] if a.chat_template else text
+    def prompt(p):  # TRL's conversational prompt (messages, or with --chat-template a text as one), or text
+        return as_messages(p, "user") if a.chat_template else p
     data = Dataset.from_list([{"prompt": prompt(r["prompt"]), "answer": r["answer"]} for r in train_rows])
-    eval_rows = [{"prompt": tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                                    add_generation_prompt=True) if a.chat_template else r["prompt"],
-                  "answer": r["answer"]} for r in heldout[:a.eval_size]]
+    eval_rows = [{"prompt": tasks.chat_prompt(tok, r["prompt"], a.chat_template), "answer": r["answer"]}
+                 for r in heldout[:a.eval_size]]  # as grpo.py evaluates: the text the template renders
 
     def evaluate(m, when):
         with precision(m, a.dtype).autocast():
@@ -484,7 +500,7 @@ def build_dpo(a, cfg, train_pairs, heldout, out: Path | None = None):
 
     import dpo
     model, tok = common.load_model(a.model, torch.device("cpu"))
-    heldout = heldout[:a.eval_size]
+    heldout = tasks.render_chat(tok, heldout[:a.eval_size], a.chat_template, a.model)  # as dpo.py evaluates
     average = a.loss_type in dpo.PER_TOKEN_AVERAGED
     prompts = [heldout[i % len(heldout)]["prompt"] for i in range(a.eval_samples)]
     gold, ref, ref_h = a.data is None, [], []
@@ -503,7 +519,8 @@ def build_dpo(a, cfg, train_pairs, heldout, out: Path | None = None):
                 "eval/mean_length": s["mean_length"]}
     total = cfg.max_steps
     opt, sched = exact_schedule(model, a.lr, 0.0, lr_factor_fn(total, a.warmup_steps))
-    return DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(pair_rows(train_pairs)),
+    rows = pair_rows(train_pairs, 0.0, a.chat_template)
+    return DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
                       processing_class=tok, optimizers=(opt, sched),
                       callbacks=[make_callback(evaluate, a.eval_every, 1, total, out)] if out else [])
 
@@ -536,9 +553,13 @@ def build_reward(a, cfg, train_pairs, heldout, out: Path | None = None):
     import reward_model as rm_lib
     model, tok = load_reward_backbone(a.model, a.seed)
     tok.padding_side = "left"
-    heldout = heldout[:a.eval_size]
+    chat = a.chat_template or isinstance(train_pairs[0]["prompt"], list)  # TRL renders the conversation
+    heldout = tasks.render_chat(tok, heldout[:a.eval_size], a.chat_template, a.model)  # the evaluation's text
     rng = np.random.default_rng(a.seed)
     probe = [train_pairs[i] for i in rng.choice(len(train_pairs), min(len(train_pairs), len(heldout)), replace=False)]
+    probe = tasks.render_chat(tok, probe, a.chat_template, a.model)
+    # read where TRL trained it: after apply_chat_template's trailing tokens (reward_model.py does the same)
+    suffix = tasks.chat_suffix(tok) if chat else None
 
     def evaluate(m, when):
         def rm(ids, mask):
@@ -546,12 +567,13 @@ def build_reward(a, cfg, train_pairs, heldout, out: Path | None = None):
         res = {}
         for name, pairs in (("train", probe), ("heldout", heldout)):
             with precision(m, a.dtype).autocast():
-                r_c, r_r = rm_lib.score_pairs(rm, tok, pairs, next(m.parameters()).device)
+                r_c, r_r = rm_lib.score_pairs(rm, tok, pairs, next(m.parameters()).device, suffix=suffix)
             res[f"eval/{name}_accuracy"] = float(rm_lib.pair_accuracy(r_c, r_r))
         return res
     total = cfg.max_steps
     opt, sched = exact_schedule(model, a.lr, a.weight_decay, lr_factor_fn(total, a.warmup_steps))
-    return RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(pair_rows(train_pairs, a.margin)),
+    rows = pair_rows(train_pairs, a.margin, a.chat_template)
+    return RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, optimizers=(opt, sched),
                          callbacks=[make_callback(evaluate, a.eval_every, 1, total, out)] if out else [])
 
@@ -612,6 +634,7 @@ def run(argv: list[str], dry_run: bool = False) -> dict | None:
     out = Path(cfg.output_dir) if rank0 else None  # only the main process writes there
     build = {"grpo": build_grpo, "dpo": build_dpo, "reward_model": build_reward}[name]
     trainer = build(a, cfg, *rows, out=out)  # model errors, too, come before the run folder
+    harness.set_threads(a.threads, harness.pick_device(a.device), trainer.model)  # --threads, as the script
     if rank0:
         harness.prepare_run_dir(out, a.overwrite)
     import trl
