@@ -64,6 +64,13 @@ def same_numbers(a: Path, b: Path) -> bool:
         for x, y in zip(ra, rb))
 
 
+def train_seconds(summary: dict) -> float:
+    """summary.json's training time; dqn_maze.py has none, but a wall time per method: their sum."""
+    if "train_seconds" in summary:
+        return summary["train_seconds"]
+    return sum(v["wall_seconds"] for v in summary.values() if isinstance(v, dict) and "wall_seconds" in v)
+
+
 def measure(script: str, threads: int, busy: bool, tag: str) -> dict:
     out = RUNS / f"{script}-t{threads}-{tag}"
     neighbour = None
@@ -83,7 +90,7 @@ def measure(script: str, threads: int, busy: bool, tag: str) -> dict:
         raise SystemExit(f"{script} --threads {threads} failed:\n{proc.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
     return {"script": script, "threads": threads, "condition": "busy" if busy else "idle", "tag": tag,
-            "train_seconds": summary["train_seconds"], "wall_seconds": summary["wall_seconds"],
+            "train_seconds": train_seconds(summary), "wall_seconds": summary.get("wall_seconds"),
             "threads_recorded": summary.get("threads"), "load_before": load_before, "load_after": load_after,
             "metrics": str(out / "metrics.jsonl")}
 
