@@ -148,6 +148,22 @@ class Args:
     its saved config; other flags must be left out or equal the run's, except --device, --threads,
     --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
+    # LoRA (peft, optional: pip install peft)
+    lora_r: int = 0
+    """r, the rank of the LoRA adapters W + (α/r) B A on the base model's linear layers, the only
+    weights trained (the base frozen, stored once); 0: no LoRA, every weight trained (typical 8..64;
+    peft: 8, TRL's ModelConfig: 16); the scalar head is trained whole; <out-dir>/model is saved with the adapters merged into the weights, in the usual format (TRL: peft_config)"""
+    lora_alpha: Optional[float] = None
+    """α, the adapters' scale α/r; default 2r, the ratio of TRL's ModelConfig (r 16, α 32), so the
+    update's scale stays put when r changes (peft's own default α = 8 gives 1 at r = 8 only)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (peft's default 0); only 0 is accepted: every forward pass here
+    runs in eval mode, where dropout does nothing"""
+    lora_target_modules: str = "all-linear"
+    """the linear layers that get adapters: all-linear (peft: every linear layer but the LM head, as
+    QLoRA does; peft's own default for Llama/Qwen is q_proj,v_proj only), or names, comma-separated
+    (q_proj,k_proj,v_proj,o_proj)"""
+
 
 #####################################################################################################
 #####  the maths: the Bradley–Terry loss and pair accuracy (pure functions, no state, only torch)
