@@ -1067,7 +1067,7 @@ def setup(args: Args, ckpt, device, prec):
     path = common.resolve_model_path(args.model)
     print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
           "models …", flush=True)
-    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # π_θ, float32
+    policy, tok = common.load_model(harness.start_weights(ckpt, path, args), device)  # π_θ, float32
     chat = args.chat_template or isinstance(train_pairs[0]["prompt"], list)  # one file: text, or messages
     train_pairs, heldout = (tasks.render_chat(tok, rows, args.chat_template, args.model)
                             for rows in (train_pairs, heldout))  # messages (or --chat-template) -> text
@@ -1079,7 +1079,9 @@ def setup(args: Args, ckpt, device, prec):
     tasks.check_context(tok, policy, [p["prompt"] for p in train_pairs + heldout], args.max_new_tokens,
                         args.data)
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
-    ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
+    policy = harness.apply_lora(policy, args, ckpt)  # --lora-r: adapters on the frozen base, only they trained
+    # π_ref, frozen, float32: = π_θ at step 0 (--lora-r: the policy with its adapters off, no second copy)
+    ref = harness.reference_of(policy, args, path, device)
     harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("ppo", args.seed), args.overwrite,
                                   resume=ckpt)
@@ -1090,7 +1092,9 @@ def setup(args: Args, ckpt, device, prec):
     if args.value_init == "reward":
         value = value_model_from_reward_model(rm)  # V_ψ = r_φ's head on every prefix
     else:
-        value = ValueModel(copy.deepcopy(policy))  # the SFT policy's LM, head = 0
+        # the SFT policy's LM, head = 0 (--lora-r: a whole copy of it, trained whole, as TRL's PPOTrainer
+        # trains the value model it is given beside a peft policy)
+        value = ValueModel(harness.merge_lora(copy.deepcopy(policy)).requires_grad_(True))
     if ckpt:
         harness.load_weights(value.lm, ckpt.path / "value_model")
         harness.load_weights(value.head, ckpt.path / "value_head.pt")
