@@ -506,8 +506,10 @@ def resume_run(args):
     check(args.save_total_limit is None or args.save_total_limit >= 1,
           f"--save-total-limit must be ≥ 1 (got {args.save_total_limit}; none keeps every checkpoint)")
     if args.resume is None:
+        check_lora(args)  # --lora-r: its flags, and peft installed, before anything is loaded
         return args, None
     args = resume_config(args)
+    check_lora(args)
     ckpt = load_checkpoint(latest_checkpoint(args.resume))
     print(f"--resume: continuing {ckpt.run_dir} from {ckpt.path.name} (step {ckpt.step} of {args_steps(args)})",
           flush=True)
@@ -776,11 +778,11 @@ def _peft():
 
 
 def check_lora(args) -> None:
-    """The LoRA flags: one line naming the flag when a value is out of range."""
-    if not args.lora_r:
-        check(args.lora_r == 0, f"--lora-r must be ≥ 0 (got {args.lora_r}; 0: no LoRA, every weight trained)")
+    """The LoRA flags: one line naming the flag when a value is out of range, or when peft is missing."""
+    r = getattr(args, "lora_r", 0)
+    check(r >= 0, f"--lora-r must be ≥ 0 (got {r}; 0: no LoRA, every weight trained)")
+    if r == 0:
         return
-    check(args.lora_r > 0, f"--lora-r must be ≥ 0 (got {args.lora_r}; 0: no LoRA, every weight trained)")
     check(args.lora_alpha is None or args.lora_alpha > 0, f"--lora-alpha must be > 0 (got {args.lora_alpha})")
     # every script computes its forward passes in eval mode (π_θ = π_old exactly at the first inner
     # step, π_θ = π_ref at the start), where peft's dropout does nothing: a value above 0 would be ignored
@@ -799,7 +801,7 @@ def apply_lora(model, args, ckpt: Checkpoint | None = None, name: str = "model")
     of r = --lora-r, α = --lora-alpha (default 2r), dropout 0, task CAUSAL_LM; the base model is
     changed in place (its linear layers wrapped), so code that holds the base sees the adapters."""
     check_lora(args)
-    if not args.lora_r:
+    if not getattr(args, "lora_r", 0):
         return model
     peft = _peft()
     targets = args.lora_target_modules.strip()
@@ -835,6 +837,8 @@ class AdaptersOff:
             return self.model(*args, **kwargs)
 
     def __getattr__(self, attr):  # .config, .device, ...: the policy's
+        if attr == "model":  # not set yet (a copy being made): no recursion
+            raise AttributeError(attr)
         return getattr(self.model, attr)
 
 
