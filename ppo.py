@@ -295,12 +295,14 @@ class Args:
 
     # LoRA (peft, optional: pip install peft)
     lora_r: int = 0
-    """r, the rank of the LoRA adapters W + (α/r) B A on the base model's linear layers, the only
-    weights trained (the base frozen, stored once); 0: no LoRA, every weight trained (typical 8..64;
-    peft: 8, TRL's ModelConfig: 16); π_ref is the base with the adapters off, not a second copy; the value model is trained whole, as TRL's PPOTrainer does with a peft_config; <out-dir>/model holds the adapter as peft saves it (AutoPeftModelForCausalLM loads it) (TRL: peft_config)"""
+    """r, the rank of the LoRA adapters W + (α/r) B A on the base model's linear layers, the only weights
+    trained (the base frozen, stored once); 0: no LoRA, every weight trained (typical 8..64; peft: 8, TRL's
+    ModelConfig: 16); π_ref is the base with the adapters off, not a second copy; the value model is trained
+    whole, as TRL's PPOTrainer does with a peft_config; <out-dir>/model holds the adapter as peft saves it
+    (AutoPeftModelForCausalLM loads it) (TRL: peft_config)"""
     lora_alpha: Optional[float] = None
-    """α, the adapters' scale α/r; default 2r, the ratio of TRL's ModelConfig (r 16, α 32), so the
-    update's scale stays put when r changes (peft's own default α = 8 gives 1 at r = 8 only)"""
+    """α, the adapters' scale is α/r; default 2r, the ratio of TRL's ModelConfig (r 16, α 32): α/r = 2
+    whatever r (peft's own default α = 8 gives 8/r)"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input (peft's default 0); only 0 is accepted: every forward pass here
     runs in eval mode, where dropout does nothing"""
