@@ -809,10 +809,12 @@ def apply_lora(model, args, ckpt: Checkpoint | None = None, name: str = "model")
         r=args.lora_r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
         lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
         target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()])
+    training = model.training
     try:
         lora = peft.get_peft_model(model, config)
     except ValueError as e:  # no module of that name
         raise UsageError(f"--lora-target-modules {targets}: {str(e).strip().splitlines()[0]}") from None
+    lora.train(training)  # the new adapter layers in the model's mode (the scripts': eval)
     if ckpt is not None:
         load_weights(lora, ckpt.path / name)
     return lora
