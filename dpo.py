@@ -150,6 +150,23 @@ class Args:
     its saved config; other flags must be left out or equal the run's, except --device, --threads,
     --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
+    # LoRA (peft, optional: pip install peft)
+    lora_r: int = 0
+    """r, the rank of the LoRA adapters W + (α/r) B A on the base model's linear layers, the only weights
+    trained (the base frozen, stored once); 0: no LoRA, every weight trained (typical 8..64; peft: 8, TRL's
+    ModelConfig: 16); π_ref is the base with the adapters off, not a second copy; <out-dir>/model holds the
+    adapter as peft saves it (AutoPeftModelForCausalLM loads it) (TRL: peft_config)"""
+    lora_alpha: Optional[float] = None
+    """α, the adapters' scale is α/r; default 2r, the ratio of TRL's ModelConfig (r 16, α 32): α/r = 2
+    whatever r (peft's own default α = 8 gives 8/r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (peft's default 0); only 0 is accepted: every forward pass here
+    runs in eval mode, where dropout does nothing"""
+    lora_target_modules: str = "all-linear"
+    """the linear layers that get adapters: all-linear (peft: every linear layer but the LM head, as
+    QLoRA does; peft's own default for Llama/Qwen is q_proj,v_proj only), or names, comma-separated
+    (q_proj,k_proj,v_proj,o_proj)"""
+
 
 #####################################################################################################
 #####  the maths: sequence log-probs and the DPO losses (pure functions, no state, only torch)
@@ -465,7 +482,7 @@ def load_pairs_and_models(args: Args, ckpt, device):
     train_pairs, heldout = tasks.load_preferences(args.data)
     path = common.resolve_model_path(args.model)
     print(f"loading --model {args.model} (the policy, and a frozen copy as π_ref) …", flush=True)
-    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # float32 weights
+    policy, tok = common.load_model(harness.start_weights(ckpt, path, args), device)  # float32 weights
     max_length = tasks.cap_max_length(args.max_length, policy)  # --max-length ≤ the model's positions
     # rows of messages (or, with --chat-template, of text) -> text, by the tokenizer's chat template
     train_pairs, heldout = (tasks.render_chat(tok, rows, args.chat_template, args.model)
@@ -478,7 +495,9 @@ def load_pairs_and_models(args: Args, ckpt, device):
     # the evaluation samples --max-new-tokens after the first --eval-samples held-out prompts
     tasks.check_context(tok, policy, [p["prompt"] for p in heldout[: args.eval_samples]], args.max_new_tokens)
     policy.eval()
-    ref = common.load_model(path, device, trainable=False)[0]  # float32 too: π_θ = π_ref at step 0
+    policy = harness.apply_lora(policy, args, ckpt)  # --lora-r: adapters on the frozen base, only they trained
+    # float32 too: π_θ = π_ref at step 0 (--lora-r: the policy with its adapters off, no second copy)
+    ref = harness.reference_of(policy, args, path, device)
     cuts = {"cut_pairs": {"train": cut_train, "heldout": cut_heldout},
             "dropped_pairs": {"train": dropped_train, "heldout": dropped_heldout}}
     return policy, ref, tok, train_pairs, heldout, cuts, max_length

@@ -6,6 +6,7 @@
   #####  checkpoints    `--save-every N`, `--resume RUN_DIR`
   #####  logging        `RunLogger` (metrics.jsonl, summary.json, one line per logging step)
   #####  precision      `MixedPrecision`: float32 weights, autocast forward passes, loss scaling
+  #####  LoRA           --lora-r R: `apply_lora`, `reference_of` (π_ref = the base, adapters off)
 
 No step of an algorithm is here: the reward, the advantage, the loss, the clipping and the optimiser
 step are in each algorithm's own file. Nothing here needs a network connection.
@@ -327,8 +328,9 @@ def lr_scheduler(opt, warmup_steps: int, total_steps: int, schedule: str = "line
 # --save-total-limit K: then the K newest.
 
 # what --resume may change: nothing else changes a step
+LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")  # every script's last Args
 RESUME_MAY_CHANGE = ("device", "threads", "log_every", "save_every", "save_total_limit")
-ADDED_FLAGS = {"threads"}  # flags newer than some checkpoints: a checkpoint without one takes its default
+ADDED_FLAGS = {"threads", *LORA_FLAGS}  # flags newer than some checkpoints: a checkpoint without one takes its default
 SIGINT_HOOK = "RL_REF_SIGINT_AFTER_STEP"  # for tests: a real SIGINT once this step's row is logged
 
 
@@ -452,6 +454,10 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
     """Load trained weights saved by `save_checkpoint` into `module`: a save_pretrained folder
     (read with the module's own class) or a <name>.pt state_dict."""
     path = Path(path)
+    if is_lora(module):  # --lora-r: the adapter's weights, as `save_pretrained` wrote them
+        from peft import load_peft_weights, set_peft_model_state_dict
+        set_peft_model_state_dict(module, load_peft_weights(str(path), device=str(next(module.parameters()).device)))
+        return
     if path.is_dir():
         state = type(module).from_pretrained(path, dtype=torch.float32).state_dict()
     else:
@@ -500,8 +506,10 @@ def resume_run(args):
     check(args.save_total_limit is None or args.save_total_limit >= 1,
           f"--save-total-limit must be ≥ 1 (got {args.save_total_limit}; none keeps every checkpoint)")
     if args.resume is None:
+        check_lora(args)  # --lora-r: its flags, and peft installed, before anything is loaded
         return args, None
     args = resume_config(args)
+    check_lora(args)
     ckpt = load_checkpoint(latest_checkpoint(args.resume))
     print(f"--resume: continuing {ckpt.run_dir} from {ckpt.path.name} (step {ckpt.step} of {args_steps(args)})",
           flush=True)
@@ -641,7 +649,9 @@ def run_facts(args, device, t_start: float, train_seconds: float, load_seconds: 
 
 def save_policy(model, tokenizer, out: Path, enabled: bool = True) -> str | None:
     """`save_pretrained` the model and its tokenizer into out/model, so that `from_pretrained`
-    loads it; returns that folder (None when saving is off)."""
+    loads it; returns that folder (None when saving is off). With --lora-r the folder holds the
+    adapter as peft writes it (adapter_config.json, adapter_model.safetensors: the base model is
+    --model, named in the config), which `peft.AutoPeftModelForCausalLM.from_pretrained` loads."""
     if not enabled:
         return None
     with common.quiet_transformers():  # no "Writing model shards" bar
@@ -740,3 +750,116 @@ class MixedPrecision:
             self.scaler.update()
         else:
             opt.step()
+
+
+#####################################################################################################
+#####  LoRA: --lora-r R trains low-rank adapters on a frozen base model (peft, optional)
+#####################################################################################################
+#
+# W x  becomes  W x + (α/r) B A x,  A: [r, d_in], B: [d_out, r], B = 0 at the start (Hu et al. 2021),
+# so π_θ = the base model exactly before the first step. Only A and B are trained: AdamW's
+# 12 bytes per weight (gradient and two moments, float32) are paid for the adapters alone, and the
+# base model is stored once. π_ref is the same model with its adapters disabled (`reference_of`),
+# as TRL does with a peft model: no second copy of the weights, and log π_θ − log π_ref = 0 exactly
+# at step 0. peft is imported only when --lora-r is given (`pip install peft`).
+
+
+def is_lora(model) -> bool:
+    """Whether `model` is a peft model (`apply_lora`'s)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise UsageError("--lora-r needs the peft library, which is not installed: pip install peft") from None
+    return peft
+
+
+def check_lora(args) -> None:
+    """The LoRA flags: one line naming the flag when a value is out of range, or when peft is missing."""
+    r = getattr(args, "lora_r", 0)
+    check(r >= 0, f"--lora-r must be ≥ 0 (got {r}; 0: no LoRA, every weight trained)")
+    if r == 0:
+        return
+    check(args.lora_alpha is None or args.lora_alpha > 0, f"--lora-alpha must be > 0 (got {args.lora_alpha})")
+    # every script computes its forward passes in eval mode (π_θ = π_old exactly at the first inner
+    # step, π_θ = π_ref at the start), where peft's dropout does nothing: a value above 0 would be ignored
+    check(args.lora_dropout == 0, f"--lora-dropout {args.lora_dropout}: these scripts run every forward pass "
+          "in eval mode (no dropout, so that the first ratio is exactly 1), where LoRA dropout has no effect; "
+          "leave it at 0")
+    check(bool(args.lora_target_modules.strip()), "--lora-target-modules is empty: give all-linear or "
+          "module names, comma-separated (q_proj,v_proj)")
+    _peft()
+
+
+def apply_lora(model, args, ckpt: Checkpoint | None = None, name: str = "model"):
+    """--lora-r R: `model` with LoRA adapters on --lora-target-modules, only they trainable (the base
+    frozen); on --resume, with the checkpoint's adapter weights (<checkpoint>/<name>/). Without
+    --lora-r: `model` itself. The adapters are those of peft's `get_peft_model` with a LoraConfig
+    of r = --lora-r, α = --lora-alpha (default 2r), dropout 0, task CAUSAL_LM; the base model is
+    changed in place (its linear layers wrapped), so code that holds the base sees the adapters."""
+    check_lora(args)
+    if not getattr(args, "lora_r", 0):
+        return model
+    peft = _peft()
+    targets = args.lora_target_modules.strip()
+    config = peft.LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+        lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()])
+    training = model.training
+    try:
+        lora = peft.get_peft_model(model, config)
+    except ValueError as e:  # no module of that name
+        raise UsageError(f"--lora-target-modules {targets}: {str(e).strip().splitlines()[0]}") from None
+    lora.train(training)  # the new adapter layers in the model's mode (the scripts': eval)
+    if ckpt is not None:
+        load_weights(lora, ckpt.path / name)
+    return lora
+
+
+def start_weights(ckpt: Checkpoint | None, base: str, args, name: str = "model") -> str:
+    """Where a trained model's weights are loaded from: on --resume the checkpoint's <name>/, else
+    `base` (--model). With --lora-r always `base`: the checkpoint holds only the adapter, which
+    `apply_lora` puts back on it."""
+    return str(ckpt.path / name) if ckpt is not None and not args.lora_r else base
+
+
+class AdaptersOff:
+    """π_ref under --lora-r: the policy's own weights with its adapters disabled for each call (peft's
+    `disable_adapter`), i.e. the frozen base model, with no second copy of it. Called as a model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, attr):  # .config, .device, ...: the policy's
+        if attr == "model":  # not set yet (a copy being made): no recursion
+            raise AttributeError(attr)
+        return getattr(self.model, attr)
+
+
+def reference_of(policy, args, base: str, device):
+    """π_ref, the frozen start model: a float32 copy of `base` (--model) in eval mode without
+    gradients; with --lora-r, the policy with its adapters off (`AdaptersOff`): the same numbers at
+    step 0, where B = 0, and no second copy of the weights."""
+    if getattr(args, "lora_r", 0):
+        return AdaptersOff(policy)
+    return common.load_model(base, device, trainable=False)[0]
+
+
+def unwrap(model):
+    """The transformers model inside a peft model (its adapters still in it and active), for code
+    that reads its parts (`.base_model`, the transformer without the LM head); else `model`."""
+    return model.get_base_model() if is_lora(model) else model
+
+
+def merge_lora(model):
+    """The base model with the adapters added into its weights (W + (α/r) B A), no peft layers left
+    (peft's `merge_and_unload`); `model` itself when it has no adapters."""
+    return model.merge_and_unload() if is_lora(model) else model

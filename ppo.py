@@ -293,6 +293,24 @@ class Args:
     its saved config; other flags must be left out or equal the run's, except --device, --threads,
     --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
+    # LoRA (peft, optional: pip install peft)
+    lora_r: int = 0
+    """r, the rank of the LoRA adapters W + (α/r) B A on the base model's linear layers, the only weights
+    trained (the base frozen, stored once); 0: no LoRA, every weight trained (typical 8..64; peft: 8, TRL's
+    ModelConfig: 16); π_ref is the base with the adapters off, not a second copy; the value model is trained
+    whole, as TRL's PPOTrainer does with a peft_config; <out-dir>/model holds the adapter as peft saves it
+    (AutoPeftModelForCausalLM loads it) (TRL: peft_config)"""
+    lora_alpha: Optional[float] = None
+    """α, the adapters' scale is α/r; default 2r, the ratio of TRL's ModelConfig (r 16, α 32): α/r = 2
+    whatever r (peft's own default α = 8 gives 8/r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (peft's default 0); only 0 is accepted: every forward pass here
+    runs in eval mode, where dropout does nothing"""
+    lora_target_modules: str = "all-linear"
+    """the linear layers that get adapters: all-linear (peft: every linear layer but the LM head, as
+    QLoRA does; peft's own default for Llama/Qwen is q_proj,v_proj only), or names, comma-separated
+    (q_proj,k_proj,v_proj,o_proj)"""
+
 
 #####################################################################################################
 #####  the maths: KL-shaped reward, GAE, the two clipped losses, KL control (pure functions, torch)
@@ -1051,7 +1069,7 @@ def setup(args: Args, ckpt, device, prec):
     path = common.resolve_model_path(args.model)
     print(f"loading --model {args.model} (the policy, a frozen copy as π_ref), then the reward and value "
           "models …", flush=True)
-    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else path, device)  # π_θ, float32
+    policy, tok = common.load_model(harness.start_weights(ckpt, path, args), device)  # π_θ, float32
     chat = args.chat_template or isinstance(train_pairs[0]["prompt"], list)  # one file: text, or messages
     train_pairs, heldout = (tasks.render_chat(tok, rows, args.chat_template, args.model)
                             for rows in (train_pairs, heldout))  # messages (or --chat-template) -> text
@@ -1063,7 +1081,9 @@ def setup(args: Args, ckpt, device, prec):
     tasks.check_context(tok, policy, [p["prompt"] for p in train_pairs + heldout], args.max_new_tokens,
                         args.data)
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
-    ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen, float32: = π_θ at step 0
+    policy = harness.apply_lora(policy, args, ckpt)  # --lora-r: adapters on the frozen base, only they trained
+    # π_ref, frozen, float32: = π_θ at step 0 (--lora-r: the policy with its adapters off, no second copy)
+    ref = harness.reference_of(policy, args, path, device)
     harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("ppo", args.seed), args.overwrite,
                                   resume=ckpt)
@@ -1074,7 +1094,9 @@ def setup(args: Args, ckpt, device, prec):
     if args.value_init == "reward":
         value = value_model_from_reward_model(rm)  # V_ψ = r_φ's head on every prefix
     else:
-        value = ValueModel(copy.deepcopy(policy))  # the SFT policy's LM, head = 0
+        # the SFT policy's LM, head = 0 (--lora-r: a whole copy of it, trained whole, as TRL's PPOTrainer
+        # trains the value model it is given beside a peft policy)
+        value = ValueModel(harness.merge_lora(copy.deepcopy(policy)).requires_grad_(True))
     if ckpt:
         harness.load_weights(value.lm, ckpt.path / "value_model")
         harness.load_weights(value.head, ckpt.path / "value_head.pt")

@@ -203,6 +203,24 @@ class Args:
     its saved config; other flags must be left out or equal the run's, except --device, --threads,
     --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
+    # LoRA (peft, optional: pip install peft)
+    lora_r: int = 0
+    """r, the rank of the LoRA adapters W + (α/r) B A on the base model's linear layers, the only weights
+    trained (the base frozen, stored once); 0: no LoRA, every weight trained (typical 8..64; peft: 8, TRL's
+    ModelConfig: 16); π_ref (--beta > 0) is the base with the adapters off, not a second copy; the value
+    head (--baseline value) is trained whole; <out-dir>/model holds the adapter as peft saves it
+    (AutoPeftModelForCausalLM loads it) (TRL: peft_config)"""
+    lora_alpha: Optional[float] = None
+    """α, the adapters' scale is α/r; default 2r, the ratio of TRL's ModelConfig (r 16, α 32): α/r = 2
+    whatever r (peft's own default α = 8 gives 8/r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (peft's default 0); only 0 is accepted: every forward pass here
+    runs in eval mode, where dropout does nothing"""
+    lora_target_modules: str = "all-linear"
+    """the linear layers that get adapters: all-linear (peft: every linear layer but the LM head, as
+    QLoRA does; peft's own default for Llama/Qwen is q_proj,v_proj only), or names, comma-separated
+    (q_proj,k_proj,v_proj,o_proj)"""
+
 
 #####################################################################################################
 #####  the maths: rewards, Ψ_t and the pseudo-loss (pure functions, no state, only torch)
@@ -561,7 +579,8 @@ def value_baseline(head, policy, ids, mask, T: int, chunks: list[slice], rewards
     the gradient of the critic's MSE to G_t, which lands on ψ alone (the features are detached).
     ids, mask: [B, P+T]; rewards, c_mask: [B, T].  -> (values [B, T], the value/ metrics)."""
     with prec.autocast():
-        feats = torch.cat([state_features(policy, ids[c], mask[c], T) for c in chunks])  # h_t   [B, T, d]
+        lm = harness.unwrap(policy)  # --lora-r: the transformers model inside peft's, adapters on
+        feats = torch.cat([state_features(lm, ids[c], mask[c], T) for c in chunks])  # h_t   [B, T, d]
     values = head(feats).squeeze(-1)  # V_ψ(s_t) = w·h_t + c (float32, grad to ψ only)   [B, T]
     G = reward_to_go(rewards, c_mask, gamma)  # G_t, the target   [B, T]
     vf_loss = value_loss(values, G, c_mask)  # L_V = mean_t (V_ψ(s_t) − G_t)²
@@ -631,9 +650,11 @@ def load_models(args: Args, ckpt, device):
     the loss are those of the policy that sampled), and π_ref only when β > 0.  -> (policy, ref, tok)"""
     print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
           + " …", flush=True)
-    policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
+    policy, tok = common.load_model(harness.start_weights(ckpt, args.model, args), device)  # float32
     policy.eval()
-    ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
+    policy = harness.apply_lora(policy, args, ckpt)  # --lora-r: adapters on the frozen base, only they trained
+    # a frozen copy of the start model (--lora-r: the policy with its adapters off, no copy)
+    ref = harness.reference_of(policy, args, args.model, device) if args.beta > 0 else None
     return policy, ref, tok
 
 

@@ -148,6 +148,23 @@ class Args:
     its saved config; other flags must be left out or equal the run's, except --device, --threads,
     --log-every, --save-every and --save-total-limit (TRL: resume_from_checkpoint)"""
 
+    # LoRA (peft, optional: pip install peft)
+    lora_r: int = 0
+    """r, the rank of the LoRA adapters W + (α/r) B A on the base model's linear layers, the only weights
+    trained (the base frozen, stored once); 0: no LoRA, every weight trained (typical 8..64; peft: 8, TRL's
+    ModelConfig: 16); the scalar head is trained whole; <out-dir>/model is saved with the adapters merged
+    into the weights, in the usual format (TRL: peft_config)"""
+    lora_alpha: Optional[float] = None
+    """α, the adapters' scale is α/r; default 2r, the ratio of TRL's ModelConfig (r 16, α 32): α/r = 2
+    whatever r (peft's own default α = 8 gives 8/r)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input (peft's default 0); only 0 is accepted: every forward pass here
+    runs in eval mode, where dropout does nothing"""
+    lora_target_modules: str = "all-linear"
+    """the linear layers that get adapters: all-linear (peft: every linear layer but the LM head, as
+    QLoRA does; peft's own default for Llama/Qwen is q_proj,v_proj only), or names, comma-separated
+    (q_proj,k_proj,v_proj,o_proj)"""
+
 
 #####################################################################################################
 #####  the maths: the Bradley–Terry loss and pair accuracy (pure functions, no state, only torch)
@@ -316,9 +333,11 @@ def train(args: Args) -> dict:
     rng = np.random.default_rng(args.seed)
     train_probe = ranking_pairs([train_rows[i] for i in rng.choice(  # the pairs of the train accuracy
         len(train_rows), min(len(train_rows), len(heldout)), replace=False)])[: len(heldout)]
-    rm = RewardModel(lm)
+    lm = harness.apply_lora(lm, args)  # --lora-r: adapters on the frozen LM; the head below is trained whole
+    rm = RewardModel(harness.unwrap(lm))
     rm.eval()  # no dropout: a pair's two rewards come from the same function
-    opt = torch.optim.AdamW(rm.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
     batches = [(epoch, order[i:i + args.batch_size]) for epoch in range(args.epochs)
                for order in [rng.permutation(len(train_rows))]
                for i in range(0, len(order), args.batch_size)][: args.max_steps]  # (epoch, pair indices)
@@ -346,7 +365,7 @@ def train(args: Args) -> dict:
         start = evaluate_start(evaluate, log, ceiling, gold)
         ev, step = start, 0
     else:  # --resume: the trained weights, the figures of the run so far, the state at the checkpoint's end
-        start, ev, step = resume(ckpt, rm, opt, sched, prec)
+        start, ev, step = resume(ckpt, rm, lm, opt, sched, prec)
 
     t_train = time.time()
     for step, (epoch, idx) in enumerate(batches[step:], step + 1):
@@ -390,7 +409,7 @@ def train(args: Args) -> dict:
         log.log(step, metrics, keys if (step % args.log_every == 0 or step == total_steps
                                         or "eval/heldout_accuracy" in metrics) else [])
         if args.save_every and step % args.save_every == 0:  ##### --save-every: what step + 1 needs
-            harness.save_checkpoint(out, step, args, {"model": rm.lm, "reward_head": rm.head}, {
+            harness.save_checkpoint(out, step, args, {"model": lm, "reward_head": rm.head}, {
                 **harness.training_state(opt, sched, prec), "start": start, "ev": ev}, tok)
     train_seconds = time.time() - t_train
 
@@ -411,7 +430,8 @@ def train(args: Args) -> dict:
             g = torch.tensor([tasks.gold_reward(t) for t in norm_texts])  # [N]
             norm["gold_correlation"] = float(torch.corrcoef(torch.stack([raw.cpu(), g]))[0, 1])
 
-    ##### save and summarise
+    ##### save and summarise (--lora-r: the adapters merged into the LM's weights, so the folder is the usual one)
+    harness.merge_lora(lm)
     model_dir = (str(save_reward_model(rm, tok, out / "model", chat=suffix is not None)) if args.save_model
                  else None)
     return summarise(log, out, args, start, ev, ceiling, train_ceiling, len(heldout), train_rows, cuts, norm,
@@ -483,12 +503,12 @@ def evaluate_start(evaluate, log, ceiling, gold: bool) -> dict:
     return start
 
 
-def resume(ckpt, rm, opt, sched, prec) -> tuple:
+def resume(ckpt, rm, lm, opt, sched, prec) -> tuple:
     """--resume: the trained weights and the state at the end of the checkpoint's step (the global RNGs
     last). The SFT samples for the normalisation were drawn again, from the untrained LM; the data
     order is `batches`, drawn again from --seed: the run goes on at batch ckpt.step + 1.
     -> the figures of the run so far: (start, ev, step)."""
-    harness.load_weights(rm.lm, ckpt.path / "model")
+    harness.load_weights(lm, ckpt.path / "model")  # rm.lm, or (--lora-r) its adapters
     harness.load_weights(rm.head, ckpt.path / "reward_head.pt")
     start, ev, step = ckpt.state["start"], ckpt.state["ev"], ckpt.step
     harness.restore_training_state(ckpt.state, opt, sched, prec)
