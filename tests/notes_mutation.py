@@ -14,7 +14,9 @@ The perturbation ("the row's function, its output scaled by 1.01, or its sign fl
     ints and everything else stay; an nn.Module that it returns gets the same done to its outputs;
   - a class: the outputs of its instances' `forward` (an nn.Module) or of the methods in
     CLASS_METHODS below;
-  - `update_target`, which returns nothing: the target network's weights after the update.
+  - `update_target`, which returns nothing: the target network's weights after the update;
+  - `epsilon_greedy`, which returns an action (an int): the sign of Q(s, ·) that it reads, so that
+    it exploits argmin_a Q instead of argmax_a Q.
 The function is replaced in its module and wherever a module of this repository bound it by name
 (`from ppo import gae` in a test), so both the code that calls it and the test see the mutant.
 """
@@ -75,6 +77,12 @@ def mutate_function(fn, kind: str):
             with torch.no_grad():
                 for p in target.parameters():
                     p.copy_(perturb(p, kind))
+        return mutant
+
+    if fn.__name__ == "epsilon_greedy":  # the sign of Q flipped
+        @functools.wraps(fn)
+        def mutant(q_s, eps, rng):
+            return fn(-q_s, eps, rng)
         return mutant
 
     @functools.wraps(fn)
