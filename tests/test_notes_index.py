@@ -125,8 +125,8 @@ def test_every_rows_test_fails_when_the_rows_function_is_perturbed(tmp_path):
     mutants = row_mutants()
     spec, report = tmp_path / "mutants.json", tmp_path / "report.json"
     spec.write_text(json.dumps(mutants))
-    env = dict(os.environ, NOTES_MUTANTS=str(spec), NOTES_MUTANTS_REPORT=str(report),
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    path = [str(ROOT / "tests")] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, NOTES_MUTANTS=str(spec), NOTES_MUTANTS_REPORT=str(report), PYTHONPATH=os.pathsep.join(path))
     tests = sorted({m["test"] for m in mutants})
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "notes_mutation", "-p", "no:cacheprovider",
                           *tests], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
