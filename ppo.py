@@ -61,8 +61,8 @@ views meet: log π(y|x) = Σ_t log π(y_t|s_t), and with β = 0, γ = λ = 1 and
 Â_t = s − V(s_t), the return minus a baseline of the state, so Σ_t ∇log π(y_t|s_t) Â_t has the
 bandit's expected gradient E_y[s ∇log π(y|x)], for any V (tests/test_bandit_and_token_mdp.py
 enumerates every completion). The default λ = 0.95 leaves the bandit on purpose: bootstrapping from
-V(s_{t+1}) costs a bias while V ≠ V^π and buys less variance; and the token mean weighs a completion
-by its length (README, "the normalisers").
+V(s_{t+1}) costs a bias while V ≠ V^π and buys less variance; and the loss's token mean divides by
+the batch's number of tokens, not of completions (README, the table of normalisers).
 
 Which way round the KL goes. The notes disagree: `000` ("TRPO") writes D̄_KL(θ | θ_old) with
 D_KL(π_θ ‖ π_old), `004` ("TRPO", "PPO - Penalty") writes KL[π_old, π_θ]. The code uses

@@ -325,10 +325,10 @@ def reinforce_loss(logp: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor):
 
     Which normaliser. `000` writes ĝ = 1/|D| Σ_τ Σ_t (a sum over each trajectory's steps, a mean over
     trajectories), `004` writes ĝ = Ê_t[...] (a mean over all the batch's timesteps, which is
-    1/Σ_τ|τ| Σ_τ Σ_t). The code takes `000`'s: it is the unbiased estimate of ∇J = E_τ[Σ_t ...], so a
-    long completion counts by all its tokens. `004`'s Ê_t differs by the factor |D|/Σ_τ|τ|, which
-    changes from batch to batch with the completions' lengths (and weighs each token alike); it is
-    PPO's token mean (ppo.py) and DAPO's `token-mean` (grpo.py).
+    1/Σ_τ|τ| Σ_τ Σ_t). The code takes `000`'s: it is the unbiased estimate of ∇J = E_τ[Σ_t ...].
+    `004`'s Ê_t differs by the factor |D|/Σ_τ|τ|: within a batch the same direction, but a step
+    that shrinks when the batch's completions are long; it is PPO's token mean (ppo.py) and DAPO's
+    `token-mean` (grpo.py).
 
     THERE IS NO MEANING in the value of L (the notes' warning): it is not a performance measure,
     it changes when a baseline is subtracted although the expected gradient does not, and it can
