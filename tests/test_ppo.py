@@ -727,7 +727,7 @@ def test_trpo_update_builds_the_surrogate_its_gradient_and_the_kl_from_the_model
 
     monkeypatch.setattr(ppo, "trpo_step", spy)
     info = ppo.trpo_update(policy, ids, mask, c_mask, T, old_lp_all, old_logp, adv, micro_batch=2, delta=0.01,
-                           cg_iters=5)
+                           cg_iters=2)
     surr_old, kl_old = seen["at_old"]
     assert surr_old == pytest.approx(0.45, abs=1e-6) and kl_old == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(seen["g"], g_hand, atol=1e-6, rtol=1e-4)
