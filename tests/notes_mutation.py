@@ -118,11 +118,17 @@ def notes_mutant_applied(request, monkeypatch):
         return
     file, name = m["code"].split(":")
     module = module_of(file)
+    owner, _, method = name.rpartition(".")
+    if owner:  # `Class.method`: the method's output, in the class itself
+        cls = getattr(module, owner)
+        monkeypatch.setattr(cls, method, mutate_function(getattr(cls, method), m["kind"]))
+        yield m
+        return
     original = getattr(module, name)
     mutant = (mutate_class if isinstance(original, type) else mutate_function)(original, m["kind"])
     for mod in list(sys.modules.values()):  # every binding of the original in this repository's modules
         path = getattr(mod, "__file__", None) or ""
-        if path.startswith(str(ROOT)):
+        if path.startswith(str(ROOT) + os.sep):
             for key, value in list(vars(mod).items()):
                 if value is original:
                     monkeypatch.setattr(mod, key, mutant)
