@@ -8,9 +8,11 @@ measures two learners against it:
     tabular Q-learning  the notes' Q-table: all zeros at the start, ε-greedy, one update per step
     DQN                 a Q network over one-hot states, a replay buffer and a target network
 
-The default maze is the notes' 2×3 grid: +10 for entering the goal G, −10 for the trap T, 0 for
-every other move (bumping into an edge or a wall `#` leaves the agent where it is), and G and T
-end the episode. With γ = 0.9 a shorter path is worth more. The trap sits on two of the three
+The default maze is a 2×3 grid like the notes' example: +10 for entering the goal G, −10 for the
+trap T, 0 for every other move (bumping into an edge or a wall `#` leaves the agent where it is).
+From the notes (2.2): the size, the rewards, one-hot states, the four moves, walls that block.
+Ours (the notes' figure is not in their text): where S, T and G sit, that G and T end the episode,
+and γ = 0.9, with which a shorter path is worth more. The trap sits on two of the three
 shortest-looking routes, so only one path is both short and safe (V* and Q* are derived by hand
 in tests/test_dqn_maze.py):
 
@@ -20,6 +22,13 @@ row 0 |   S   |       |       |           >   >   v        8.1    9.0   10.0
       +-------+-------+-------+
 row 1 |       |   T   |   G   |           ^   T   G        7.29    T      G
       +-------+-------+-------+
+
+When the reward is paid. Notes 2.1 write R(τ) = Σ_t γ^t r_{s_t}, a reward per state counted from
+s_0; the Maze pays r(s, a) on the move into a cell, at the step that enters it, as the notes' own
+3.1 has it ("r_t is the reward received after taking action a_t at state s_t"). Read literally, the
+notes' return of the path above is γ³·10 = 7.29 from S; the code's V*(S) is γ²·10 = 8.1. Every
+reward here ends the episode, so the two differ by one factor γ in every state and share the optimal
+policy (tests/test_dqn_maze.py computes both).
 
 Pseudocode (N is --tabular-steps or --dqn-steps):
 
@@ -78,8 +87,9 @@ from harness import (RunLogger, default_run_dir, main, pick_device, prepare_run_
 @dataclass
 class Args:
     maze: str = "2x3"
-    """`2x3` (the notes' example), `6x6` (walls, four traps), or a text file with one row per line
-    and one character per cell: S start, G goal, T trap, # wall, . free"""
+    """`2x3` (the size and rewards of the notes' example; the positions are ours), `6x6` (walls,
+    four traps), or a text file with one row per line and one character per cell: S start, G goal,
+    T trap, # wall, . free"""
     seed: int = 1
     """seed of Python, numpy and torch: network init, ε-greedy draws, replay sampling"""
     gamma: float = 0.9

@@ -53,6 +53,17 @@ the vocabulary (`policy_kl`), masked-averaged over the batch's completion tokens
 and two different βs are at work: β and --kl-control act on the KL to π_ref in the *reward* (per
 completion, nats); β_pen and --penalty-target-kl act on the KL to π_old in the *loss* (per token).
 
+A bandit, or a token MDP. `000` ("RLHF + PPO") and `003` call RLHF a contextual bandit: the prompt is
+the context, the whole completion one action, and R(x, y) its one reward. This file makes every token
+a step, as `000` does for GRPO (state s_t = (x, y_<t), action y_t), so that a value per prefix and GAE
+can give credit inside the completion; the per-token KL reward is `003`'s reward shaping. The two
+views meet: log π(y|x) = Σ_t log π(y_t|s_t), and with β = 0, γ = λ = 1 and the score on the last token,
+Â_t = s − V(s_t), the return minus a baseline of the state, so Σ_t ∇log π(y_t|s_t) Â_t has the
+bandit's expected gradient E_y[s ∇log π(y|x)], for any V (tests/test_bandit_and_token_mdp.py
+enumerates every completion). The default λ = 0.95 leaves the bandit on purpose: bootstrapping from
+V(s_{t+1}) costs a bias while V ≠ V^π and buys less variance; and the loss's token mean divides by
+the batch's number of tokens, not of completions (README, the table of normalisers).
+
 Which way round the KL goes. The notes disagree: `000` ("TRPO") writes D̄_KL(θ | θ_old) with
 D_KL(π_θ ‖ π_old), `004` ("TRPO", "PPO - Penalty") writes KL[π_old, π_θ]. The code uses
 KL(π_old ‖ π_θ), the TRPO paper's: its constraint is an expectation over states *and* actions of the

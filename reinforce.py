@@ -341,6 +341,13 @@ def reinforce_loss(logp: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor):
     logp: [B, T], log π_θ of the sampled tokens (with gradient); psi: [B, T], Ψ_t (treated as a
     constant); mask: [B, T]. |D| = B, the number of completions.
 
+    Which normaliser. `000` writes ĝ = 1/|D| Σ_τ Σ_t (a sum over each trajectory's steps, a mean over
+    trajectories), `004` writes ĝ = Ê_t[...] (a mean over all the batch's timesteps, which is
+    1/Σ_τ|τ| Σ_τ Σ_t). The code takes `000`'s: it is the unbiased estimate of ∇J = E_τ[Σ_t ...].
+    `004`'s Ê_t differs by the factor |D|/Σ_τ|τ|: within a batch the same direction, but a step
+    that shrinks when the batch's completions are long; it is PPO's token mean (ppo.py) and DAPO's
+    `token-mean` (grpo.py).
+
     THERE IS NO MEANING in the value of L (the notes' warning): it is not a performance measure,
     it changes when a baseline is subtracted although the expected gradient does not, and it can
     fall while the policy gets worse. Only its gradient, the estimator ĝ, means anything.
@@ -348,7 +355,7 @@ def reinforce_loss(logp: torch.Tensor, psi: torch.Tensor, mask: torch.Tensor):
     """
     psi = psi.detach()  # Ψ is a number given by the samples, not a function of θ   [B, T]
     per_seq = masked_sum(logp * psi, mask, dim=1)  # Σ_t log π(a_t|s_t) Ψ_t   [B]
-    loss = -per_seq.mean()  # −1/|D| Σ_τ   (a scalar whose value means nothing)
+    loss = -per_seq.mean()  # −1/|D| Σ_τ, 000's normaliser (not 004's Ê_t; see above); its value means nothing
     with torch.no_grad():
         metrics = {"psi_mean": masked_mean(psi, mask), "psi_second_moment": masked_mean(psi ** 2, mask)}
     return loss, metrics

@@ -121,6 +121,30 @@ def test_token_logprobs_uses_tempered_distribution(tau):
     torch.testing.assert_close(ent, expected_ent, atol=1e-5, rtol=0)
 
 
+def test_each_token_is_an_action_taken_in_the_state_prompt_plus_prefix():
+    """Notes 000 "GRPO": the state s_t is the prompt x and the tokens y_<t generated so far, the
+    action a_t the next token y_t. So log π(a_t|s_t) must be what the model, run on s_t alone (no
+    padding, nothing after it), gives the token y_t at its last position; and the completion's
+    log-probability log π(y|x) is the sum of the actions' log-probs, Σ_t log π(y_t|x, y_<t)."""
+    model = random_llama()
+    prompt, comp = [5, 6, 7], [8, 9, 10, EOS]
+    ids = torch.tensor([[PAD, PAD] + prompt + comp])  # [1, 9]: padding that the states must not see
+    mask = torch.tensor([[0, 0] + [1] * 7])  # [1, 9]
+    logp, _ = common.token_logprobs(model, ids, mask, len(comp))  # [1, 4]
+    total = 0.0
+    with torch.no_grad():
+        for t, y_t in enumerate(comp):
+            state = torch.tensor([prompt + comp[:t]])  # s_t = (x, y_<t)   [1, 3 + t]
+            lp = torch.log_softmax(model(input_ids=state).logits[0, -1].float(), -1)  # π(·|s_t)   [V]
+            assert logp[0, t].item() == pytest.approx(lp[y_t].item(), abs=1e-5)  # log π(a_t | s_t)
+            total += lp[y_t].item()
+        # log π(y|x) by the chain rule: π(y|x) = Π_t π(y_t | x, y_<t)
+        whole = torch.log_softmax(model(input_ids=torch.tensor([prompt + comp])).logits[0].float(), -1)  # [7, V]
+        chain = sum(whole[len(prompt) - 1 + t, y_t].item() for t, y_t in enumerate(comp))
+    assert logp.sum().item() == pytest.approx(total, abs=1e-5)
+    assert chain == pytest.approx(total, abs=1e-5)
+
+
 #####################################################################################################
 #####  masks, padding, masked statistics
 #####################################################################################################

@@ -117,6 +117,16 @@ def test_label_smoothing_zero_is_sigmoid_and_reference_free_is_zero_reference():
     free_none = dpo_loss(pc, pr, None, None, 0.2, loss_type="reference_free")
     for a, b, c in zip(free, sig0, free_none):
         assert torch.equal(a, b) and torch.equal(a, c)
+    # by hand, β = 0.2, log π_θ(y_w) = −1, log π_θ(y_l) = −3, log π_ref(y_w) = −2, log π_ref(y_l) = −4:
+    #   Δ = (−1 + 2) − (−3 + 4) = 0, so sigmoid gives −log σ(0) = ln 2;
+    #   reference_free drops π_ref: Δ = −1 − (−3) = 2, βΔ = 0.4, −log σ(0.4) = log(1 + e^{−0.4}) = 0.5130153
+    #   conservative (ε = 0.1) at the same reference-free Δ: −0.9 log σ(0.4) − 0.1 log σ(−0.4), and
+    #   −log σ(−x) = x − log σ(x), so it is 0.5130153 + 0.1 · 0.4 = 0.5530153
+    pc, pr, rc, rr = t(-1.0), t(-3.0), t(-2.0), t(-4.0)
+    assert dpo_loss(pc, pr, rc, rr, 0.2)[0].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert dpo_loss(pc, pr, rc, rr, 0.2, loss_type="reference_free")[0].item() == pytest.approx(0.5130153, abs=1e-6)
+    assert dpo_loss(pc, pr, None, None, 0.2, loss_type="reference_free",
+                    label_smoothing=0.1)[0].item() == pytest.approx(0.5530153, abs=1e-6)
 
 
 def test_unknown_loss_type_and_misplaced_label_smoothing_raise():

@@ -139,6 +139,12 @@ def test_what_the_dpo_loss_cannot_identify():
     # π* would need z_4 − z_i = log π_ref(y_4)/π_ref(y_i) + (r_4 − r_i)/β, which holds only if
     # r_4 = mean_{j<4} r_j = 0.5. With r_4 = 1.5: π_θ(y_4)/π*(y_4) = e^{(0.5 − 1.5)/β} / (normalisers)
     assert abs(pi_dpo[4].item() - PI_STAR[4].item()) > 0.05
+    # yet the loss is at its floor, the labels' own entropy over the compared pairs, mean H(σ(r_i − r_j)):
+    # the four compared completions are matched exactly, so nothing tells this π_θ from π*
+    def h(p):
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+    entropy = sum(h(torch.sigmoid(R[i] - R[j])) for i, j in pairs) / len(pairs)
+    assert expected_dpo_loss(pi_dpo.log(), pairs).item() == pytest.approx(entropy.item(), abs=1e-10)
     # the loss is also blind to one more thing: a common shift of all logits (softmax's invariance)
     shifted = expected_dpo_loss(PI_STAR.log() + 3.0, ALL_PAIRS)
     assert shifted.item() == pytest.approx(expected_dpo_loss(PI_STAR.log(), ALL_PAIRS).item(), abs=1e-12)

@@ -125,12 +125,100 @@ def test_value_iteration_2x3_matches_hand_derivation():
         np.testing.assert_allclose(q_star[state], row, atol=1e-8)
 
 
+def test_the_maze_pays_on_the_move_so_v_star_is_one_gamma_above_the_notes_literal_return():
+    # Notes 002 §2.1 write R(τ) = Σ_t γ^t r_{s_t}, a reward per *state*, counted from s_0. The Maze
+    # pays r(s, a) on the *move* into G, at the step that enters it. On the optimal path
+    # S -> (0,1) -> (0,2) -> G (states s_0 .. s_3):
+    #   the code:           r_0 = r_1 = 0, r_2 = 10 (the move into G):  R = γ² · 10 = 8.1
+    #   the literal notes:  r_{s_0} = r_{s_1} = r_{s_2} = 0, r_{s_3} = 10:  R = γ³ · 10 = 7.29
+    # Every reward here ends an episode, so the two differ by one factor γ on every path, and the
+    # optimal policy is the same.
+    m = maze_2x3()
+    q_star = D.value_iteration(m.next_state, m.reward, m.done, GAMMA)
+    assert q_star[m.start].max() == pytest.approx(8.1, abs=1e-9)
+    m.reset()
+    rewards = [m.step(a)[1] for a in (RIGHT, RIGHT, DOWN)]
+    assert rewards == [0.0, 0.0, 10.0]
+    assert sum(GAMMA ** t * r for t, r in enumerate(rewards)) == pytest.approx(8.1)  # Σ_t γ^t r(s_t, a_t)
+    # the literal reading: a reward per cell, V(s) = r_s at G and T, else r_s + γ max_a V(next(s, a))
+    r_state = np.array([D.REWARDS.get(m.cell(c), 0.0) for c in range(m.n_states)])  # [S]
+    terminal = np.array([m.cell(c) in "GT" for c in range(m.n_states)])  # [S]
+    v = np.zeros(m.n_states)
+    for _ in range(200):
+        v = np.where(terminal, r_state, r_state + GAMMA * v[m.next_state].max(axis=1))  # [S]
+    assert v[m.start] == pytest.approx(7.29, abs=1e-9)  # γ³ · 10
+    # in every reachable state, the literal Q(s, a) = r_s + γ V(next(s, a)) = γ Q*(s, a): one γ apart,
+    # and so the same greedy moves
+    for c in m.reachable:
+        np.testing.assert_allclose(r_state[c] + GAMMA * v[m.next_state[c]], GAMMA * q_star[c], atol=1e-9)
+
+
 def test_linear_epsilon():
     # ε = end + (start − end)·max(0, 1 − t/T): 1 at t = 0, halfway 1 − 0.95/2 = 0.525, then 0.05.
     assert D.linear_epsilon(0, 1.0, 0.05, 100) == pytest.approx(1.0)
     assert D.linear_epsilon(50, 1.0, 0.05, 100) == pytest.approx(0.525)
     assert D.linear_epsilon(100, 1.0, 0.05, 100) == pytest.approx(0.05)
     assert D.linear_epsilon(500, 1.0, 0.05, 100) == pytest.approx(0.05)
+
+
+class ScriptedRng:
+    """Stands in for np.random.Generator: `random()` and `integers(n)` return the scripted draws."""
+
+    def __init__(self, uniforms, ints):
+        self.uniforms, self.ints, self.ranges = list(uniforms), list(ints), []
+
+    def random(self):
+        return self.uniforms.pop(0)
+
+    def integers(self, n):
+        self.ranges.append(n)
+        return self.ints.pop(0)
+
+
+def test_epsilon_greedy_by_hand():
+    # Notes 002 §3.1: with probability ε a uniform action, else argmax_a Q(s, a), ties broken at random.
+    # Q(s, ·) = (0, 5, 3, 1), ε = 0.25:
+    #   u = 0.1 < ε: explore, a uniform draw over the 4 actions; the draw 2 gives action 2
+    #   u = 0.9 ≥ ε: exploit, the one greedy action 1 (a draw over 1 candidate)
+    q = np.array([0.0, 5.0, 3.0, 1.0])
+    rng = ScriptedRng([0.1, 0.9], [2, 0])
+    assert D.epsilon_greedy(q, 0.25, rng) == 2 and D.epsilon_greedy(q, 0.25, rng) == 1
+    assert rng.ranges == [4, 1]
+    # a tie, Q = (0, 3, 3, 1): exploiting draws among the two greedy actions 1 and 2
+    q = np.array([0.0, 3.0, 3.0, 1.0])
+    rng = ScriptedRng([0.9, 0.9], [0, 1])
+    assert [D.epsilon_greedy(q, 0.25, rng), D.epsilon_greedy(q, 0.25, rng)] == [1, 2]
+    assert rng.ranges == [2, 2]
+    # so π(a|s) = ε/|A| + (1 − ε) · 1[a greedy] / #greedy = (0.0625, 0.4375, 0.4375, 0.0625); in
+    # 40,000 draws each frequency is within 0.01 of it (4 standard deviations: √(0.4375 · 0.5625 / 40000) = 0.0025)
+    gen = np.random.default_rng(0)
+    counts = np.bincount([D.epsilon_greedy(q, 0.25, gen) for _ in range(40_000)], minlength=4)
+    np.testing.assert_allclose(counts / 40_000, [0.0625, 0.4375, 0.4375, 0.0625], atol=0.01)
+
+
+def test_tabular_update_by_hand_at_the_notes_alpha_1_and_at_alpha_0_5(monkeypatch):
+    # Three episodes along the optimal path, the actions scripted (right, right, down; ε-greedy is
+    # replaced), from Q = 0, γ = 0.9. The update Q(s,a) ← Q(s,a) + α [r + γ (1 − done) max_a' Q(s',a') − Q(s,a)]:
+    #   α = 1, the notes' Q(s,a) = r + γ max_a' Q(s',a'): the goal's value moves back one cell per episode
+    #     episode 1:  Q(S,→) = 0 + 0.9·0 = 0    Q((0,1),→) = 0            Q((0,2),↓) = 10
+    #     episode 2:  Q(S,→) = 0                Q((0,1),→) = 0.9·10 = 9   Q((0,2),↓) = 10
+    #     episode 3:  Q(S,→) = 0.9·9 = 8.1      Q((0,1),→) = 9            Q((0,2),↓) = 10   (= Q* on the path)
+    #   α = 0.5:
+    #     episode 1:  0                         0                              5
+    #     episode 2:  0                         0.5·(0.9·5) = 2.25             5 + 0.5·(10 − 5) = 7.5
+    #     episode 3:  0.5·(0.9·2.25) = 1.0125   2.25 + 0.5·(0.9·7.5 − 2.25) = 4.5   7.5 + 0.5·2.5 = 8.75
+    script = [RIGHT, RIGHT, DOWN] * 3
+    m = maze_2x3()
+    q_star = D.value_iteration(m.next_state, m.reward, m.done, GAMMA)
+    for alpha, expected in ((1.0, (8.1, 9.0, 10.0)), (0.5, (1.0125, 4.5, 8.75))):
+        actions = iter(script)
+        monkeypatch.setattr(D, "epsilon_greedy", lambda q_s, eps, rng: next(actions))
+        args = D.Args(tabular_steps=len(script), q_lr=alpha, gamma=GAMMA)
+        q = D.tabular_q_learning(m, args, np.random.default_rng(0),
+                                 D.Tracker("tabular", "tabular", m, q_star, args, args.tabular_steps))
+        hand = np.zeros((m.n_states, m.n_actions))
+        hand[s(0, 0), RIGHT], hand[s(0, 1), RIGHT], hand[s(0, 2), DOWN] = expected
+        np.testing.assert_allclose(q, hand, atol=1e-12)
 
 
 def test_evaluate_accepts_any_action_in_a_tie_of_q_star():
@@ -167,6 +255,24 @@ def test_replay_buffer_evicts_the_oldest_when_full():
     assert buf.rewards.tolist() == [4.0, 5.0, 3.0]
     assert buf.pos == 2
     assert buf.dones.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_replay_buffer_at_least_as_large_as_the_run_keeps_every_transition():
+    # Notes 002 §3.2: the replay data set is cumulative, every transition seen is kept. With capacity
+    # ≥ the number of steps (the default --buffer-size 50,000 ≥ --dqn-steps 40,000) nothing is
+    # overwritten, and a uniform draw reaches every transition, the oldest as often as the newest:
+    # 50 transitions, 50,000 draws, each about 1,000 times (all within ±150, 5 standard deviations).
+    buf = D.ReplayBuffer(capacity=50, obs_dim=2)
+    for i in range(50):  # transition i: s = (i, 0), a = i % 4, r = i + 1, s' = (0, i), done on the last
+        buf.add(np.array([i, 0.0]), i % 4, float(i + 1), np.array([0.0, i]), i == 49)
+    assert len(buf) == 50 and buf.rewards.tolist() == [float(i + 1) for i in range(50)]
+    obs, actions, rewards, next_obs, dones = buf.sample(50_000, np.random.default_rng(0))
+    i = obs[:, 0].long()  # which transition each draw is   [B]
+    torch.testing.assert_close(rewards, (i + 1).float())  # the fields of one transition stay together
+    assert torch.equal(actions, i % 4) and torch.equal(next_obs[:, 1].long(), i)
+    assert torch.equal(dones, (i == 49).float())
+    counts = torch.bincount(i, minlength=50)
+    assert counts.min() > 850 and counts.max() < 1150
 
 
 def test_replay_buffer_samples_only_filled_slots():

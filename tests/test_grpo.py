@@ -73,6 +73,12 @@ def test_group_advantages_all_equal_group_is_exactly_zero():
         adv = group_advantages(torch.tensor(r), 4)
         assert torch.equal(adv, torch.zeros(4)), adv
     assert torch.equal(group_advantages(torch.tensor([1.0, 1.0]), 2), torch.zeros(2))
+    # eps acts only there: beside it in the batch, the mixed group [1, 0, 0, 0] keeps its z-scores,
+    # dev (0.75, −0.25, −0.25, −0.25), std √(0.75/3) = 0.5, Â = dev / 0.5001 = (1.49970006, −0.49990002, ...)
+    adv = group_advantages(torch.tensor([1.0, 1, 1, 1, 1, 0, 0, 0]), 4)
+    assert torch.equal(adv[:4], torch.zeros(4))
+    torch.testing.assert_close(adv[4:], torch.tensor([1.49970006, -0.49990002, -0.49990002, -0.49990002]),
+                               atol=1e-7, rtol=0)
 
 
 def test_dr_grpo_advantages_only_centre():

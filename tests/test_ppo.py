@@ -24,6 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
+import harness
 import tasks
 from models.build import build_char_tokenizer, build_word_tokenizer
 import ppo
@@ -693,6 +694,55 @@ def test_trpo_leaves_theta_unchanged_when_every_step_fails():
     assert torch.equal(theta, theta_old) and info["line_search_failed"] == 1.0
 
 
+def test_trpo_update_builds_the_surrogate_its_gradient_and_the_kl_from_the_model(monkeypatch):
+    # trpo_update's closures, checked against the model run here by hand, on the batch of lengths
+    # 4, 2, 3, 1 (N = 10 completion tokens) in micro-batches of 2 rows (shares 6/10 and 4/10).
+    # Â (padding holds 99, which must count nowhere):
+    #   row 0: 1, −1, 2, 0.5     row 1: −2, 1     row 2: 0.5, 0.5, −1     row 3: 3
+    #   Σ_t Â_t = 2.5 − 1 + 0 + 3 = 4.5, so at θ_old (ρ = 1) L(θ_old) = (1/N) Σ_t ρ_t Â_t = 0.45
+    #   and D̄_KL(θ_old, θ_old) = 0.
+    policy = random_llama(seed=3)
+    ids, mask, c_mask, T = batch_with_different_lengths()
+    adv = torch.tensor([[1.0, -1.0, 2.0, 0.5], [-2.0, 1.0, 99, 99], [0.5, 0.5, -1.0, 99], [3.0, 99, 99, 99]])
+    with torch.no_grad():
+        old_lp_all = common.vocab_logprobs(policy, ids, mask, T)  # log π_old(·|s_t)   [4, T, V]
+    old_logp = common.pick_token_logprobs(old_lp_all, ids, mask)  # [4, T]
+    params = [p for p in policy.parameters() if p.requires_grad]
+
+    def surrogate_and_kl():  # L(θ) = (1/N) Σ_t ρ_t Â_t and mean_t KL(π_old ‖ π_θ), the whole batch at once
+        lp_all = common.vocab_logprobs(policy, ids, mask, T)  # [4, T, V]
+        logp = common.pick_token_logprobs(lp_all, ids, mask)  # [4, T]
+        return (common.masked_mean(torch.exp(logp - old_logp) * adv, c_mask),
+                common.masked_mean(policy_kl(old_lp_all, lp_all), c_mask))
+
+    # g = ∇_θ L at θ_old = ∇_θ (1/N) Σ_t log π_θ(y_t|s_t) Â_t, the policy gradient (∇ρ = ρ ∇log π, ρ = 1)
+    logp = common.pick_token_logprobs(common.vocab_logprobs(policy, ids, mask, T), ids, mask)  # [4, T]
+    g_hand = torch.cat([x.reshape(-1) for x in torch.autograd.grad(
+        common.masked_mean(logp * adv, c_mask), params)])  # [n]
+    seen, real_step = {}, ppo.trpo_step
+
+    def spy(theta_old, g, fvp, evaluate, *args, **kwargs):
+        seen["theta_old"], seen["g"], seen["at_old"] = theta_old.clone(), g.clone(), evaluate(theta_old)
+        return real_step(theta_old, g, fvp, evaluate, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "trpo_step", spy)
+    info = ppo.trpo_update(policy, ids, mask, c_mask, T, old_lp_all, old_logp, adv, micro_batch=2, delta=0.01,
+                           cg_iters=2)
+    surr_old, kl_old = seen["at_old"]
+    assert surr_old == pytest.approx(0.45, abs=1e-6) and kl_old == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(seen["g"], g_hand, atol=1e-6, rtol=1e-4)
+    # the step written into the model is the one the line search accepted, within δ, and trpo_update
+    # reports its true surrogate gain and KL, as computed here from the model afterwards
+    assert info["line_search_failed"] == 0.0
+    with torch.no_grad():
+        surr_new, kl_new = surrogate_and_kl()
+    assert 0 < float(kl_new) <= 0.01
+    assert info["kl"] == pytest.approx(float(kl_new), rel=1e-4)
+    assert info["surrogate_gain"] == pytest.approx(float(surr_new) - 0.45, rel=1e-3)
+    theta = torch.nn.utils.parameters_to_vector(params)
+    assert not torch.equal(theta, seen["theta_old"])
+
+
 #####################################################################################################
 #####  whitening of the advantages, explained variance
 #####################################################################################################
@@ -1117,6 +1167,28 @@ def test_ptx_data_prompt_completion_rows_are_the_ptx_loss(tmp_path):
     # and the stream draws only from those rows, not from the built-in grammar
     assert ppo.sft_batches(ppo.Args(ptx_batch=2), [], 0, ppo.read_ptx_data(str(path))).__next__() == (
         ["the hotel"] * 2, ["was great"] * 2)
+
+
+def test_ptx_loss_is_the_token_mean_of_the_nll_and_its_gradient_is_scaled_by_the_coefficient():
+    # PPO-ptx on two rows of different lengths: "the hotel" -> "was great" + EOS (3 tokens) and
+    # "the movie" -> "was dirty and the music was poor" + EOS (8 tokens). The token mean divides the
+    # summed NLL by all N = 11 tokens, so the long row weighs 8/11 (a mean of the two rows' means
+    # would weigh each ½). Each row is scored alone here, unpadded, by the chain rule of π_θ.
+    model, tok = common.load_model("tiny-pref", torch.device("cpu"))
+    texts = (["the hotel", "the movie"], ["was great", "was dirty and the music was poor"])
+    nll, n = 0.0, 0
+    for prompt, completion in zip(*texts):
+        ids, mask, c_mask, T = common.encode_prompt_completion(tok, [prompt], [completion])
+        lp = common.token_logprobs(model, ids, mask, T)[0]  # [1, T], no padding in a row alone
+        nll, n = nll - lp.sum(), n + int(c_mask.sum())
+    assert n == 11
+    expected = nll / n  # −(1/N) Σ_t log π_θ(y_t | x, y_<t)
+    g_hand = torch.autograd.grad(0.5 * expected, model.lm_head.weight)[0]  # λ_ptx ∇L_ptx, λ_ptx = 0.5
+    model.zero_grad()
+    value = ppo.ptx_backward(model, tok, texts, 0.5, harness.MixedPrecision(torch.device("cpu"), "float32"),
+                             torch.device("cpu"))
+    assert value == pytest.approx(float(expected.detach()), rel=1e-5)
+    torch.testing.assert_close(model.lm_head.weight.grad, g_hand, atol=1e-7, rtol=1e-4)
 
 
 def test_value_init_policy_and_micro_batches(small_rm, tmp_path):
