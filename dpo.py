@@ -287,6 +287,13 @@ def fit_max_length(tokenizer, pairs: list[dict], max_length: int | None) -> tupl
     rows = list(zip(pairs, prompt_lengths, n_tokens("chosen"), n_tokens("rejected")))
     kept = [(pair, P, C, R) for pair, P, C, R in rows if P < max_length]
     cut = sum(P + max(C, R) + 1 > max_length for _, P, C, R in kept)  # + 1: the EOS
+    if kept and cut == len(kept):  # every pair cut: do chosen and rejected still differ anywhere?
+        eos = [tokenizer.eos_token_id]
+        same = [(c + eos)[:max_length - P] == (r + eos)[:max_length - P] for (_, P, _, _), c, r in zip(
+            kept, *(tokenizer([k[0][key] for k in kept], add_special_tokens=False)["input_ids"]
+                    for key in ("chosen", "rejected")))]
+        check(not all(same), f"--max-length {max_length} cuts every pair's chosen and rejected to the same "
+                             "tokens, so the loss has nothing to compare (it stays at ln 2); raise it")
     return [k[0] for k in kept], cut, len(rows) - len(kept)
 
 
@@ -347,6 +354,7 @@ def validate(args: Args) -> None:
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be ≥ 1 (got {args.max_steps})")
     check(args.max_length is None or args.max_length >= 2, f"--max-length must be ≥ 2 (got {args.max_length})")
+    harness.check_lr(args.lr)
 
 
 def train(args: Args) -> dict:
