@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import atexit
+import collections
 import contextlib
 import dataclasses
 import fnmatch
@@ -827,14 +828,18 @@ def _jsonable(x):
     return str(x)
 
 
+ETA_WINDOW = 20  # logged rows whose pace gives the ETA
+
+
 class RunLogger:
     """One compact line per logging step on stdout, and the same numbers in `metrics.jsonl`.
 
     Metric names are namespaced, as in CleanRL and TRL: `reward/mean`, `loss/policy`, `eval/accuracy`,
     and printed in full:  step   50/2000 | reward/mean 0.5 | kl/ref 0.01 | 1m02s, ETA 3m10s
     With `total_steps`, each line says how far the run is and when it should end: the ETA is the
-    time per step since the first logged row (step 0, after the start evaluation) times the steps
-    left, so periodic evaluations are counted in it.
+    time per step over the last ETA_WINDOW logged rows times the steps left, so that it follows the
+    machine's load as it changes (a whole-run average lags it), and periodic evaluations that fall
+    within the window are counted in it.
 
     A resumed run (--resume) appends to the rows that its checkpoint kept: the clock goes on from
     the last row's time. The logger keeps the first row, the last one and the last with `eval/`
@@ -847,7 +852,7 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         self.quiet = quiet
         self.total_steps = total_steps
-        self.first: tuple[int, float] | None = None  # (step, time) of the first row, for the ETA
+        self.recent: collections.deque = collections.deque(maxlen=ETA_WINDOW)  # (step, time) of the last rows
         self.rows: dict[str, dict] = {}  # "start", "last_eval", "last": rows, for `interrupted`
         path, elapsed = self.out_dir / "metrics.jsonl", 0.0
         if path.is_file():  # --resume: the rows up to the checkpoint
@@ -871,8 +876,7 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict, keys: list[str] | None = None) -> None:
         now = time.time()
-        if self.first is None:
-            self.first = (step, now)
+        self.recent.append((step, now))
         row = {"step": step, "time": round(now - self.t0, 3), **metrics}
         self.file.write(json.dumps(row, default=_jsonable) + "\n")
         self._remember(json.loads(json.dumps(row, default=_jsonable)))
@@ -884,7 +888,7 @@ class RunLogger:
             else:
                 head = f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"
                 tail = _fmt_seconds(now - self.t0)
-                done, spent = step - self.first[0], now - self.first[1]
+                done, spent = step - self.recent[0][0], now - self.recent[0][1]
                 if done > 0:
                     tail += f", ETA {_fmt_seconds(spent / done * max(0, self.total_steps - step))}"
             print(" | ".join([head, *parts, tail]), flush=True)
@@ -1026,5 +1030,8 @@ class MixedPrecision:
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
+            # a step skipped on overflow is the scaler's design, not a misuse: without this, torch's
+            # LR scheduler warns "lr_scheduler.step() before optimizer.step()" when the first is skipped
+            opt._opt_called = True
         else:
             opt.step()
