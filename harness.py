@@ -229,13 +229,15 @@ def _raise_stopped(signum, frame):
 
 
 def _catch_stop_signals() -> dict:
-    """SIGTERM and SIGHUP raise `Stopped`; SIGINT raises KeyboardInterrupt even if the process
-    started with it ignored (a shell's `cmd &`). -> the handlers before, to put back."""
+    """SIGTERM and SIGHUP raise `Stopped`, unless the process started with them ignored (`nohup`
+    ignores SIGHUP so that the run outlives its terminal: kept so); SIGINT raises KeyboardInterrupt
+    even if the process started with it ignored (a shell's `cmd &` in a script ignores it, and
+    `kill -INT` is then the way to stop the run). -> the handlers before, to put back."""
     before = {}
     if threading.current_thread() is not threading.main_thread():
         return before
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
             before[sig] = signal.signal(sig, _raise_stopped)
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         before[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)

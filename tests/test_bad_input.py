@@ -362,6 +362,23 @@ def test_sigterm_sighup_and_a_background_sigint_stop_cleanly(tmp_path, capsys, s
     assert not (out / harness.LOCK_FILE).exists()  # released at the stop
 
 
+def test_nohup_keeps_its_run_going_when_the_terminal_closes():
+    """SIGHUP ignored at the start (nohup) stays ignored; SIGTERM is caught; a SIGINT ignored at the
+    start (a script's `cmd &`) is caught. The handlers go back as they were after main."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        before = harness._catch_stop_signals()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is harness._raise_stopped
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert set(before) == {signal.SIGTERM, signal.SIGINT}
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
 #####################################################################################################
 #####  the small ones: data files, unknown characters
 #####################################################################################################
