@@ -784,6 +784,8 @@ def resume_run(args):
     check(args.save_total_limit is None or args.save_total_limit >= 1,
           f"--save-total-limit must be ≥ 1 (got {args.save_total_limit}; none keeps every checkpoint)")
     check_idle_flags(args, {"save_total_limit": (args.save_every > 0, "without --save-every N")})
+    check(getattr(args, "threads", None) is None or args.threads >= 1, f"--threads must be ≥ 1 (got {args.threads})")
+    check(0 <= getattr(args, "seed", 0) < 2 ** 32, f"--seed must be in [0, 2^32 − 1] (got {getattr(args, 'seed', 0)})")
     if args.resume is None:
         check_out_dir(args)  # before anything loads
         return args, None
