@@ -186,6 +186,21 @@ def test_every_numeric_flag_refuses_a_value_far_out_of_its_range(module, name, v
     assert "--" + name.replace("_", "-") in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("module, kw, note", [
+    (ppo, {"kl_estimator": "k3"}, "with --beta 0 the KL is no part of the reward; --kl-estimator k3 changes only the logged KL"),
+    (ppo, {"policy_loss": "trpo", "ppo_epochs": 2}, "--ppo-epochs and --mini-batches set the value model's passes only"),
+    (ppo, {"policy_loss": "trpo", "mini_batches": 2}, "--ppo-epochs and --mini-batches set the value model's passes only"),
+    (grpo, {"epsilon_high": 0.28}, "with --mu 1 every ratio is exactly 1, so the clip range (--epsilon, --epsilon-high) never binds"),
+    (grpo, {"ratio": "sequence"}, "with --mu 1 every ratio is exactly 1, so --ratio sequence and --policy-loss cispo"),
+])
+def test_a_legitimate_but_idle_combination_gets_a_note(module, kw, note, capsys):
+    module.validate(module.Args(**{"beta": 0.0, **kw}))
+    said = capsys.readouterr().out.strip()
+    assert said.startswith("note: ") and note in said and len(said.splitlines()) == 1, said
+    module.validate(module.Args(beta=0.0))  # the defaults: no note
+    assert capsys.readouterr().out == ""
+
+
 def test_a_run_folder_never_holds_an_input_even_without_a_run(tmp_path):
     """The containment rule on its own: an input equal to the out-dir is refused too."""
     args = grpo.Args(model=str(tmp_path / "m"), out_dir=str(tmp_path / "m"))
