@@ -449,3 +449,17 @@ def test_dpo_max_length_that_leaves_chosen_and_rejected_equal_is_refused():
     assert dpo.fit_max_length(tok, pairs, P + 5)[0] == pairs  # story ≠ view: still a pair
     with pytest.raises(common.UsageError, match=rf"--max-length {P + 4} cuts every pair's chosen and rejected"):
         dpo.fit_max_length(tok, pairs, P + 4)
+
+
+def test_the_eta_follows_the_recent_pace(tmp_path, monkeypatch, capsys):
+    """1 s a step for 30 steps, then 3 s a step (the machine got busy): at step 40 of 100 the ETA is
+    the pace of the last 20 rows (steps 21..40: 39 s for 19 steps) times the 60 steps left, 2m03s,
+    not the whole run's 1.5 s a step (1m30s)."""
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(harness.time, "time", lambda: clock["t"])
+    log = harness.RunLogger(tmp_path, total_steps=100)
+    for step in range(41):
+        clock["t"] = 1000.0 + (step if step <= 30 else 30 + 3 * (step - 30))
+        log.log(step, {"x": 1.0})
+    log.close()
+    assert capsys.readouterr().out.splitlines()[-1] == "step  40/100 | x 1 | 1m00s, ETA 2m03s"
