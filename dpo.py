@@ -304,6 +304,16 @@ def fit_max_length(tokenizer, pairs: list[dict], max_length: int | None) -> tupl
     rows = list(zip(pairs, prompt_lengths, n_tokens("chosen"), n_tokens("rejected")))
     kept = [(pair, P, C, R) for pair, P, C, R in rows if P < max_length]
     cut = sum(P + max(C, R) + 1 > max_length for _, P, C, R in kept)  # + 1: the EOS
+    if cut:  # do the cut pairs' chosen and rejected still differ in the tokens they keep?
+        eos = [tokenizer.eos_token_id]
+        same = sum((c + eos)[:max_length - P] == (r + eos)[:max_length - P] for (_, P, _, _), c, r in zip(
+            kept, *(tokenizer([k[0][key] for k in kept], add_special_tokens=False)["input_ids"]
+                    for key in ("chosen", "rejected"))))
+        check(same < len(kept), f"--max-length {max_length} cuts every pair's chosen and rejected to the same "
+                                "tokens, so the loss has nothing to compare (it stays at ln 2); raise it")
+        if same:
+            print(f"note: --max-length {max_length} cuts {same} of {len(kept)} pairs to the same chosen and "
+                  "rejected tokens; they carry no preference")
     return [k[0] for k in kept], cut, len(rows) - len(kept)
 
 
@@ -364,6 +374,7 @@ def validate(args: Args) -> None:
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be ≥ 1 (got {args.max_steps})")
     check(args.max_length is None or args.max_length >= 2, f"--max-length must be ≥ 2 (got {args.max_length})")
+    harness.check_lr(args.lr)
 
 
 def train(args: Args) -> dict:

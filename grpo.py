@@ -468,7 +468,8 @@ def validate(args: Args) -> None:
     """Bad flags get one clear line that names the flag."""
     check(args.group_size >= 2, f"--group-size must be ≥ 2 (got {args.group_size}): the advantage "
                                 "compares a completion with the others of its group")
-    check(args.epsilon > 0, f"--epsilon must be > 0 (got {args.epsilon})")
+    check(0 < args.epsilon < 1, f"--epsilon must be in (0, 1) (got {args.epsilon}): the lower clip bound "
+                                "1 − ε must stay above 0")
     check(args.epsilon_high is None or args.epsilon_high > 0,
           f"--epsilon-high must be > 0 (got {args.epsilon_high})")
     check(args.beta >= 0, f"--beta must be ≥ 0 (got {args.beta}): it weights a KL penalty")
@@ -483,27 +484,46 @@ def validate(args: Args) -> None:
           "CISPO weights token log-probs; pick one")
     check(args.gspo_epsilon > 0 and args.gspo_epsilon_high > 0,
           f"--gspo-epsilon and --gspo-epsilon-high must be > 0 (got {args.gspo_epsilon}, {args.gspo_epsilon_high})")
+    check(args.gspo_epsilon < 1, f"--gspo-epsilon must be < 1 (got {args.gspo_epsilon}): the lower clip "
+                                 "bound 1 − ε must stay above 0")
     check(args.cispo_epsilon is None or args.cispo_epsilon > 0,
           f"--cispo-epsilon must be > 0, or none for no lower bound (got {args.cispo_epsilon})")
     check(args.cispo_epsilon_high > 0, f"--cispo-epsilon-high must be > 0 (got {args.cispo_epsilon_high})")
+    for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_every", "eval_size",
+                 "log_every"):  # before --overlong-buffer, whose range is given by --max-new-tokens
+        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
     check(0 <= args.overlong_buffer <= args.max_new_tokens,
           f"--overlong-buffer must be in 0..--max-new-tokens ({args.max_new_tokens}) (got {args.overlong_buffer})")
     check(args.overlong_penalty >= 0, f"--overlong-penalty must be ≥ 0 (got {args.overlong_penalty})")
     check(args.overlong_buffer == 0 or args.reward == "outcome",
           "--overlong-buffer shapes the one reward of a completion: use it with --reward outcome")
     check(args.max_sample_rounds >= 1, f"--max-sample-rounds must be ≥ 1 (got {args.max_sample_rounds})")
-    for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "eval_every", "eval_size",
-                 "log_every"):
-        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {getattr(args, name)})")
     check(args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})")
     check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
     check(args.adv_eps > 0, f"--adv-eps must be > 0 (got {args.adv_eps})")
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.micro_batch is None or args.micro_batch >= 1, "--micro-batch must be ≥ 1")
     check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
+    harness.check_lr(args.lr)
+    token_clip = args.ratio == "token" and args.policy_loss == "clip"
+    harness.check_idle_flags(args, {  # each flag set where it does nothing: one line
+        "kl_estimator": (args.beta > 0, "with --beta 0 (no KL term, no reference model)"),
+        "epsilon": (token_clip, "with --ratio sequence or --policy-loss cispo, which clip with their own ε"),
+        "epsilon_high": (token_clip, "with --ratio sequence or --policy-loss cispo, which clip with their own ε"),
+        "gspo_epsilon": (args.ratio == "sequence", "without --ratio sequence"),
+        "gspo_epsilon_high": (args.ratio == "sequence", "without --ratio sequence"),
+        "cispo_epsilon": (args.policy_loss == "cispo", "without --policy-loss cispo"),
+        "cispo_epsilon_high": (args.policy_loss == "cispo", "without --policy-loss cispo"),
+        "max_sample_rounds": (args.dynamic_sampling, "without --dynamic-sampling"),
+        "overlong_penalty": (args.overlong_buffer > 0, "with --overlong-buffer 0"),
+        "adv_eps": (args.scale_rewards, "with --no-scale-rewards (it guards the division by the std)"),
+    })
     if args.mu == 1 and (args.ratio == "sequence" or args.policy_loss == "cispo"):
         print("note: with --mu 1 every ratio is exactly 1, so --ratio sequence and --policy-loss cispo "
               "give GRPO's update; they differ only off-policy (--mu > 1)")
+    elif args.mu == 1 and (args.epsilon, args.epsilon_high) != (Args.epsilon, Args.epsilon_high):
+        print("note: with --mu 1 every ratio is exactly 1, so the clip range (--epsilon, --epsilon-high) "
+              "never binds; it acts only off-policy (--mu > 1)")
 
 
 def train(args: Args) -> dict:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
+import collections
 import contextlib
 import dataclasses
 import fnmatch
@@ -27,6 +29,7 @@ import shutil
 import signal
 import sys
 import textwrap
+import threading
 import time
 import typing
 from pathlib import Path
@@ -104,6 +107,25 @@ def parse_args(cls, argv: list[str] | None = None, description: str | None = Non
     return cls(**vars(_parser(cls, description).parse_args(argv)))
 
 
+def check_lr(lr: float, flag: str = "--lr") -> None:
+    """A learning rate must be in (0, 1]: AdamW moves each weight by about lr per step, so a rate
+    above 1 wrecks a model in one step, and one past float32's range (1e300) cannot even be applied
+    to the float32 weights (torch raises an overflow deep inside the optimiser)."""
+    check(0 < lr <= 1, f"{flag} must be in (0, 1] (got {lr}): AdamW moves each weight by about lr per "
+                       "step" + (", and this one overflows float32, the weights' dtype" if lr > 3.4e38 else ""))
+
+
+def check_idle_flags(args, rules: dict[str, tuple[bool, str]]) -> None:
+    """No flag is silently ignored: `rules` maps a field to (whether it acts in this run, the words
+    that say what it needs), and a field set to another value than its default where it does not act
+    is a UsageError: `--cispo-epsilon 0.2 does nothing without --policy-loss cispo`."""
+    defaults = type(args)()
+    for name, (acts, needs) in rules.items():
+        value = getattr(args, name)
+        check(acts or value == getattr(defaults, name),
+              f"--{name.replace('_', '-')} {value} does nothing {needs}; leave it out")
+
+
 def given_flags(cls, argv: list[str] | None = None) -> set[str]:
     """The fields of `cls` whose flags appear in `argv` (a flag given with its default value
     counts as given): the same parser, with no defaults, so that argparse fills only those."""
@@ -150,30 +172,83 @@ def main(cls, train, doc: str | None = None, argv: list[str] | None = None):
 
     --resume RUN_DIR takes the run's config from its last checkpoint (`resume_config`; here, with
     the flags that were given on the command line, so that one given with its default value is
-    checked too). Ctrl-C (KeyboardInterrupt) writes summary.json with "interrupted": true and the
-    figures logged so far (`RunLogger.interrupted`), prints one line and exits with code 130, the
-    shell's code for SIGINT, without a traceback."""
+    checked too). The out-dir is checked before anything loads (`check_out_dir`).
+
+    Every stop is a clean stop: Ctrl-C (SIGINT), SIGTERM (kill, Slurm, docker stop) and SIGHUP (the
+    terminal closed) write summary.json with "interrupted": true and the figures logged so far
+    (`RunLogger.interrupted`), print one line with the resume hint, and exit with 128 + the signal's
+    number (130, 143, 129), without a traceback. SIGINT is caught even where the shell started the
+    run in the background with SIGINT ignored. A one-line error after the run folder was made
+    removes what the run made (`abandon_runs`)."""
     args = parse_args(cls, argv, description=doc)
+    handlers, earlier = _catch_stop_signals(), set(_RUNS)  # earlier: runs of an earlier main() in this process
     try:
         if getattr(args, "resume", None) is not None:
             args = resume_config(args, given_flags(cls, argv))
+        check_out_dir(args)
         return train(args)
     except UsageError as e:
+        abandon_runs(earlier)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
         log = RunLogger.active
         if log is None:
-            print("interrupted before the run had logged anything: nothing written", file=sys.stderr)
+            abandon_runs(earlier)
+            _say(f"interrupted{by} before the run had logged anything: nothing written")
         else:
-            s = log.interrupted(Path(sys.argv[0]).stem, dataclasses.asdict(args))
+            s = log.interrupted(Path(sys.argv[0]).stem, dataclasses.asdict(args),
+                                None if signum == signal.SIGINT else signal.Signals(signum).name)
             where = (f"resume with --resume {log.out_dir} (from {s['checkpoint']})" if s["checkpoint"]
                      else "no checkpoint to resume from (--save-every N writes them)")
             total = f"/{log.total_steps}" if log.total_steps is not None else ""
             at = f"at step {s['step']}{total}" if s["step"] is not None else "before its first row"
-            print(f"interrupted {at}: {log.out_dir / 'summary.json'} written; {where}", file=sys.stderr)
-        sys.exit(130)
+            _say(f"interrupted{by} {at}: {log.out_dir / 'summary.json'} written; {where}")
+        sys.exit(128 + int(signum))
+    except Exception:  # a crash: its lock stays, so that a rerun knows the folder's run did not finish
+        for out in set(_RUNS) - earlier:
+            del _RUNS[out]
+        raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the run is, as Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)  # a second one while the summary is written: ignored
+    raise Stopped(signum)
+
+
+def _catch_stop_signals() -> dict:
+    """SIGTERM and SIGHUP raise `Stopped`, unless the process started with them ignored (`nohup`
+    ignores SIGHUP so that the run outlives its terminal: kept so); SIGINT raises KeyboardInterrupt
+    even if the process started with it ignored (a shell's `cmd &` in a script ignores it, and
+    `kill -INT` is then the way to stop the run). -> the handlers before, to put back."""
+    before = {}
+    if threading.current_thread() is not threading.main_thread():
+        return before
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+            before[sig] = signal.signal(sig, _raise_stopped)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        before[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    return before
+
+
+def _say(line: str) -> None:
+    """One line on stderr; nothing if stderr is gone (SIGHUP: the terminal closed)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
 
 
 #####################################################################################################
@@ -241,40 +316,226 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "model", "value_model", "value_h
 
 
 def prepare_run_dir(out_dir: str | Path, overwrite: bool, resume: Checkpoint | None = None) -> Path:
-    """Create the run folder and return it. A folder that already holds a run is refused
-    (UsageError), unless `overwrite`: then the earlier run's outputs (RUN_OUTPUTS) are removed, and
-    the names of what was removed printed. A folder that holds anything else is refused even with
-    `overwrite`, since those files are not ours to delete.
+    """Create the run folder, take its lock (`LOCK_FILE`) and return it. A folder that already
+    holds a run is refused (UsageError), unless `overwrite`: then the earlier run's outputs
+    (RUN_OUTPUTS) are removed, and the names of what was removed printed. A folder that holds
+    anything else is refused even with `overwrite`, since those files are not ours to delete.
+    The leftovers of a run that never finished (no summary.json, no checkpoint, and the lock of a
+    process that is gone: a crash or a `kill -9`) are replaced without --overwrite, with a note.
 
     `resume` (--resume, see `resume_run`): the run continues in its own folder. Nothing is
     removed but the rows of metrics.jsonl after the checkpoint's step, which the run writes again."""
     if resume is not None:
+        _take_lock(resume.run_dir, made=False, resume=True)
         truncate_metrics(resume.run_dir, resume.step)
         return resume.run_dir
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} exists and is not a folder")
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out-dir {out}: cannot create it ({e.strerror})") from None
+    stale = _take_lock(out, made=made)
+    try:
+        present = _outputs_to_remove(out, overwrite, stale)
+    except UsageError:
+        release_lock(out)
+        raise
+    removed = []
+    for name in present:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+            removed.append(name + "/")
+        else:
+            p.unlink()
+            removed.append(name)
+    if removed:
+        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}" if overwrite else
+              f"note: removed {', '.join(removed)} from {out}: the leftovers of a run that never finished")
+    return out
+
+
+# The lock of a run folder: "<pid> <host>" of the process that runs in it. Taken before the run's
+# first write, removed when its logger closes (the end of the run, or the summary of a stop) and at
+# exit; a crash leaves it, so that a rerun knows that the folder's run never finished.
+LOCK_FILE = "run.lock"
+_RUNS: dict[Path, dict] = {}  # the folders whose lock this process holds -> {"made", "resume", "logged"}
+
+
+def _lock_owner(out: Path) -> tuple[int, str] | None:
+    """(pid, host) written in out/LOCK_FILE, or None when there is none (an unreadable one: pid 0)."""
+    try:
+        pid, _, host = (out / LOCK_FILE).read_text().strip().partition(" ")
+        return int(pid), host
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return 0, ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _lock_holder(out: Path) -> str | None:
+    """Who else holds out's lock, in words ("PID 123", "PID 123 on host h"), or None when no live
+    process does (none, ours, or stale)."""
+    owner = _lock_owner(out)
+    if owner is None or owner[0] in (0, os.getpid()) and owner[1] in ("", os.uname().nodename):
+        return None
+    pid, host = owner
+    if host and host != os.uname().nodename:
+        return f"PID {pid} on host {host}"  # no way to ask from here whether it still runs
+    return f"PID {pid}" if _alive(pid) else None
+
+
+def _take_lock(out: Path, made: bool, resume: bool = False) -> int | None:
+    """Write out/LOCK_FILE for this process, or refuse (UsageError naming the process that holds
+    it). A lock whose process is gone is taken over with a note. -> that process's PID, or None."""
+    holder = _lock_holder(out)
+    check(holder is None, f"--out-dir {out}: another run is using this folder ({holder}); wait for it "
+                          f"to end, stop it, or choose another --out-dir (if that run is gone, remove "
+                          f"{out / LOCK_FILE})")
+    owner = _lock_owner(out)
+    stale = owner[0] if owner is not None and owner[0] not in (0, os.getpid()) else None
+    tmp = out / f"{LOCK_FILE}.{os.getpid()}"
+    try:
+        tmp.write_text(f"{os.getpid()} {os.uname().nodename}\n")
+        if owner is None:
+            try:
+                os.link(tmp, out / LOCK_FILE)  # atomic: of two runs starting at once, one gets it
+            except FileExistsError:
+                tmp.unlink()
+                return _take_lock(out, made, resume)
+            tmp.unlink()
+        else:
+            tmp.replace(out / LOCK_FILE)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UsageError(f"--out-dir {out}: cannot write in it ({e.strerror})") from None
+    if stale:
+        print(f"note: {out} was locked by PID {stale}, which is gone (it crashed or was killed); "
+              "this run takes the folder over")
+    _RUNS[out] = {"made": made, "resume": resume, "logged": False}
+    return stale
+
+
+def release_lock(out: Path) -> None:
+    """Remove out's lock if this process holds it (at the end of a run, and at exit)."""
+    out = Path(out)
+    _RUNS.pop(out, None)
+    owner = _lock_owner(out)
+    if owner is not None and owner[0] == os.getpid():
+        with contextlib.suppress(OSError):
+            (out / LOCK_FILE).unlink()
+
+
+@atexit.register
+def _release_locks() -> None:
+    for out in list(_RUNS):
+        release_lock(out)
+
+
+def abandon_runs(earlier=()) -> None:
+    """After a one-line error or a stop before the first logged row: remove what the run made in
+    its folder (its outputs; the folder itself if the run created it) and its lock. A resumed run
+    and one that has logged rows are kept as they are (only their lock goes)."""
+    for out, run in list(_RUNS.items()):
+        if out in earlier:
+            continue
+        if not (run["resume"] or run["logged"]):
+            for name in _run_outputs(out):
+                p = out / name
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        release_lock(out)
+        if run["made"] and not run["resume"] and not run["logged"]:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+
+
+def _run_outputs(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_OUTPUTS))
+
+
+def _outputs_to_remove(out: Path, overwrite: bool, stale: int | None = None) -> list[str]:
+    """What prepare_run_dir removes from an existing `out` (the earlier run's outputs), or a
+    UsageError when it may not: files no run writes, or a run and no --overwrite. `stale`: the PID
+    of a dead process whose lock was found there (its run never finished)."""
+    if not out.is_dir():
+        return []
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE
+                     and not p.name.startswith(LOCK_FILE + "."))
     unknown = [name for name in present if not any(fnmatch.fnmatchcase(name, pat) for pat in RUN_OUTPUTS)]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise UsageError(f"--out-dir {out} holds files that no run writes ({shown}); choose another "
                          "--out-dir" + " (--overwrite removes only a run's own outputs)" * overwrite)
-    if present:
-        check(overwrite, f"--out-dir {out} already holds a run; pass --overwrite to replace it, "
-                         "or choose another --out-dir")
-        removed = []
-        for name in present:
-            p = out / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-                removed.append(name + "/")
-            else:
-                p.unlink()
-                removed.append(name)
-        print(f"--overwrite: removed the earlier run's {', '.join(removed)} from {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    unfinished = stale is not None and not (out / "summary.json").exists() and not checkpoints(out)
+    check(not present or overwrite or unfinished,
+          f"--out-dir {out} already holds a run; pass --overwrite to replace it, or choose another --out-dir")
+    return present
+
+
+# The flags whose files or folders a run reads: --overwrite never removes them, and no run writes
+# into them (`check_out_dir`).
+INPUT_FLAGS = ("model", "reward_model", "data", "ptx_data", "maze", "resume")
+
+
+def check_out_dir(args) -> None:
+    """Before anything loads: the run folder (--out-dir, or runs/ for the default one) can be made
+    and written (not under a file, not on a read-only file system, permitted), no other live run
+    holds it, it neither holds nor lies inside a file or folder that a flag of this run reads, and
+    it holds no run unless --overwrite (or --resume, which continues its own). One line each."""
+    resuming = getattr(args, "resume", None) is not None
+    given = getattr(args, "out_dir", None)
+    out = Path(given).expanduser() if given is not None else Path("runs")
+    flag = f"--out-dir {given}" if given is not None else "the default run folder runs/"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} exists and is not a folder")
+    near = out.absolute()
+    while not near.exists():  # the nearest folder that exists: where the run's folders are made
+        near = near.parent
+    check(near.is_dir(), f"{flag}: {near} is a file, so no folder can be made under it")
+    if hasattr(os, "statvfs") and os.statvfs(near).f_flag & os.ST_RDONLY:
+        raise UsageError(f"{flag}: {near} is on a read-only file system; choose another --out-dir")
+    check(os.access(near, os.W_OK | os.X_OK),
+          f"{flag}: {near} is not writable (no permission, or an immutable folder); choose another --out-dir")
+    if given is None:
+        return
+    holder = _lock_holder(out) if out.is_dir() else None
+    check(holder is None, f"{flag}: another run is using this folder ({holder}); wait for it to end, "
+                          f"stop it, or choose another --out-dir (if that run is gone, remove {out / LOCK_FILE})")
+    if resuming:
+        return
+    here = out.resolve()
+    for name in INPUT_FLAGS:
+        value = getattr(args, name, None)
+        if not isinstance(value, str):
+            continue
+        path = Path(common.resolve_model_path(value) if name in ("model", "reward_model") else value).expanduser()
+        if not path.exists():
+            continue
+        it = path.resolve()
+        input_flag = "--" + name.replace("_", "-")
+        check(it != here and here not in it.parents,
+              f"{input_flag} {value} lies inside {flag}: a run's folder must not hold what it reads "
+              "(--overwrite would remove it); move it out, or choose another --out-dir")
+        check(it not in here.parents, f"{flag} lies inside {input_flag} {value}: a run must not write "
+                                      "into what it reads; choose another --out-dir")
+    owner = _lock_owner(out) if out.is_dir() else None
+    _outputs_to_remove(out, getattr(args, "overwrite", False),
+                       owner[0] if owner is not None and owner[0] not in (0, os.getpid()) else None)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "linear") -> float:
@@ -398,9 +659,10 @@ def save_checkpoint(out: Path, step: int, args, models: dict, state: dict, token
         tmp.mkdir()
         for name, module in models.items():
             if hasattr(module, "save_pretrained"):
-                module.save_pretrained(tmp / name)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp / name)
+                with common.quiet_transformers():  # no "Writing model shards" bar at every checkpoint
+                    module.save_pretrained(tmp / name)
+                    if tokenizer is not None:
+                        tokenizer.save_pretrained(tmp / name)
             else:
                 torch.save(module.state_dict(), tmp / f"{name}.pt")
         torch.save(state, tmp / "state.pt")
@@ -434,11 +696,33 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     not a run folder or holds no checkpoint."""
     run = Path(run_dir).expanduser()
     check(run.is_dir(), f"--resume {run}: " + ("no such folder" if not run.exists() else "not a folder"))
-    check((run / "metrics.jsonl").is_file(), f"--resume {run}: not a run folder (it has no metrics.jsonl)")
+    check((run / "metrics.jsonl").is_file(), f"--resume {run}: not a run folder (it has no metrics.jsonl); "
+                                             "pass the run's folder (the --out-dir it was started with) "
+                                             "or one of its checkpoint-<step>/ folders")
     found = checkpoints(run)
     check(len(found) > 0, f"--resume {run}: the run has no checkpoint-<step>/ to resume from "
                           "(only runs started with --save-every N write them)")
     return found[-1]
+
+
+def resume_target(resume: str | Path) -> tuple[Path, Path]:
+    """--resume's argument -> (the run folder, the checkpoint to continue from). A run folder
+    continues from its last checkpoint; one of its checkpoint-<step>/ folders (the way
+    transformers' resume_from_checkpoint is given) from that one. The run goes on in its own folder
+    either way, and the rows of metrics.jsonl after the checkpoint's step are written again, so a
+    checkpoint with later ones beside it is refused: their rows and theirs would mix."""
+    path = Path(resume).expanduser()
+    if path.name.removeprefix("checkpoint-").isdigit() and (path / "checkpoint.json").is_file():
+        check((path.parent / "metrics.jsonl").is_file(),
+              f"--resume {path}: a checkpoint, but {path.parent} is not its run folder (it has no "
+              "metrics.jsonl)")
+        last = checkpoints(path.parent)[-1]
+        check(last == path, f"--resume {path}: the run went on to {last.name}, and continuing from an "
+                            f"earlier checkpoint would mix the two runs' rows and checkpoints; pass "
+                            f"--resume {path.parent} to continue from {last.name}, or remove the "
+                            f"checkpoints after {path.name} first")
+        return path.parent, path
+    return path, latest_checkpoint(path)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -473,8 +757,8 @@ def resume_config(args, given: set[str] | None = None):
     anything else is refused with one line naming the flag. --out-dir may only name the run's own
     folder. `given`: the fields given on the command line (`given_flags`); None (a caller of
     `train`): those that differ from their default."""
-    run = Path(args.resume).expanduser()
-    saved = json.loads((latest_checkpoint(run) / "checkpoint.json").read_text())["config"]
+    run, ckpt = resume_target(args.resume)
+    saved = json.loads((ckpt / "checkpoint.json").read_text())["config"]
     names = [f.name for f in dataclasses.fields(args)]
     check(set(saved) <= set(names) and set(names) - set(saved) <= ADDED_FLAGS,
           f"--resume {run}: its checkpoints were written by another script (their config has other flags)")
@@ -505,12 +789,17 @@ def resume_run(args):
     check(args.save_every >= 0, f"--save-every must be ≥ 0 (got {args.save_every}; 0: no checkpoints)")
     check(args.save_total_limit is None or args.save_total_limit >= 1,
           f"--save-total-limit must be ≥ 1 (got {args.save_total_limit}; none keeps every checkpoint)")
+    check_idle_flags(args, {"save_total_limit": (args.save_every > 0, "without --save-every N")})
+    check(getattr(args, "threads", None) is None or args.threads >= 1, f"--threads must be ≥ 1 (got {args.threads})")
+    check(0 <= getattr(args, "seed", 0) < 2 ** 32, f"--seed must be in [0, 2^32 − 1] (got {getattr(args, 'seed', 0)})")
     if args.resume is None:
         check_lora(args)  # --lora-r: its flags, and peft installed, before anything is loaded
+        check_out_dir(args)  # before anything loads
         return args, None
     args = resume_config(args)
     check_lora(args)
-    ckpt = load_checkpoint(latest_checkpoint(args.resume))
+    check_out_dir(args)  # writable, and no other run in it
+    ckpt = load_checkpoint(resume_target(args.resume)[1])
     print(f"--resume: continuing {ckpt.run_dir} from {ckpt.path.name} (step {ckpt.step} of {args_steps(args)})",
           flush=True)
     return args, ckpt
@@ -551,14 +840,18 @@ def _jsonable(x):
     return str(x)
 
 
+ETA_WINDOW = 20  # logged rows whose pace gives the ETA
+
+
 class RunLogger:
     """One compact line per logging step on stdout, and the same numbers in `metrics.jsonl`.
 
     Metric names are namespaced, as in CleanRL and TRL: `reward/mean`, `loss/policy`, `eval/accuracy`,
     and printed in full:  step   50/2000 | reward/mean 0.5 | kl/ref 0.01 | 1m02s, ETA 3m10s
     With `total_steps`, each line says how far the run is and when it should end: the ETA is the
-    time per step since the first logged row (step 0, after the start evaluation) times the steps
-    left, so periodic evaluations are counted in it.
+    time per step over the last ETA_WINDOW logged rows times the steps left, so that it follows the
+    machine's load as it changes (a whole-run average lags it), and periodic evaluations that fall
+    within the window are counted in it.
 
     A resumed run (--resume) appends to the rows that its checkpoint kept: the clock goes on from
     the last row's time. The logger keeps the first row, the last one and the last with `eval/`
@@ -571,7 +864,7 @@ class RunLogger:
         self.out_dir = Path(out_dir)
         self.quiet = quiet
         self.total_steps = total_steps
-        self.first: tuple[int, float] | None = None  # (step, time) of the first row, for the ETA
+        self.recent: collections.deque = collections.deque(maxlen=ETA_WINDOW)  # (step, time) of the last rows
         self.rows: dict[str, dict] = {}  # "start", "last_eval", "last": rows, for `interrupted`
         path, elapsed = self.out_dir / "metrics.jsonl", 0.0
         if path.is_file():  # --resume: the rows up to the checkpoint
@@ -581,6 +874,8 @@ class RunLogger:
         self.t0 = time.time() - elapsed
         self.file = open(path, "a", buffering=1)
         RunLogger.active = self
+        if self.out_dir in _RUNS:  # its rows are the run's record now: a later error keeps them
+            _RUNS[self.out_dir]["logged"] = True
 
     def _remember(self, row: dict) -> None:
         self.rows.setdefault("start", row)
@@ -593,8 +888,7 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict, keys: list[str] | None = None) -> None:
         now = time.time()
-        if self.first is None:
-            self.first = (step, now)
+        self.recent.append((step, now))
         row = {"step": step, "time": round(now - self.t0, 3), **metrics}
         self.file.write(json.dumps(row, default=_jsonable) + "\n")
         self._remember(json.loads(json.dumps(row, default=_jsonable)))
@@ -606,7 +900,7 @@ class RunLogger:
             else:
                 head = f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}"
                 tail = _fmt_seconds(now - self.t0)
-                done, spent = step - self.first[0], now - self.first[1]
+                done, spent = step - self.recent[0][0], now - self.recent[0][1]
                 if done > 0:
                     tail += f", ETA {_fmt_seconds(spent / done * max(0, self.total_steps - step))}"
             print(" | ".join([head, *parts, tail]), flush=True)
@@ -618,18 +912,19 @@ class RunLogger:
             json.dump(summary, f, indent=2, default=_jsonable)
         return summary
 
-    def interrupted(self, script: str, config: dict) -> dict:
-        """The summary.json of a run stopped by Ctrl-C: what is known without more work. `step` is
-        the last step logged; `start` its first row (the start evaluation), `last_eval` the latest
-        row with eval/ figures after it, `last` the last row; `checkpoint` the newest checkpoint
-        (what --resume would continue from), or None."""
+    def interrupted(self, script: str, config: dict, signal_name: str | None = None) -> dict:
+        """The summary.json of a run stopped by Ctrl-C (or `signal_name`, SIGTERM or SIGHUP, which
+        the summary then names): what is known without more work. `step` is the last step logged;
+        `start` its first row (the start evaluation), `last_eval` the latest row with eval/ figures
+        after it, `last` the last row; `checkpoint` the newest checkpoint (what --resume would
+        continue from), or None."""
         found = checkpoints(self.out_dir)
         last = self.rows.get("last", {})
         summary = self.summary({
             "script": script, "interrupted": True, "step": last.get("step"), "steps": self.total_steps,
             "start": self.rows.get("start"), "last_eval": self.rows.get("last_eval"), "last": last,
             "checkpoint": found[-1].name if found else None, "wall_seconds": self.elapsed(),
-            "config": config})
+            "config": config, **({"signal": signal_name} if signal_name else {})})
         self.close()
         return summary
 
@@ -637,6 +932,7 @@ class RunLogger:
         self.file.close()
         if RunLogger.active is self:
             RunLogger.active = None
+        release_lock(self.out_dir)  # the run is over: its folder is free
 
 
 def run_facts(args, device, t_start: float, train_seconds: float, load_seconds: float) -> dict:
@@ -748,6 +1044,9 @@ class MixedPrecision:
         if self.scaler is not None:
             self.scaler.step(opt)
             self.scaler.update()
+            # a step skipped on overflow is the scaler's design, not a misuse: without this, torch's
+            # LR scheduler warns "lr_scheduler.step() before optimizer.step()" when the first is skipped
+            opt._opt_called = True
         else:
             opt.step()
 

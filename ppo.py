@@ -1022,7 +1022,8 @@ def validate(args: Args) -> None:
     check(args.kl_estimator in ("k1", "k3"), f"--kl-estimator {args.kl_estimator!r}: expected k1 or k3")
     check(args.target_kl > 0, f"--target-kl must be > 0 (got {args.target_kl})")
     check(args.value_init in ("reward", "policy"), f"--value-init {args.value_init!r}: expected reward or policy")
-    check(args.epsilon > 0, f"--epsilon must be > 0 (got {args.epsilon})")
+    check(0 < args.epsilon < 1, f"--epsilon must be in (0, 1) (got {args.epsilon}): the lower clip bound "
+                                "1 − ε must stay above 0")
     check(args.policy_loss in ("clip", "kl-penalty", "trpo"),
           f"--policy-loss {args.policy_loss!r}: expected clip, kl-penalty or trpo")
     check(args.penalty_beta > 0, f"--penalty-beta must be > 0 (got {args.penalty_beta}): the rule only "
@@ -1050,6 +1051,25 @@ def validate(args: Args) -> None:
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.batch_size >= 2 or not args.whiten_scores,
           "--whiten-scores needs --batch-size ≥ 2: the std of a single score is undefined")
+    harness.check_lr(args.lr)
+    trpo, penalty = args.policy_loss == "trpo", args.policy_loss == "kl-penalty"
+    harness.check_idle_flags(args, {  # each flag set where it does nothing: one line
+        "epsilon": (args.policy_loss == "clip", f"with --policy-loss {args.policy_loss} (it clips L_clip's ratio)"),
+        "target_kl": (args.kl_control != "fixed", "with --kl-control fixed (β stays; adaptive and "
+                                                  "proportional steer it to the target)"),
+        "kl_horizon": (args.kl_control == "proportional", "without --kl-control proportional"),
+        "penalty_beta": (penalty, "without --policy-loss kl-penalty"),
+        "penalty_target_kl": (penalty, "without --policy-loss kl-penalty"),
+        **{name: (trpo, "without --policy-loss trpo") for name in (
+            "trpo_delta", "trpo_cg_iters", "trpo_damping", "trpo_backtrack", "trpo_backtrack_steps")},
+        "ptx_batch": (args.ptx_coef > 0, "with --ptx-coef 0 (PPO-ptx is off)"),
+    })
+    if args.beta == 0 and args.kl_estimator != Args.kl_estimator:
+        print(f"note: with --beta 0 the KL is no part of the reward; --kl-estimator {args.kl_estimator} "
+              "changes only the logged KL to π_ref (objective/kl)")
+    if trpo and (args.ppo_epochs, args.mini_batches) != (Args.ppo_epochs, Args.mini_batches):
+        print("note: with --policy-loss trpo, --ppo-epochs and --mini-batches set the value model's passes "
+              "only; the policy takes one natural-gradient step on the whole batch")
     if args.reward_model is not None:
         folder = Path(common.resolve_model_path(args.reward_model)).expanduser()
         check(folder.is_dir(), f"--reward-model {args.reward_model}: no such folder (give the `model` "

@@ -431,6 +431,9 @@ def validate(args: Args) -> None:
           f"--lr-schedule {args.lr_schedule!r}: expected constant or linear")
     check(args.grad_clip >= 0, f"--grad-clip must be ≥ 0 (got {args.grad_clip}; 0 disables it)")
     check(args.micro_batch is None or args.micro_batch >= 1, "--micro-batch must be ≥ 1")
+    harness.check_lr(args.lr)
+    harness.check_lr(args.value_lr, "--value-lr")
+    harness.check_idle_flags(args, {"value_lr": (args.baseline == "value", "without --baseline value")})
 
 
 def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:

@@ -311,6 +311,8 @@ def validate(args: Args) -> None:
     check(args.max_length is None or args.max_length >= 2, f"--max-length must be ≥ 2 (got {args.max_length})")
     check(not args.normalize or args.norm_samples >= 2,
           f"--norm-samples must be ≥ 2 to estimate a std (got {args.norm_samples}), or pass --no-normalize")
+    harness.check_lr(args.lr)
+    harness.check_idle_flags(args, {"norm_samples": (args.normalize, "with --no-normalize")})
 
 
 def train(args: Args) -> dict:

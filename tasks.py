@@ -42,20 +42,28 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), flag: str = "--
     p = Path(path)
     check(p.is_file(), f"{flag} {p}: " + ("is a folder, not a JSONL file" if p.is_dir() else "no such file"))
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            check(isinstance(row, dict), f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            check(not missing, f"{p}:{n}: missing key(s) {', '.join(map(repr, missing))}")
-            reason = validate(row) if validate is not None else None
-            check(reason is None, f"{p}:{n}: {reason}")
-            rows.append(row)
+    with open(p, "rb") as f:
+        head = f.read(2)
+    check(head != b"\x1f\x8b", f"{flag} {p}: a gzip-compressed file; decompress it first (gunzip -k {p})")
+    try:
+        with open(p, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark at the start is skipped
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{flag} {p}: not UTF-8 text (byte {e.start} cannot be decoded); save it as "
+                         "UTF-8 JSONL") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        check(isinstance(row, dict), f"{p}:{n}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        check(not missing, f"{p}:{n}: missing key(s) {', '.join(map(repr, missing))}")
+        reason = validate(row) if validate is not None else None
+        check(reason is None, f"{p}:{n}: {reason}")
+        rows.append(row)
     check(len(rows) > 0, f"{flag} {p}: the file holds no rows")
     return rows
 
@@ -63,7 +71,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...] = (), flag: str = "--
 def jsonl_line(path: str | Path, index: int) -> int:
     """The line number of row `index` (0-based) of a JSONL file, blank lines skipped as `read_jsonl`
     skips them: for messages about a row found after reading."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [n for n, line in enumerate(f, 1) if line.strip()][index]
 
 
@@ -93,7 +101,15 @@ def check_context(tokenizer, model, prompts: list[str], max_new_tokens: int, dat
     n = model_context(model)
     if n is None or not prompts:
         return
-    lengths = [len(ids) for ids in common.encode_prompts(tokenizer, prompts)]  # BOS included where added
+    encoded = common.encode_prompts(tokenizer, prompts)
+    lengths = [len(ids) for ids in encoded]  # BOS included where added
+    unk = tokenizer.unk_token_id  # (GPT-2's "unk" is its EOS: a byte-level tokenizer has no unknowns)
+    if unk is not None and unk not in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id):
+        bad = [j for j, ids in enumerate(encoded) if unk in ids]
+        if bad:  # the embedded character-level models know ASCII only
+            where = f"{data}:{jsonl_line(data, bad[0])}" if data else f"the prompt {prompts[bad[0]][:40]!r}"
+            print(f"warning: {len(bad)} prompt(s) hold characters that the tokenizer of --model does not "
+                  f"know, read as {tokenizer.unk_token} (the first: {where})", flush=True)
     i = max(range(len(lengths)), key=lengths.__getitem__)  # the longest prompt
     where = f"{data}:{jsonl_line(data, i)}" if data else f"the prompt {prompts[i][:40]!r}…"
     check(lengths[i] < n, f"{where}: the prompt has {lengths[i]} tokens, which fill the context of --model "

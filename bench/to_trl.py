@@ -602,6 +602,11 @@ def config_fields(name: str, a, world: int = 1):
     """(the config's keyword arguments, (train, heldout) rows: tasks.load_task's or load_preferences')."""
     if name == "grpo":
         return grpo_fields(a, world), tasks.load_task(a.data)
+    if name == "reward_model" and a.data is not None:  # reward_model.py reads rankings; TRL does not
+        check(not any("completions" in r and "chosen" not in r for r in tasks.read_jsonl(a.data)),
+              f"--data {a.data}: rows of 'completions' (K-wise rankings), which reward_model.py reads but "
+              "TRL's RewardTrainer does not (it takes 'chosen' and 'rejected' pairs): run reward_model.py "
+              "itself, or write the rankings as pairs")
     pairs = tasks.load_preferences(a.data)
     return (dpo_fields if name == "dpo" else reward_fields)(a, len(pairs[0]), world), pairs
 

@@ -251,7 +251,9 @@ def test_overwrite_removes_every_output_of_the_earlier_run(tmp_path, capsys):
         harness.prepare_run_dir(out, overwrite=False)
     assert len(list(out.iterdir())) == 6  # refused: nothing removed
     assert harness.prepare_run_dir(out, overwrite=True) == out
-    assert list(out.iterdir()) == []  # no stale model/ next to the new run's metrics
+    # no stale model/ next to the new run's metrics: only the new run's lock
+    assert [p.name for p in out.iterdir()] == [harness.LOCK_FILE]
+    harness.release_lock(out)
     said = capsys.readouterr().out
     assert said.startswith("--overwrite: removed the earlier run's ") and "value_model/" in said
 

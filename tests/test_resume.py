@@ -267,7 +267,8 @@ def test_overwrite_removes_checkpoints_and_the_value_head(tmp_path):
     (run / "value_head.pt").write_bytes(b"")
     (run / "checkpoint-9.tmp").mkdir()
     harness.prepare_run_dir(run, overwrite=True)
-    assert list(run.iterdir()) == []
+    assert [p.name for p in run.iterdir()] == [harness.LOCK_FILE]  # only the new run's lock
+    harness.release_lock(run)
 
 
 @pytest.mark.parametrize("module", [m for m, _ in CASES.values()], ids=lambda m: m.__name__)
