@@ -5,7 +5,8 @@
   #####  runs           device, seed, run folder, the LR schedule
   #####  checkpoints    `--save-every N`, `--resume RUN_DIR`
   #####  logging        `RunLogger` (metrics.jsonl, summary.json, one line per logging step)
-  #####  precision      `MixedPrecision`: float32 weights, autocast forward passes, loss scaling
+  #####  precision      `MixedPrecision`: float32 weights, autocast forward passes, loss scaling;
+                        `freeze`: frozen models at the compute precision; `gradient_checkpointing`
 
 No step of an algorithm is here: the reward, the advantage, the loss, the clipping and the optimiser
 step are in each algorithm's own file. Nothing here needs a network connection.
@@ -691,10 +692,12 @@ class MixedPrecision:
       - Trained weights in float32: AdamW's update of a weight w is about lr, and bf16 keeps 8 bits
         of mantissa, so any update below |w|·2⁻⁹ rounds away. At lr 1e-6 that is nearly every
         update of a 0.5B model; in float32 it is none.
-      - Frozen weights in float32 too: a copy stored in bf16 also runs its norms, embeddings and
-        residual adds in bf16, where the policy under autocast runs them in float32, so at step 0
-        log π_θ − log π_ref would be ~1e-2 per token instead of exactly 0. The price is memory:
-        two bytes more per frozen weight.
+      - Frozen models (π_ref, r_φ) at the compute precision, but not simply cast to it (`freeze`):
+        a copy cast to bf16 whole would also run its norms, embeddings and residual adds in bf16,
+        where the policy under autocast runs them in float32, so at step 0 log π_θ − log π_ref would
+        be ~1e-2 per token instead of exactly 0. `freeze` stores in bf16 only the matmul weights,
+        which autocast rounds to bf16 anyway, and keeps the rest in float32: the same numbers, bit
+        for bit, at about half the memory.
       - float16 (GPUs without bf16): its 5-bit exponent underflows small gradients, so the loss is
         scaled before `backward` and the gradients unscaled before clipping (`GradScaler`); a step
         whose gradients overflowed is skipped and the scale lowered.
@@ -740,3 +743,63 @@ class MixedPrecision:
             self.scaler.update()
         else:
             opt.step()
+
+
+def freeze(model: torch.nn.Module, prec: MixedPrecision) -> torch.nn.Module:
+    """A frozen model (π_ref, r_φ's LM, PPO's θ_old) at the compute precision, in place: eval mode,
+    no gradients, and under bf16/fp16 autocast the weight of every matmul layer (`nn.Linear`, GPT-2's
+    `Conv1D`) stored in the compute dtype. -> the model.
+
+    Why the numbers stay the same, bit for bit: under autocast a Linear casts its float32 weight to
+    the compute dtype (`.to(dtype)`, round to nearest even) before the matmul, so storing that rounded
+    weight gives the matmul the very same operands. Everything autocast runs in float32 keeps its
+    float32 weights: the embedding lookup (autocast does not cast it; a weight tied to the LM head is
+    shared with the lookup, so it stays float32 too), the norms, the biases (autocast rounds a
+    Linear's bias as well, so either way is the same) and the rotary tables. The model must then run
+    under `prec.autocast()`, as every forward pass of the scripts does; a Linear run with autocast off
+    would stop with a dtype error, never a silent difference. The saving: 2 bytes per matmul weight,
+    36% of Qwen2.5-0.5B's bytes (its tied embedding stays float32) and 42% of 1.5B's.
+    float32 runs (the CPU default): nothing is cast.
+    """
+    model.eval().requires_grad_(False)
+    if prec.dtype == torch.float32:
+        return model
+    from transformers.pytorch_utils import Conv1D
+
+    matmuls = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    elsewhere = {id(p) for m in model.modules() if not isinstance(m, (torch.nn.Linear, Conv1D))
+                 for p in m.parameters(recurse=False)}  # e.g. the embedding, tied to the LM head
+    for m in matmuls:
+        if id(m.weight) not in elsewhere:
+            m.weight.data = m.weight.data.to(prec.dtype)  # what autocast would round it to
+    return model
+
+
+def gradient_checkpointing(model, enabled: bool = True):
+    """--gradient-checkpointing on a trained model (a transformers causal LM), in place: each decoder
+    layer keeps only its input for the backward pass and recomputes its activations there (TRL:
+    gradient_checkpointing). Memory: the activations of one layer at a time instead of all of them,
+    for about one more forward pass per backward. The gradients are the same up to float rounding
+    (tests/test_memory_options.py). -> the model.
+
+    transformers checkpoints a layer only while that layer is in training mode, and the scripts keep
+    every model in eval mode (no dropout, so that ρ = 1 exactly on the first update). So the layers
+    themselves are set to training mode, not their children: the flag gates the checkpoint only,
+    while attention, MLP and dropout modules stay in eval mode and compute what they computed. Call
+    it after the script's `.eval()`. Generation is unchanged: it runs without gradients, and a
+    layer is only checkpointed (and its KV cache dropped) when gradients are being recorded.
+    Non-reentrant checkpointing (`use_reentrant=False`, PyTorch's recommended mode) needs no input
+    that requires a gradient. `activation_checkpointing_enable` is transformers 5.24's name for
+    `gradient_checkpointing_enable`.
+    """
+    if not enabled:
+        return model
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    check(getattr(model, "supports_gradient_checkpointing", False),
+          f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m.training = True  # this layer's own flag only: see above
+    return model
