@@ -19,6 +19,7 @@ import ast
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import inspect
 import json
 import os
@@ -28,11 +29,13 @@ import signal
 import sys
 import textwrap
 import time
+import types
 import typing
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 import common
 from common import UsageError, check
@@ -777,29 +780,36 @@ def freeze(model: torch.nn.Module, prec: MixedPrecision) -> torch.nn.Module:
 
 def gradient_checkpointing(model, enabled: bool = True):
     """--gradient-checkpointing on a trained model (a transformers causal LM), in place: each decoder
-    layer keeps only its input for the backward pass and recomputes its activations there (TRL:
+    layer keeps only its inputs for the backward pass and recomputes its activations there (TRL:
     gradient_checkpointing). Memory: the activations of one layer at a time instead of all of them,
     for about one more forward pass per backward. The gradients are the same up to float rounding
-    (tests/test_memory_options.py). -> the model.
+    (bit for bit on the CPU here; tests/test_memory_options.py). -> the model.
 
-    transformers checkpoints a layer only while that layer is in training mode, and the scripts keep
-    every model in eval mode (no dropout, so that ρ = 1 exactly on the first update). So the layers
-    themselves are set to training mode, not their children: the flag gates the checkpoint only,
-    while attention, MLP and dropout modules stay in eval mode and compute what they computed. Call
-    it after the script's `.eval()`. Generation is unchanged: it runs without gradients, and a
-    layer is only checkpointed (and its KV cache dropped) when gradients are being recorded.
-    Non-reentrant checkpointing (`use_reentrant=False`, PyTorch's recommended mode) needs no input
-    that requires a gradient. `activation_checkpointing_enable` is transformers 5.24's name for
-    `gradient_checkpointing_enable`.
+    Why not transformers' `gradient_checkpointing_enable`: it checkpoints a layer only while the
+    layer is in training mode, and the scripts keep every model in eval mode (no dropout, so that
+    ρ = 1 exactly on the first update). Switching the layers to training mode would turn on the
+    dropout that some layers apply themselves (OPT's, Falcon's), silently. So each decoder layer's
+    forward is wrapped in `torch.utils.checkpoint` (non-reentrant, PyTorch's recommended mode) in
+    any mode, whenever gradients are being recorded. Without gradients (generation, the old and
+    reference log-probs) and in a forward pass that fills a KV cache (`use_cache=True`), the layer
+    runs as it is, so generation is unchanged. The wrapper is a method of the layer, so a deepcopy
+    of the model (PPO's value model and θ_old) recomputes its own layers.
     """
     if not enabled:
         return model
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    check(getattr(model, "supports_gradient_checkpointing", False),
-          f"--gradient-checkpointing: {type(model).__name__} does not support gradient checkpointing")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    for m in model.modules():
-        if isinstance(m, GradientCheckpointingLayer):
-            m.training = True  # this layer's own flag only: see above
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    check(len(layers) > 0, f"--gradient-checkpointing: {type(model).__name__} has no decoder layers that "
+                           "transformers can checkpoint")
+    for layer in layers:
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
     return model
+
+
+def _checkpointed_forward(layer, *args, **kwargs):
+    """A decoder layer's forward, recomputed in the backward pass (`gradient_checkpointing`)."""
+    forward = type(layer).forward.__get__(layer)  # the layer's own forward, bound to this layer
+    if not torch.is_grad_enabled() or kwargs.get("use_cache"):
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(functools.partial(forward, **kwargs), *args, use_reentrant=False)

@@ -856,11 +856,12 @@ def trpo_update(policy, ids, mask, c_mask, T: int, old_policy, old_logp, adv, te
     def fvp(v):  # F v = Σ_c w_c ∇_θ(∇_θ D̄_KL,c · v), at θ_old (trpo_step calls it before evaluate)
         out = torch.zeros_like(v)  # [n]
         for c, w in zip(chunks, share):
-            with sdpa_kernel(SDPBackend.MATH):  # a kernel with a double backward
-                lp_all = logprobs(c)  # [b, T, V]
             old_lp_all = old_vocab_logprobs(old_policy, ids[c], mask[c], T, temperature, autocast)  # [b, T, V]
-            kl = masked_mean(policy_kl(old_lp_all, lp_all), c_mask[c])  # D̄_KL,c (= 0, with graph)
-            out += w * fisher_vector_product(kl, params, v)
+            # a kernel with a double backward, also while --gradient-checkpointing recomputes the layers
+            with sdpa_kernel(SDPBackend.MATH):
+                lp_all = logprobs(c)  # [b, T, V]
+                kl = masked_mean(policy_kl(old_lp_all, lp_all), c_mask[c])  # D̄_KL,c (= 0, with graph)
+                out += w * fisher_vector_product(kl, params, v)
         return out
 
     @torch.no_grad()

@@ -127,7 +127,7 @@ def grads_of(make_loss, model, checkpointing: bool, prec=None):
     make_loss(model); a copy of the model, with or without checkpointing."""
     model = copy.deepcopy(model)
     lm = model.lm if hasattr(model, "lm") else model
-    harness.gradient_checkpointing(lm, checkpointing)
+    harness.gradient_checkpointing(lm, checkpointing)  # (a model checkpointed already stays so)
     calls = []
     layer0 = lm.base_model.layers[0]
     layer0.self_attn.q_proj.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -198,6 +198,26 @@ def test_gradient_checkpointing_gives_ppos_value_gradients():
     g1, calls1 = grads_of(loss, vm, True)
     assert (calls0, calls1) == (1, 2)
     assert_same_grads(g0, g1)
+
+
+def test_gradient_checkpointing_keeps_eval_mode_and_a_copy_recomputes_its_own_layers():
+    # the scripts keep every model in eval mode (no dropout); checkpointing must not change that,
+    # and a deepcopy of a checkpointed model (PPO's value model, θ_old) must run its own weights
+    model = common.load_model("tiny-pref", CPU)[0].eval()
+    harness.gradient_checkpointing(model)
+    assert not any(m.training for m in model.modules())
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.05)
+    ids, mask, T = batch(model.config.vocab_size, seed=5)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            a = common.token_logprobs(model, ids, mask, T)[0]  # [8, 12]
+            b = common.token_logprobs(twin, ids, mask, T)[0]  # [8, 12]
+        assert not torch.equal(a, b)
+    g_twin, calls = grads_of(lambda m: common.token_logprobs(m, ids, mask, T)[0].sum(), twin, False)
+    assert calls == 2  # the copy is checkpointed too
 
 
 def test_generation_is_unchanged_by_gradient_checkpointing():
