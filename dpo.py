@@ -485,8 +485,7 @@ def load_pairs_and_models(args: Args, ckpt, device, prec):
     tasks.check_context(tok, policy, [p["prompt"] for p in heldout[: args.eval_samples]], args.max_new_tokens)
     policy.eval()
     harness.gradient_checkpointing(policy, args.gradient_checkpointing)  # --gradient-checkpointing
-    ref = common.load_model(path, device, trainable=False)[0]
-    ref = harness.freeze(ref, prec)  # bf16/fp16: matmul weights as autocast rounds them, π_θ = π_ref at step 0
+    ref = harness.freeze(common.load_model(path, device, trainable=False)[0], prec)  # π_ref = π_θ at step 0
     cuts = {"cut_pairs": {"train": cut_train, "heldout": cut_heldout},
             "dropped_pairs": {"train": dropped_train, "heldout": dropped_heldout}}
     return policy, ref, tok, train_pairs, heldout, cuts, max_length

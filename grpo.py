@@ -510,8 +510,8 @@ def train(args: Args) -> dict:
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     harness.gradient_checkpointing(policy, args.gradient_checkpointing)  # --gradient-checkpointing
-    ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
-    ref = harness.freeze(ref, prec) if ref is not None else None  # bf16/fp16: matmul weights rounded
+    ref = (harness.freeze(common.load_model(args.model, device, trainable=False)[0], prec)  # π_ref, matmul
+           if args.beta > 0 else None)  # weights as autocast rounds them (bf16/fp16): π_θ = π_ref at step 0
     tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     # every prompt + --max-new-tokens within the model's positions (row i of train + held out: line of --data)
     tasks.check_context(tok, policy, [tasks.chat_prompt(tok, r["prompt"], args.chat_template)

@@ -1119,8 +1119,7 @@ def setup(args: Args, ckpt, device, prec):
     tasks.check_context(tok, policy, [p["prompt"] for p in train_pairs + heldout], args.max_new_tokens,
                         args.data)
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
-    ref = common.load_model(path, device, trainable=False)[0]  # π_ref, frozen: = π_θ at step 0
-    ref = harness.freeze(ref, prec)  # bf16/fp16: matmul weights as autocast rounds them
+    ref = harness.freeze(common.load_model(path, device, trainable=False)[0], prec)  # π_ref = π_θ at step 0
     harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("ppo", args.seed), args.overwrite,
                                   resume=ckpt)

@@ -640,8 +640,8 @@ def load_models(args: Args, ckpt, device, prec):
     policy, tok = common.load_model(str(ckpt.path / "model") if ckpt else args.model, device)  # float32
     policy.eval()
     harness.gradient_checkpointing(policy, args.gradient_checkpointing)  # --gradient-checkpointing
-    ref = common.load_model(args.model, device, trainable=False)[0] if args.beta > 0 else None
-    ref = harness.freeze(ref, prec) if ref is not None else None  # bf16/fp16: matmul weights rounded
+    ref = (harness.freeze(common.load_model(args.model, device, trainable=False)[0], prec)  # π_ref, matmul
+           if args.beta > 0 else None)  # weights as autocast rounds them (bf16/fp16): π_θ = π_ref at step 0
     return policy, ref, tok
 
 
