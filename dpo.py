@@ -91,8 +91,13 @@ class Args:
     torch's own choice (every core); recorded in summary.json; no effect on a GPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
-    else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
-    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0 (TRL: bf16 / fp16)"""
+    else float32), float32, bfloat16 or float16 (with loss scaling); the trained weights stay
+    float32, the frozen models store their matmul weights as autocast rounds them and the rest
+    in float32 (`harness.freeze`), so that π_θ = π_ref exactly at step 0 (TRL: bf16 / fp16)"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward pass instead of keeping them, in
+    the policy: activation memory of one layer instead of all, for about one more forward
+    pass per backward; the same gradients up to float rounding (TRL: gradient_checkpointing)"""
 
     beta: float = 0.1
     """β, the strength of the KL regularisation that the implicit reward β log π/π_ref stands for:
@@ -388,7 +393,7 @@ def train(args: Args) -> dict:
     average = args.loss_type in PER_TOKEN_AVERAGED  # (1/|y|) Σ_t instead of Σ_t
 
     ##### models: the policy π_θ and the frozen reference π_ref, both the SFT policy at the start
-    policy, ref, tok, train_pairs, heldout, cuts, max_length = load_pairs_and_models(args, ckpt, device)
+    policy, ref, tok, train_pairs, heldout, cuts, max_length = load_pairs_and_models(args, ckpt, device, prec)
     eval_prompts = [heldout[i % len(heldout)]["prompt"] for i in range(args.eval_samples)]
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
@@ -484,10 +489,11 @@ def train(args: Args) -> dict:
 #####################################################################################################
 
 
-def load_pairs_and_models(args: Args, ckpt, device):
+def load_pairs_and_models(args: Args, ckpt, device, prec):
     """The preference pairs, rendered with the chat template and fitted to --max-length (capped at
     the model's context), and the two models: π_θ (from the checkpoint on --resume; in eval mode: no
-    dropout, so that at the start π_θ equals π_ref exactly) and π_ref, both float32.
+    dropout, so that at the start π_θ equals π_ref exactly; float32) and π_ref (at the compute
+    precision, `harness.freeze`).
     -> (policy, ref, tok, train pairs, held-out pairs, the --max-length counts for the summary, the
     --max-length in force)"""
     train_pairs, heldout = tasks.load_preferences(args.data)
@@ -506,9 +512,10 @@ def load_pairs_and_models(args: Args, ckpt, device):
     # the evaluation samples --max-new-tokens after the first --eval-samples held-out prompts
     tasks.check_context(tok, policy, [p["prompt"] for p in heldout[: args.eval_samples]], args.max_new_tokens)
     policy.eval()
+    harness.gradient_checkpointing(policy, args.gradient_checkpointing)  # --gradient-checkpointing
     policy = harness.apply_lora(policy, args, ckpt)  # --lora-r: adapters on the frozen base, only they trained
-    # float32 too: π_θ = π_ref at step 0 (--lora-r: the policy with its adapters off, no second copy)
-    ref = harness.reference_of(policy, args, path, device)
+    # at the compute precision: π_θ = π_ref at step 0 (--lora-r: the policy with its adapters off, no second copy)
+    ref = harness.reference_of(policy, args, path, device, prec)
     cuts = {"cut_pairs": {"train": cut_train, "heldout": cut_heldout},
             "dropped_pairs": {"train": dropped_train, "heldout": dropped_heldout}}
     return policy, ref, tok, train_pairs, heldout, cuts, max_length

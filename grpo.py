@@ -93,8 +93,13 @@ class Args:
     torch's own choice (every core); recorded in summary.json; no effect on a GPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
-    else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
-    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0 (TRL: bf16, fp16)"""
+    else float32), float32, bfloat16 or float16 (with loss scaling); the trained weights stay
+    float32, the frozen models store their matmul weights as autocast rounds them and the rest
+    in float32 (`harness.freeze`), so that π_θ = π_ref exactly at step 0 (TRL: bf16, fp16)"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward pass instead of keeping them, in
+    the policy: activation memory of one layer instead of all, for about one more forward
+    pass per backward; the same gradients up to float rounding (TRL: gradient_checkpointing)"""
 
     steps: int = 2000
     """number of GRPO steps (each: generate, score, μ optimiser steps) (TRL: max_steps)"""
@@ -542,9 +547,10 @@ def train(args: Args) -> dict:
           + " …", flush=True)
     policy, tok = common.load_model(harness.start_weights(ckpt, args.model, args), device)  # float32
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
+    harness.gradient_checkpointing(policy, args.gradient_checkpointing)  # --gradient-checkpointing
     policy = harness.apply_lora(policy, args, ckpt)  # --lora-r: adapters on the frozen base, only they trained
     # a frozen copy of the start model (--lora-r: the policy with its adapters off, no copy)
-    ref = harness.reference_of(policy, args, args.model, device) if args.beta > 0 else None
+    ref = harness.reference_of(policy, args, args.model, device, prec) if args.beta > 0 else None
     tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     # every prompt + --max-new-tokens within the model's positions (row i of train + held out: line of --data)
     tasks.check_context(tok, policy, [tasks.chat_prompt(tok, r["prompt"], args.chat_template)

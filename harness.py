@@ -5,7 +5,8 @@
   #####  runs           device, seed, run folder, the LR schedule
   #####  checkpoints    `--save-every N`, `--resume RUN_DIR`
   #####  logging        `RunLogger` (metrics.jsonl, summary.json, one line per logging step)
-  #####  precision      `MixedPrecision`: float32 weights, autocast forward passes, loss scaling
+  #####  precision      `MixedPrecision`: float32 weights, autocast forward passes, loss scaling;
+                        `freeze`: frozen models at the compute precision; `gradient_checkpointing`
   #####  LoRA           --lora-r R: `apply_lora`, `reference_of` (π_ref = the base, adapters off)
 
 No step of an algorithm is here: the reward, the advantage, the loss, the clipping and the optimiser
@@ -21,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import inspect
 import json
 import os
@@ -31,11 +33,13 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import typing
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 import common
 from common import UsageError, check
@@ -997,10 +1001,12 @@ class MixedPrecision:
       - Trained weights in float32: AdamW's update of a weight w is about lr, and bf16 keeps 8 bits
         of mantissa, so any update below |w|·2⁻⁹ rounds away. At lr 1e-6 that is nearly every
         update of a 0.5B model; in float32 it is none.
-      - Frozen weights in float32 too: a copy stored in bf16 also runs its norms, embeddings and
-        residual adds in bf16, where the policy under autocast runs them in float32, so at step 0
-        log π_θ − log π_ref would be ~1e-2 per token instead of exactly 0. The price is memory:
-        two bytes more per frozen weight.
+      - Frozen models (π_ref, r_φ) at the compute precision, but not simply cast to it (`freeze`):
+        a copy cast to bf16 whole would also run its norms, embeddings and residual adds in bf16,
+        where the policy under autocast runs them in float32, so at step 0 log π_θ − log π_ref would
+        be ~1e-2 per token instead of exactly 0. `freeze` stores in bf16 only the matmul weights,
+        which autocast rounds to bf16 anyway, and keeps the rest in float32: the same numbers, bit
+        for bit, at about half the memory.
       - float16 (GPUs without bf16): its 5-bit exponent underflows small gradients, so the loss is
         scaled before `backward` and the gradients unscaled before clipping (`GradScaler`); a step
         whose gradients overflowed is skipped and the scale lowered.
@@ -1080,7 +1086,8 @@ def check_lora(args) -> None:
     """The LoRA flags: one line naming the flag when a value is out of range, or when peft is missing."""
     r = getattr(args, "lora_r", 0)
     check(r >= 0, f"--lora-r must be ≥ 0 (got {r}; 0: no LoRA, every weight trained)")
-    if r == 0:
+    if r == 0:  # the other LoRA flags act only with adapters
+        check_idle_flags(args, {f: (False, "without --lora-r R") for f in LORA_FLAGS[1:] if hasattr(args, f)})
         return
     check(args.lora_alpha is None or args.lora_alpha > 0, f"--lora-alpha must be > 0 (got {args.lora_alpha})")
     # every script computes its forward passes in eval mode (π_θ = π_old exactly at the first inner
@@ -1143,13 +1150,14 @@ class AdaptersOff:
         return getattr(self.model, attr)
 
 
-def reference_of(policy, args, base: str, device):
-    """π_ref, the frozen start model: a float32 copy of `base` (--model) in eval mode without
-    gradients; with --lora-r, the policy with its adapters off (`AdaptersOff`): the same numbers at
-    step 0, where B = 0, and no second copy of the weights."""
+def reference_of(policy, args, base: str, device, prec: MixedPrecision):
+    """π_ref, the frozen start model: a copy of `base` (--model) in eval mode without gradients, its
+    matmul weights as autocast rounds them (`freeze`); with --lora-r, the policy with its adapters
+    off (`AdaptersOff`). Either way the same numbers as π_θ at step 0 (B = 0 for the adapters), and
+    with --lora-r no second copy of the weights."""
     if getattr(args, "lora_r", 0):
         return AdaptersOff(policy)
-    return common.load_model(base, device, trainable=False)[0]
+    return freeze(common.load_model(base, device, trainable=False)[0], prec)
 
 
 def unwrap(model):
@@ -1162,3 +1170,70 @@ def merge_lora(model):
     """The base model with the adapters added into its weights (W + (α/r) B A), no peft layers left
     (peft's `merge_and_unload`); `model` itself when it has no adapters."""
     return model.merge_and_unload() if is_lora(model) else model
+
+
+def freeze(model: torch.nn.Module, prec: MixedPrecision) -> torch.nn.Module:
+    """A frozen model (π_ref, r_φ's LM, PPO's θ_old) at the compute precision, in place: eval mode,
+    no gradients, and under bf16/fp16 autocast the weight of every matmul layer (`nn.Linear`, GPT-2's
+    `Conv1D`) stored in the compute dtype. -> the model.
+
+    Why the numbers stay the same, bit for bit: under autocast a Linear casts its float32 weight to
+    the compute dtype (`.to(dtype)`, round to nearest even) before the matmul, so storing that rounded
+    weight gives the matmul the very same operands. Everything autocast runs in float32 keeps its
+    float32 weights: the embedding lookup (autocast does not cast it; a weight tied to the LM head is
+    shared with the lookup, so it stays float32 too), the norms, the biases (autocast rounds a
+    Linear's bias as well, so either way is the same) and the rotary tables. The model must then run
+    under `prec.autocast()`, as every forward pass of the scripts does; a Linear run with autocast off
+    would stop with a dtype error, never a silent difference. The saving: 2 bytes per matmul weight,
+    36% of Qwen2.5-0.5B's bytes (its tied embedding stays float32) and 42% of 1.5B's.
+    float32 runs (the CPU default): nothing is cast.
+    """
+    model.eval().requires_grad_(False)
+    if prec.dtype == torch.float32:
+        return model
+    from transformers.pytorch_utils import Conv1D
+
+    matmuls = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    elsewhere = {id(p) for m in model.modules() if not isinstance(m, (torch.nn.Linear, Conv1D))
+                 for p in m.parameters(recurse=False)}  # e.g. the embedding, tied to the LM head
+    for m in matmuls:
+        if id(m.weight) not in elsewhere:
+            m.weight.data = m.weight.data.to(prec.dtype)  # what autocast would round it to
+    return model
+
+
+def gradient_checkpointing(model, enabled: bool = True):
+    """--gradient-checkpointing on a trained model (a transformers causal LM), in place: each decoder
+    layer keeps only its inputs for the backward pass and recomputes its activations there (TRL:
+    gradient_checkpointing). Memory: the activations of one layer at a time instead of all of them,
+    for about one more forward pass per backward. The gradients are the same up to float rounding
+    (bit for bit on the CPU here; tests/test_memory_options.py). -> the model.
+
+    Why not transformers' `gradient_checkpointing_enable`: it checkpoints a layer only while the
+    layer is in training mode, and the scripts keep every model in eval mode (no dropout, so that
+    ρ = 1 exactly on the first update). Switching the layers to training mode would turn on the
+    dropout that some layers apply themselves (OPT's, Falcon's), silently. So each decoder layer's
+    forward is wrapped in `torch.utils.checkpoint` (non-reentrant, PyTorch's recommended mode) in
+    any mode, whenever gradients are being recorded. Without gradients (generation, the old and
+    reference log-probs) and in a forward pass that fills a KV cache (`use_cache=True`), the layer
+    runs as it is, so generation is unchanged. The wrapper is a method of the layer, so a deepcopy
+    of the model (PPO's value model and θ_old) recomputes its own layers.
+    """
+    if not enabled:
+        return model
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    check(len(layers) > 0, f"--gradient-checkpointing: {type(model).__name__} has no decoder layers that "
+                           "transformers can checkpoint")
+    for layer in layers:
+        layer.forward = types.MethodType(_checkpointed_forward, layer)
+    return model
+
+
+def _checkpointed_forward(layer, *args, **kwargs):
+    """A decoder layer's forward, recomputed in the backward pass (`gradient_checkpointing`)."""
+    forward = type(layer).forward.__get__(layer)  # the layer's own forward, bound to this layer
+    if not torch.is_grad_enabled() or kwargs.get("use_cache"):
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(functools.partial(forward, **kwargs), *args, use_reentrant=False)

@@ -43,7 +43,7 @@ episode is one completion; it ends at the completion's EOS (or at the token limi
             x   ≈ (F + λI)⁻¹ g by k steps of conjugate gradient;   s = √(2δ / xᵀ(F + λI)x) · x
             θ   ← θ_old + α^j s for the first j = 0, 1, ... with D̄_KL ≤ δ and L(θ) > L(θ_old);
                   θ_old if no j qualifies (logged: trpo/line_search_failed = 1)
-        d = mean_t KL_t at the new θ                                      (policy/kl_old, every loss)
+        d = mean_t KL_t at the new θ          (policy/kl_old; clip: its k3 estimate, policy/kl_old_k3)
         kl-penalty only: β_pen ← β_pen / 2 if d < d_targ / 1.5;  β_pen × 2 if d > 1.5 d_targ
         β ← KL controller(β, KL of this rollout to π_ref)          (fixed, adaptive, proportional)
         every `eval_every` steps: held-out prompts: gold reward, score and KL to π_ref of samples
@@ -73,12 +73,14 @@ directions have the value 0, the gradient 0 and the same Hessian F, so the quadr
 solve and the step size are the same either way; they part only beyond second order, in the value
 that the line search checks against δ, and there the code follows the paper.
 
-Memory: π_old's full-vocabulary log-probs are cached once per rollout, [B, T, V] float32 (for the
-built-in task 64 × 20 × 76 floats, 0.4 MB); all three losses log the exact d. On a real model
-(V ≈ 150k, B·T ≈ 8k tokens) that is ~5 GB: keep it on the CPU, in bfloat16, or recompute π_old's
-logits per micro-batch from a frozen copy of θ_old. TRPO's g, F v and line search are sums over
-micro-batches (--micro-batch), so F v can be accumulated chunk by chunk; the TRPO paper also
-computes F v on a 10% subsample of the batch, which this code does not do.
+Memory: nothing of size [B, T, V] is kept for the batch. PPO-clip needs only log π_old(y_t|s_t)
+[B, T] of the sampled tokens, and logs d as the k3 estimate from them (policy/kl_old_k3, see
+`kl_to_old`). kl-penalty and TRPO need π_old's whole distribution: they keep a frozen snapshot of
+θ_old (a copy of the weights at the compute precision) and recompute log π_old(·|s_t) per
+micro-batch from it (`old_vocab_logprobs`), where a cache of it would be [B, T, V] float32, ~5 GB
+at V ≈ 150k and B·T ≈ 8k tokens. TRPO's g, F v and line search are sums over micro-batches
+(--micro-batch), so F v is accumulated chunk by chunk; the TRPO paper also computes F v on a 10%
+subsample of the batch, which this code does not do.
 
 Which position gets the score: the last token of the completion, i.e. its EOS when it finished,
 otherwise its last sampled token (the token limit). The reward model reads its head at that same
@@ -163,8 +165,13 @@ class Args:
     torch's own choice (every core); recorded in summary.json; no effect on a GPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
-    else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
-    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0 (TRL: bf16 / fp16)"""
+    else float32), float32, bfloat16 or float16 (with loss scaling); the trained weights stay
+    float32, the frozen models store their matmul weights as autocast rounds them and the rest
+    in float32 (`harness.freeze`), so that π_θ = π_ref exactly at step 0 (TRL: bf16 / fp16)"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward pass instead of keeping them, in
+    the policy and the value model: activation memory of one layer instead of all, for about one
+    more forward pass per backward; the same gradients up to float rounding (TRL: gradient_checkpointing)"""
 
     steps: int = 150
     """PPO steps; each is one rollout batch and ppo_epochs passes over it (TRL counts
@@ -414,9 +421,10 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
     one and it does not depend on θ, so the token's gradient is exactly 0.
     metrics (detached): clipfrac, the fraction of tokens where the clipped term is taken (strictly
     smaller); approx_kl, mean(ρ − 1 − log ρ), the k3 estimate from the sampled tokens of
-    mean_t KL(π_old ‖ π_θ). The notes' PPO-penalty d is that same KL computed exactly over the
-    vocabulary (`policy_kl`, logged as policy/kl_old); --kl-control adaptive uses neither, but the
-    KL to π_ref per completion (objective/kl).
+    mean_t KL(π_old ‖ π_θ), averaged over the mini-batches as θ moves. The notes' PPO-penalty d is
+    that same KL at the final θ (`kl_to_old`: for clip the same k3 estimate, policy/kl_old_k3; for
+    kl-penalty and TRPO exact over the vocabulary, policy/kl_old); --kl-control adaptive uses
+    neither, but the KL to π_ref per completion (objective/kl).
     """
     log_ratio = logp - old_logp  # log ρ_t   [B, T]
     ratio = torch.exp(log_ratio)  # ρ_t   [B, T]
@@ -531,7 +539,8 @@ def policy_kl(old_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tenso
     π_old is a constant of the update: old_logits is detached, so the
     gradient flows into new_logits only, ∂KL_t/∂z_θ = π_θ − π_old. A word with π_old(a) = 0 (a logit
     of −inf) adds 0, not NaN. This is not an estimate from the sampled token (k1, k3): it needs the
-    whole distribution, which is why ppo.py caches π_old's [B, T, V].
+    whole distribution, which is why kl-penalty and TRPO recompute π_old's [b, T, V] per micro-batch
+    from a snapshot of θ_old (`old_vocab_logprobs`).
     """
     dtype = torch.promote_types(new_logits.dtype, torch.float32)  # float32 at least (float64 stays)
     old_lp = torch.log_softmax(old_logits.detach().to(dtype), dim=-1)  # log π_old(·|s_t)   [B, T, V]
@@ -752,16 +761,57 @@ def value_model_from_reward_model(rm) -> ValueModel:
 #####################################################################################################
 
 
-def penalty_policy_loss(policy, ids, mask, c_mask, T: int, old_lp_all, old_logp, adv, beta_pen: float,
+def old_vocab_logprobs(old_policy, ids, mask, T: int, temperature: float = 1.0,
+                       autocast=contextlib.nullcontext) -> torch.Tensor:
+    """log π_old(·|s_t) over the whole vocabulary for one micro-batch, [b, T, V], recomputed from
+    θ_old, the frozen snapshot of the policy taken at the rollout (no gradient).
+
+    Why recompute and not cache: the cache would be [B, T, V] for the whole batch, ~5 GB in float32 at
+    B·T = 8k tokens and V = 152k, which alone would fill a fifth of a 24 GB GPU. The snapshot costs a
+    copy of the weights instead (at the compute precision, `harness.freeze`: 1.3 GB for a 0.5B model
+    under bf16, 2 GB in float32), and one more forward pass per micro-batch that needs it; only
+    kl-penalty and TRPO need it, PPO-clip reads the sampled tokens' log-probs. Bit for bit the numbers of the cache: the
+    same weights (as autocast rounds them), and a row's log-probs do not depend on which rows share
+    its micro-batch.
+    """
+    with torch.no_grad(), autocast():
+        return common.vocab_logprobs(old_policy, ids, mask, T, temperature)  # log π_old(·|s_t)   [b, T, V]
+
+
+def kl_to_old(policy, old_policy, ids, mask, c_mask, T: int, old_logp, chunks, temperature: float = 1.0,
+              autocast=contextlib.nullcontext) -> float:
+    """d = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) at the updated θ, nats per token, micro-batch by
+    micro-batch (`chunks`, slices of the batch): exact over the vocabulary (`policy_kl`) when θ_old is
+    given (kl-penalty adapts β_pen on it, TRPO checks it against δ), and for PPO-clip (old_policy None)
+    the k3 estimate from the sampled tokens, mean_t (ρ_t − 1 − log ρ_t) with ρ_t = π_θ(y_t|s_t) /
+    π_old(y_t|s_t): unbiased, since y_t was drawn from π_old (E[ρ] = 1), and ≥ 0 per token. It is
+    logged as policy/kl_old_k3, so that it is not read as the exact one. ids, mask: [B, P+T];
+    c_mask, old_logp: [B, T].
+    """
+    with torch.no_grad(), autocast():
+        if old_policy is not None:
+            kl = torch.cat([policy_kl(old_vocab_logprobs(old_policy, ids[c], mask[c], T, temperature, autocast),
+                                      common.vocab_logprobs(policy, ids[c], mask[c], T, temperature))
+                            for c in chunks])  # KL(π_old(·|s_t) ‖ π_θ(·|s_t))   [B, T]
+        else:
+            logp = torch.cat([common.token_logprobs(policy, ids[c], mask[c], T, temperature)[0]
+                              for c in chunks])  # log π_θ(y_t|s_t)   [B, T]
+            log_ratio = logp - old_logp  # log ρ_t   [B, T]
+            kl = torch.expm1(log_ratio) - log_ratio  # k3 = ρ_t − 1 − log ρ_t   [B, T]
+    return float(masked_mean(kl, c_mask))
+
+
+def penalty_policy_loss(policy, ids, mask, c_mask, T: int, old_policy, old_logp, adv, beta_pen: float,
                         temperature: float = 1.0, autocast=contextlib.nullcontext):
     """--policy-loss kl-penalty on one micro-batch: L_KLPEN = −mean_t (ρ_t Â_t − β_pen KL_t), with the exact
     KL_t = KL(π_old(·|s_t) ‖ π_θ(·|s_t)) over the vocabulary (so π_θ's whole distribution, not only the
     sampled token's log-prob that PPO-clip needs). β_pen is adapted on d after the epochs (`adaptive_beta`).
 
-    ids, mask: [b, P+T]; c_mask, old_logp, adv: [b, T]; old_lp_all: log π_old(·|s_t), [b, T, V];
-    autocast: the context of the forward pass. -> (loss, metrics), as `ppo_penalty_loss`, its "kl"
-    renamed "penalty/kl" (logged beside β_pen).
+    ids, mask: [b, P+T]; c_mask, old_logp, adv: [b, T]; old_policy: the frozen snapshot of π_old, whose
+    whole distribution is recomputed here (`old_vocab_logprobs`); autocast: the context of the forward
+    passes. -> (loss, metrics), as `ppo_penalty_loss`, its "kl" renamed "penalty/kl" (logged beside β_pen).
     """
+    old_lp_all = old_vocab_logprobs(old_policy, ids, mask, T, temperature, autocast)  # log π_old(·|s_t)  [b, T, V]
     with autocast():
         lp_all = common.vocab_logprobs(policy, ids, mask, T, temperature)  # log π_θ(·|s_t)   [b, T, V]
         logp = common.pick_token_logprobs(lp_all, ids, mask)  # log π_θ(y_t|s_t)   [b, T]
@@ -787,7 +837,7 @@ def ptx_backward(policy, tok, texts, ptx_coef: float, prec, device) -> float:
     return float(ptx_loss.detach())
 
 
-def trpo_update(policy, ids, mask, c_mask, T: int, old_lp_all, old_logp, adv, temperature: float = 1.0,
+def trpo_update(policy, ids, mask, c_mask, T: int, old_policy, old_logp, adv, temperature: float = 1.0,
                 micro_batch: int | None = None, delta: float = 0.01, cg_iters: int = 10, damping: float = 0.1,
                 backtrack: float = 0.8, max_backtracks: int = 10, autocast=contextlib.nullcontext) -> dict:
     """--policy-loss trpo: one TRPO step of the policy on the whole rollout batch, in place. It builds
@@ -798,11 +848,12 @@ def trpo_update(policy, ids, mask, c_mask, T: int, old_lp_all, old_logp, adv, te
         evaluate = θ ↦ (L(θ), D̄_KL(θ_old, θ)), the policy set to θ and run
         θ        ← trpo_step(θ_old, g, fvp, evaluate, δ, k, λ, α, j_max)  (CG, step size, line search)
 
-    ids, mask: [B, P+T]; c_mask, old_logp, adv: [B, T]; old_lp_all: log π_old(·|s_t), [B, T, V]
-    (detached); temperature: τ of the rollout; delta, cg_iters, damping, backtrack, max_backtracks:
-    δ, k, λ, α and the line search's most steps (`trpo_step`); autocast: the context of the forward
-    passes. θ is every trainable float32 weight of the policy, flattened ([n], n = 136,256 for
-    tiny-pref, tied embeddings counted once); the step is written into them with `copy_`, in float32.
+    ids, mask: [B, P+T]; c_mask, old_logp, adv: [B, T]; old_policy: the frozen snapshot of π_old, whose
+    log π_old(·|s_t) [b, T, V] is recomputed per micro-batch (`old_vocab_logprobs`); temperature: τ of
+    the rollout; delta, cg_iters, damping, backtrack, max_backtracks: δ, k, λ, α and the line search's
+    most steps (`trpo_step`); autocast: the context of the forward passes. θ is every trainable
+    float32 weight of the policy, flattened ([n], n = 136,256 for tiny-pref, tied embeddings counted
+    once); the step is written into them with `copy_`, in float32.
     Sums over the batch go micro-batch by micro-batch (micro_batch sequences; None: the whole batch),
     each weighted by its share of the N completion tokens, so g, F v, L and D̄_KL are the whole batch's
     token means. The forward passes that F v differentiates twice use PyTorch's math attention kernel:
@@ -834,10 +885,12 @@ def trpo_update(policy, ids, mask, c_mask, T: int, old_lp_all, old_logp, adv, te
     def fvp(v):  # F v = Σ_c w_c ∇_θ(∇_θ D̄_KL,c · v), at θ_old (trpo_step calls it before evaluate)
         out = torch.zeros_like(v)  # [n]
         for c, w in zip(chunks, share):
-            with sdpa_kernel(SDPBackend.MATH):  # a kernel with a double backward
+            old_lp_all = old_vocab_logprobs(old_policy, ids[c], mask[c], T, temperature, autocast)  # [b, T, V]
+            # a kernel with a double backward, also while --gradient-checkpointing recomputes the layers
+            with sdpa_kernel(SDPBackend.MATH):
                 lp_all = logprobs(c)  # [b, T, V]
-            kl = masked_mean(policy_kl(old_lp_all[c], lp_all), c_mask[c])  # D̄_KL,c (= 0, with graph)
-            out += w * fisher_vector_product(kl, params, v)
+                kl = masked_mean(policy_kl(old_lp_all, lp_all), c_mask[c])  # D̄_KL,c (= 0, with graph)
+                out += w * fisher_vector_product(kl, params, v)
         return out
 
     @torch.no_grad()
@@ -847,7 +900,8 @@ def trpo_update(policy, ids, mask, c_mask, T: int, old_lp_all, old_logp, adv, te
         for c, w in zip(chunks, share):
             lp_all = logprobs(c)  # [b, T, V]
             surr += w * float(surrogate(c, lp_all))  # L(θ)
-            kl += w * float(masked_mean(policy_kl(old_lp_all[c], lp_all), c_mask[c]))  # D̄_KL(θ_old, θ)
+            old_lp_all = old_vocab_logprobs(old_policy, ids[c], mask[c], T, temperature, autocast)  # [b, T, V]
+            kl += w * float(masked_mean(policy_kl(old_lp_all, lp_all), c_mask[c]))  # D̄_KL(θ_old, θ)
         return surr, kl
 
     theta_new, info = trpo_step(theta_old, g, fvp, evaluate, delta, cg_iters, damping, backtrack,
@@ -884,6 +938,8 @@ def train(args: Args) -> dict:
     harness.seed_everything(args.seed)  # the same rollouts whether or not a reward model was trained
     params = [{"params": list(policy.parameters())}, {"params": list(value.parameters())}]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-5)  # one AdamW, θ and ψ
+    old_policy = (harness.freeze(copy.deepcopy(policy), prec)  # θ_old, for π_old's whole distribution
+                  if args.policy_loss in ("kl-penalty", "trpo") else None)  # (`old_vocab_logprobs`)
     sched = harness.lr_scheduler(opt, args.warmup_steps, args.steps, "constant")  # warm-up, then flat
     load_seconds = time.time() - t_start
     evaluate, log, start, start_texts, ev, final_texts = begin_run(  # held-out samples: the start, the latest
@@ -909,16 +965,18 @@ def train(args: Args) -> dict:
         ##### 2. cache log π_old, log π_ref, V_old and the score (no gradient)
         with torch.no_grad(), prec.autocast():
             chunks = [slice(i, i + micro) for i in range(0, B, micro)]
-            old_lp_all = torch.cat([common.vocab_logprobs(policy, ids[c], mask[c], T, args.temperature)
-                                    for c in chunks])  # log π_old(·|s_t), the whole vocabulary   [B, T, V]
-            old_logp = common.pick_token_logprobs(old_lp_all, ids, mask)  # log π_old(y_t|s_t)   [B, T]
-            entropy = masked_mean(-(old_lp_all.exp() * old_lp_all).sum(-1), c_mask)  # mean H(π_old(·|s_t))
+            old = [common.token_logprobs(policy, ids[c], mask[c], T, args.temperature, with_entropy=True)
+                   for c in chunks]  # (log π_old(y_t|s_t), H(π_old(·|s_t))) per micro-batch, [b, T] each
+            old_logp = torch.cat([lp for lp, _ in old])  # log π_old(y_t|s_t)   [B, T]
+            entropy = masked_mean(torch.cat([h for _, h in old]), c_mask)  # mean_t H(π_old(·|s_t))
             ref_logp = torch.cat([common.token_logprobs(ref, ids[c], mask[c], T, args.temperature)[0]
                                   for c in chunks])  # log π_ref(y_t|s_t)   [B, T]
             old_values = torch.cat([value(ids[c], mask[c], T) for c in chunks]).float()  # V_old(s_t) [B, T]
             scores = torch.cat([score(rm, ids[c], mask[c], finished[c], args.missing_eos_penalty,
                                       prec.autocast, rm_suffix)
                                 for c in chunks])  # s = r_φ(x, y) − penalty·1[no EOS]   [B]
+        if old_policy is not None:  # kl-penalty, TRPO: the whole π_old(·|s_t), recomputed per micro-batch
+            old_policy.load_state_dict(policy.state_dict())  # the frozen snapshot: θ_old ← θ
         ##### 3. rewards, GAE, returns (of the tensors cached without gradient)
         s = (scores - scores.mean()) / (scores.std() + 1e-8) if args.whiten_scores else scores  # [B]
         rewards, kl = kl_shaped_rewards(s, old_logp, ref_logp, c_mask, beta, args.kl_estimator)  # [B, T]
@@ -928,7 +986,7 @@ def train(args: Args) -> dict:
         ##### 4. ppo_epochs passes over shuffled mini-batches, one AdamW step of θ and ψ on each
         stats, trpo_info = {}, None  # stats: name -> the mini-batches' values
         if args.policy_loss == "trpo":  # TRPO: θ's natural-gradient step, on the whole batch
-            trpo_info = trpo_update(policy, ids, mask, c_mask, T, old_lp_all, old_logp, adv, args.temperature,
+            trpo_info = trpo_update(policy, ids, mask, c_mask, T, old_policy, old_logp, adv, args.temperature,
                                     args.micro_batch, args.trpo_delta, args.trpo_cg_iters, args.trpo_damping,
                                     args.trpo_backtrack, args.trpo_backtrack_steps, prec.autocast)
             trpo_failures += trpo_failed(step, trpo_info, args.trpo_delta)  # +1 (and a line) if θ stayed
@@ -951,7 +1009,7 @@ def train(args: Args) -> dict:
                         pg_loss, pm = ppo_clip_loss(logp, old_logp[sub], adv[sub], c_mask[sub], args.epsilon)
                     elif args.policy_loss == "kl-penalty":  # L_π = L_KLPEN
                         pg_loss, pm = penalty_policy_loss(policy, ids[sub], mask[sub], c_mask[sub], T,
-                                                          old_lp_all[sub], old_logp[sub], adv[sub], beta_pen,
+                                                          old_policy, old_logp[sub], adv[sub], beta_pen,
                                                           args.temperature, prec.autocast)
                     else:  # trpo: θ took its step above, ψ alone here
                         pg_loss, pm = None, {}
@@ -969,11 +1027,9 @@ def train(args: Args) -> dict:
                 for name, val in acc.items():
                     stats.setdefault(name, []).append(val)
         sched.step()
-        ##### 5. d = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) at the updated θ, exact; kl-penalty's rule on it
-        with torch.no_grad(), prec.autocast():
-            kl_old = torch.cat([policy_kl(old_lp_all[c], common.vocab_logprobs(
-                policy, ids[c], mask[c], T, args.temperature)) for c in chunks])  # [B, T]
-        d_old = float(masked_mean(kl_old, c_mask))  # the notes' d, nats per token
+        ##### 5. d = mean_t KL(π_old(·|s_t) ‖ π_θ(·|s_t)) at the updated θ; kl-penalty's rule on it
+        d_old = kl_to_old(policy, old_policy, ids, mask, c_mask, T, old_logp, chunks, args.temperature,
+                          prec.autocast)  # the notes' d, nats per token: exact, or k3 for clip
         beta_pen_used = beta_pen
         if args.policy_loss == "kl-penalty":  # PPO-penalty: β_pen ÷2 below the band, ×2 above
             beta_pen = adaptive_beta(beta_pen, d_old, args.penalty_target_kl)
@@ -1113,8 +1169,8 @@ def setup(args: Args, ckpt, device, prec):
                         args.data)
     policy.eval()  # no dropout: ρ must be exactly 1 on the first mini-batch
     policy = harness.apply_lora(policy, args, ckpt)  # --lora-r: adapters on the frozen base, only they trained
-    # π_ref, frozen, float32: = π_θ at step 0 (--lora-r: the policy with its adapters off, no second copy)
-    ref = harness.reference_of(policy, args, path, device)
+    # π_ref, frozen, at the compute precision: = π_θ at step 0 (--lora-r: the policy, adapters off)
+    ref = harness.reference_of(policy, args, path, device, prec)
     harness.set_threads(args.threads, device, policy)  # CPU: 1 thread for a small model (see --threads)
     out = harness.prepare_run_dir(args.out_dir or harness.default_run_dir("ppo", args.seed), args.overwrite,
                                   resume=ckpt)
@@ -1132,6 +1188,9 @@ def setup(args: Args, ckpt, device, prec):
         harness.load_weights(value.lm, ckpt.path / "value_model")
         harness.load_weights(value.head, ckpt.path / "value_head.pt")
     value.eval()  # no dropout in the value model either
+    rm.lm = harness.freeze(rm.lm, prec)  # after the value model's copy; the head stays float32
+    harness.gradient_checkpointing(policy, args.gradient_checkpointing)  # --gradient-checkpointing
+    harness.gradient_checkpointing(value.lm, args.gradient_checkpointing)
     ptx_rng = np.random.default_rng(args.seed + 2)  # the PPO-ptx texts' order
     ptx_data = sft_batches(args, train_pairs, ptx_rng, ptx_rows) if args.ptx_coef > 0 else None
     return (policy, ref, rm, rm_suffix, value, tok, out, rm_path, gold, prompts_all, eval_prompts, ptx_data,
@@ -1316,7 +1375,7 @@ def step_metrics(args: Args, scores, kl, d: float, beta_used: float, entropy, d_
         "objective/rlhf_reward": float(scores.mean()) + non_score,
         "objective/beta": beta_used,
         "policy/entropy": float(entropy),
-        "policy/kl_old": d_old,
+        ("policy/kl_old_k3" if args.policy_loss == "clip" else "policy/kl_old"): d_old,  # `kl_to_old`
         **{name: float(np.mean(vals)) for name, vals in stats.items() if name != "loss/ptx"},
         "value/explained_variance": explained_variance(old_values, returns, c_mask),
         "value/mean": float(masked_mean(old_values, c_mask)),
@@ -1343,8 +1402,8 @@ def printed_keys(step: int, args: Args, metrics: dict) -> list[str]:
     if not (step % args.log_every == 0 or step == args.steps or "eval/score" in metrics):
         return []
     return ["objective/scores", "objective/gold_reward", "objective/kl", "objective/beta",
-            "policy/kl_old", "policy/clipfrac", "penalty/beta_pen", "trpo/step_fraction",
-            "value/explained_variance", "completions/mean_length",
+            "policy/kl_old", "policy/kl_old_k3", "policy/clipfrac", "penalty/beta_pen",
+            "trpo/step_fraction", "value/explained_variance", "completions/mean_length",
             "eval/score", "eval/gold_reward", "eval/kl_to_ref"]
 
 

@@ -129,8 +129,13 @@ class Args:
     torch's own choice (every core); recorded in summary.json; no effect on a GPU"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
-    else float32), float32, bfloat16 or float16 (with loss scaling); every model's weights stay
-    float32, the frozen ones too, so that π_θ = π_ref exactly at step 0"""
+    else float32), float32, bfloat16 or float16 (with loss scaling); the trained weights stay
+    float32, the frozen models store their matmul weights as autocast rounds them and the rest
+    in float32 (`harness.freeze`), so that π_θ = π_ref exactly at step 0"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward pass instead of keeping them, in
+    the policy: activation memory of one layer instead of all, for about one more forward
+    pass per backward; the same gradients up to float rounding (TRL: gradient_checkpointing)"""
 
     psi: Literal["return", "reward-to-go"] = "reward-to-go"
     """Ψ_t, what multiplies ∇log π(a_t|s_t) (notes 002 §4.4): `return` (the whole R(τ), the same
@@ -454,7 +459,7 @@ def train(args: Args) -> dict:
     strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
 
     ##### models: the policy π_θ, the frozen reference π_ref (β > 0 only), V_ψ (--baseline value only)
-    policy, ref, tok = load_models(args, ckpt, device)
+    policy, ref, tok = load_models(args, ckpt, device, prec)
     tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     # every prompt + --max-new-tokens within the model's positions (row i of train + held out: line of --data)
     tasks.check_context(tok, policy, [tasks.chat_prompt(tok, r["prompt"], args.chat_template)
@@ -655,16 +660,18 @@ def save_checkpoint(out, step: int, args: Args, policy, head, tok, opt, sched, p
 #####################################################################################################
 
 
-def load_models(args: Args, ckpt, device):
+def load_models(args: Args, ckpt, device, prec):
     """The policy π_θ (from the checkpoint on --resume), in eval mode (no dropout: the log-probs of
-    the loss are those of the policy that sampled), and π_ref only when β > 0.  -> (policy, ref, tok)"""
+    the loss are those of the policy that sampled), with --gradient-checkpointing if given, and π_ref
+    only when β > 0, at the compute precision (`harness.freeze`).  -> (policy, ref, tok)"""
     print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
           + " …", flush=True)
     policy, tok = common.load_model(harness.start_weights(ckpt, args.model, args), device)  # float32
     policy.eval()
+    harness.gradient_checkpointing(policy, args.gradient_checkpointing)  # --gradient-checkpointing
     policy = harness.apply_lora(policy, args, ckpt)  # --lora-r: adapters on the frozen base, only they trained
     # a frozen copy of the start model (--lora-r: the policy with its adapters off, no copy)
-    ref = harness.reference_of(policy, args, args.model, device) if args.beta > 0 else None
+    ref = harness.reference_of(policy, args, args.model, device, prec) if args.beta > 0 else None
     return policy, ref, tok
 
 

@@ -94,6 +94,10 @@ class Args:
     """compute dtype of the forward passes (autocast): auto (bfloat16 on a GPU that supports it,
     else float32), float32, bfloat16 or float16 (with loss scaling); the weights, head included,
     stay float32 (TRL: bf16 / fp16)"""
+    gradient_checkpointing: bool = False
+    """recompute each decoder layer's activations in the backward pass instead of keeping them, in
+    the reward model's LM: activation memory of one layer instead of all, for about one more forward
+    pass per backward; the same gradients up to float rounding (TRL: gradient_checkpointing)"""
 
     epochs: int = 2
     """passes over the training pairs (InstructGPT trained its reward model for 1 epoch: more
@@ -338,6 +342,7 @@ def train(args: Args) -> dict:
     lm = harness.apply_lora(lm, args)  # --lora-r: adapters on the frozen LM; the head below is trained whole
     rm = RewardModel(harness.unwrap(lm))
     rm.eval()  # no dropout: a pair's two rewards come from the same function
+    harness.gradient_checkpointing(lm, args.gradient_checkpointing)  # --gradient-checkpointing
     opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=args.lr,
                             weight_decay=args.weight_decay)
     batches = [(epoch, order[i:i + args.batch_size]) for epoch in range(args.epochs)

@@ -15,7 +15,9 @@ Reported per run, and as mean ± std over seeds per loss:
   * gold reward and proxy score (the reward model's, minus the EOS penalty) of 500 held-out samples
     after training, and their KL to π_ref (nats per completion): summary.json's final evaluation;
   * KL(π_old ‖ π_θ) per update: the mean over the 150 updates of `policy/kl_old` (exact over the
-    vocabulary, nats per token, measured after each rollout's update), and its largest value;
+    vocabulary, nats per token, measured after each rollout's update; for clip, which keeps no copy
+    of π_old's whole distribution, `policy/kl_old_k3`, its unbiased k3 estimate from the sampled
+    tokens), and its largest value;
   * TRPO: line-search failures and the mean accepted step fraction; PPO-penalty: the final β_pen;
   * wall time of the process, and the machine's load average before and after each run.
 
@@ -90,7 +92,8 @@ def run_one(loss: str, seed: int, extra: list[str], out: Path, threads: int) -> 
     s = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["step"] > 0]
-    kl_old = [r["policy/kl_old"] for r in steps]  # KL(π_old ‖ π_θ) of each update, nats per token
+    kl_old = [r["policy/kl_old"] if "policy/kl_old" in r else r["policy/kl_old_k3"]
+              for r in steps]  # KL(π_old ‖ π_θ) of each update, nats per token (clip: the k3 estimate)
     r = {
         "loss": loss, "seed": seed, "command": f"python ppo.py --policy-loss {loss} --seed {seed}"
                                                 + (" " + " ".join(extra) if extra else ""),

@@ -47,8 +47,8 @@ in the run's process (each script runs inside a small wrapper that reads
 torch.cuda.max_memory_allocated() when it ends; null on the CPU); the share of the trained weights
 that changed (the saved `<out-dir>/model` against the start weights, scalar by scalar; for
 reward_model.py see `weights_changed`); the KL to the reference at the start (exactly 0 when the
-frozen reference is stored in float32 like the policy, see harness.MixedPrecision); and the last
-lines of stderr when a run fails.
+frozen reference stores its matmul weights as autocast rounds the policy's, see harness.freeze);
+and the last lines of stderr when a run fails.
 
 Results: bench/results/gpu_check.json and gpu_check.md (the table is printed too); a dry run writes
 to --out, else to a temporary folder, so that it never overwrites the GPU's results. The exit code

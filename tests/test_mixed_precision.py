@@ -1,13 +1,14 @@
 """Mixed precision, checked on the CPU: what a GPU run does, with the same arithmetic.
 
-On a GPU, `--dtype auto` is bfloat16. Every script keeps float32 weights (trained and frozen) and
-runs its forward passes under autocast (`harness.MixedPrecision`). The CPU has bf16 autocast too,
+On a GPU, `--dtype auto` is bfloat16. Every script keeps float32 weights for the trained models,
+stores the frozen ones' matmul weights as autocast rounds them (`harness.freeze`), and runs its
+forward passes under autocast (`harness.MixedPrecision`). The CPU has bf16 autocast too,
 so each script runs here for 3 steps with `--dtype bfloat16` at the learning rate that the README
 gives for a 0.5B model on a GPU, and the tests check what would go wrong otherwise:
 
 - the trained weights change (bf16 weights would swallow nearly every update at these rates);
-- the first step's KL to the reference is exactly 0 (a bf16-stored reference would differ from
-  the autocast policy by ~1e-2 per token before any update);
+- the first step's KL to the reference is exactly 0 (a reference cast to bf16 whole would differ
+  from the autocast policy by ~1e-2 per token before any update);
 - float16 (with its gradient scaler) gives finite numbers.
 """
 
