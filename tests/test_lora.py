@@ -173,7 +173,7 @@ def test_reference_is_the_base_with_adapters_off_and_no_copy(peft):
     args = grpo.Args(lora_r=4)
     cpu = torch.device("cpu")
     policy = harness.apply_lora(common.load_model(TINY, cpu)[0].eval(), args)
-    ref = harness.reference_of(policy, args, TINY, cpu)
+    ref = harness.reference_of(policy, args, TINY, cpu, harness.MixedPrecision(cpu, "float32"))
     base = common.load_model(TINY, cpu, trainable=False)[0]
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     mask = torch.ones_like(ids)

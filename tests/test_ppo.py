@@ -14,6 +14,7 @@ session; the no `--reward-model` path uses the shipped `models/tiny-pref-rm`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -726,7 +727,8 @@ def test_trpo_update_builds_the_surrogate_its_gradient_and_the_kl_from_the_model
         return real_step(theta_old, g, fvp, evaluate, *args, **kwargs)
 
     monkeypatch.setattr(ppo, "trpo_step", spy)
-    info = ppo.trpo_update(policy, ids, mask, c_mask, T, old_lp_all, old_logp, adv, micro_batch=2, delta=0.01,
+    old_policy = copy.deepcopy(policy).requires_grad_(False)  # the frozen snapshot of π_old
+    info = ppo.trpo_update(policy, ids, mask, c_mask, T, old_policy, old_logp, adv, micro_batch=2, delta=0.01,
                            cg_iters=2)
     surr_old, kl_old = seen["at_old"]
     assert surr_old == pytest.approx(0.45, abs=1e-6) and kl_old == pytest.approx(0.0, abs=1e-6)
