@@ -7,6 +7,8 @@
                           reward_model.py` makes with its defaults, from models/tiny-pref
     models/tiny-ramble/   `--model models/tiny-ramble`, an arithmetic policy whose wrong answers
                           are long: the start model of bench/bench_length.py (Dr. GRPO's claim)
+    models/tiny-long/     `--model models/tiny-long`, the start model of `--task long-addition`,
+                          which answers directly or works the sum out column by column
 
 Nothing is built when a script runs: the scripts load these folders with `from_pretrained`. This
 file is how they were made, so that anyone can remake them, or make another build to test a
@@ -16,6 +18,7 @@ default against:
     python models/build.py tiny-pref --seed 0 --out models/tiny-pref
     python models/build.py tiny-pref-rm --seed 1 --out models/tiny-pref-rm --pref models/tiny-pref
     python models/build.py tiny-ramble --seed 0 --out models/tiny-ramble
+    python models/build.py tiny-long --seed 0 --out models/tiny-long
 
 Each folder gets a `build.json` with the command, the seed, the recipe, the torch and transformers
 versions and the figures measured on the result. A build is deterministic on one machine (same
@@ -45,6 +48,17 @@ The recipe of `tiny-ramble` (`TINY_RAMBLE`): the same annotator, who also *rambl
     carries no information: the strict reward of `75...` and of `75.......` is the same 0. With
     `--max-new-tokens 16` every label fits. This is the setting where the length bias of a 1/|y|
     loss (Dr. GRPO, arXiv:2503.20783 §3.1) can show on the wrong answers: see bench/bench_length.py.
+
+The recipe of `tiny-long` (`TINY_LONG`): the annotator of long addition (tasks.py, "the
+    long-addition task"). With probability `p_worked` it works the sum out column by column, from
+    the ones up, and is always right (`347+285=` -> `(7+5=12,4+8+1=13,3+2+1=6)632`, 23-31 tokens
+    with EOS); otherwise it answers directly, column by column in its head, forgetting each carry
+    with probability `carry_slip` (`632`, or `532`, `622`, `522`: 3-4 tokens). So both formats are
+    in the start model, the worked one rarer (three labels in ten), long and right, the direct one
+    usual and mostly wrong (87% of these sums carry; its labels are right 26% of the time). The reward of
+    `--task long-addition` is the final answer's correctness only: whether RL moves the policy to
+    the long format is for it to find. One torch thread (the ops are small, and one thread fixes
+    the order of the sums).
 """
 
 from __future__ import annotations
@@ -86,7 +100,7 @@ RAMBLE = "."  # the filler character (one token of the character tokenizer)
 # annotator (tasks.py, "the long-addition task"): with probability `p_worked` it works the sum out
 # (always right), else it answers directly and forgets each carry with probability `carry_slip`.
 TINY_LONG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 sft_batch=128, sft_lr=2e-3, sft_warmup=50, sft_steps=3000, p_worked=0.2, carry_slip=0.7,
+                 sft_batch=128, sft_lr=3e-3, sft_warmup=50, sft_steps=1200, p_worked=0.2, carry_slip=0.7,
                  pass_k=8, max_new_tokens=40)
 
 # `tiny-pref`: a word-level Llama-style model fitted to the review grammar for a fixed number of
@@ -285,6 +299,7 @@ def build_tiny_long(out: Path, seed: int, steps: int | None = None, log_every: i
     prompt), each with the share of worked answers and the accuracy of each format."""
     cfg = {**TINY_LONG, **(overrides or {})}
     cfg["sft_steps"] = steps or cfg["sft_steps"]
+    torch.set_num_threads(1)  # ops this small only wait for a second thread; one thread, one sum order
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tok = build_char_tokenizer()
@@ -299,7 +314,7 @@ def build_tiny_long(out: Path, seed: int, steps: int | None = None, log_every: i
         losses.append(sft_step(model, opt, sched, tok, [b["prompt"] for b in batch],
                                [long_label(b, cfg, rng) for b in batch]))
         if log_every and step % log_every == 0:
-            g = tasks.greedy_format_figures(model, tok, heldout[:200], cfg["max_new_tokens"])
+            g = tasks.greedy_format_figures(model, tok, heldout[:100], cfg["max_new_tokens"])
             print(f"step {step:>5} | nll {np.mean(losses[-log_every:]):.4f} | held-out greedy {g}", flush=True)
     model.eval()
     model.save_pretrained(out)
