@@ -88,11 +88,26 @@ def run(seed: int, steps: int) -> dict:
     wall, load1 = time.time() - t0, os.getloadavg()[0]
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    s = json.loads((out / "summary.json").read_text())
+    row = collect(out, seed, steps)
+    row.update(command=" ".join(["python"] + cmd[1:-3]), wall_seconds=round(wall, 1),
+               load_average=[round(load0, 2), round(load1, 2)])
+    evals = row["evals"]
+    print(f"seed {seed}: acc {evals[0]['accuracy']:.3f} -> {evals[-1]['accuracy']:.3f}  worked "
+          f"{evals[0]['worked_frac']:.2f} -> {evals[-1]['worked_frac']:.2f}  length {evals[0]['mean_length']:.1f} -> "
+          f"{evals[-1]['mean_length']:.1f}  wall {wall:.0f}s  load {load0:.1f}-{load1:.1f}", flush=True)
+    return row
+
+
+def collect(out: Path, seed: int, steps: int) -> dict:
+    """The figures of the run folder `out` (finished or not: an unfinished run gives the steps it
+    logged, and its last checkpoint as its model)."""
+    summary = out / "summary.json"
+    s = json.loads(summary.read_text()) if summary.is_file() else {}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     keys = ("accuracy", "mean_length", "worked_frac", "accuracy_worked", "accuracy_direct")
     evals = [{"step": r["step"], **{k: r[f"eval/{k}"] for k in keys}} for r in rows if "eval/accuracy" in r]
     train = [r for r in rows if r["step"] >= 1]
+    steps = min(steps, train[-1]["step"])
     edges = np.linspace(0, steps, 11).round().astype(int)
     tenths = []
     for lo, hi in zip(edges[:-1], edges[1:]):
@@ -101,13 +116,12 @@ def run(seed: int, steps: int) -> dict:
                        "reward": float(np.mean([r["reward/mean"] for r in sel])),
                        "worked_frac": float(np.mean([r["completions/worked_frac"] for r in sel])),
                        "mean_length": float(np.mean([r["completions/mean_length"] for r in sel]))})
-    row = {"seed": seed, "command": " ".join(["python"] + cmd[1:-3]), "evals": evals, "tenths": tenths,
-           "model_dir": s["model_dir"], "train_seconds": s.get("train_seconds"),
-           "wall_seconds": round(wall, 1), "load_average": [round(load0, 2), round(load1, 2)]}
-    print(f"seed {seed}: acc {evals[0]['accuracy']:.3f} -> {evals[-1]['accuracy']:.3f}  worked "
-          f"{evals[0]['worked_frac']:.2f} -> {evals[-1]['worked_frac']:.2f}  length {evals[0]['mean_length']:.1f} -> "
-          f"{evals[-1]['mean_length']:.1f}  wall {wall:.0f}s  load {load0:.1f}-{load1:.1f}", flush=True)
-    return row
+    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    model_dir = s.get("model_dir") or (str(ckpts[-1] / "model") if ckpts else None)
+    return {"seed": seed, "steps_done": train[-1]["step"], "evals": evals, "tenths": tenths, "model_dir": model_dir,
+            "model_step": train[-1]["step"] if s else (int(ckpts[-1].name.split("-")[1]) if ckpts else None),
+            "train_seconds": s.get("train_seconds"),
+            "step_seconds": float(np.median([r["time/step_seconds"] for r in train]))}
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -130,7 +144,8 @@ def tables(result: dict) -> str:
     lines += ["", "pass@k on the first {} held-out prompts, n = {} samples each at temperature 1:".format(
         result["start"]["n_prompts"], result["start"]["n"]), "",
         "| model | greedy | " + " | ".join(f"pass@{k}" for k in KS) + " |", "|---" * (len(KS) + 2) + "|"]
-    for name, p in [("start", result["start"])] + [(f"end, seed {r['seed']}", r["end"]) for r in runs if "end" in r]:
+    for name, p in [("start", result["start"])] + [(f"end, seed {r['seed']} (step {r['model_step']})", r["end"])
+                                                         for r in runs if "end" in r]:
         lines.append(f"| {name} | {fmt(p['greedy']['accuracy'])} | "
                      + " | ".join(fmt(p["pass_at_k"][str(k)] if str(k) in p["pass_at_k"] else p["pass_at_k"].get(k))
                                   for k in KS) + " |")
@@ -152,6 +167,11 @@ def main():
     ap.add_argument("--pass-prompts", type=int, default=200, help="held-out prompts for pass@k (64 samples each)")
     ap.add_argument("--out", default=str(RESULT))
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--from-runs", nargs="*", metavar="RUN_DIR",
+                    help="collect these grpo.py run folders (one per seed) instead of running; an unfinished "
+                         "run counts up to its last logged step, its last checkpoint as its end model")
+    ap.add_argument("--start-curve", metavar="FILE", help="the start model's curve, as --curve printed it")
+    ap.add_argument("--end-curves", nargs="*", metavar="FILE", help="each run's end-model curve (--from-runs)")
     ap.add_argument("--curve", metavar="MODEL_DIR", help="only print the pass@k curve of this model (JSON)")
     a = ap.parse_args()
     out = Path(a.out)
@@ -162,11 +182,18 @@ def main():
         print(tables(json.loads(out.read_text())))
         return
     seeds = [int(s) for s in a.seeds.split(",")]
-    with ThreadPoolExecutor(a.jobs) as pool:  # the runs are subprocesses
-        runs = list(pool.map(lambda s: run(s, a.steps), seeds))
-    start = pass_at_k_curve(str(ROOT / MODEL), a.pass_prompts)  # in this process, one after another:
-    for r in runs:  # the sampling seeds torch's global RNG
-        r["end"] = pass_at_k_curve(r["model_dir"], a.pass_prompts)
+    if a.from_runs:  # run folders made before (finished or not), one per seed, in --seeds order
+        runs = [collect(Path(d), s, a.steps) for d, s in zip(a.from_runs, seeds)]
+    else:
+        with ThreadPoolExecutor(a.jobs) as pool:  # the runs are subprocesses
+            runs = list(pool.map(lambda s: run(s, a.steps), seeds))
+    start = (json.loads(Path(a.start_curve).read_text()) if a.start_curve  # in this process, one after another:
+             else pass_at_k_curve(str(ROOT / MODEL), a.pass_prompts))
+    for i, r in enumerate(runs):  # the sampling seeds torch's global RNG
+        if a.end_curves:
+            r["end"] = json.loads(Path(a.end_curves[i]).read_text())
+        elif r["model_dir"]:
+            r["end"] = pass_at_k_curve(r["model_dir"], a.pass_prompts)
     import torch
     result = {"steps": a.steps, "seeds": seeds, "start": start, "runs": runs,
               "torch": torch.__version__, "cpus": os.cpu_count()}
