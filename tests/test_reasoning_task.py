@@ -104,3 +104,31 @@ def test_check_task_and_load_task_name_the_flag():
     with pytest.raises(UsageError, match="--task 'nope'"):
         tasks.load_task(None, task="nope")
     assert tasks.load_task(None) == tasks.arithmetic_task()
+
+
+def test_grpo_task_flag_logs_the_format_figures(tmp_path):
+    """`grpo.py --task long-addition` on models/tiny-long: two steps, and every evaluation logs the
+    accuracy with the length, the share worked out and each format's accuracy; each step the share
+    of its samples. Too small a --max-new-tokens is one line naming the flag, and no run folder."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    base = [sys.executable, "grpo.py", "--task", "long-addition", "--model", "models/tiny-long", "--steps", "2",
+            "--eval-every", "1", "--eval-size", "16", "--prompts-per-step", "2", "--no-pass-at-k", "--no-save-model"]
+    out = tmp_path / "run"
+    r = subprocess.run(base + ["--max-new-tokens", "40", "--out-dir", str(out)], cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # step 0 (the start model), 1 and 2
+        assert {"eval/accuracy", "eval/mean_length", "eval/worked_frac", "eval/accuracy_worked",
+                "eval/accuracy_direct"} <= set(row), row
+        assert 0 <= row["eval/worked_frac"] <= 1 and 1 <= row["eval/mean_length"] <= 40
+    assert all(0 <= row["completions/worked_frac"] <= 1 for row in rows[1:])
+    bad = subprocess.run(base + ["--out-dir", str(tmp_path / "bad")], cwd=root, capture_output=True, text=True,
+                         timeout=600)  # --max-new-tokens 4, the default
+    assert bad.returncode != 0 and "--max-new-tokens 4" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
