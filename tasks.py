@@ -341,7 +341,7 @@ def digit_step_rewards(completion_ids: torch.Tensor, comp_mask: torch.Tensor,
 TASKS = {  # --task NAME: what each built-in task is (no --data)
     "arithmetic": "a+b= with 0 <= a, b <= 99, the answer alone (the default; start model: tiny)",
     "long-addition": "a+b= with 100 <= a, b <= 999, answered directly or worked out column by column "
-                     "(start model: models/tiny-long, with --max-new-tokens 40)",
+                     "(start model: models/tiny-long, with --max-new-tokens 40 --lr 1e-4)",
 }
 TASK_MAX_TOKENS = {"arithmetic": 4, "long-addition": 31}  # the longest right answer, EOS included
 LONG_HELDOUT = 500  # held-out long additions
