@@ -40,6 +40,7 @@ Run:
     python grpo.py                                  # embedded `tiny` model, arithmetic, CPU, minutes
     python grpo.py --loss-agg constant --no-scale-rewards     # Dr. GRPO
     python grpo.py --reward process                 # process supervision: every completion token a step
+    python grpo.py --task long-addition --model models/tiny-long --max-new-tokens 40 --lr 1e-4  # worked answers
     python grpo.py --mu 4 --ratio sequence          # GSPO (the ratio only matters off-policy, μ > 1)
     python grpo.py --mu 4 --policy-loss cispo       # CISPO
     python grpo.py --dynamic-sampling --epsilon-high 0.28 --loss-agg token-mean \\
@@ -76,6 +77,11 @@ class Args:
     "content"} messages, rendered with the chat template), or GSM8K as published ({"question",
     "answer": "<solution> #### 72"}: the number after ####), scored by the last number in the
     completion; default: the built-in arithmetic task, scored strictly (TRL: train_dataset)"""
+    task: Literal["arithmetic", "long-addition"] = "arithmetic"
+    """the built-in task when there is no --data: arithmetic (a+b= up to 99+99, answered alone, with
+    --model tiny), or long-addition (three-digit sums, answered directly or worked out column by
+    column; with --model models/tiny-long --max-new-tokens 40 --lr 1e-4, and logs the share of
+    worked answers and the accuracy of each format)"""
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template (for instruct models)"""
     out_dir: Optional[str] = None
@@ -502,6 +508,7 @@ def validate(args: Args) -> None:
     check(args.overlong_penalty >= 0, f"--overlong-penalty must be ≥ 0 (got {args.overlong_penalty})")
     check(args.overlong_buffer == 0 or args.reward == "outcome",
           "--overlong-buffer shapes the one reward of a completion: use it with --reward outcome")
+    tasks.check_task(args.task, args.data, args.max_new_tokens)  # room for the task's longest answer
     check(args.max_sample_rounds >= 1, f"--max-sample-rounds must be ≥ 1 (got {args.max_sample_rounds})")
     check(args.temperature > 0, f"--temperature must be > 0 (got {args.temperature})")
     check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
@@ -538,9 +545,11 @@ def train(args: Args) -> dict:
     harness.seed_everything(args.seed)
     device = harness.pick_device(args.device)
     prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
-    train_rows, heldout = tasks.load_task(args.data)
+    train_rows, heldout = tasks.load_task(args.data, task=args.task)
     heldout = heldout[: args.eval_size]
-    strict = args.data is None  # the built-in task is scored strictly, a --data file by its last number
+    # the built-in tasks are scored strictly (long addition: the answer after the work), a --data
+    # file by its last number
+    strict = tasks.task_scoring(args.task, args.data)
 
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
     print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
@@ -640,8 +649,11 @@ def train(args: Args) -> dict:
 
         ##### 5. evaluate every `eval_every` steps, and log
         metrics = step_metrics(batch, rounds, capped, first, stats, grad_norm, opt, G, t0, t_gen)
+        if args.task == "long-addition":  # the format and length of this step's samples
+            metrics.update(worked_metrics(tok, batch))
         if step % args.eval_every == 0 or step == args.steps:
-            acc = metrics["eval/accuracy"] = evaluate.accuracy()
+            metrics.update(evaluate.metrics())
+            acc = metrics["eval/accuracy"]
         if step == args.steps:
             final_pass = evaluate.pass_at_k()
             metrics.update(tasks.pass_metrics(final_pass))
@@ -805,6 +817,15 @@ class Evaluation:
         with self.prec.autocast():
             return tasks.greedy_accuracy(self.policy, self.tok, self.rows, self.args.max_new_tokens, self.strict)
 
+    def metrics(self) -> dict:
+        """eval/accuracy; on long addition also the greedy answers' mean length, the share worked
+        out and the accuracy of each format (`tasks.format_figures`)."""
+        if self.args.task != "long-addition":
+            return {"eval/accuracy": self.accuracy()}
+        with self.prec.autocast():
+            f = tasks.greedy_format_figures(self.policy, self.tok, self.rows, self.args.max_new_tokens, self.strict)
+        return {"eval/accuracy": f.pop("accuracy"), **{f"eval/{k}": v for k, v in f.items()}}
+
     def pass_at_k(self) -> dict | None:
         if not self.args.pass_at_k:
             return None
@@ -815,8 +836,9 @@ class Evaluation:
     def start(self, log) -> tuple:
         """The start model's accuracy and pass@k, logged as step 0 and printed."""
         print(f"evaluating the start model on {len(self.rows)} held-out prompts …", flush=True)
-        acc, passed = self.accuracy(), self.pass_at_k()
-        log.log(0, {"eval/accuracy": acc, **tasks.pass_metrics(passed)})
+        m, passed = self.metrics(), self.pass_at_k()
+        acc = m["eval/accuracy"]
+        log.log(0, {**m, **tasks.pass_metrics(passed)})
         print(f"held-out greedy accuracy before training: {acc:.3f} ({len(self.rows)} prompts)"
               + tasks.pass_text(passed))
         return acc, passed
@@ -861,12 +883,25 @@ def step_metrics(batch: dict, rounds: list[dict], capped: bool, first: dict, sta
     }
 
 
+def worked_metrics(tok, batch: dict) -> dict:
+    """--task long-addition: `tasks.format_figures` of the step's samples (the batch trained on):
+    the share worked out, and the reward of each format, under completions/."""
+    lengths = batch["c_mask"].sum(1)  # |y_i|, EOS included   [B]
+    texts = tok.batch_decode([ids[:n - int(f)] for ids, n, f in zip(batch["c_ids"].tolist(), lengths.tolist(),
+                                                                     batch["finished"])], skip_special_tokens=True)
+    f = tasks.format_figures(texts, batch["scores"].tolist(), lengths.tolist())
+    return {"completions/worked_frac": f["worked_frac"], "completions/reward_worked": f["accuracy_worked"],
+            "completions/reward_direct": f["accuracy_direct"]}
+
+
 def printed_keys(args: Args) -> list[str]:
     """The metrics of the printed line (every metric goes to metrics.jsonl)."""
     keys = ["reward/mean", "reward/frac_zero_std_groups", "kl/ref", "policy/clip_frac",
             "policy/entropy", "completions/mean_length", "eval/accuracy"]
     if args.dynamic_sampling:
         keys.insert(2, "sampling/generations")
+    if args.task == "long-addition":
+        keys.insert(-1, "completions/worked_frac")
     return keys
 
 

@@ -159,14 +159,16 @@ def gsm8k_answer(answer) -> str:
     return s.rsplit("####", 1)[1].strip().replace(",", "") if "####" in s else s
 
 
-def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT) -> tuple[list[dict], list[dict]]:
-    """(train, heldout) rows {"prompt", "answer"}. No `--data`: the built-in arithmetic task. With
+def load_task(data: str | None, heldout_size: int = ARITH_HELDOUT, task: str = "arithmetic") -> tuple[list[dict], list[dict]]:
+    """(train, heldout) rows {"prompt", "answer"}. No `--data`: the built-in task `task` (`TASKS`). With
     `--data FILE.jsonl`: lines of {"prompt": str, "answer": str or number}, or GSM8K as published,
     {"question": str, "answer": "<solution> #### 72"}; the last `heldout_size` rows (at most a
     fifth of the file) are held out. A "prompt" may also be a list of {"role", "content"} messages
     (TRL's conversational prompt-only rows): the script renders it with `chat_prompt`."""
+    check(task in TASKS, f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    check(data is None or task == "arithmetic", f"--task {task} is a built-in task: drop --data, or --task")
     if data is None:
-        return arithmetic_task()
+        return arithmetic_task() if task == "arithmetic" else long_addition_task()
 
     def why_bad(r):
         key = "prompt" if "prompt" in r else "question" if "question" in r else None
@@ -196,7 +198,7 @@ def parse_number(s: str):
     return Fraction(s) if re.fullmatch(r"-?\d+(\.\d+)?", s) else None
 
 
-def score(completion, answer: str, finished: bool, strict: bool = True, tokenizer=None) -> float:
+def score(completion, answer: str, finished: bool, strict: bool | str = True, tokenizer=None) -> float:
     """The verifiable reward: 1.0 if the completion answers `answer`, else 0.0. Never raises.
 
     completion: the generated token ids (a list of ints, with `tokenizer`; everything from the
@@ -217,6 +219,9 @@ def score(completion, answer: str, finished: bool, strict: bool = True, tokenize
 
     Not strict (`--data`): the last number in the text (special tokens skipped) counts, GSM8K style
     (`... so the answer is 1,234.`); leading zeros and signs are read as numbers.
+
+    strict="worked" (`--task long-addition`): what follows the last ')' is scored strictly, as
+    above; the work before it, if any, is neither checked nor rewarded (`worked_answer`).
     """
     if not finished:
         return 0.0
@@ -235,6 +240,8 @@ def score(completion, answer: str, finished: bool, strict: bool = True, tokenize
     if not isinstance(completion, str):
         return 0.0
     target = parse_number(str(answer))
+    if strict == "worked":  # the final answer only: the text after the work's closing ')'
+        completion = completion.rsplit(WORK_CLOSE, 1)[-1]
     if strict:  # ASCII digits only, canonical: 0, or a non-zero first digit (after an optional '-')
         got = parse_number(completion) if re.fullmatch(r"0|-?[1-9][0-9]*", completion) else None
     else:
@@ -243,7 +250,7 @@ def score(completion, answer: str, finished: bool, strict: bool = True, tokenize
     return float(got is not None and target is not None and got == target)
 
 
-def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, strict: bool = True,
+def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, strict: bool | str = True,
                     batch_size: int = 256) -> float:
     """Held-out accuracy of greedy decoding: the mean of `score` over `rows`, scored from the
     generated token ids (so a special token inside a strict answer counts as wrong)."""
@@ -261,7 +268,7 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, str
 
 
 @torch.no_grad()
-def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, strict: bool = True,
+def pass_at_k(model, tokenizer, rows: list[dict], k: int, max_new_tokens: int, strict: bool | str = True,
               temperature: float = 1.0, seed: int = 0, batch_size: int = 512) -> dict:
     """What sampling can reach: k completions per prompt at `temperature`, scored by `score` from
     the generated token ids.
@@ -323,6 +330,131 @@ def digit_step_rewards(completion_ids: torch.Tensor, comp_mask: torch.Tensor,
         target[i, :n] = torch.tensor(t[:n], dtype=torch.long)
     hit = (completion_ids == target) & comp_mask.bool()  # [B, T]
     return hit.float()  # [B, T]
+
+
+#####################################################################################################
+#####  the long-addition task: answers worth working out (`--task long-addition`)
+#####################################################################################################
+#
+# Three-digit sums, which a model can answer directly or work out column by column, as taught at
+# school, before it answers:
+#
+#   prompt      "347+285="
+#   direct      "632"                                     the answer alone: 3-4 tokens with EOS
+#   worked      "(7+5=12,4+8+1=13,3+2+1=6)632"            the columns from the ones up, each with
+#                                                         its carry in (+1), then the answer: 23-31
+#                                                         tokens with EOS
+#   reward      `score(..., strict="worked")`: 1 if what follows the last ')' (the whole completion
+#               if there is none) is the sum, written canonically. The work is neither checked nor
+#               rewarded, and its length costs nothing: only the final answer counts.
+#
+# Its start model, `models/tiny-long` (models/build.py), imitates an annotator who usually answers
+# directly and forgets carries when doing so, and sometimes works the sum out (always right): both
+# formats are in the model at the start, the worked one rarer, longer and more accurate. Whether RL
+# moves the policy to the longer format, from the correctness of the final answer alone, is what
+# grpo.py's per-evaluation figures show (`format_figures`).
+
+TASKS = {  # --task NAME: what each built-in task is (no --data)
+    "arithmetic": "a+b= with 0 <= a, b <= 99, the answer alone (the default; start model: tiny)",
+    "long-addition": "a+b= with 100 <= a, b <= 999, answered directly or worked out column by column "
+                     "(start model: models/tiny-long, with --max-new-tokens 40 --lr 1e-4)",
+}
+TASK_MAX_TOKENS = {"arithmetic": 4, "long-addition": 31}  # the longest right answer, EOS included
+LONG_HELDOUT = 500  # held-out long additions
+LONG_TRAIN = 50_000  # train problems (of the 810,000 pairs; RL draws from them)
+WORK_OPEN, WORK_CLOSE = "(", ")"  # the worked format's brackets: the answer follows WORK_CLOSE
+
+
+def long_addition_task() -> tuple[list[dict], list[dict]]:
+    """(train, heldout): LONG_TRAIN and LONG_HELDOUT distinct `a+b=` problems with 100 ≤ a, b ≤ 999,
+    drawn once with a fixed seed (independent of --seed). Rows are {"prompt": "347+285=", "answer": "632"}."""
+    pick = np.random.default_rng(4321).choice(900 * 900, LONG_HELDOUT + LONG_TRAIN, replace=False)
+    rows = [{"prompt": f"{100 + i // 900}+{100 + i % 900}=", "answer": str(200 + i // 900 + i % 900)}
+            for i in pick.tolist()]
+    return rows[LONG_HELDOUT:], rows[:LONG_HELDOUT]
+
+
+def worked_answer(prompt: str) -> str:
+    """The worked-out answer of `a+b=`: every column from the ones up as `x+y=s`, with `+1` where
+    a carry comes in, then the sum. The last digit of each column sum s is the answer's digit
+    there, and s ≥ 10 carries one into the next column.
+    >>> worked_answer("347+285="), worked_answer("120+301=")
+    ('(7+5=12,4+8+1=13,3+2+1=6)632', '(0+1=1,2+0=2,1+3=4)421')
+    """
+    a, b = prompt.rstrip("=").split("+")
+    n = max(len(a), len(b))
+    a, b = a.zfill(n), b.zfill(n)
+    steps, carry = [], 0
+    for x, y in zip(reversed(a), reversed(b)):
+        s = int(x) + int(y) + carry
+        steps.append(f"{x}+{y}" + "+1" * carry + f"={s}")
+        carry = s // 10
+    return WORK_OPEN + ",".join(steps) + WORK_CLOSE + str(int(a) + int(b))
+
+
+def direct_slip_answer(prompt: str, slip: float, rng: np.random.Generator) -> str:
+    """A direct answer as a hurried annotator writes it: column by column from the ones up, but each
+    carry is forgotten with probability `slip` (the column keeps its last digit, the next one gets
+    no +1). slip = 0 gives the sum. `347+285=` with both carries forgotten: 2, 2, 5 -> `522`."""
+    a, b = prompt.rstrip("=").split("+")
+    n = max(len(a), len(b))
+    total, carry = 0, 0
+    for i, (x, y) in enumerate(zip(reversed(a.zfill(n)), reversed(b.zfill(n)))):
+        s = int(x) + int(y) + carry
+        total += (s % 10) * 10 ** i
+        carry = 1 if s >= 10 and rng.random() >= slip else 0  # the carry, unless forgotten
+    return str(total + carry * 10 ** n)
+
+
+def completion_format(text: str) -> str:
+    """'worked' if the completion opens with WORK_OPEN and closes the work (WORK_CLOSE), else
+    'direct' (an unfinished or malformed attempt at work counts as direct: it did not write the steps
+    through to an answer)."""
+    return "worked" if text.startswith(WORK_OPEN) and WORK_CLOSE in text else "direct"
+
+
+def format_figures(texts: list[str], rewards, lengths) -> dict:
+    """The length dynamics of a set of completions (texts, their rewards and token lengths |y|,
+    EOS included): accuracy, mean |y|, the share written out, and the accuracy of each format
+    (None where a format has no completion)."""
+    worked = np.array([completion_format(t) == "worked" for t in texts], dtype=bool)  # [n]
+    r, n = np.asarray(rewards, dtype=np.float64), np.asarray(lengths, dtype=np.float64)  # [n], [n]
+    def mean(x, sel):
+        return float(x[sel].mean()) if sel.any() else None
+    return {"accuracy": float(r.mean()), "mean_length": float(n.mean()), "worked_frac": float(worked.mean()),
+            "accuracy_worked": mean(r, worked), "accuracy_direct": mean(r, ~worked)}
+
+
+@torch.no_grad()
+def greedy_format_figures(model, tokenizer, rows: list[dict], max_new_tokens: int, strict: bool | str = "worked",
+                          batch_size: int = 256) -> dict:
+    """`format_figures` of greedy decoding on `rows`; its "accuracy" is `greedy_accuracy`'s."""
+    was_training = model.training
+    model.eval()
+    texts, rewards, lengths = [], [], []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        _, _, c_ids, c_mask, t, finished = common.generate_text(model, tokenizer, [r["prompt"] for r in chunk],
+                                                                max_new_tokens, greedy=True)  # [b, T]
+        texts += t
+        lengths += c_mask.sum(1).tolist()
+        rewards += [score(ids, r["answer"], f, strict, tokenizer) for ids, r, f in zip(c_ids.tolist(), chunk, finished)]
+    model.train(was_training)
+    return format_figures(texts, rewards, lengths)
+
+
+def check_task(task: str, data: str | None, max_new_tokens: int) -> None:
+    """One line, not a run whose answers are all cut off, if --max-new-tokens cannot hold the task's
+    longest right answer."""
+    need = TASK_MAX_TOKENS.get(task, 0) if data is None else 0
+    check(max_new_tokens >= need, f"--max-new-tokens {max_new_tokens}: --task {task}'s worked answers take "
+                                  f"up to {need} tokens (EOS included); give at least that: " + TASKS.get(task, ""))
+
+
+def task_scoring(task: str, data: str | None) -> bool | str:
+    """How `score` reads the task's answers: the built-in arithmetic strictly (True), long addition
+    by the strict answer after the work ("worked"), a --data file by its last number (False)."""
+    return False if data is not None else ("worked" if task == "long-addition" else True)
 
 
 #####################################################################################################

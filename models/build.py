@@ -7,6 +7,8 @@
                           reward_model.py` makes with its defaults, from models/tiny-pref
     models/tiny-ramble/   `--model models/tiny-ramble`, an arithmetic policy whose wrong answers
                           are long: the start model of bench/bench_length.py (Dr. GRPO's claim)
+    models/tiny-long/     `--model models/tiny-long`, the start model of `--task long-addition`,
+                          which answers directly or works the sum out column by column
 
 Nothing is built when a script runs: the scripts load these folders with `from_pretrained`. This
 file is how they were made, so that anyone can remake them, or make another build to test a
@@ -16,6 +18,7 @@ default against:
     python models/build.py tiny-pref --seed 0 --out models/tiny-pref
     python models/build.py tiny-pref-rm --seed 1 --out models/tiny-pref-rm --pref models/tiny-pref
     python models/build.py tiny-ramble --seed 0 --out models/tiny-ramble
+    python models/build.py tiny-long --seed 0 --out models/tiny-long
 
 Each folder gets a `build.json` with the command, the seed, the recipe, the torch and transformers
 versions and the figures measured on the result. A build is deterministic on one machine (same
@@ -45,6 +48,17 @@ The recipe of `tiny-ramble` (`TINY_RAMBLE`): the same annotator, who also *rambl
     carries no information: the strict reward of `75...` and of `75.......` is the same 0. With
     `--max-new-tokens 16` every label fits. This is the setting where the length bias of a 1/|y|
     loss (Dr. GRPO, arXiv:2503.20783 §3.1) can show on the wrong answers: see bench/bench_length.py.
+
+The recipe of `tiny-long` (`TINY_LONG`): the annotator of long addition (tasks.py, "the
+    long-addition task"). With probability `p_worked` it works the sum out column by column, from
+    the ones up, and is always right (`347+285=` -> `(7+5=12,4+8+1=13,3+2+1=6)632`, 23-31 tokens
+    with EOS); otherwise it answers directly, column by column in its head, forgetting each carry
+    with probability `carry_slip` (`632`, or `532`, `622`, `522`: 3-4 tokens). So both formats are
+    in the start model, the worked one rarer (three labels in ten), long and right, the direct one
+    usual and mostly wrong (87% of these sums carry; its labels are right 26% of the time). The reward of
+    `--task long-addition` is the final answer's correctness only: whether RL moves the policy to
+    the long format is for it to find. One torch thread (the ops are small, and one thread fixes
+    the order of the sums).
 """
 
 from __future__ import annotations
@@ -81,6 +95,13 @@ TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_atte
 # for them in the completion (3 digits at most, 8 dots, EOS: 12 tokens of 16).
 TINY_RAMBLE = {**TINY, "ramble_max": 8, "max_new_tokens": 16}
 RAMBLE = "."  # the filler character (one token of the character tokenizer)
+
+# `tiny-long`: a Llama-style model with the character tokenizer, warmed up on the long-addition
+# annotator (tasks.py, "the long-addition task"): with probability `p_worked` it works the sum out
+# (always right), else it answers directly and forgets each carry with probability `carry_slip`.
+TINY_LONG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 sft_batch=128, sft_lr=3e-3, sft_warmup=50, sft_steps=1200, p_worked=0.2, carry_slip=0.7,
+                 pass_k=8, max_new_tokens=40)
 
 # `tiny-pref`: a word-level Llama-style model fitted to the review grammar for a fixed number of
 # steps, then 4,000 + 1,000 preference pairs sampled from it and labelled by Bradley–Terry on the
@@ -247,6 +268,67 @@ def build_tiny(out: Path, seed: int, steps: int | None = None, log_every: int = 
 
 
 #####################################################################################################
+#####  tiny-long: the start model of the long-addition task
+#####################################################################################################
+
+
+def long_label(row: dict, cfg: dict, rng: np.random.Generator) -> str:
+    """The long-addition annotator's label of one problem, drawn anew at every visit: the worked
+    answer with probability p_worked, else a direct answer whose carries slip (`direct_slip_answer`)."""
+    if rng.random() < cfg["p_worked"]:
+        return tasks.worked_answer(row["prompt"])
+    return tasks.direct_slip_answer(row["prompt"], cfg["carry_slip"], rng)
+
+
+@torch.no_grad()
+def sampled_format_figures(model, tok, rows: list[dict], k: int, max_new_tokens: int, seed: int = 0) -> dict:
+    """`tasks.format_figures` of k samples per prompt at temperature 1 (a fixed seed, forked RNG)."""
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    answers = [r["answer"] for r in rows for _ in range(k)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        *_, c_ids, c_mask, texts, finished = common.generate_text(model, tok, prompts, max_new_tokens)
+    rewards = [tasks.score(c, a, f, "worked", tok) for c, a, f in zip(c_ids.tolist(), answers, finished)]
+    return tasks.format_figures(texts, rewards, c_mask.sum(1).tolist())
+
+
+def build_tiny_long(out: Path, seed: int, steps: int | None = None, log_every: int = 0,
+                    overrides: dict | None = None) -> dict:
+    """Warm up `tiny-long` on the long-addition annotator's labels (next-token NLL on the answer and
+    its EOS), save it into `out` and return the measured figures: greedy and sampled (k per
+    prompt), each with the share of worked answers and the accuracy of each format."""
+    cfg = {**TINY_LONG, **(overrides or {})}
+    cfg["sft_steps"] = steps or cfg["sft_steps"]
+    torch.set_num_threads(1)  # ops this small only wait for a second thread; one thread, one sum order
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tok = build_char_tokenizer()
+    model = small_llama(tok, cfg, max_positions=64)
+    train, heldout = tasks.long_addition_task()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["sft_lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: linear_warmup_decay(s, cfg["sft_warmup"], cfg["sft_steps"]))
+    losses = []
+    for step in range(1, cfg["sft_steps"] + 1):
+        batch = [train[i] for i in rng.integers(0, len(train), cfg["sft_batch"])]
+        losses.append(sft_step(model, opt, sched, tok, [b["prompt"] for b in batch],
+                               [long_label(b, cfg, rng) for b in batch]))
+        if log_every and step % log_every == 0:
+            g = tasks.greedy_format_figures(model, tok, heldout[:100], cfg["max_new_tokens"])
+            print(f"step {step:>5} | nll {np.mean(losses[-log_every:]):.4f} | held-out greedy {g}", flush=True)
+    model.eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    greedy = tasks.greedy_format_figures(model, tok, heldout, cfg["max_new_tokens"])
+    sampled = sampled_format_figures(model, tok, heldout, cfg["pass_k"], cfg["max_new_tokens"])
+    figures = {"heldout_accuracy": greedy["accuracy"], **{f"greedy_{k}": v for k, v in greedy.items() if k != "accuracy"},
+               **tasks.pass_at_k(model, tok, heldout, cfg["pass_k"], cfg["max_new_tokens"], "worked"),
+               **{f"sample_{k}": v for k, v in sampled.items()}}
+    figures = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+    return {"recipe": cfg, "sft_final_nll": round(float(np.mean(losses[-100:])), 4), **figures}
+
+
+#####################################################################################################
 #####  tiny-pref: the SFT policy of the preference task, and its pairs
 #####################################################################################################
 
@@ -358,22 +440,23 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=["tiny", "tiny-pref", "tiny-pref-rm", "tiny-ramble"], help="which model to build")
+    p.add_argument("name", choices=["tiny", "tiny-pref", "tiny-pref-rm", "tiny-ramble", "tiny-long"],
+                   help="which model to build")
     p.add_argument("--seed", type=int, default=None,
-                   help="build seed (default: the shipped one: 0 for tiny, tiny-pref and tiny-ramble, 1 for tiny-pref-rm, "
+                   help="build seed (default: the shipped one: 0 for tiny, tiny-pref, tiny-ramble and tiny-long, 1 for tiny-pref-rm, "
                         "reward_model.py's default)")
     p.add_argument("--out", required=True, help="folder to write; must not exist or be empty")
     p.add_argument("--steps", type=int, default=None,
-                   help="warm-up steps (tiny, tiny-pref, tiny-ramble) or reward-model steps (tiny-pref-rm); default: the recipe's")
+                   help="warm-up steps (tiny, tiny-pref, tiny-ramble, tiny-long) or reward-model steps (tiny-pref-rm); default: the recipe's")
     p.add_argument("--pairs", type=int, nargs=2, default=None, metavar=("TRAIN", "HELDOUT"),
                    help="tiny-pref only: how many preference pairs to sample (default 4000 1000)")
     p.add_argument("--pref", default=str(ROOT / "models" / "tiny-pref"),
                    help="tiny-pref-rm only: the SFT policy and pairs to train on (default models/tiny-pref)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="tiny, tiny-ramble: change one entry of the recipe (TINY, TINY_RAMBLE), "
+                   help="tiny, tiny-ramble, tiny-long: change one entry of the recipe (TINY, TINY_RAMBLE, TINY_LONG), "
                         "e.g. --set carry_slip=0.6")
     p.add_argument("--log-every", type=int, default=0,
-                   help="tiny, tiny-ramble: print held-out accuracy every N steps")
+                   help="tiny, tiny-ramble, tiny-long: print held-out accuracy every N steps")
     a = p.parse_args(argv)
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -382,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"error: --steps must be ≥ 1 (got {a.steps})\n")
     if a.name == "tiny-pref-rm" and not (Path(a.pref) / "pairs_train.jsonl").is_file():
         p.exit(2, f"error: --pref {a.pref}: no pairs_train.jsonl there (build tiny-pref first)\n")
-    recipe = TINY_RAMBLE if a.name == "tiny-ramble" else TINY
+    recipe = {"tiny-ramble": TINY_RAMBLE, "tiny-long": TINY_LONG}.get(a.name, TINY)
     overrides = {}
     for kv in a.set:
         key, _, value = kv.partition("=")
@@ -399,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.random.fork_rng(devices=[]):
             if a.name in ("tiny", "tiny-ramble"):
                 facts = build_tiny(out, seed, a.steps, a.log_every, overrides, recipe)
+            elif a.name == "tiny-long":
+                facts = build_tiny_long(out, seed, a.steps, a.log_every, overrides)
             elif a.name == "tiny-pref":
                 facts = build_tiny_pref(out, seed, a.steps, tuple(a.pairs) if a.pairs else None)
             else:

@@ -91,6 +91,27 @@ def test_tiny_ramble_reproduces_its_recorded_figures():
     assert r["heldout_accuracy"] < 0.7 and r["pass_at_k"] > 0.9
 
 
+def test_tiny_long_reproduces_its_recorded_figures():
+    # models/tiny-long, the start model of --task long-addition, loaded by its path: the folder
+    # checks, the greedy figures exactly (accuracy, length, share worked out), and what the recipe
+    # is for: both formats in the model, the worked one rarer, longer and more accurate.
+    folder = common.MODELS_DIR / "tiny-long"
+    r = json.loads((folder / "build.json").read_text())
+    assert r["name"] == "tiny-long" and r["command"].startswith("python models/build.py tiny-long")
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() == r["weights_sha256"]
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 2**20
+    assert r["recipe"] == {**build.TINY_LONG, "sft_steps": r["recipe"]["sft_steps"]}
+    model, tok = common.load_model(str(folder), CPU, trainable=False)
+    heldout = tasks.long_addition_task()[1]
+    g = tasks.greedy_format_figures(model, tok, heldout, r["recipe"]["max_new_tokens"])
+    assert round(g["accuracy"], 4) == r["heldout_accuracy"] and round(g["worked_frac"], 4) == r["greedy_worked_frac"]
+    assert round(g["mean_length"], 4) == r["greedy_mean_length"]
+    assert 0.05 < r["sample_worked_frac"] < 0.5  # both formats sampled, the worked one rarer
+    assert r["sample_accuracy_worked"] > 5 * r["sample_accuracy_direct"] + 0.1  # and far more accurate
+    assert r["greedy_worked_frac"] < 0.1  # greedy decoding answers directly ...
+    assert r["heldout_accuracy"] < 0.2 and r["pass_at_k"] > 4 * r["heldout_accuracy"]  # ... and mostly wrong
+
+
 def test_tiny_pref_pairs_reproduce_their_recorded_ceilings():
     r = record("tiny-pref")
     folder = common.MODELS_DIR / "tiny-pref"
