@@ -152,9 +152,11 @@ class Args:
     """β, weight of the KL to the frozen reference inside the loss (DeepSeekMath: 0.04); 0 skips
     the reference model entirely (TRL: beta)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """the per-token estimator D_KL,t of the β term (Schulman, 2020): k3 (DeepSeekMath, TRL) has the
+    """the per-token estimator D_KL,t of the β term (Schulman, 2020): k3 (DeepSeekMath) has the
     unbiased value of KL(π_θ‖π_ref) but the gradient of KL(π_ref‖π_θ); k2 has the gradient of
-    KL(π_θ‖π_ref); k1's gradient is 0 in expectation (see kl_estimate) (TRL: none, always k3)"""
+    KL(π_θ‖π_ref); k1's gradient is 0 in expectation (see kl_estimate). TRL 1.16 multiplies k3 by
+    the differentiable ratio ρ_t by default (use_bias_correction_kl=True), whose expected gradient is
+    ∇KL(π_θ‖π_ref), k2's, not k3's (TRL: k3 with use_bias_correction_kl=False; no k1, k2)"""
     loss_agg: Literal["seq-mean", "token-mean", "constant"] = "seq-mean"
     """seq-mean: the notes' GRPO, 1/|y| inside, mean over sequences; token-mean: Σ over all tokens /
     number of tokens (DAPO); constant: Σ / (B · max_new_tokens) (Dr. GRPO)
@@ -300,7 +302,12 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
         ∇k1 = ∇log π_θ(y)                  E = 0: the score function has zero mean, no pull at all
         ∇k2 = (log π_θ − log π_ref) ∇log π_θ   E = ∇KL(π_θ ‖ π_ref), the notes' direction
         ∇k3 = (1 − π_ref/π_θ) ∇log π_θ     E = −Σ_y π_ref(y) ∇log π_θ(y) = ∇KL(π_ref ‖ π_θ),
-                                           the other direction (DeepSeekMath and TRL do the same)
+                                           the other direction (DeepSeekMath does the same)
+    TRL 1.16 by default (use_bias_correction_kl=True) puts ρ_t·k3 in the loss instead, with
+    ρ_t = π_θ/π_old differentiable even where it is 1 (DeepSeek-V3.2): at ρ = 1,
+        ∇(ρ k3) = (k3 + 1 − π_ref/π_θ) ∇log π_θ = (log π_θ − log π_ref) ∇log π_θ = ∇k2,
+    so its expected gradient is ∇KL(π_θ ‖ π_ref), the notes' direction; `--kl-estimator k2` gives
+    that gradient here (k3 here is TRL's use_bias_correction_kl=False).
     Near π_ref the two directions agree to second order, so k2's and k3's gradients agree to first.
     With μ > 1 the samples come from π_old, so these hold only on the first inner iteration.
     """

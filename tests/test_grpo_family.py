@@ -330,6 +330,36 @@ def test_kl_estimators_expected_gradients_by_exact_enumeration():
     torch.testing.assert_close(expected_grad["k3"], grad_rev)
 
 
+def test_trl_bias_corrected_k3_has_the_expected_gradient_of_kl_pi_to_ref():
+    """TRL 1.16's default KL term (use_bias_correction_kl=True) is ρ·k3, with ρ = π_θ/π_old
+    differentiable and = 1 on the samples' own policy (π_old = sg(π_θ)). By hand, at ρ = 1:
+        ∇(ρ k3) = k3 ∇log π + ∇k3 = (r − 1 − log r) ∇log π + (1 − r) ∇log π = −log r ∇log π
+                = (log π − log π_ref) ∇log π = ∇k2          (r = π_ref/π)
+    so, enumerating y ~ π_θ over the 3 actions, its expected gradient is ∇KL(π_θ‖π_ref), the
+    gradient of k2, and not k3's ∇KL(π_ref‖π_θ)."""
+    theta, ref = softmax_example()
+    logp = torch.log_softmax(theta, 0)  # [3]
+    pi = logp.exp().detach()  # sampling probabilities: fixed
+    rho = torch.exp(logp - logp.detach())  # ρ = π_θ/π_old, value 1, gradient ∇log π   [3]
+    per_action = rho * kl_estimate(logp, ref, "k3")  # ρ·k3   [3]
+    torch.testing.assert_close(per_action, kl_estimate(logp, ref, "k3"))  # the same value at ρ = 1
+    (g_trl,) = torch.autograd.grad((pi * per_action).sum(), theta, retain_graph=True)
+    (g_k2,) = torch.autograd.grad((pi * kl_estimate(logp, ref, "k2")).sum(), theta, retain_graph=True)
+    (g_k3,) = torch.autograd.grad((pi * kl_estimate(logp, ref, "k3")).sum(), theta, retain_graph=True)
+    lp = torch.log_softmax(theta, 0)
+    (grad_fwd,) = torch.autograd.grad((lp.exp() * (lp - ref)).sum(), theta)  # ∇KL(π_θ‖π_ref)
+    a = pi.log() - ref
+    torch.testing.assert_close(grad_fwd, pi * (a - (pi * a).sum()))  # the closed form (test above)
+    torch.testing.assert_close(g_trl, grad_fwd)
+    torch.testing.assert_close(g_trl, g_k2)
+    assert (g_trl - g_k3).abs().max() > 1e-3  # and not k3's direction
+    # per sample too: ∂(ρ k3)/∂log π(y) = log π(y) − log π_ref(y) = ∂k2/∂log π(y)
+    lpy = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    refy = torch.tensor([-2.0, -1.0], dtype=torch.float64)
+    (d,) = torch.autograd.grad((torch.exp(lpy - lpy.detach()) * kl_estimate(lpy, refy, "k3")).sum(), lpy)
+    torch.testing.assert_close(d, torch.tensor([1.0, -1.0], dtype=torch.float64))  # logp − ref
+
+
 def test_kl_term_in_the_loss_uses_the_chosen_estimator():
     # one token, Â = 0, ρ = 1: L = β k(logp, ref); logp = −1, ref = 0, so log r = 1
     #   k1: L = β · (−1), dL/dlogp = β               (d(logp − ref)/dlogp = 1)
