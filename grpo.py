@@ -14,8 +14,9 @@ to the other completions of the same prompt.
         π_old ← π_θ;  sample G completions y_1..y_G ~ π_old(·|x) for every x          (KV cache)
         r_i = reward(x, y_i)                    (1 if the answer is exactly right, else 0)
             [+ R_length(y_i)                    (--overlong-buffer: DAPO's soft length penalty)]
-        [--dynamic-sampling: drop the groups whose G rewards are all equal, draw more prompts,
-         until `prompts_per_step` groups with mixed rewards are in the batch (DAPO)]
+        [--dynamic-sampling: drop the groups with all G right or all G wrong (DAPO: on the task's
+         score, not the shaped reward; process: on the step rewards), draw more prompts,
+         until `prompts_per_step` groups with mixed outcomes are in the batch]
         Â_{i,t} = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + eps)                       (outcome)
             or  Σ_{steps j ending at or after t} r̃_j, with r̃ the group-normalised step rewards
                                                                                         (process)
@@ -172,8 +173,10 @@ class Args:
     included, rewarded 1 if it is the target's token at that position (built-in task only)
     (TRL: reward_funcs)"""
     dynamic_sampling: bool = False
-    """DAPO's dynamic sampling: drop the groups whose G rewards are all equal (Â = 0, no gradient)
-    and draw more prompts until --prompts-per-step groups with mixed rewards fill the batch"""
+    """DAPO's dynamic sampling: drop the groups with all G right or all G wrong (DAPO's 0 < #correct
+    < G, on the task's score, whatever --overlong-buffer adds; with --reward process, the groups whose
+    step rewards are all equal, as the advantage sees them) and draw more prompts until
+    --prompts-per-step kept groups fill the batch"""
     max_sample_rounds: int = 10
     """with --dynamic-sampling, at most this many rounds of prompts_per_step prompts per step; when
     it is hit, the step trains on the mixed groups found so far (and says so)"""
@@ -339,12 +342,29 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: 
 
 
 def mixed_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """DAPO's dynamic-sampling filter: which groups have rewards that are not all equal.
-    rewards: [B] with the G completions of a prompt consecutive -> [n] bool. A group whose rewards
-    are all equal has Â = 0 on every completion, so it adds nothing but the KL term to the gradient
-    (DAPO keeps prompts with 0 < #correct < G)."""
+    """DAPO's dynamic-sampling filter (Yu et al., 2025, eq. 11: keep a prompt if
+    0 < #correct < G): which groups have rewards that are not all equal.
+    rewards: [B] with the G completions of a prompt consecutive -> [n] bool. Called on the task's
+    score r_i (1 right, 0 wrong), where "not all equal" is 0 < #correct < G; not on the overlong-
+    shaped reward, by which a group with no right answer ([0, 0, 0, −0.5]) would be kept. A group
+    whose scores are all equal has Â = 0 on every completion (without shaping), so it adds nothing
+    but the KL term to the gradient."""
     r = rewards.view(-1, group_size)  # [n, G]
     return (r != r[:, :1]).any(dim=1)  # [n]
+
+
+def mixed_step_reward_groups(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The dynamic-sampling filter under process supervision: which groups have step rewards that
+    are not all equal. step_rewards, step_mask: [B, T] -> [n] bool. `process_advantages`
+    normalises over all the steps of a group, so a group is 0 everywhere exactly when its step
+    rewards are all equal; an all-wrong group whose steps differ has Â ≠ 0 and is kept (DAPO filters
+    on the outcome, which here would drop such a group; the filter follows the advantage instead)."""
+    n = step_rewards.shape[0] // group_size
+    r = step_rewards.reshape(n, -1)  # [n, G·T]  all steps of a group together
+    m = step_mask.reshape(n, -1).bool()  # [n, G·T]
+    hi = torch.where(m, r, torch.full_like(r, -float("inf"))).amax(dim=1)  # [n] largest step reward
+    lo = torch.where(m, r, torch.full_like(r, float("inf"))).amin(dim=1)  # [n] smallest
+    return hi > lo  # [n]
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str, max_len: int | None = None):
@@ -546,7 +566,7 @@ def train(args: Args) -> dict:
         t0 = time.time()
         ##### 1. sample G completions per prompt from π_old (= π_θ right now), and score them
         if args.dynamic_sampling:  # DAPO: keep the groups with mixed rewards, sample more rounds
-            batch, rounds, capped = dynamic_sampling(sample, args, step, tok.pad_token_id, capped_steps)
+            batch, rounds, capped = dynamic_sampling(sample, args, step, tok, capped_steps)
             capped_steps += capped
         else:
             batch = sample()
@@ -658,9 +678,18 @@ def sample_groups(policy, tok, train_rows: list[dict], rng: np.random.Generator,
                 answers=answers, scores=scores, shaped=shaped)
 
 
-def dynamic_sampling(sample, args: Args, step: int, pad_id: int, capped_steps: int):
-    """DAPO's dynamic sampling: call `sample()` for rounds of prompts, keep the groups whose rewards
-    are not all equal (`mixed_reward_groups`), until prompts_per_step such groups fill the batch or
+def groups_to_keep(r: dict, args: Args, tok) -> torch.Tensor:
+    """Which groups of one sampling round dynamic sampling keeps.  -> [n] bool
+    outcome: DAPO's 0 < #correct < G (eq. 11), on the task's score r_i, not on r_i + R_length
+    (--overlong-buffer); process: on the step rewards, which are what the advantage uses."""
+    if args.reward == "process":
+        return mixed_step_reward_groups(process_rewards(tok, r), r["c_mask"], args.group_size)  # [n]
+    return mixed_reward_groups(r["scores"], args.group_size)  # [n]
+
+
+def dynamic_sampling(sample, args: Args, step: int, tok, capped_steps: int):
+    """DAPO's dynamic sampling: call `sample()` for rounds of prompts, keep the groups with mixed
+    outcomes (`groups_to_keep`: 0 < #correct < G), until prompts_per_step such groups fill the batch or
     --max-sample-rounds is reached. -> (batch, rounds, capped): the batch (as a round, at most
     prompts_per_step × G rows; the last round whole if no group was mixed, its advantages all 0),
     every round sampled (for the metrics), and whether the cap was hit."""
@@ -668,8 +697,7 @@ def dynamic_sampling(sample, args: Args, step: int, pad_id: int, capped_steps: i
     while True:
         r = sample()
         rounds.append(r)
-        # filter on the reward the advantage uses (the score, under --reward process)
-        groups = mixed_reward_groups(r["shaped"], G)  # [n]
+        groups = groups_to_keep(r, args, tok)  # [n] 0 < #correct < G (process: step rewards not all equal)
         kept.append((r, groups.repeat_interleave(G)))  # [b] rows of the mixed groups
         n_kept = sum(int(m.sum()) for _, m in kept) // G
         if n_kept >= args.prompts_per_step:
@@ -682,10 +710,10 @@ def dynamic_sampling(sample, args: Args, step: int, pad_id: int, capped_steps: i
                       f"those (this step's batch is smaller; counted in sampling/capped)")
             capped = True
             break
-    batch = merge_rounds(kept, args.prompts_per_step * G, pad_id)
-    if batch is None:  # no mixed group at all: the last round, whose advantages are all 0
+    batch = merge_rounds(kept, args.prompts_per_step * G, tok.pad_token_id)
+    if batch is None:  # no mixed group at all: the last round (advantages 0 but for overlong shaping)
         batch = merge_rounds([(rounds[-1], torch.ones_like(rounds[-1]["scores"], dtype=torch.bool))],
-                             args.prompts_per_step * G, pad_id)
+                             args.prompts_per_step * G, tok.pad_token_id)
     return batch, rounds, capped
 
 

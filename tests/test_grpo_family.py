@@ -201,12 +201,53 @@ def test_dynamic_sampling_keeps_only_groups_with_mixed_rewards():
     #   [0, 1, 0, 0]  mixed: kept
     #   [0, 0, 0, 0]  all wrong: dropped
     #   [0.5] × 4     all equal (any value): dropped
-    #   [1, 1, 0.5, 1] all right, one overlong-shaped (1 − 0.5): mixed, kept
+    #   [1, 1, 0.5, 1] not all equal: kept (the function sees values; dynamic sampling gives it the
+    #                  task's 0/1 scores, never the overlong-shaped reward: see the test below)
     r = torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 1, 1, 0.5, 1])
     assert mixed_reward_groups(r, 4).tolist() == [False, True, False, False, True]
     # and the group advantage of a dropped group is exactly 0, of a kept one not
     adv = grpo.group_advantages(r, 4).view(5, 4)
     assert (adv.abs().sum(1) > 0).tolist() == [False, True, False, False, True]
+
+
+def test_dynamic_sampling_filters_on_correctness_not_on_the_overlong_shaped_reward():
+    # G = 4, --overlong-buffer on; two groups, each with one completion 0.5 into the buffer:
+    #   scores [0, 0, 0, 0], shaped [0, 0, 0, −0.5]: no right answer. On the shaped reward the group
+    #     looks mixed (and its Â is not 0); DAPO's 0 < #correct < G drops it.
+    #   scores [1, 1, 1, 1], shaped [1, 1, 0.5, 1]: all right: dropped too.
+    #   scores [0, 1, 0, 0]: one right: kept.
+    scores = torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0])
+    shaped = torch.tensor([0.0, 0, 0, -0.5, 1, 1, 0.5, 1, 0, 1, 0, 0])
+    assert mixed_reward_groups(shaped[:4], 4).tolist() == [True]  # what filtering on the shaped reward did
+    args = grpo.Args(dynamic_sampling=True, group_size=4, max_new_tokens=6, overlong_buffer=2)
+    r = dict(scores=scores, shaped=shaped)
+    assert grpo.groups_to_keep(r, args, tok=None).tolist() == [False, False, True]
+
+
+def test_dynamic_sampling_under_process_rewards_filters_on_the_step_rewards():
+    """--reward process: a group is dropped exactly when its advantage is 0 everywhere, i.e. when
+    its step rewards are all equal, whatever the outcome scores say.
+    G = 2, answer "12" (tokens 1, 2; EOS 9), so each completion token is a step rewarded by
+    `digit_step_rewards`:
+      group 1: "1 3 <eos>" -> steps [1, 0, 1]; "4 2 <eos>" -> [0, 1, 1]. Both wrong (score 0), but the
+               steps differ: mean 4/6, Â ≠ 0. Kept (an outcome filter would drop it).
+      group 2: "5 <eos>" -> [0, 0]; "6 <eos>" -> [0, 0]: every step 0, Â = 0. Dropped.
+      group 3: "1 2 <eos>" -> [1, 1, 1]; "1 2 <eos>" -> [1, 1, 1]: every step 1, Â = 0. Dropped."""
+    class Tok:
+        eos_token_id = 9
+
+        def encode(self, text, add_special_tokens=False):
+            return [int(ch) for ch in text]
+    c_ids = torch.tensor([[1, 3, 9], [4, 2, 9], [5, 9, 0], [6, 9, 0], [1, 2, 9], [1, 2, 9]])  # [6, 3]
+    c_mask = common.completion_mask(c_ids, 9)  # [6, 3]
+    r = dict(c_ids=c_ids, c_mask=c_mask, answers=["12"] * 6, scores=torch.tensor([0.0, 0, 0, 0, 1, 1]))
+    args = grpo.Args(dynamic_sampling=True, group_size=2, reward="process")
+    assert grpo.groups_to_keep(r, args, Tok()).tolist() == [True, False, False]
+    steps = grpo.process_rewards(Tok(), r)  # [6, 3]
+    assert steps[:2].tolist() == [[1, 0, 1], [0, 1, 1]]
+    adv = grpo.process_advantages(steps, c_mask, 2).view(3, -1)  # [3, 2·3]
+    assert (adv.abs().sum(1) > 0).tolist() == [True, False, False]  # the same groups
+    assert mixed_reward_groups(r["scores"], 2).tolist() == [False, False, False]  # the outcome filter's
 
 
 def fake_round(prompts: list[list[int]], completions: list[list[int]], scores: list[float], tag: str):
