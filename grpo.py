@@ -27,6 +27,7 @@ to the other completions of the same prompt.
             ℓ_t = min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε_high) Â_t) − β D_KL,t
                   [--policy-loss cispo: ℓ_t = sg(clip(ρ_t, 1−ε, 1+ε_high)) Â_t log π_θ(y_t) − β D_KL,t]
             L = −1/B Σ_i 1/|y_i| Σ_t ℓ_t          over all B = prompts × G completions of the step
+                  [CISPO: L = −Σ_i Σ_t ℓ_t / Σ_i |y_i|, the paper's token mean]
             θ ← θ − lr ∇_θ L                                                      (AdamW)
         every `eval_every` steps: held-out greedy accuracy
 
@@ -158,10 +159,11 @@ class Args:
     KL(π_θ‖π_ref); k1's gradient is 0 in expectation (see kl_estimate). TRL 1.16 multiplies k3 by
     the differentiable ratio ρ_t by default (use_bias_correction_kl=True), whose expected gradient is
     ∇KL(π_θ‖π_ref), k2's, not k3's (TRL: k3 with use_bias_correction_kl=False; no k1, k2)"""
-    loss_agg: Literal["seq-mean", "token-mean", "constant"] = "seq-mean"
+    loss_agg: Optional[Literal["seq-mean", "token-mean", "constant"]] = None
     """seq-mean: the notes' GRPO, 1/|y| inside, mean over sequences; token-mean: Σ over all tokens /
-    number of tokens (DAPO); constant: Σ / (B · max_new_tokens) (Dr. GRPO)
-    (TRL: loss_type = "grpo" / "dapo" / "dr_grpo")"""
+    number of tokens (DAPO, CISPO); constant: Σ / (B · max_new_tokens) (Dr. GRPO); default none:
+    seq-mean, or token-mean with --policy-loss cispo, as MiniMax-M1 and TRL's loss_type="cispo"
+    average (see loss_agg_of) (TRL: loss_type = "grpo" / "dapo" / "dr_grpo")"""
     scale_rewards: bool = True
     """divide the group-centred reward by the group's std (GRPO); --no-scale-rewards for Dr. GRPO
     (TRL: scale_rewards)"""
@@ -481,7 +483,7 @@ def validate(args: Args) -> None:
     check(args.epsilon_high is None or args.epsilon_high > 0,
           f"--epsilon-high must be > 0 (got {args.epsilon_high})")
     check(args.beta >= 0, f"--beta must be ≥ 0 (got {args.beta}): it weights a KL penalty")
-    check(args.loss_agg in ("seq-mean", "token-mean", "constant"),
+    check(args.loss_agg in (None, "seq-mean", "token-mean", "constant"),
           f"--loss-agg {args.loss_agg!r}: expected seq-mean, token-mean or constant")
     check(args.reward in ("outcome", "process"), f"--reward {args.reward!r}: expected outcome or process")
     check(args.reward == "outcome" or args.data is None,
@@ -553,6 +555,7 @@ def train(args: Args) -> dict:
     G = args.group_size
     rng = np.random.default_rng(args.seed)
     eps_low, eps_high = clip_range(args)  # GSPO's and CISPO's clip ranges are their own (see Args)
+    agg = loss_agg_of(args)  # seq-mean, the notes' GRPO (CISPO: token-mean, the paper's)
 
     def sample():  # one round of step 1: prompts_per_step prompts, G completions each, r_i = reward(x, y_i)
         return sample_groups(policy, tok, train_rows, rng, args, strict, prec)
@@ -604,11 +607,11 @@ def train(args: Args) -> dict:
                                                       with_entropy=(it == 0))  # log π_θ   [b, T]
                 loss, m = grpo_loss(logp, old_logp[sl] if old_logp is not None else logp.detach(),
                                     adv[sl], c_mask[sl], None if ref_logp is None else ref_logp[sl],
-                                    args.beta, eps_low, eps_high, args.loss_agg, args.max_new_tokens,
+                                    args.beta, eps_low, eps_high, agg, args.max_new_tokens,
                                     args.ratio, args.policy_loss, args.kl_estimator)
                 # each micro-batch's share of the full-batch loss, so that the sum of gradients
                 # equals the full-batch gradient whatever the split
-                w = (c_mask[sl].sum() / n_tokens) if args.loss_agg == "token-mean" else (logp.shape[0] / B)
+                w = (c_mask[sl].sum() / n_tokens) if agg == "token-mean" else (logp.shape[0] / B)
                 prec.backward(loss * w)
                 add_stats(stats, loss, w, m, ent, c_mask[sl], n_tokens)
             prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
@@ -653,6 +656,15 @@ def clip_range(args: Args) -> tuple[float | None, float | None]:
     if args.policy_loss == "cispo":
         return args.cispo_epsilon, args.cispo_epsilon_high
     return args.epsilon, args.epsilon_high
+
+
+def loss_agg_of(args: Args) -> str:
+    """The loss aggregation: --loss-agg if given, else seq-mean (the notes' GRPO) or, under
+    --policy-loss cispo, token-mean, the mean over all the batch's tokens that MiniMax-M1 (§3.1) and
+    TRL's loss_type="cispo" use."""
+    if args.loss_agg is not None:
+        return args.loss_agg
+    return "token-mean" if args.policy_loss == "cispo" else "seq-mean"
 
 
 def sample_groups(policy, tok, train_rows: list[dict], rng: np.random.Generator, args: Args, strict: bool,

@@ -100,7 +100,7 @@ def test_lr_factor_is_the_scripts_schedule():
     (["grpo.py", "--reward", "process"], "--reward process: TRL's GRPOTrainer has no per-token"),
     (["grpo.py", "--micro-batch", "30"], "--micro-batch 30 must divide the 128 completions"),
     (["grpo.py", "--device", "cuda:1"], "--device cuda:1: under TRL the launcher picks the GPUs"),
-    (["grpo.py", "--mu", "2", "--policy-loss", "cispo"], "--policy-loss cispo: TRL's loss_type=cispo is a token"),
+    (["grpo.py", "--mu", "2", "--policy-loss", "cispo", "--loss-agg", "seq-mean"], "--policy-loss cispo: TRL's loss_type=cispo is a token"),
     (["grpo.py", "--beta", "0.04", "--kl-estimator", "k2"], "--kl-estimator k2: TRL's KL term is k3 only"),
     (["grpo.py", "--dynamic-sampling"], "--dynamic-sampling: TRL's GRPOTrainer has no dynamic sampling"),
     (["dpo.py", "--loss-type", "reference_free"], "--loss-type reference_free: TRL 1.16's DPOTrainer has no"),

@@ -299,8 +299,8 @@ def grpo_fields(a, world: int = 1) -> dict:
                                  "use --reward outcome")
     check(a.adv_eps == TRL_ADV_EPS, f"--adv-eps {a.adv_eps}: TRL divides by std + {TRL_ADV_EPS}, fixed; "
                                     f"use --adv-eps {TRL_ADV_EPS}")
-    check(a.policy_loss != "cispo" or a.loss_agg == "token-mean",
-          "--policy-loss cispo: TRL's loss_type=cispo is a token mean; add --loss-agg token-mean")
+    check(a.policy_loss != "cispo" or a.loss_agg in (None, "token-mean"),
+          "--policy-loss cispo: TRL's loss_type=cispo is a token mean; drop --loss-agg (or give token-mean)")
     check(a.cispo_epsilon is None, f"--cispo-epsilon {a.cispo_epsilon}: TRL's CISPO has no lower bound")
     check(a.beta == 0 or a.kl_estimator == "k3", f"--kl-estimator {a.kl_estimator}: TRL's KL term is k3 only")
     check(not a.dynamic_sampling, "--dynamic-sampling: TRL's GRPOTrainer has no dynamic sampling")
@@ -323,7 +323,7 @@ def grpo_fields(a, world: int = 1) -> dict:
             "lr_scheduler_type": "linear" if a.lr_schedule == "linear" else "constant_with_warmup",
             "num_iterations": a.mu, "epsilon": eps_low, "epsilon_high": eps_high, "beta": a.beta,
             "use_bias_correction_kl": False,
-            "loss_type": "cispo" if a.policy_loss == "cispo" else LOSS_AGG[a.loss_agg],
+            "loss_type": "cispo" if a.policy_loss == "cispo" else LOSS_AGG[a.loss_agg or "seq-mean"],
             "importance_sampling_level": a.ratio,
             # DAPO's overlong shaping as TRL's second reward function, weighted by c (see build_grpo)
             "reward_weights": [1.0, a.overlong_penalty] if a.overlong_buffer > 0 else None,

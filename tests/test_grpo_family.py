@@ -15,6 +15,7 @@ import torch
 
 import common
 import grpo
+import harness
 from grpo import (cispo_loss, grpo_loss, kl_estimate, merge_rounds, mixed_reward_groups,
                   overlong_penalty, sequence_ratio)
 from test_grpo import random_llama
@@ -175,6 +176,16 @@ def test_cispo_token_mean_weights_every_token_alike():
 #####################################################################################################
 #####  DAPO: overlong shaping and dynamic sampling
 #####################################################################################################
+
+
+def test_cispo_defaults_to_the_papers_token_mean_unless_loss_agg_is_given():
+    # MiniMax-M1 (§3.1) and TRL's loss_type="cispo" divide by the batch's token count; the notes'
+    # GRPO averages per sequence first. --loss-agg, when given, wins.
+    assert grpo.loss_agg_of(grpo.Args()) == "seq-mean"
+    assert grpo.loss_agg_of(grpo.Args(policy_loss="cispo")) == "token-mean"
+    assert grpo.loss_agg_of(grpo.Args(policy_loss="cispo", loss_agg="seq-mean")) == "seq-mean"
+    assert grpo.loss_agg_of(grpo.Args(loss_agg="constant")) == "constant"
+    assert grpo.loss_agg_of(harness.parse_args(grpo.Args, ["--policy-loss", "cispo"])) == "token-mean"
 
 
 def test_overlong_penalty_at_the_buffer_edges():
