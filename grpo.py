@@ -150,9 +150,10 @@ class Args:
     cispo_epsilon_high: float = 4.0
     """CISPO's upper bound on the weight, ρ ≤ 1 + ε_high. MiniMax-M1 does not publish its value; 4
     (a cap of 5) is TRL's recommended cap for cispo, from ScaleRL (TRL: epsilon_high=5.0, the cap itself)"""
-    beta: float = 0.0
-    """β, weight of the KL to the frozen reference inside the loss (DeepSeekMath: 0.04); 0 skips
-    the reference model entirely (TRL: beta)"""
+    beta: float = 0.04
+    """β, weight of the KL to the frozen reference inside the loss (DeepSeekMath: 0.04, the default,
+    so that the notes' −β D_KL term runs); 0 skips the reference model entirely, which on `tiny` is
+    about 1.4× faster at the same accuracy (TRL: beta, default 0)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """the per-token estimator D_KL,t of the β term (Schulman, 2020): k3 (DeepSeekMath) has the
     unbiased value of KL(π_θ‖π_ref) but the gradient of KL(π_ref‖π_θ); k2 has the gradient of

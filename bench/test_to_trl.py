@@ -45,7 +45,7 @@ def test_grpo_fields():
     kw = to_trl.grpo_fields(harness.parse_args(grpo.Args, []))
     # grpo.py's defaults: 16 prompts × G 8 = 128 completions per step, one micro-batch
     assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"], kw["num_generations"]) == (128, 1, 8)
-    assert (kw["loss_type"], kw["scale_rewards"], kw["max_steps"], kw["beta"]) == ("grpo", "group", 2000, 0.0)
+    assert (kw["loss_type"], kw["scale_rewards"], kw["max_steps"], kw["beta"]) == ("grpo", "group", 2000, 0.04)
     assert kw["use_bias_correction_kl"] is False and kw["activation_checkpointing"] is False
     dr = to_trl.grpo_fields(harness.parse_args(grpo.Args, ["--loss-agg", "constant", "--no-scale-rewards"]))
     assert (dr["loss_type"], dr["scale_rewards"]) == ("dr_grpo", "none")  # Dr. GRPO
