@@ -284,7 +284,7 @@ def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tenso
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """The 'k3' estimator (Schulman, 2020, "Approximating KL divergence"), as in DeepSeekMath's GRPO
-    and TRL:  π_ref/π_θ − log(π_ref/π_θ) − 1 = exp(ref − logp) − (ref − logp) − 1.  [B, T] -> [B, T]
+    (TRL multiplies it by ρ_t unless use_bias_correction_kl=False, see `kl_estimate`):  π_ref/π_θ − log(π_ref/π_θ) − 1 = exp(ref − logp) − (ref − logp) − 1.  [B, T] -> [B, T]
     Its value, for y ~ π_θ, is an unbiased estimate of KL(π_θ ‖ π_ref), and never negative
     (e^x ≥ 1 + x). Its gradient in the loss is that of the other direction, KL(π_ref ‖ π_θ): see
     `kl_estimate`. With μ > 1 the samples come from π_old, so after the first inner iteration it
@@ -600,9 +600,9 @@ def train(args: Args) -> dict:
         ##### 4. μ optimiser steps on this batch, accumulated over micro-batches
         # The clip: with μ = 1 (the default, the GRPO paper's) π_old = π_θ at the only step, so ρ ≡ 1,
         # min(ρÂ, clip(ρ)Â) = ρÂ and the clip never binds (policy/clip_frac 0): the update is the
-        # policy gradient. It binds from the second inner step on: in `python grpo.py --mu 2 --steps 400`
-        # policy/clip_frac (of the last inner step) is 3% over the run, 6–7% in steps 20–60, under 0.5%
-        # in the last 100 (seeds 1–3; bench/bench_grpo_family.py, arm grpo-mu2).
+        # policy gradient. It binds from the second inner step on: in `python grpo.py --mu 2 --steps 400
+        # --beta 0` policy/clip_frac (of the last inner step) is 3% over the run, 6–7% in steps 20–60,
+        # under 0.5% in the last 100 (seeds 1–3; bench/bench_grpo_family.py, arm grpo-mu2).
         n_tokens = c_mask.sum()
         for it in range(args.mu):
             stats: dict[str, float] = {}
