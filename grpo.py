@@ -284,7 +284,8 @@ def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tenso
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """The 'k3' estimator (Schulman, 2020, "Approximating KL divergence"), as in DeepSeekMath's GRPO
-    (TRL multiplies it by ρ_t unless use_bias_correction_kl=False, see `kl_estimate`):  π_ref/π_θ − log(π_ref/π_θ) − 1 = exp(ref − logp) − (ref − logp) − 1.  [B, T] -> [B, T]
+    (TRL multiplies it by ρ_t unless use_bias_correction_kl=False, see `kl_estimate`):
+        π_ref/π_θ − log(π_ref/π_θ) − 1 = exp(ref − logp) − (ref − logp) − 1.  [B, T] -> [B, T]
     Its value, for y ~ π_θ, is an unbiased estimate of KL(π_θ ‖ π_ref), and never negative
     (e^x ≥ 1 + x). Its gradient in the loss is that of the other direction, KL(π_ref ‖ π_θ): see
     `kl_estimate`. With μ > 1 the samples come from π_old, so after the first inner iteration it
