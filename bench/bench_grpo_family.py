@@ -51,7 +51,9 @@ ARMS = {
     "grpo-mu2": (["--mu", "2"], None),
     "gspo-mu2": (["--mu", "2", "--ratio", "sequence"], "grpo-mu2"),
     "cispo-mu2": (["--mu", "2", "--policy-loss", "cispo"], "grpo-mu2"),
-    "cispo-mu2-eh0.28": (["--mu", "2", "--policy-loss", "cispo", "--cispo-epsilon-high", "0.28"], "grpo-mu2"),
+    # measured when CISPO's default aggregation was seq-mean (now token-mean, as cispo-mu2 runs)
+    "cispo-mu2-eh0.28": (["--mu", "2", "--policy-loss", "cispo", "--cispo-epsilon-high", "0.28",
+                          "--loss-agg", "seq-mean"], "grpo-mu2"),
     "beta-k3": (["--beta", "0.04"], None),
     "beta-k2": (["--beta", "0.04", "--kl-estimator", "k2"], "beta-k3"),
     "beta-k1": (["--beta", "0.04", "--kl-estimator", "k1"], "beta-k3"),

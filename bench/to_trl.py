@@ -159,7 +159,7 @@ MAPPING: dict[str, list[Row]] = {
         R("gspo_epsilon", ("epsilon",), "field", "with --ratio sequence: epsilon"),
         R("gspo_epsilon_high", ("epsilon_high",), "field", "with --ratio sequence: epsilon_high"),
         R("policy_loss", ("loss_type",), "field", "cispo → loss_type=cispo, which is a token mean in TRL: "
-                                                  "--policy-loss cispo needs --loss-agg token-mean (else error)"),
+                                                  "--policy-loss cispo's default (or --loss-agg token-mean); another --loss-agg is an error"),
         R("cispo_epsilon", (), "error", "set is an error: TRL's CISPO clips the weight from above only"),
         R("cispo_epsilon_high", ("epsilon_high",), "field", "with --policy-loss cispo: epsilon_high = 1 + ε_high "
                                                             "(TRL's value is the cap itself)"),
