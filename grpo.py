@@ -14,8 +14,9 @@ to the other completions of the same prompt.
         π_old ← π_θ;  sample G completions y_1..y_G ~ π_old(·|x) for every x          (KV cache)
         r_i = reward(x, y_i)                    (1 if the answer is exactly right, else 0)
             [+ R_length(y_i)                    (--overlong-buffer: DAPO's soft length penalty)]
-        [--dynamic-sampling: drop the groups whose G rewards are all equal, draw more prompts,
-         until `prompts_per_step` groups with mixed rewards are in the batch (DAPO)]
+        [--dynamic-sampling: drop the groups with all G right or all G wrong (DAPO: on the task's
+         score, not the shaped reward; process: on the step rewards), draw more prompts,
+         until `prompts_per_step` groups with mixed outcomes are in the batch]
         Â_{i,t} = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + eps)                       (outcome)
             or  Σ_{steps j ending at or after t} r̃_j, with r̃ the group-normalised step rewards
                                                                                         (process)
@@ -26,6 +27,7 @@ to the other completions of the same prompt.
             ℓ_t = min(ρ_t Â_t, clip(ρ_t, 1−ε, 1+ε_high) Â_t) − β D_KL,t
                   [--policy-loss cispo: ℓ_t = sg(clip(ρ_t, 1−ε, 1+ε_high)) Â_t log π_θ(y_t) − β D_KL,t]
             L = −1/B Σ_i 1/|y_i| Σ_t ℓ_t          over all B = prompts × G completions of the step
+                  [CISPO: L = −Σ_i Σ_t ℓ_t / Σ_i |y_i|, the paper's token mean]
             θ ← θ − lr ∇_θ L                                                      (AdamW)
         every `eval_every` steps: held-out greedy accuracy
 
@@ -159,17 +161,21 @@ class Args:
     cispo_epsilon_high: float = 4.0
     """CISPO's upper bound on the weight, ρ ≤ 1 + ε_high. MiniMax-M1 does not publish its value; 4
     (a cap of 5) is TRL's recommended cap for cispo, from ScaleRL (TRL: epsilon_high=5.0, the cap itself)"""
-    beta: float = 0.0
-    """β, weight of the KL to the frozen reference inside the loss (DeepSeekMath: 0.04); 0 skips
-    the reference model entirely (TRL: beta)"""
+    beta: float = 0.04
+    """β, weight of the KL to the frozen reference inside the loss (DeepSeekMath: 0.04, the default,
+    so that the notes' −β D_KL term runs); 0 skips the reference model entirely, which on `tiny` is
+    about 1.4× faster at the same accuracy (TRL: beta, default 0)"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """the per-token estimator D_KL,t of the β term (Schulman, 2020): k3 (DeepSeekMath, TRL) has the
+    """the per-token estimator D_KL,t of the β term (Schulman, 2020): k3 (DeepSeekMath) has the
     unbiased value of KL(π_θ‖π_ref) but the gradient of KL(π_ref‖π_θ); k2 has the gradient of
-    KL(π_θ‖π_ref); k1's gradient is 0 in expectation (see kl_estimate) (TRL: none, always k3)"""
-    loss_agg: Literal["seq-mean", "token-mean", "constant"] = "seq-mean"
+    KL(π_θ‖π_ref); k1's gradient is 0 in expectation (see kl_estimate). TRL 1.16 multiplies k3 by
+    the differentiable ratio ρ_t by default (use_bias_correction_kl=True), whose expected gradient is
+    ∇KL(π_θ‖π_ref), k2's, not k3's (TRL: k3 with use_bias_correction_kl=False; no k1, k2)"""
+    loss_agg: Optional[Literal["seq-mean", "token-mean", "constant"]] = None
     """seq-mean: the notes' GRPO, 1/|y| inside, mean over sequences; token-mean: Σ over all tokens /
-    number of tokens (DAPO); constant: Σ / (B · max_new_tokens) (Dr. GRPO)
-    (TRL: loss_type = "grpo" / "dapo" / "dr_grpo")"""
+    number of tokens (DAPO, CISPO); constant: Σ / (B · max_new_tokens) (Dr. GRPO); default none:
+    seq-mean, or token-mean with --policy-loss cispo, as MiniMax-M1 and TRL's loss_type="cispo"
+    average (see loss_agg_of) (TRL: loss_type = "grpo" / "dapo" / "dr_grpo")"""
     scale_rewards: bool = True
     """divide the group-centred reward by the group's std (GRPO); --no-scale-rewards for Dr. GRPO
     (TRL: scale_rewards)"""
@@ -181,8 +187,10 @@ class Args:
     included, rewarded 1 if it is the target's token at that position (built-in task only)
     (TRL: reward_funcs)"""
     dynamic_sampling: bool = False
-    """DAPO's dynamic sampling: drop the groups whose G rewards are all equal (Â = 0, no gradient)
-    and draw more prompts until --prompts-per-step groups with mixed rewards fill the batch"""
+    """DAPO's dynamic sampling: drop the groups with all G right or all G wrong (DAPO's 0 < #correct
+    < G, on the task's score, whatever --overlong-buffer adds; with --reward process, the groups whose
+    step rewards are all equal, as the advantage sees them) and draw more prompts until
+    --prompts-per-step kept groups fill the batch"""
     max_sample_rounds: int = 10
     """with --dynamic-sampling, at most this many rounds of prompts_per_step prompts per step; when
     it is hit, the step trains on the mixed groups found so far (and says so)"""
@@ -305,7 +313,8 @@ def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tenso
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """The 'k3' estimator (Schulman, 2020, "Approximating KL divergence"), as in DeepSeekMath's GRPO
-    and TRL:  π_ref/π_θ − log(π_ref/π_θ) − 1 = exp(ref − logp) − (ref − logp) − 1.  [B, T] -> [B, T]
+    (TRL multiplies it by ρ_t unless use_bias_correction_kl=False, see `kl_estimate`):
+        π_ref/π_θ − log(π_ref/π_θ) − 1 = exp(ref − logp) − (ref − logp) − 1.  [B, T] -> [B, T]
     Its value, for y ~ π_θ, is an unbiased estimate of KL(π_θ ‖ π_ref), and never negative
     (e^x ≥ 1 + x). Its gradient in the loss is that of the other direction, KL(π_ref ‖ π_θ): see
     `kl_estimate`. With μ > 1 the samples come from π_old, so after the first inner iteration it
@@ -329,7 +338,12 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
         ∇k1 = ∇log π_θ(y)                  E = 0: the score function has zero mean, no pull at all
         ∇k2 = (log π_θ − log π_ref) ∇log π_θ   E = ∇KL(π_θ ‖ π_ref), the notes' direction
         ∇k3 = (1 − π_ref/π_θ) ∇log π_θ     E = −Σ_y π_ref(y) ∇log π_θ(y) = ∇KL(π_ref ‖ π_θ),
-                                           the other direction (DeepSeekMath and TRL do the same)
+                                           the other direction (DeepSeekMath does the same)
+    TRL 1.16 by default (use_bias_correction_kl=True) puts ρ_t·k3 in the loss instead, with
+    ρ_t = π_θ/π_old differentiable even where it is 1 (DeepSeek-V3.2): at ρ = 1,
+        ∇(ρ k3) = (k3 + 1 − π_ref/π_θ) ∇log π_θ = (log π_θ − log π_ref) ∇log π_θ = ∇k2,
+    so its expected gradient is ∇KL(π_θ ‖ π_ref), the notes' direction; `--kl-estimator k2` gives
+    that gradient here (k3 here is TRL's use_bias_correction_kl=False).
     Near π_ref the two directions agree to second order, so k2's and k3's gradients agree to first.
     With μ > 1 the samples come from π_old, so these hold only on the first inner iteration.
     """
@@ -361,12 +375,29 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: 
 
 
 def mixed_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """DAPO's dynamic-sampling filter: which groups have rewards that are not all equal.
-    rewards: [B] with the G completions of a prompt consecutive -> [n] bool. A group whose rewards
-    are all equal has Â = 0 on every completion, so it adds nothing but the KL term to the gradient
-    (DAPO keeps prompts with 0 < #correct < G)."""
+    """DAPO's dynamic-sampling filter (Yu et al., 2025, eq. 11: keep a prompt if
+    0 < #correct < G): which groups have rewards that are not all equal.
+    rewards: [B] with the G completions of a prompt consecutive -> [n] bool. Called on the task's
+    score r_i (1 right, 0 wrong), where "not all equal" is 0 < #correct < G; not on the overlong-
+    shaped reward, by which a group with no right answer ([0, 0, 0, −0.5]) would be kept. A group
+    whose scores are all equal has Â = 0 on every completion (without shaping), so it adds nothing
+    but the KL term to the gradient."""
     r = rewards.view(-1, group_size)  # [n, G]
     return (r != r[:, :1]).any(dim=1)  # [n]
+
+
+def mixed_step_reward_groups(step_rewards: torch.Tensor, step_mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The dynamic-sampling filter under process supervision: which groups have step rewards that
+    are not all equal. step_rewards, step_mask: [B, T] -> [n] bool. `process_advantages`
+    normalises over all the steps of a group, so a group is 0 everywhere exactly when its step
+    rewards are all equal; an all-wrong group whose steps differ has Â ≠ 0 and is kept (DAPO filters
+    on the outcome, which here would drop such a group; the filter follows the advantage instead)."""
+    n = step_rewards.shape[0] // group_size
+    r = step_rewards.reshape(n, -1)  # [n, G·T]  all steps of a group together
+    m = step_mask.reshape(n, -1).bool()  # [n, G·T]
+    hi = torch.where(m, r, torch.full_like(r, -float("inf"))).amax(dim=1)  # [n] largest step reward
+    lo = torch.where(m, r, torch.full_like(r, float("inf"))).amin(dim=1)  # [n] smallest
+    return hi > lo  # [n]
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str, max_len: int | None = None):
@@ -484,7 +515,7 @@ def validate(args: Args) -> None:
     check(args.epsilon_high is None or args.epsilon_high > 0,
           f"--epsilon-high must be > 0 (got {args.epsilon_high})")
     check(args.beta >= 0, f"--beta must be ≥ 0 (got {args.beta}): it weights a KL penalty")
-    check(args.loss_agg in ("seq-mean", "token-mean", "constant"),
+    check(args.loss_agg in (None, "seq-mean", "token-mean", "constant"),
           f"--loss-agg {args.loss_agg!r}: expected seq-mean, token-mean or constant")
     check(args.reward in ("outcome", "process"), f"--reward {args.reward!r}: expected outcome or process")
     check(args.reward == "outcome" or args.data is None,
@@ -581,6 +612,7 @@ def train(args: Args) -> dict:
     G = args.group_size
     rng = np.random.default_rng(args.seed)
     eps_low, eps_high = clip_range(args)  # GSPO's and CISPO's clip ranges are their own (see Args)
+    agg = loss_agg_of(args)  # seq-mean, the notes' GRPO (CISPO: token-mean, the paper's)
 
     def sample():  # one round of step 1: prompts_per_step prompts, G completions each, r_i = reward(x, y_i)
         return sample_groups(policy, tok, train_rows, rng, args, strict, prec)
@@ -594,7 +626,7 @@ def train(args: Args) -> dict:
         t0 = time.time()
         ##### 1. sample G completions per prompt from π_old (= π_θ right now), and score them
         if args.dynamic_sampling:  # DAPO: keep the groups with mixed rewards, sample more rounds
-            batch, rounds, capped = dynamic_sampling(sample, args, step, tok.pad_token_id, capped_steps)
+            batch, rounds, capped = dynamic_sampling(sample, args, step, tok, capped_steps)
             capped_steps += capped
         else:
             batch = sample()
@@ -622,6 +654,11 @@ def train(args: Args) -> dict:
         ref_logp = frozen_logprobs(ref, ids, mask, T, args, prec) if ref is not None else None  # [B, T]
 
         ##### 4. μ optimiser steps on this batch, accumulated over micro-batches
+        # The clip: with μ = 1 (the default, the GRPO paper's) π_old = π_θ at the only step, so ρ ≡ 1,
+        # min(ρÂ, clip(ρ)Â) = ρÂ and the clip never binds (policy/clip_frac 0): the update is the
+        # policy gradient. It binds from the second inner step on: in `python grpo.py --mu 2 --steps 400
+        # --beta 0` policy/clip_frac (of the last inner step) is 3% over the run, 6–7% in steps 20–60,
+        # under 0.5% in the last 100 (seeds 1–3; bench/bench_grpo_family.py, arm grpo-mu2).
         n_tokens = c_mask.sum()
         for it in range(args.mu):
             stats: dict[str, float] = {}
@@ -632,11 +669,11 @@ def train(args: Args) -> dict:
                                                       with_entropy=(it == 0))  # log π_θ   [b, T]
                 loss, m = grpo_loss(logp, old_logp[sl] if old_logp is not None else logp.detach(),
                                     adv[sl], c_mask[sl], None if ref_logp is None else ref_logp[sl],
-                                    args.beta, eps_low, eps_high, args.loss_agg, args.max_new_tokens,
+                                    args.beta, eps_low, eps_high, agg, args.max_new_tokens,
                                     args.ratio, args.policy_loss, args.kl_estimator)
                 # each micro-batch's share of the full-batch loss, so that the sum of gradients
                 # equals the full-batch gradient whatever the split
-                w = (c_mask[sl].sum() / n_tokens) if args.loss_agg == "token-mean" else (logp.shape[0] / B)
+                w = (c_mask[sl].sum() / n_tokens) if agg == "token-mean" else (logp.shape[0] / B)
                 prec.backward(loss * w)
                 add_stats(stats, loss, w, m, ent, c_mask[sl], n_tokens)
             prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
@@ -686,6 +723,15 @@ def clip_range(args: Args) -> tuple[float | None, float | None]:
     return args.epsilon, args.epsilon_high
 
 
+def loss_agg_of(args: Args) -> str:
+    """The loss aggregation: --loss-agg if given, else seq-mean (the notes' GRPO) or, under
+    --policy-loss cispo, token-mean, the mean over all the batch's tokens that MiniMax-M1 (§3.1) and
+    TRL's loss_type="cispo" use."""
+    if args.loss_agg is not None:
+        return args.loss_agg
+    return "token-mean" if args.policy_loss == "cispo" else "seq-mean"
+
+
 def sample_groups(policy, tok, train_rows: list[dict], rng: np.random.Generator, args: Args, strict: bool,
                   prec) -> dict:
     """Step 1, one round: draw prompts_per_step prompts, sample G completions of each from π_old,
@@ -709,9 +755,18 @@ def sample_groups(policy, tok, train_rows: list[dict], rng: np.random.Generator,
                 answers=answers, scores=scores, shaped=shaped)
 
 
-def dynamic_sampling(sample, args: Args, step: int, pad_id: int, capped_steps: int):
-    """DAPO's dynamic sampling: call `sample()` for rounds of prompts, keep the groups whose rewards
-    are not all equal (`mixed_reward_groups`), until prompts_per_step such groups fill the batch or
+def groups_to_keep(r: dict, args: Args, tok) -> torch.Tensor:
+    """Which groups of one sampling round dynamic sampling keeps.  -> [n] bool
+    outcome: DAPO's 0 < #correct < G (eq. 11), on the task's score r_i, not on r_i + R_length
+    (--overlong-buffer); process: on the step rewards, which are what the advantage uses."""
+    if args.reward == "process":
+        return mixed_step_reward_groups(process_rewards(tok, r), r["c_mask"], args.group_size)  # [n]
+    return mixed_reward_groups(r["scores"], args.group_size)  # [n]
+
+
+def dynamic_sampling(sample, args: Args, step: int, tok, capped_steps: int):
+    """DAPO's dynamic sampling: call `sample()` for rounds of prompts, keep the groups with mixed
+    outcomes (`groups_to_keep`: 0 < #correct < G), until prompts_per_step such groups fill the batch or
     --max-sample-rounds is reached. -> (batch, rounds, capped): the batch (as a round, at most
     prompts_per_step × G rows; the last round whole if no group was mixed, its advantages all 0),
     every round sampled (for the metrics), and whether the cap was hit."""
@@ -719,8 +774,7 @@ def dynamic_sampling(sample, args: Args, step: int, pad_id: int, capped_steps: i
     while True:
         r = sample()
         rounds.append(r)
-        # filter on the reward the advantage uses (the score, under --reward process)
-        groups = mixed_reward_groups(r["shaped"], G)  # [n]
+        groups = groups_to_keep(r, args, tok)  # [n] 0 < #correct < G (process: step rewards not all equal)
         kept.append((r, groups.repeat_interleave(G)))  # [b] rows of the mixed groups
         n_kept = sum(int(m.sum()) for _, m in kept) // G
         if n_kept >= args.prompts_per_step:
@@ -733,10 +787,10 @@ def dynamic_sampling(sample, args: Args, step: int, pad_id: int, capped_steps: i
                       f"those (this step's batch is smaller; counted in sampling/capped)")
             capped = True
             break
-    batch = merge_rounds(kept, args.prompts_per_step * G, pad_id)
-    if batch is None:  # no mixed group at all: the last round, whose advantages are all 0
+    batch = merge_rounds(kept, args.prompts_per_step * G, tok.pad_token_id)
+    if batch is None:  # no mixed group at all: the last round (advantages 0 but for overlong shaping)
         batch = merge_rounds([(rounds[-1], torch.ones_like(rounds[-1]["scores"], dtype=torch.bool))],
-                             args.prompts_per_step * G, pad_id)
+                             args.prompts_per_step * G, tok.pad_token_id)
     return batch, rounds, capped
 
 

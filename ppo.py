@@ -45,6 +45,7 @@ episode is one completion; it ends at the completion's EOS (or at the token limi
                   θ_old if no j qualifies (logged: trpo/line_search_failed = 1)
         d = mean_t KL_t at the new θ          (policy/kl_old; clip: its k3 estimate, policy/kl_old_k3)
         kl-penalty only: β_pen ← β_pen / 2 if d < d_targ / 1.5;  β_pen × 2 if d > 1.5 d_targ
+                         (--penalty-kl-control fixed: β_pen stays, the notes' plain form)
         β ← KL controller(β, KL of this rollout to π_ref)          (fixed, adaptive, proportional)
         every `eval_every` steps: held-out prompts: gold reward, score and KL to π_ref of samples
 
@@ -101,6 +102,7 @@ Run:
     python ppo.py --beta 0 --steps 600                   # no KL penalty: watch the proxy get gamed
     python ppo.py --ptx-coef 0.5                         # PPO-ptx: keep the SFT likelihood up
     python ppo.py --policy-loss kl-penalty               # the notes' PPO-penalty, β_pen adapted on d
+    python ppo.py --policy-loss kl-penalty --penalty-kl-control fixed   # ... with a fixed β_pen
     python ppo.py --policy-loss trpo                     # TRPO: one natural-gradient step per rollout
     python ppo.py --model PATH/sft --reward-model runs/reward_model__s1__.../model --data pairs.jsonl \\
         --batch-size 64 --mini-batches 4 --micro-batch 8 --lr 1e-6 --max-new-tokens 128   # one GPU
@@ -205,9 +207,9 @@ class Args:
 
     policy_loss: Literal["clip", "kl-penalty", "trpo"] = "clip"
     """the policy update: clip (PPO-clip, notes 004 "PPO - CLIP"); kl-penalty (notes 004 "PPO -
-    Penalty": −mean(ρÂ − β_pen KL(π_old‖π_θ)), β_pen adapted on d); trpo (notes 004 "TRPO": one
-    natural-gradient step per rollout, conjugate gradient and a line search on KL ≤ δ). The rollout,
-    reward, value model and GAE are the same for all three"""
+    Penalty": −mean(ρÂ − β_pen KL(π_old‖π_θ)), β_pen adapted on d, or fixed: --penalty-kl-control);
+    trpo (notes 004 "TRPO": one natural-gradient step per rollout, conjugate gradient and a line
+    search on KL ≤ δ). The rollout, reward, value model and GAE are the same for all three"""
     epsilon: float = 0.2
     """ε, the policy's clip range: ρ is clipped to [1−ε, 1+ε] (--policy-loss clip) (TRL: cliprange)"""
     penalty_beta: float = 1.0
@@ -215,10 +217,15 @@ class Args:
     on d after every rollout. 1, the middle of the PPO paper's fixed-β runs (0.3, 1, 3, 10;
     Schulman et al. 2017), which notes that the start value of the adaptive β matters little because
     the ×2 / ÷2 rule moves it quickly"""
+    penalty_kl_control: Literal["fixed", "adaptive"] = "adaptive"
+    """β_pen of kl-penalty: fixed keeps --penalty-beta for every update (the notes' plain
+    L^KLPEN, the PPO paper's fixed-β runs); adaptive halves or doubles it on d after every rollout
+    (the notes' rule; --penalty-target-kl)"""
     penalty_target_kl: float = 0.01
     """d_targ of kl-penalty, in nats per token: β_pen halves when d < d_targ/1.5, doubles when
-    d > 1.5·d_targ, d = mean_t KL(π_old‖π_θ) after the rollout's epochs. 0.01 is the best of the PPO
-    paper's adaptive runs (0.003, 0.01, 0.03) and TRPO's δ below, so the two aim at one step size"""
+    d > 1.5·d_targ, d = mean_t KL(π_old‖π_θ) after the rollout's epochs (--penalty-kl-control adaptive).
+    0.01 is the best of the PPO paper's adaptive runs (0.003, 0.01, 0.03) and TRPO's δ below, so the
+    two aim at one step size"""
     trpo_delta: float = 0.01
     """δ, TRPO's trust region: the largest mean_t KL(π_old‖π_θ) per step, nats per token (the TRPO
     paper's experiments and Spinning Up: 0.01)"""
@@ -499,6 +506,17 @@ def proportional_beta(beta: float, d: float, d_targ: float, n: int, horizon: int
     """
     e = min(max(d / d_targ - 1.0, -0.2), 0.2)  # proportional error, clipped
     return beta * (1.0 + e * n / horizon)
+
+
+def penalty_kl_control(kind: str, beta_pen: float, d: float, d_targ: float) -> float:
+    """β_pen for the next rollout's kl-penalty loss, from d = mean_t KL(π_old‖π_θ) after this
+    rollout's epochs: --penalty-kl-control fixed keeps β_pen (the notes' L^KLPEN with a constant β);
+    adaptive is `adaptive_beta` (the notes' ×2 / ÷2 rule)."""
+    if kind == "adaptive":
+        return adaptive_beta(beta_pen, d, d_targ)
+    if kind == "fixed":
+        return beta_pen
+    raise ValueError(f"unknown penalty KL control {kind!r}: expected fixed or adaptive")
 
 
 def kl_control(kind: str, beta: float, d: float, d_targ: float, n: int, horizon: int = 10000) -> float:
@@ -1031,8 +1049,8 @@ def train(args: Args) -> dict:
         d_old = kl_to_old(policy, old_policy, ids, mask, c_mask, T, old_logp, chunks, args.temperature,
                           prec.autocast)  # the notes' d, nats per token: exact, or k3 for clip
         beta_pen_used = beta_pen
-        if args.policy_loss == "kl-penalty":  # PPO-penalty: β_pen ÷2 below the band, ×2 above
-            beta_pen = adaptive_beta(beta_pen, d_old, args.penalty_target_kl)
+        if args.policy_loss == "kl-penalty":  # PPO-penalty: β_pen ÷2 below the band, ×2 above (fixed: stays)
+            beta_pen = penalty_kl_control(args.penalty_kl_control, beta_pen, d_old, args.penalty_target_kl)
         ##### 6. KL control: β for the next rollout, from this rollout's KL to π_ref
         d, beta_used = float(kl.sum(1).mean()), beta  # mean_x Σ_t KL_t, nats per completion
         beta = kl_control(args.kl_control, beta, d, args.target_kl, B, args.kl_horizon)  # fixed: β stays
@@ -1082,6 +1100,8 @@ def validate(args: Args) -> None:
                                 "1 − ε must stay above 0")
     check(args.policy_loss in ("clip", "kl-penalty", "trpo"),
           f"--policy-loss {args.policy_loss!r}: expected clip, kl-penalty or trpo")
+    check(args.penalty_kl_control in ("fixed", "adaptive"),
+          f"--penalty-kl-control {args.penalty_kl_control!r}: expected fixed or adaptive")
     check(args.penalty_beta > 0, f"--penalty-beta must be > 0 (got {args.penalty_beta}): the rule only "
                                  "doubles and halves it, so 0 would stay 0")
     check(args.penalty_target_kl > 0, f"--penalty-target-kl must be > 0 (got {args.penalty_target_kl})")

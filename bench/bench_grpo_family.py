@@ -5,7 +5,8 @@ dynamic sampling and overlong shaping, and the k1/k2/k3 KL terms, from the shipp
     bench/.venv/bin/python bench/bench_grpo_family.py --only grpo gspo-mu2 --seeds 1
     bench/.venv/bin/python bench/bench_grpo_family.py --plot-only        # redraw from the JSON
 
-Each arm is `python grpo.py --steps N --seed S` plus its flags, at equal steps. Every variant has
+Each arm is `python grpo.py --steps N --seed S --beta 0` plus its flags, at equal steps (β = 0
+but in the KL arms, which give --beta 0.04). Every variant has
 a control that differs from it by that one switch:
 - dynamic sampling and the default GRPO (μ = 1);
 - overlong shaping against GRPO with the same --max-new-tokens 6 (at 4 the buffer would punish
@@ -50,7 +51,9 @@ ARMS = {
     "grpo-mu2": (["--mu", "2"], None),
     "gspo-mu2": (["--mu", "2", "--ratio", "sequence"], "grpo-mu2"),
     "cispo-mu2": (["--mu", "2", "--policy-loss", "cispo"], "grpo-mu2"),
-    "cispo-mu2-eh0.28": (["--mu", "2", "--policy-loss", "cispo", "--cispo-epsilon-high", "0.28"], "grpo-mu2"),
+    # measured when CISPO's default aggregation was seq-mean (now token-mean, as cispo-mu2 runs)
+    "cispo-mu2-eh0.28": (["--mu", "2", "--policy-loss", "cispo", "--cispo-epsilon-high", "0.28",
+                          "--loss-agg", "seq-mean"], "grpo-mu2"),
     "beta-k3": (["--beta", "0.04"], None),
     "beta-k2": (["--beta", "0.04", "--kl-estimator", "k2"], "beta-k3"),
     "beta-k1": (["--beta", "0.04", "--kl-estimator", "k1"], "beta-k3"),
@@ -60,8 +63,10 @@ ARMS = {
 def run(arm: str, seed: int, steps: int, out_root: Path) -> dict:
     flags = ARMS[arm][0]
     out = out_root / f"{arm}__s{seed}"
+    # β = 0 unless the arm sets it (the KL arms' --beta 0.04 comes later and wins): the arms were
+    # measured when grpo.py's default was β = 0, and compare one switch each at that β
     cmd = [sys.executable, "grpo.py", "--steps", str(steps), "--seed", str(seed), "--out-dir", str(out),
-           "--overwrite", "--no-save-model", *flags]
+           "--overwrite", "--no-save-model", "--beta", "0", *flags]
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # threads: the harness's default (1 for tiny)
     load, t0 = os.getloadavg()[0], time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -128,7 +128,7 @@ def sample_figures(model_dir: str | Path, k: int = 8, seed: int = 0) -> dict:
 def run(arm: str, seed: int, steps: int) -> dict:
     out = RUNS / f"length-{arm}-s{seed}"
     cmd = [sys.executable, "grpo.py", "--model", MODEL, "--max-new-tokens", str(MAX_NEW_TOKENS),
-           "--steps", str(steps), "--seed", str(seed), *ARMS[arm], "--no-pass-at-k",
+           "--steps", str(steps), "--seed", str(seed), "--beta", "0", *ARMS[arm], "--no-pass-at-k",
            "--out-dir", str(out), "--overwrite"]
     load0, t0 = os.getloadavg()[0], time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # threads: the harness's default

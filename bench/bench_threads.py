@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "bench" / ".runs" / "threads"
 SLICES = {  # script: the flags of the slice (every other flag at its default)
-    "grpo": ["--steps", "100", "--eval-every", "100"],
+    "grpo": ["--steps", "100", "--eval-every", "100", "--beta", "0"],  # β = 0, as measured
     "reinforce": ["--steps", "100", "--eval-every", "100"],
     "ppo": ["--steps", "10", "--eval-every", "10"],
     "dpo": ["--max-steps", "60", "--eval-every", "60"],

@@ -45,7 +45,7 @@ def test_grpo_fields():
     kw = to_trl.grpo_fields(harness.parse_args(grpo.Args, []))
     # grpo.py's defaults: 16 prompts × G 8 = 128 completions per step, one micro-batch
     assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"], kw["num_generations"]) == (128, 1, 8)
-    assert (kw["loss_type"], kw["scale_rewards"], kw["max_steps"], kw["beta"]) == ("grpo", "group", 2000, 0.0)
+    assert (kw["loss_type"], kw["scale_rewards"], kw["max_steps"], kw["beta"]) == ("grpo", "group", 2000, 0.04)
     assert kw["use_bias_correction_kl"] is False and kw["activation_checkpointing"] is False
     dr = to_trl.grpo_fields(harness.parse_args(grpo.Args, ["--loss-agg", "constant", "--no-scale-rewards"]))
     assert (dr["loss_type"], dr["scale_rewards"]) == ("dr_grpo", "none")  # Dr. GRPO
@@ -100,7 +100,7 @@ def test_lr_factor_is_the_scripts_schedule():
     (["grpo.py", "--reward", "process"], "--reward process: TRL's GRPOTrainer has no per-token"),
     (["grpo.py", "--micro-batch", "30"], "--micro-batch 30 must divide the 128 completions"),
     (["grpo.py", "--device", "cuda:1"], "--device cuda:1: under TRL the launcher picks the GPUs"),
-    (["grpo.py", "--mu", "2", "--policy-loss", "cispo"], "--policy-loss cispo: TRL's loss_type=cispo is a token"),
+    (["grpo.py", "--mu", "2", "--policy-loss", "cispo", "--loss-agg", "seq-mean"], "--policy-loss cispo: TRL's loss_type=cispo is a token"),
     (["grpo.py", "--beta", "0.04", "--kl-estimator", "k2"], "--kl-estimator k2: TRL's KL term is k3 only"),
     (["grpo.py", "--dynamic-sampling"], "--dynamic-sampling: TRL's GRPOTrainer has no dynamic sampling"),
     (["dpo.py", "--loss-type", "reference_free"], "--loss-type reference_free: TRL 1.16's DPOTrainer has no"),

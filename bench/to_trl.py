@@ -159,7 +159,7 @@ MAPPING: dict[str, list[Row]] = {
         R("gspo_epsilon", ("epsilon",), "field", "with --ratio sequence: epsilon"),
         R("gspo_epsilon_high", ("epsilon_high",), "field", "with --ratio sequence: epsilon_high"),
         R("policy_loss", ("loss_type",), "field", "cispo → loss_type=cispo, which is a token mean in TRL: "
-                                                  "--policy-loss cispo needs --loss-agg token-mean (else error)"),
+                                                  "--policy-loss cispo's default (or --loss-agg token-mean); another --loss-agg is an error"),
         R("cispo_epsilon", (), "error", "set is an error: TRL's CISPO clips the weight from above only"),
         R("cispo_epsilon_high", ("epsilon_high",), "field", "with --policy-loss cispo: epsilon_high = 1 + ε_high "
                                                             "(TRL's value is the cap itself)"),
@@ -299,8 +299,8 @@ def grpo_fields(a, world: int = 1) -> dict:
                                  "use --reward outcome")
     check(a.adv_eps == TRL_ADV_EPS, f"--adv-eps {a.adv_eps}: TRL divides by std + {TRL_ADV_EPS}, fixed; "
                                     f"use --adv-eps {TRL_ADV_EPS}")
-    check(a.policy_loss != "cispo" or a.loss_agg == "token-mean",
-          "--policy-loss cispo: TRL's loss_type=cispo is a token mean; add --loss-agg token-mean")
+    check(a.policy_loss != "cispo" or a.loss_agg in (None, "token-mean"),
+          "--policy-loss cispo: TRL's loss_type=cispo is a token mean; drop --loss-agg (or give token-mean)")
     check(a.cispo_epsilon is None, f"--cispo-epsilon {a.cispo_epsilon}: TRL's CISPO has no lower bound")
     check(a.beta == 0 or a.kl_estimator == "k3", f"--kl-estimator {a.kl_estimator}: TRL's KL term is k3 only")
     check(not a.dynamic_sampling, "--dynamic-sampling: TRL's GRPOTrainer has no dynamic sampling")
@@ -323,7 +323,7 @@ def grpo_fields(a, world: int = 1) -> dict:
             "lr_scheduler_type": "linear" if a.lr_schedule == "linear" else "constant_with_warmup",
             "num_iterations": a.mu, "epsilon": eps_low, "epsilon_high": eps_high, "beta": a.beta,
             "use_bias_correction_kl": False,
-            "loss_type": "cispo" if a.policy_loss == "cispo" else LOSS_AGG[a.loss_agg],
+            "loss_type": "cispo" if a.policy_loss == "cispo" else LOSS_AGG[a.loss_agg or "seq-mean"],
             "importance_sampling_level": a.ratio,
             # DAPO's overlong shaping as TRL's second reward function, weighted by c (see build_grpo)
             "reward_weights": [1.0, a.overlong_penalty] if a.overlong_buffer > 0 else None,

@@ -243,6 +243,21 @@ def test_tabular_q_learning_converges_to_q_star_on_2x3():
     assert tracker.result()["steps_to_optimal"] is not None
 
 
+@pytest.mark.parametrize("maze, steps", [("2x3", 2_000), ("6x6", 100_000)])
+def test_tabular_q_learning_at_the_default_alpha_1_reaches_q_star_exactly(maze, steps):
+    # The default α = 1 is the notes' assignment Q(s,a) = r + γ max_a' Q(s',a'). On a deterministic
+    # maze, started at 0, every update writes an exact target as soon as Q(s', ·) is exact, so the
+    # table ends equal to value iteration's Q* (to rounding), not near it as at α < 1.
+    assert D.Args().q_lr == 1.0
+    m = D.Maze(D.MAZES[maze], 100)
+    q_star = D.value_iteration(m.next_state, m.reward, m.done, GAMMA)
+    args = D.Args(maze=maze, tabular_steps=steps)
+    tracker = D.Tracker("tabular", "tabular", m, q_star, args, args.tabular_steps)
+    q = D.tabular_q_learning(m, args, np.random.default_rng([1, 0]), tracker)
+    err, optimal = D.evaluate(q, q_star, m.reachable)
+    assert err < 1e-12 and optimal.all()
+
+
 #####  the replay buffer and the target network #################################################
 
 

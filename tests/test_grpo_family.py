@@ -15,6 +15,7 @@ import torch
 
 import common
 import grpo
+import harness
 from grpo import (cispo_loss, grpo_loss, kl_estimate, merge_rounds, mixed_reward_groups,
                   overlong_penalty, sequence_ratio)
 from test_grpo import random_llama
@@ -177,6 +178,16 @@ def test_cispo_token_mean_weights_every_token_alike():
 #####################################################################################################
 
 
+def test_cispo_defaults_to_the_papers_token_mean_unless_loss_agg_is_given():
+    # MiniMax-M1 (§3.1) and TRL's loss_type="cispo" divide by the batch's token count; the notes'
+    # GRPO averages per sequence first. --loss-agg, when given, wins.
+    assert grpo.loss_agg_of(grpo.Args()) == "seq-mean"
+    assert grpo.loss_agg_of(grpo.Args(policy_loss="cispo")) == "token-mean"
+    assert grpo.loss_agg_of(grpo.Args(policy_loss="cispo", loss_agg="seq-mean")) == "seq-mean"
+    assert grpo.loss_agg_of(grpo.Args(loss_agg="constant")) == "constant"
+    assert grpo.loss_agg_of(harness.parse_args(grpo.Args, ["--policy-loss", "cispo"])) == "token-mean"
+
+
 def test_overlong_penalty_at_the_buffer_edges():
     # L_max = 6, L = 2: the buffer is |y| ∈ (4, 6]; R = ((L_max − L) − |y|) / L there.
     #   |y| = 3, 4 -> 0 (4 = L_max − L is the last length without penalty)
@@ -201,12 +212,53 @@ def test_dynamic_sampling_keeps_only_groups_with_mixed_rewards():
     #   [0, 1, 0, 0]  mixed: kept
     #   [0, 0, 0, 0]  all wrong: dropped
     #   [0.5] × 4     all equal (any value): dropped
-    #   [1, 1, 0.5, 1] all right, one overlong-shaped (1 − 0.5): mixed, kept
+    #   [1, 1, 0.5, 1] not all equal: kept (the function sees values; dynamic sampling gives it the
+    #                  task's 0/1 scores, never the overlong-shaped reward: see the test below)
     r = torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 1, 1, 0.5, 1])
     assert mixed_reward_groups(r, 4).tolist() == [False, True, False, False, True]
     # and the group advantage of a dropped group is exactly 0, of a kept one not
     adv = grpo.group_advantages(r, 4).view(5, 4)
     assert (adv.abs().sum(1) > 0).tolist() == [False, True, False, False, True]
+
+
+def test_dynamic_sampling_filters_on_correctness_not_on_the_overlong_shaped_reward():
+    # G = 4, --overlong-buffer on; two groups, each with one completion 0.5 into the buffer:
+    #   scores [0, 0, 0, 0], shaped [0, 0, 0, −0.5]: no right answer. On the shaped reward the group
+    #     looks mixed (and its Â is not 0); DAPO's 0 < #correct < G drops it.
+    #   scores [1, 1, 1, 1], shaped [1, 1, 0.5, 1]: all right: dropped too.
+    #   scores [0, 1, 0, 0]: one right: kept.
+    scores = torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 0])
+    shaped = torch.tensor([0.0, 0, 0, -0.5, 1, 1, 0.5, 1, 0, 1, 0, 0])
+    assert mixed_reward_groups(shaped[:4], 4).tolist() == [True]  # what filtering on the shaped reward did
+    args = grpo.Args(dynamic_sampling=True, group_size=4, max_new_tokens=6, overlong_buffer=2)
+    r = dict(scores=scores, shaped=shaped)
+    assert grpo.groups_to_keep(r, args, tok=None).tolist() == [False, False, True]
+
+
+def test_dynamic_sampling_under_process_rewards_filters_on_the_step_rewards():
+    """--reward process: a group is dropped exactly when its advantage is 0 everywhere, i.e. when
+    its step rewards are all equal, whatever the outcome scores say.
+    G = 2, answer "12" (tokens 1, 2; EOS 9), so each completion token is a step rewarded by
+    `digit_step_rewards`:
+      group 1: "1 3 <eos>" -> steps [1, 0, 1]; "4 2 <eos>" -> [0, 1, 1]. Both wrong (score 0), but the
+               steps differ: mean 4/6, Â ≠ 0. Kept (an outcome filter would drop it).
+      group 2: "5 <eos>" -> [0, 0]; "6 <eos>" -> [0, 0]: every step 0, Â = 0. Dropped.
+      group 3: "1 2 <eos>" -> [1, 1, 1]; "1 2 <eos>" -> [1, 1, 1]: every step 1, Â = 0. Dropped."""
+    class Tok:
+        eos_token_id = 9
+
+        def encode(self, text, add_special_tokens=False):
+            return [int(ch) for ch in text]
+    c_ids = torch.tensor([[1, 3, 9], [4, 2, 9], [5, 9, 0], [6, 9, 0], [1, 2, 9], [1, 2, 9]])  # [6, 3]
+    c_mask = common.completion_mask(c_ids, 9)  # [6, 3]
+    r = dict(c_ids=c_ids, c_mask=c_mask, answers=["12"] * 6, scores=torch.tensor([0.0, 0, 0, 0, 1, 1]))
+    args = grpo.Args(dynamic_sampling=True, group_size=2, reward="process")
+    assert grpo.groups_to_keep(r, args, Tok()).tolist() == [True, False, False]
+    steps = grpo.process_rewards(Tok(), r)  # [6, 3]
+    assert steps[:2].tolist() == [[1, 0, 1], [0, 1, 1]]
+    adv = grpo.process_advantages(steps, c_mask, 2).view(3, -1)  # [3, 2·3]
+    assert (adv.abs().sum(1) > 0).tolist() == [True, False, False]  # the same groups
+    assert mixed_reward_groups(r["scores"], 2).tolist() == [False, False, False]  # the outcome filter's
 
 
 def fake_round(prompts: list[list[int]], completions: list[list[int]], scores: list[float], tag: str):
@@ -328,6 +380,36 @@ def test_kl_estimators_expected_gradients_by_exact_enumeration():
     torch.testing.assert_close(expected_grad["k1"], torch.zeros(3, dtype=torch.float64), atol=1e-15, rtol=0)
     torch.testing.assert_close(expected_grad["k2"], grad_fwd)
     torch.testing.assert_close(expected_grad["k3"], grad_rev)
+
+
+def test_trl_bias_corrected_k3_has_the_expected_gradient_of_kl_pi_to_ref():
+    """TRL 1.16's default KL term (use_bias_correction_kl=True) is ρ·k3, with ρ = π_θ/π_old
+    differentiable and = 1 on the samples' own policy (π_old = sg(π_θ)). By hand, at ρ = 1:
+        ∇(ρ k3) = k3 ∇log π + ∇k3 = (r − 1 − log r) ∇log π + (1 − r) ∇log π = −log r ∇log π
+                = (log π − log π_ref) ∇log π = ∇k2          (r = π_ref/π)
+    so, enumerating y ~ π_θ over the 3 actions, its expected gradient is ∇KL(π_θ‖π_ref), the
+    gradient of k2, and not k3's ∇KL(π_ref‖π_θ)."""
+    theta, ref = softmax_example()
+    logp = torch.log_softmax(theta, 0)  # [3]
+    pi = logp.exp().detach()  # sampling probabilities: fixed
+    rho = torch.exp(logp - logp.detach())  # ρ = π_θ/π_old, value 1, gradient ∇log π   [3]
+    per_action = rho * kl_estimate(logp, ref, "k3")  # ρ·k3   [3]
+    torch.testing.assert_close(per_action, kl_estimate(logp, ref, "k3"))  # the same value at ρ = 1
+    (g_trl,) = torch.autograd.grad((pi * per_action).sum(), theta, retain_graph=True)
+    (g_k2,) = torch.autograd.grad((pi * kl_estimate(logp, ref, "k2")).sum(), theta, retain_graph=True)
+    (g_k3,) = torch.autograd.grad((pi * kl_estimate(logp, ref, "k3")).sum(), theta, retain_graph=True)
+    lp = torch.log_softmax(theta, 0)
+    (grad_fwd,) = torch.autograd.grad((lp.exp() * (lp - ref)).sum(), theta)  # ∇KL(π_θ‖π_ref)
+    a = pi.log() - ref
+    torch.testing.assert_close(grad_fwd, pi * (a - (pi * a).sum()))  # the closed form (test above)
+    torch.testing.assert_close(g_trl, grad_fwd)
+    torch.testing.assert_close(g_trl, g_k2)
+    assert (g_trl - g_k3).abs().max() > 1e-3  # and not k3's direction
+    # per sample too: ∂(ρ k3)/∂log π(y) = log π(y) − log π_ref(y) = ∂k2/∂log π(y)
+    lpy = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
+    refy = torch.tensor([-2.0, -1.0], dtype=torch.float64)
+    (d,) = torch.autograd.grad((torch.exp(lpy - lpy.detach()) * kl_estimate(lpy, refy, "k3")).sum(), lpy)
+    torch.testing.assert_close(d, torch.tensor([1.0, -1.0], dtype=torch.float64))  # logp − ref
 
 
 def test_kl_term_in_the_loss_uses_the_chosen_estimator():

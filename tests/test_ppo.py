@@ -501,6 +501,19 @@ def test_adaptive_beta_on_the_penalty_d():
     assert adaptive_beta(1.0, 0.02, d_targ) == 2.0
 
 
+def test_penalty_kl_control_fixed_keeps_beta_pen_adaptive_is_the_notes_rule():
+    # fixed: β_pen unchanged for any d (below, inside and above the band [0.00667, 0.015]);
+    # adaptive: the ×2 / ÷2 rule of the test above
+    for d in (0.0, 0.005, 0.01, 0.02, 5.0):
+        assert ppo.penalty_kl_control("fixed", 0.7, d, 0.01) == 0.7
+        assert ppo.penalty_kl_control("adaptive", 0.7, d, 0.01) == adaptive_beta(0.7, d, 0.01)
+    assert ppo.penalty_kl_control("adaptive", 1.0, 0.005, 0.01) == 0.5
+    assert ppo.penalty_kl_control("adaptive", 1.0, 0.02, 0.01) == 2.0
+    assert ppo.Args().penalty_kl_control == "adaptive"  # the default: the notes' rule, as before
+    with pytest.raises(ValueError, match="proportional"):
+        ppo.penalty_kl_control("proportional", 1.0, 0.01, 0.01)
+
+
 A_2X2 = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)  # symmetric, eigenvalues (7 ± √5)/2 > 0
 B_2X2 = torch.tensor([1.0, 2.0], dtype=torch.float64)
 
@@ -958,6 +971,7 @@ def test_value_model_from_reward_model_folds_the_normalisation():
     ({"cliprange_value": -0.2}, "--cliprange-value"),
     ({"target_kl": 0.0}, "--target-kl"),
     ({"policy_loss": "ppo"}, "--policy-loss 'ppo': expected clip, kl-penalty or trpo"),
+    ({"penalty_kl_control": "proportional"}, "--penalty-kl-control 'proportional': expected fixed or adaptive"),
     ({"penalty_beta": 0.0}, r"--penalty-beta must be > 0 \(got 0.0\)"),
     ({"penalty_target_kl": -0.01}, "--penalty-target-kl must be > 0"),
     ({"trpo_delta": 0.0}, r"--trpo-delta must be > 0 \(got 0.0\)"),
@@ -1003,6 +1017,8 @@ BAD = {  # run as the user would: exit code 2 and one line
 # the other two policy updates, end to end (the shipped reward model, so they start at once)
 POLICY_RUNS = {
     "kl_penalty": SHORT + ["--policy-loss", "kl-penalty", "--ppo-epochs", "2"],
+    "kl_penalty_fixed": SHORT + ["--policy-loss", "kl-penalty", "--ppo-epochs", "2", "--penalty-kl-control",
+                                 "fixed", "--penalty-beta", "0.5"],
     "trpo": SHORT + ["--policy-loss", "trpo"],
 }
 
@@ -1340,6 +1356,16 @@ def test_kl_penalty_short_run_logs_adapts_beta_and_saves(runs):
     assert rows[2]["penalty/beta_pen"] == adaptive_beta(1.0, rows[1]["policy/kl_old"], 0.01)
     assert summary["final_penalty_beta"] == adaptive_beta(rows[2]["penalty/beta_pen"], rows[2]["policy/kl_old"], 0.01)
     # the policy moved: two epochs of two mini-batches give a non-zero d
+    assert rows[1]["policy/kl_old"] > 0
+
+
+def test_kl_penalty_fixed_keeps_beta_pen_at_every_update(runs):
+    # --penalty-kl-control fixed: the notes' plain L^KLPEN, β_pen = --penalty-beta 0.5 at every update
+    # and after the last, whatever d was (the policy moved: d > 0, which the rule would have acted on)
+    out, fut = runs["kl_penalty_fixed"]
+    rows, summary = check_policy_run(out, fut.result())
+    assert [r["penalty/beta_pen"] for r in rows[1:]] == [0.5, 0.5]
+    assert summary["final_penalty_beta"] == 0.5
     assert rows[1]["policy/kl_old"] > 0
 
 
