@@ -42,7 +42,7 @@ Run:
     python grpo.py                                  # embedded `tiny` model, arithmetic, CPU, minutes
     python grpo.py --loss-agg constant --no-scale-rewards     # Dr. GRPO
     python grpo.py --reward process                 # process supervision: every completion token a step
-    python grpo.py --task long-addition --model models/tiny-long --max-new-tokens 40 --lr 1e-4  # worked answers
+    python grpo.py --task long-addition --model models/tiny-long --max-new-tokens 40 --beta 0 --lr 1e-4
     python grpo.py --mu 4 --ratio sequence          # GSPO (the ratio only matters off-policy, μ > 1)
     python grpo.py --mu 4 --policy-loss cispo       # CISPO
     python grpo.py --dynamic-sampling --epsilon-high 0.28 --loss-agg token-mean \\
@@ -82,7 +82,7 @@ class Args:
     task: Literal["arithmetic", "long-addition"] = "arithmetic"
     """the built-in task when there is no --data: arithmetic (a+b= up to 99+99, answered alone, with
     --model tiny), or long-addition (three-digit sums, answered directly or worked out column by
-    column; with --model models/tiny-long --max-new-tokens 40 --lr 1e-4, and logs the share of
+    column; with --model models/tiny-long --max-new-tokens 40 --beta 0 --lr 1e-4, and logs the share of
     worked answers and the accuracy of each format)"""
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template (for instruct models)"""

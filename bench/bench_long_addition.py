@@ -11,7 +11,7 @@ answers directly seven times in ten, forgetting carries, and otherwise works the
 formats are in it, the worked one rare, long and right.
 
 Every run is `python grpo.py --task long-addition --model models/tiny-long --max-new-tokens 40
---steps N --seed S --no-pass-at-k`, every other flag at its default (16 prompts × G = 8, lr 3e-4 with
+--steps N --seed S --no-pass-at-k --beta 0`, every other flag at its default (16 prompts × G = 8, lr 3e-4 with
 the linear decay, β = 0, seq-mean), one torch thread each, `--jobs` at a time.
 
 What it records (bench/results/long_addition.json) for every seed: grpo.py's per-evaluation figures
@@ -81,7 +81,7 @@ def pass_at_k_curve(model_dir: str, n_prompts: int, n: int = N_SAMPLES, seed: in
 def run(seed: int, steps: int) -> dict:
     out = RUNS / f"long-addition-s{seed}"
     cmd = [sys.executable, "grpo.py", "--task", "long-addition", "--model", MODEL, "--max-new-tokens",
-           str(MAX_NEW_TOKENS), "--steps", str(steps), "--seed", str(seed), "--no-pass-at-k",
+           str(MAX_NEW_TOKENS), "--steps", str(steps), "--seed", str(seed), "--no-pass-at-k", "--beta", "0",
            "--out-dir", str(out), "--overwrite"]
     load0, t0 = os.getloadavg()[0], time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
