@@ -26,6 +26,10 @@ memory than this machine has for logits of 152k columns, so every recipe runs at
 (`SCALES`: two values of k per recipe), every ratio (rollout : micro-batch : mini-batch) kept, and
 the full batch is extrapolated: activations and caches are linear in the tokens of a forward pass.
 
+Rollouts are uniformly random tokens of the full length (`fake_generation`), not sampled: the shapes
+are those a random model samples, the training passes are the script's own, and the hours of
+token-by-token decoding on 2 shared cores are skipped (BENCH_MEMORY_SAMPLE=1 samples for real).
+
 What is measured, in the script's own process (the `--probe` mode of this file wraps it with runpy;
 the script is not changed):
   - at every optimiser step (a global AdamW step hook), every live tensor, each storage counted
@@ -126,7 +130,9 @@ RECIPES = {
 TRL_RECIPES = ("grpo", "dpo")  # TRL 1.16 has GRPOTrainer and DPOTrainer (and no PPOTrainer)
 VARIANTS = {"full": [], "gc": ["--gradient-checkpointing"], "lora": ["--lora-r", "16"]}
 VARIANT_NAMES = {"full": "full", "gc": "+ gradient checkpointing", "lora": "LoRA (r 16)"}
-PARTS = ["trained_weights", "gradients", "optimizer_state", "frozen_weights", "caches", "activations"]
+FOREACH = False  # --foreach: AdamW's multi-tensor path in every run (set by main)
+PARTS = ["trained_weights", "gradients", "optimizer_state", "frozen_weights", "caches", "activations",
+         "step_temporaries"]
 
 
 #####################################################################################################
@@ -139,6 +145,32 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def fake_generation() -> None:
+    """Rollouts of uniformly random tokens (ids 3.., never a stop token) of the full length, in place
+    of sampling: common.generate for the scripts, transformers' generate for TRL. A random model
+    samples nearly uniform tokens and almost never EOS, so the shapes are those of real sampling;
+    what is skipped is 256 forward passes of the decoder per rollout, which on a loaded 2-core
+    machine take most of a run. The KV cache of sampling is not in the peak (it is freed before the
+    training passes, and is far smaller: B × (P + T) × layers × 2 × KV heads × head dim × 2 bytes,
+    0.3 GB for GRPO's 64 × 384 tokens at 0.5B). BENCH_MEMORY_SAMPLE=1 samples for real."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import common
+    import transformers
+
+    def generate(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=1.0, greedy=False):
+        ids = torch.randint(3, model.config.vocab_size, (prompt_ids.shape[0], max_new_tokens),
+                            device=prompt_ids.device)  # [B, T]
+        return ids, common.completion_mask(ids, eos_ids)
+    common.generate = generate
+
+    def hf_generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+        n = (generation_config.max_new_tokens if generation_config is not None else None) or kwargs["max_new_tokens"]
+        new = torch.randint(3, self.config.vocab_size, (input_ids.shape[0], n), device=input_ids.device)
+        return torch.cat([input_ids, new], dim=1)  # [B, P + T]
+    transformers.GenerationMixin.generate = hf_generate
+
+
 def probe(out_file: str, script: str, argv: list[str]) -> None:
     """Run `script argv` with runpy; write the measurements to out_file (JSON)."""
     import gc
@@ -147,19 +179,27 @@ def probe(out_file: str, script: str, argv: list[str]) -> None:
     import threading
 
     import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
     del AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM  # imported before the baseline, as the scripts will
 
+    if os.environ.get("BENCH_MEMORY_SAMPLE") != "1":
+        fake_generation()
     torch.zeros(1) @ torch.zeros(1)  # the thread pools, before the baseline
     baseline = rss_bytes()
-    state = {"peak": baseline, "peak_step": 0, "step": 0, "snapshots": [], "stop": False}
+    # the peak outside the optimiser steps (forward and backward passes) and inside them (AdamW's
+    # temporaries), each with the number of steps done before it
+    state = {"peak": baseline, "peak_step": 0, "peak_in_step": baseline, "peak_in_step_step": 0, "step": 0,
+             "in_step": False, "snapshots": [], "stop": False}
 
     def sampler():
         while not state["stop"]:
             r = rss_bytes()
-            if r > state["peak"]:
+            if state["in_step"]:
+                if r > state["peak_in_step"]:
+                    state["peak_in_step"], state["peak_in_step_step"] = r, state["step"]
+            elif r > state["peak"]:
                 state["peak"], state["peak_step"] = r, state["step"]
             time.sleep(0.002)
     thread = threading.Thread(target=sampler, daemon=True)
@@ -208,10 +248,24 @@ def probe(out_file: str, script: str, argv: list[str]) -> None:
                 "largest_caches": [{"tensor": k, "bytes": v} for k, v in top],
                 "trained_params": sum(p.numel() for p in params)}
 
+    def pre_hook(opt, args, kwargs):
+        state["peak_in_step"] = max(state["peak_in_step"], rss_bytes())
+        state["in_step"] = True
+
     def hook(opt, args, kwargs):
+        state["peak_in_step"] = max(state["peak_in_step"], rss_bytes())
+        state["in_step"] = False
         state["step"] += 1
         state["snapshots"].append(snapshot())
+    register_optimizer_step_pre_hook(pre_hook)
     register_optimizer_step_post_hook(hook)
+    if os.environ.get("BENCH_MEMORY_FOREACH") == "1":  # AdamW's multi-tensor path, the default on a GPU
+        init = torch.optim.AdamW.__init__
+
+        def foreach_init(self, *args, **kwargs):
+            kwargs.setdefault("foreach", True)
+            init(self, *args, **kwargs)
+        torch.optim.AdamW.__init__ = foreach_init
     sys.argv = [script] + argv
     sys.path.insert(0, str(Path(script).resolve().parent))
     thread.start()
@@ -227,6 +281,7 @@ def probe(out_file: str, script: str, argv: list[str]) -> None:
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         Path(out_file).write_text(json.dumps({
             "baseline": baseline, "peak_sampled": state["peak"], "peak_step": state["peak_step"],
+            "peak_in_step": state["peak_in_step"], "peak_in_step_step": state["peak_in_step_step"],
             "maxrss": maxrss, "snapshots": state["snapshots"], "error": error}))
 
 
@@ -308,9 +363,17 @@ def supports(python: str, script: str, flag: str, trl: bool) -> bool:
     return flag in out
 
 
-def child_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2",
+def child_env(foreach: bool = False) -> dict:
+    return {**os.environ, "BENCH_MEMORY_FOREACH": "1" if foreach else "0", "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2",
             "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_name(recipe: str, size: str, depth: int, k: int, variant: str, trl: bool) -> str:
+    return f"{'trl_' if trl else ''}{recipe}-{size}-L{depth}-k{k}-{variant}{'-foreach' if FOREACH else ''}"
+
+
+def probe_path(*args) -> Path:
+    return WORK / "runs" / f"{run_name(*args)}.json"
 
 
 def run_one(recipe: str, size: str, depth: int, k: int, variant: str, trl: bool, python: str,
@@ -318,7 +381,7 @@ def run_one(recipe: str, size: str, depth: int, k: int, variant: str, trl: bool,
     r = RECIPES[recipe]
     files = make_data()
     model = make_model(size, depth)
-    name = f"{'trl_' if trl else ''}{recipe}-{size}-L{depth}-k{k}-{variant}"
+    name = run_name(recipe, size, depth, k, variant, trl)
     out_dir, probe_file = WORK / "runs" / name, WORK / "runs" / f"{name}.json"
     shutil.rmtree(out_dir, ignore_errors=True)
     args = ["--model", str(model), "--data", str(files[r["data"]]), *r["flags"], *r["batch"](k),
@@ -336,7 +399,7 @@ def run_one(recipe: str, size: str, depth: int, k: int, variant: str, trl: bool,
         if not m.get("error") and m.get("snapshots"):
             row.update(wall_seconds=m.get("wall_seconds", 0.0), load=m.get("load", [None, None]), reused=True)
             return measured(row, m)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(FOREACH), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     killed = None
     while proc.poll() is None:  # the memory guard: this machine is shared
@@ -368,16 +431,29 @@ def run_one(recipe: str, size: str, depth: int, k: int, variant: str, trl: bool,
 
 
 def measured(row: dict, m: dict) -> dict:
-    """The row's parts from a probe's measurements."""
-    # the peak, and what was counted at the first step after it (the step whose backward made it)
-    peak = max(m["peak_sampled"], m["maxrss"])
-    after = [s for s in m["snapshots"] if s["step"] >= max(1, m["peak_step"] + 1)]
-    snap = after[0] if after else m["snapshots"][-1]
-    parts = dict(snap["parts"])
-    parts["activations"] = peak - m["baseline"] - sum(parts.values())
-    row.update(ok=True, baseline=m["baseline"], peak=peak - m["baseline"], peak_at_step=m["peak_step"] + 1,
-               optimizer_steps=len(m["snapshots"]), parts=parts, largest_caches=snap["largest_caches"],
-               trained_params=snap["trained_params"])
+    """The row's parts from a probe's measurements: what was counted at the last step (the steady
+    state), the activations (the peak outside the optimiser steps, minus what was counted then) and
+    the optimiser step's temporaries (the peak inside a step, minus what was counted then)."""
+    snaps = {s["step"]: s for s in m["snapshots"]}
+    last = m["snapshots"][-1]
+    parts = dict(last["parts"])
+
+    def counted_at(done: int, in_step: bool) -> int:
+        """Bytes counted while `done` steps were done: the next step's snapshot (gradients are
+        complete then); before the first step ends there is no optimiser state yet, except inside it."""
+        snap = snaps.get(done + 1, last)
+        return sum(snap["parts"].values()) - (snap["parts"]["optimizer_state"] if done == 0 and not in_step else 0)
+    peak_out = max(m["peak_sampled"], m["baseline"])
+    parts["activations"] = peak_out - m["baseline"] - counted_at(m["peak_step"], False)
+    if "peak_in_step" in m:  # probes before the phases were split have one peak only
+        parts["step_temporaries"] = m["peak_in_step"] - m["baseline"] - counted_at(m["peak_in_step_step"], True)
+    else:
+        parts["step_temporaries"] = None
+    static = sum(parts[p] for p in PARTS[:5])
+    peak = static + max(parts["activations"], parts["step_temporaries"] or 0)
+    row.update(ok=True, baseline=m["baseline"], peak=peak, measured_peak=max(m["maxrss"], peak_out) - m["baseline"],
+               phases=parts["step_temporaries"] is not None, optimizer_steps=len(m["snapshots"]), parts=parts,
+               largest_caches=last["largest_caches"], trained_params=last["trained_params"])
     return row
 
 
@@ -413,20 +489,33 @@ def extrapolate(rows: list[dict]) -> list[dict]:
         depth = SHAPES[size]["num_hidden_layers"]
         parts, coefs = {}, {}
         for p in PARTS:
+            if any(r["parts"][p] is None for r in fitted):
+                parts[p] = coefs[p] = None
+                continue
             c = fit([(r["depth"], 1 / r["k"], r["parts"][p]) for r in fitted])
             coefs[p] = [round(float(x)) for x in c]
             parts[p] = predict(c, depth, 1.0)
-        c_peak = fit([(r["depth"], 1 / r["k"], r["peak"]) for r in fitted])
+
+        def total(ps):  # the steady state: everything counted, plus the larger of the two transients
+            return sum(ps[p] for p in PARTS[:5]) + max(ps["activations"], ps["step_temporaries"] or 0)
+
+        def predicted(L, b):
+            return total({p: (None if coefs[p] is None else predict(coefs[p], L, b)) for p in PARTS})
         checks = [{"depth": r["depth"], "k": r["k"], "measured_gib": round(r["peak"] / GIB, 3),
-                   "predicted_gib": round(predict(c_peak, r["depth"], 1 / r["k"]) / GIB, 3),
-                   "error_pct": round(100 * (predict(c_peak, r["depth"], 1 / r["k"]) / r["peak"] - 1), 1)}
+                   "predicted_gib": round(predicted(r["depth"], 1 / r["k"]) / GIB, 3),
+                   "error_pct": round(100 * (predicted(r["depth"], 1 / r["k"]) / r["peak"] - 1), 1)}
                   for r in rs if r["depth"] not in (1, 2)]
-        total = sum(parts.values())
+        peak = total(parts)
         out.append({"system": system, "recipe": recipe, "size": size, "variant": variant, "depth": depth,
-                    "parts_gib": {p: round(v / GIB, 2) for p, v in parts.items()},
-                    "peak_gib": round(total / GIB, 2), "coefficients_bytes": coefs, "check": checks,
-                    "fits": [c for c in CARDS if total / GIB + CUDA_CONTEXT_GIB <= c]})
+                    "parts_gib": {p: (None if v is None else round(v / GIB, 2)) for p, v in parts.items()},
+                    "peak_gib": round(peak / GIB, 2), "phases_split": all(r["phases"] for r in fitted),
+                    "coefficients_bytes": coefs, "check": checks,
+                    "fits": [c for c in CARDS if peak / GIB + CUDA_CONTEXT_GIB <= c]})
     return out
+
+
+def gib(v, unit=GIB) -> str:
+    return "?" if v is None else f"{v / unit:.2f}"
 
 
 def card(e) -> str:
@@ -461,7 +550,7 @@ def tables(result: dict) -> str:
         chk = "; ".join(f"k={c['k']}: {c['measured_gib']:.2f} measured, {c['predicted_gib']:.2f} fit "
                         f"({c['error_pct']:+.1f}%)" for c in e["check"]) or "—"
         lines.append(f"| {e['recipe']} | {e['system']} | {e['size']} | {e['variant']} | "
-                     + " | ".join(f"{e['parts_gib'][p]:.2f}" for p in PARTS) + f" | {e['peak_gib']:.2f} | {chk} |")
+                     + " | ".join(gib(e['parts_gib'][p], 1) for p in PARTS) + f" | {e['peak_gib']:.2f} | {chk} |")
     lines += ["", "Runs (GiB over the baseline; k: the run's batch is 1/k of the recipe's):", "",
               "| run | peak | " + " | ".join(PARTS) + " | largest cache | s | load |",
               "| --- | --- | " + " | ".join("---" for _ in PARTS) + " | --- | --- | --- |"]
@@ -470,7 +559,7 @@ def tables(result: dict) -> str:
             big = r["largest_caches"][0] if r["largest_caches"] else None
             big = f"{big['tensor']}: {big['bytes'] / GIB:.2f}" if big else "—"
             lines.append(f"| {r['run']} | {r['peak'] / GIB:.2f} | "
-                         + " | ".join(f"{r['parts'][p] / GIB:.2f}" for p in PARTS)
+                         + " | ".join(gib(r['parts'][p]) for p in PARTS)
                          + f" | {big} | {r['wall_seconds']:.0f} | {r['load'][0]}-{r['load'][1]} |")
         else:
             lines.append(f"| {r['run']} | failed: {r.get('error', '')[-160:]!r} | " + " | ".join("" for _ in PARTS)
@@ -488,21 +577,30 @@ def main():
                     help="depths to run (default 1 2 3: 1 and 2 are fit, the others checked)")
     ap.add_argument("--check-depth-at", choices=["small", "both"], default="small",
                     help="run the check depths at the smaller batch only (default) or at both")
+    ap.add_argument("--k", nargs="+", type=int, help="only these batch divisors (of the recipe's two)")
     ap.add_argument("--variant", choices=list(VARIANTS), default="full",
                     help="full; gc: + --gradient-checkpointing; lora: --lora-r 16 (the scripts' flags)")
     ap.add_argument("--trl", action="store_true", help="TRL's trainers via bench/to_trl.py (grpo, dpo)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter that runs the scripts "
                                                              "(for --trl: one with TRL installed)")
     ap.add_argument("--limit-gib", type=float, default=11.0, help="kill a run whose RSS passes this (GiB)")
-    ap.add_argument("--timeout", type=float, default=420, help="seconds allowed per run")
+    ap.add_argument("--timeout", type=float, default=1500, help="seconds allowed per run")
     ap.add_argument("--reuse", action="store_true", help="reuse the measurements of earlier runs of the same name "
                                                          "(bench/.runs/memory/runs/NAME.json)")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--foreach", action="store_true",
+                    help="AdamW's multi-tensor (foreach) path, as on a GPU, where it is the default: one more "
+                         "float32 copy of the trained weights during the step (results: memory_foreach.json)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: the tables from the runs measured before (bench/.runs/memory/runs)")
+    ap.add_argument("--out", help="results JSON (default: bench/results/memory.json, memory_foreach.json "
+                                  "with --foreach); the tables go beside it (.md)")
     a = ap.parse_args()
     import torch
     import transformers
     recipes = [r for r in (a.only or list(RECIPES)) if not a.trl or r in TRL_RECIPES]
-    out = Path(a.out)
+    global FOREACH
+    FOREACH = a.foreach
+    out = Path(a.out or (RESULTS.with_name("memory_foreach.json") if a.foreach else RESULTS))
     WORK.mkdir(parents=True, exist_ok=True)
     t0, load0 = time.time(), os.getloadavg()[0]
     new = []
@@ -515,11 +613,14 @@ def main():
         for size in a.sizes:
             small, big = RECIPES[recipe]["scales"]
             plan = [(d, k) for d in sorted(a.depths) for k in (small, big)
-                    if d in (1, 2) or k == small or a.check_depth_at == "both"]
+                    if (d in (1, 2) or k == small or a.check_depth_at == "both") and (not a.k or k in a.k)]
             for depth, k in plan:
-                row = run_one(recipe, size, depth, k, a.variant, a.trl, a.python, a.limit_gib, a.timeout, a.reuse)
+                if a.report_only and not probe_path(recipe, size, depth, k, a.variant, a.trl).exists():
+                    continue
+                row = run_one(recipe, size, depth, k, a.variant, a.trl, a.python, a.limit_gib, a.timeout,
+                             a.reuse or a.report_only)
                 new.append(row)
-                msg = (f"peak {row['peak'] / GIB:.2f} GiB (" + ", ".join(f"{p} {row['parts'][p] / GIB:.2f}"
+                msg = (f"peak {row['peak'] / GIB:.2f} GiB (" + ", ".join(f"{p} {gib(row['parts'][p])}"
                                                                           for p in PARTS) + ")"
                        if row.get("ok") else f"FAILED: {row['error'][-300:]}")
                 print(f"{row['run']:32} {row['wall_seconds']:6.1f} s  {msg}", flush=True)
