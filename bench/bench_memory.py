@@ -1,12 +1,19 @@
 """Memory rehearsal on the CPU: the README's GPU recipes on random models of Qwen2.5-0.5B's and
 1.5B's real shape, each run in a subprocess for a few optimiser steps, its memory measured and split.
 
-    python bench/bench_memory.py                        # every recipe, both sizes (~20-25 min on 2 cores)
-    python bench/bench_memory.py --only grpo dpo --sizes 0.5B
+    python bench/bench_memory.py --only grpo --sizes 0.5B     # one recipe, one size: 5 runs
+    python bench/bench_memory.py --only grpo --sizes 0.5B --depths 1 2 --k 16   # 2 runs (a part of the fit)
+    python bench/bench_memory.py                        # every recipe, both sizes: 40 runs (hours on 2 cores)
+    python bench/bench_memory.py --report-only          # the tables again, from the runs measured before
     python bench/bench_memory.py --variant gc           # + --gradient-checkpointing (when the scripts have it)
     python bench/bench_memory.py --variant lora         # --lora-r 16 (when the scripts have it)
     python bench/bench_memory.py --trl                  # TRL's GRPOTrainer and DPOTrainer, the same rehearsal
                                                         #   (needs TRL: bench/.venv, see bench/to_trl.py)
+
+A run takes 2-15 minutes on 2 cores (the reward model's are the quickest, GRPO's and PPO's the
+slowest; with 35 other processes on the 2 cores, 14 minutes for one GRPO run). Runs of separate
+invocations may go in parallel (each merges its rows into the results file at its end; mind the
+memory: 3.5-8 GB a run at 0.5B), and --reuse takes a run's measurements from an earlier invocation.
 
 Results: bench/results/memory.json (every run, every fit) and memory.md (the tables); a variant's
 or TRL's rows are merged into the same files, so that one table holds them all.
@@ -23,8 +30,11 @@ PPO prompts of 128 and completions of 128, DPO and reward-model rows of 256 + 76
 
 The batch. The recipes' batches at these lengths would take minutes per step on 2 cores and more
 memory than this machine has for logits of 152k columns, so every recipe runs at 1/k of its batch
-(`SCALES`: two values of k per recipe), every ratio (rollout : micro-batch : mini-batch) kept, and
-the full batch is extrapolated: activations and caches are linear in the tokens of a forward pass.
+(two values of k per recipe, RECIPES[...]["scales"]), every ratio (rollout : micro-batch :
+mini-batch) kept, and the full batch is extrapolated: activations and caches are linear in the tokens
+of a forward pass. Not below micro-batches of 2: with one sequence, the peak of the passes is the tied
+embedding's two [V, d] float32 gradients (input and output side) at the end of the backward pass,
+~1.1 GB at any batch, which hides the slope (grpo at k = 16 measured 1.12 GiB at depths 1 and 2).
 
 Rollouts are uniformly random tokens of the full length (`fake_generation`), not sampled: the shapes
 are those a random model samples, the training passes are the script's own, and the hours of
@@ -110,7 +120,9 @@ RECIPES = {
                  # one prompt, a group of 64/k, micro-batches of 16/k
                  batch=lambda k: ["--prompts-per-step", "1", "--group-size", str(64 // k), "--micro-batch",
                                   str(16 // k)],
-                 scales=(16, 8)),
+                 # at k = 16 (micro-batches of 1) the passes' peak is the tied embedding's two [V, d]
+                 # gradients at the end of the backward pass, the same at any batch: no slope to fit
+                 scales=(8, 4)),
     "reward_model": dict(script="reward_model.py", data="pairs", full=["--batch-size", "16"],
                          flags=["--lr", "1e-5", "--epochs", "1", "--max-length", "1024", "--max-steps", "2",
                                 "--eval-every", "100", "--eval-size", "1", "--norm-samples", "2",
@@ -125,7 +137,7 @@ RECIPES = {
                 flags=["--lr", "1e-6", "--max-new-tokens", str(LENGTHS["ppo_completion"]), "--steps", "1",
                        "--ppo-epochs", "1", "--eval-every", "100", "--eval-samples", "1"],
                 batch=lambda k: ["--batch-size", str(64 // k), "--mini-batches", "4", "--micro-batch", str(8 // k)],
-                scales=(8, 4)),
+                scales=(4, 2)),  # not micro-batches of 1: see grpo's scales
 }
 TRL_RECIPES = ("grpo", "dpo")  # TRL 1.16 has GRPOTrainer and DPOTrainer (and no PPOTrainer)
 VARIANTS = {"full": [], "gc": ["--gradient-checkpointing"], "lora": ["--lora-r", "16"]}
@@ -483,7 +495,7 @@ def extrapolate(rows: list[dict]) -> list[dict]:
             groups.setdefault((r["system"], r["recipe"], r["size"], r["variant"]), []).append(r)
     out = []
     for (system, recipe, size, variant), rs in sorted(groups.items()):
-        fitted = [r for r in rs if r["depth"] in (1, 2)]
+        fitted = [r for r in rs if r["depth"] in (1, 2) and r["k"] in RECIPES[recipe]["scales"]]
         if len({(r["depth"], r["k"]) for r in fitted}) < 4:
             continue
         depth = SHAPES[size]["num_hidden_layers"]
@@ -501,9 +513,14 @@ def extrapolate(rows: list[dict]) -> list[dict]:
 
         def predicted(L, b):
             return total({p: (None if coefs[p] is None else predict(coefs[p], L, b)) for p in PARTS})
+        def act(L, b):
+            return predict(coefs["activations"], L, b)
         checks = [{"depth": r["depth"], "k": r["k"], "measured_gib": round(r["peak"] / GIB, 3),
                    "predicted_gib": round(predicted(r["depth"], 1 / r["k"]) / GIB, 3),
-                   "error_pct": round(100 * (predicted(r["depth"], 1 / r["k"]) / r["peak"] - 1), 1)}
+                   "error_pct": round(100 * (predicted(r["depth"], 1 / r["k"]) / r["peak"] - 1), 1),
+                   "activations_measured_gib": round(r["parts"]["activations"] / GIB, 3),
+                   "activations_predicted_gib": round(act(r["depth"], 1 / r["k"]) / GIB, 3),
+                   "activations_error_pct": round(100 * (act(r["depth"], 1 / r["k"]) / r["parts"]["activations"] - 1), 1)}
                   for r in rs if r["depth"] not in (1, 2)]
         peak = total(parts)
         out.append({"system": system, "recipe": recipe, "size": size, "variant": variant, "depth": depth,
@@ -511,6 +528,36 @@ def extrapolate(rows: list[dict]) -> list[dict]:
                     "peak_gib": round(peak / GIB, 2), "phases_split": all(r["phases"] for r in fitted),
                     "coefficients_bytes": coefs, "check": checks,
                     "fits": [c for c in CARDS if peak / GIB + CUDA_CONTEXT_GIB <= c]})
+    return out
+
+
+def n_params(size: str, depth: int) -> int:
+    """Parameters of one model of `size`'s shape at `depth` layers (built on the meta device)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**{**SHAPES[size], "num_hidden_layers": depth}))
+    return sum(p.numel() for p in model.parameters())
+
+
+def lower_bounds(rows: list[dict]) -> list[dict]:
+    """Where a recipe has runs but no complete fit: what is counted, at the real depth and batch, is
+    a lower bound of the peak. Every model of a run has the same shape, so each counted part scales
+    with the parameters of one model (real depth / run's depth); the caches scale with the batch (k)."""
+    out, seen = [], set()
+    for r in sorted((r for r in rows if r.get("ok")), key=lambda r: (-r["depth"], r["k"])):
+        key = (r["system"], r["recipe"], r["size"], r["variant"])
+        if key in seen:
+            continue
+        seen.add(key)
+        ratio = n_params(r["size"], SHAPES[r["size"]]["num_hidden_layers"]) / n_params(r["size"], r["depth"])
+        parts = {p: r["parts"][p] * ratio for p in PARTS[:4]}
+        parts["caches"] = r["parts"]["caches"] * r["k"]
+        total = sum(parts.values())
+        out.append({"system": key[0], "recipe": key[1], "size": key[2], "variant": key[3], "from_run": r["run"],
+                    "parts_gib": {p: round(v / GIB, 2) for p, v in parts.items()},
+                    "lower_bound_gib": round(total / GIB, 2),
+                    "too_small_for": [c for c in CARDS if total / GIB + CUDA_CONTEXT_GIB > c]})
     return out
 
 
@@ -525,6 +572,7 @@ def card(e) -> str:
 def tables(result: dict) -> str:
     ext = result["extrapolated"]
     find = {(e["system"], e["recipe"], e["size"], e["variant"]): e for e in ext}
+    low = {(e["system"], e["recipe"], e["size"], e["variant"]): e for e in result.get("lower_bounds", [])}
     lines = [f"Memory rehearsal on the CPU ({result['date']}, torch {result['torch']}, transformers "
              f"{result['transformers']}; load {result['load']}). Random models of the real shape, the "
              "README's GPU recipes, --dtype bfloat16; peak in GiB at the real depth and full batch, "
@@ -533,22 +581,37 @@ def tables(result: dict) -> str:
              "of CUDA context.", "",
              "| script | system | model | " + " | ".join(VARIANT_NAMES.values()) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in VARIANTS) + " |"]
-    systems = sorted({e["system"] for e in ext}, key=lambda s: s != "this repo")
+    systems = sorted({e["system"] for e in ext + result.get("lower_bounds", [])}, key=lambda s: s != "this repo")
     for recipe in RECIPES:
         for system in systems:
             for size in SHAPES:
                 cells = []
                 for v in VARIANTS:
-                    e = find.get((system, recipe, size, v))
-                    cells.append(f"{e['peak_gib']:.1f} ({card(e)})" if e else "—")
+                    e, lb = find.get((system, recipe, size, v)), low.get((system, recipe, size, v))
+                    if e:
+                        cells.append(f"{e['peak_gib']:.1f} ({card(e)})")
+                    elif lb:  # counted parts only: a lower bound
+                        room = [c for c in CARDS if c not in lb["too_small_for"]]
+                        cells.append(f"≥ {lb['lower_bound_gib']:.1f} ({'≥ ' + str(room[0]) + ' GB' if room else '> 80 GB'})")
+                    else:
+                        cells.append("—")
                 if any(c != "—" for c in cells):
                     lines.append(f"| {recipe} | {system} | Qwen2.5-{size} | " + " | ".join(cells) + " |")
+    lines += ["", "≥ X: the recipe's fit is not complete; X is what was counted (weights, gradients, AdamW "
+              "state, frozen weights, caches) scaled to the real depth and batch, before any activation.",
+              "", "| script | system | model | variant | from run | " + " | ".join(PARTS[:5]) + " | at least |",
+              "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in PARTS[:5]) + " | --- |"]
+    for e in result.get("lower_bounds", []):
+        lines.append(f"| {e['recipe']} | {e['system']} | {e['size']} | {e['variant']} | {e['from_run']} | "
+                     + " | ".join(f"{e['parts_gib'][p]:.2f}" for p in PARTS[:5]) + f" | {e['lower_bound_gib']:.2f} |")
     lines += ["", "Split of the peak (GiB): " + ", ".join(PARTS) + "; and the fit's error at depth 3.", "",
               "| script | system | model | variant | " + " | ".join(PARTS) + " | peak | depth-3 check |",
               "| --- | --- | --- | --- | " + " | ".join("---" for _ in PARTS) + " | --- | --- |"]
     for e in ext:
-        chk = "; ".join(f"k={c['k']}: {c['measured_gib']:.2f} measured, {c['predicted_gib']:.2f} fit "
-                        f"({c['error_pct']:+.1f}%)" for c in e["check"]) or "—"
+        chk = "; ".join(f"L={c['depth']}, k={c['k']}: peak {c['measured_gib']:.2f} measured, {c['predicted_gib']:.2f} "
+                        f"fit ({c['error_pct']:+.1f}%); activations {c['activations_measured_gib']:.3f} measured, "
+                        f"{c['activations_predicted_gib']:.3f} fit ({c['activations_error_pct']:+.1f}%)"
+                        for c in e["check"]) or "—"
         lines.append(f"| {e['recipe']} | {e['system']} | {e['size']} | {e['variant']} | "
                      + " | ".join(gib(e['parts_gib'][p], 1) for p in PARTS) + f" | {e['peak_gib']:.2f} | {chk} |")
     lines += ["", "Runs (GiB over the baseline; k: the run's batch is 1/k of the recipe's):", "",
@@ -583,7 +646,7 @@ def main():
     ap.add_argument("--trl", action="store_true", help="TRL's trainers via bench/to_trl.py (grpo, dpo)")
     ap.add_argument("--python", default=sys.executable, help="the interpreter that runs the scripts "
                                                              "(for --trl: one with TRL installed)")
-    ap.add_argument("--limit-gib", type=float, default=11.0, help="kill a run whose RSS passes this (GiB)")
+    ap.add_argument("--limit-gib", type=float, default=12.0, help="kill a run whose RSS passes this (GiB)")
     ap.add_argument("--timeout", type=float, default=1500, help="seconds allowed per run")
     ap.add_argument("--reuse", action="store_true", help="reuse the measurements of earlier runs of the same name "
                                                          "(bench/.runs/memory/runs/NAME.json)")
@@ -614,9 +677,10 @@ def main():
             small, big = RECIPES[recipe]["scales"]
             plan = [(d, k) for d in sorted(a.depths) for k in (small, big)
                     if (d in (1, 2) or k == small or a.check_depth_at == "both") and (not a.k or k in a.k)]
+            if a.report_only:  # every run of this recipe, size and variant measured before
+                plan = [(d, k) for d in range(1, 9) for k in (1, 2, 4, 8, 16, 32, 64)
+                        if probe_path(recipe, size, d, k, a.variant, a.trl).exists()]
             for depth, k in plan:
-                if a.report_only and not probe_path(recipe, size, depth, k, a.variant, a.trl).exists():
-                    continue
                 row = run_one(recipe, size, depth, k, a.variant, a.trl, a.python, a.limit_gib, a.timeout,
                              a.reuse or a.report_only)
                 new.append(row)
@@ -632,6 +696,7 @@ def main():
                   load=f"{load0:.2f} at the start of the last invocation, {os.getloadavg()[0]:.2f} at its end",
                   shapes=SHAPES, lengths=LENGTHS, runs=runs)
     result["extrapolated"] = extrapolate(runs)
+    result["lower_bounds"] = lower_bounds(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     md = tables(result)
