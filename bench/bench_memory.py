@@ -523,6 +523,12 @@ def extrapolate(rows: list[dict]) -> list[dict]:
                    "activations_error_pct": round(100 * (act(r["depth"], 1 / r["k"]) / r["parts"]["activations"] - 1), 1)}
                   for r in rs if r["depth"] not in (1, 2)]
         peak = total(parts)
+        # the activations' growth per layer at the full batch must be positive; where the runs do not
+        # resolve it (the depth-independent logits dominate them, or the peak fell at another point
+        # of the pass at one of the batches), the fit is not used and the table gives the lower bound
+        slope = coefs["activations"][1] + coefs["activations"][3] if coefs["activations"] else 0
+        if slope <= 0:
+            continue
         out.append({"system": system, "recipe": recipe, "size": size, "variant": variant, "depth": depth,
                     "parts_gib": {p: (None if v is None else round(v / GIB, 2)) for p, v in parts.items()},
                     "peak_gib": round(peak / GIB, 2), "phases_split": all(r["phases"] for r in fitted),
