@@ -91,7 +91,7 @@ CASES = [
     ("resume_no_such_folder", "reinforce", ["--resume", "{tmp}/nothing"], "none", 2, "no such folder", [], ["nothing"]),
     ("resume_not_a_run", "grpo", ["--resume", "{tmp}/r"], "no_run", 2, "or one of its checkpoint-<step>/ folders", [], []),
     # 7. flags that do nothing in the given combination, and the ranges of numbers
-    ("grpo_kl_estimator_beta_0", "grpo", ["--kl-estimator", "k1"], "none", 2, "--kl-estimator k1 does nothing with --beta 0", [], []),
+    ("grpo_kl_estimator_beta_0", "grpo", ["--beta", "0", "--kl-estimator", "k1"], "none", 2, "--kl-estimator k1 does nothing with --beta 0", [], []),
     ("grpo_cispo_epsilon_clip", "grpo", ["--cispo-epsilon", "0.2"], "none", 2, "--cispo-epsilon 0.2 does nothing without --policy-loss cispo", [], []),
     ("grpo_gspo_epsilon_token", "grpo", ["--gspo-epsilon", "0.01"], "none", 2, "--gspo-epsilon 0.01 does nothing without --ratio sequence", [], []),
     ("grpo_epsilon_with_cispo", "grpo", ["--policy-loss", "cispo", "--epsilon", "0.3"], "none", 2, "--epsilon 0.3 does nothing with --ratio sequence or --policy-loss cispo", [], []),

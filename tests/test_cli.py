@@ -55,7 +55,7 @@ def test_help_lists_the_choices_of_fixed_set_flags(capsys):
     assert "--baseline {none,mean,rloo,value}" in out
     assert "--dtype {auto,float32,bfloat16,float16}" in out
     out = help_text(grpo.Args, capsys)
-    assert "--loss-agg {seq-mean,token-mean,constant}" in out and "--dtype {auto," in out
+    assert "--loss-agg {seq-mean,token-mean,constant,none}" in out and "--dtype {auto," in out
 
 
 def test_underscore_aliases_still_work():
