@@ -578,9 +578,7 @@ def train(args: Args) -> dict:
     prec = harness.MixedPrecision(device, args.dtype)  # fp32 weights, autocast forward passes
     train_rows, heldout = tasks.load_task(args.data, task=args.task)
     heldout = heldout[: args.eval_size]
-    # the built-in tasks are scored strictly (long addition: the answer after the work), a --data
-    # file by its last number
-    strict = tasks.task_scoring(args.task, args.data)
+    strict = tasks.task_scoring(args.task, args.data)  # built-in tasks strictly, --data by its last number
 
     ##### models: the policy π_θ, and the frozen reference π_ref only when β > 0
     print(f"loading --model {args.model}" + (" (the policy, and a frozen copy as π_ref)" * (args.beta > 0))
@@ -589,7 +587,6 @@ def train(args: Args) -> dict:
     policy.eval()  # no dropout: ρ must be exactly 1 on the first inner iteration
     harness.gradient_checkpointing(policy, args.gradient_checkpointing)  # --gradient-checkpointing
     policy = harness.apply_lora(policy, args, ckpt)  # --lora-r: adapters on the frozen base, only they trained
-    # a frozen copy of the start model (--lora-r: the policy with its adapters off, no copy)
     ref = harness.reference_of(policy, args, args.model, device, prec) if args.beta > 0 else None
     tasks.check_chat_template(tok, args.model, args.chat_template, train_rows + heldout)
     # every prompt + --max-new-tokens within the model's positions (row i of train + held out: line of --data)
@@ -654,11 +651,9 @@ def train(args: Args) -> dict:
         ref_logp = frozen_logprobs(ref, ids, mask, T, args, prec) if ref is not None else None  # [B, T]
 
         ##### 4. μ optimiser steps on this batch, accumulated over micro-batches
-        # The clip: with μ = 1 (the default, the GRPO paper's) π_old = π_θ at the only step, so ρ ≡ 1,
-        # min(ρÂ, clip(ρ)Â) = ρÂ and the clip never binds (policy/clip_frac 0): the update is the
-        # policy gradient. It binds from the second inner step on: in `python grpo.py --mu 2 --steps 400
-        # --beta 0` policy/clip_frac (of the last inner step) is 3% over the run, 6–7% in steps 20–60,
-        # under 0.5% in the last 100 (seeds 1–3; bench/bench_grpo_family.py, arm grpo-mu2).
+        # μ = 1 (the default, the paper's): π_old = π_θ, ρ ≡ 1, the clip never binds (policy/clip_frac 0)
+        # and the update is the policy gradient. From the second inner step it binds: `--mu 2 --steps 400
+        # --beta 0` clips 3% of tokens over the run, 6–7% in steps 20–60 (seeds 1–3, bench_grpo_family).
         n_tokens = c_mask.sum()
         for it in range(args.mu):
             stats: dict[str, float] = {}
@@ -686,8 +681,7 @@ def train(args: Args) -> dict:
 
         ##### 5. evaluate every `eval_every` steps, and log
         metrics = step_metrics(batch, rounds, capped, first, stats, grad_norm, opt, G, t0, t_gen)
-        if args.task == "long-addition":  # the format and length of this step's samples
-            metrics.update(worked_metrics(tok, batch))
+        metrics.update(worked_metrics(args, batch))  # long addition: the samples' format; else none
         if step % args.eval_every == 0 or step == args.steps:
             metrics.update(evaluate.metrics())
             acc = metrics["eval/accuracy"]
@@ -736,7 +730,8 @@ def sample_groups(policy, tok, train_rows: list[dict], rng: np.random.Generator,
                   prec) -> dict:
     """Step 1, one round: draw prompts_per_step prompts, sample G completions of each from π_old,
     and score them. Returns the round as a dict: p_ids, p_mask [b, P]; c_ids, c_mask [b, T];
-    finished, answers (lists of b); scores [b] (the task's reward r_i); shaped [b] (r_i + R_length)."""
+    finished, answers, texts (lists of b; a text: the completion before its stop token); scores [b]
+    (the task's reward r_i); shaped [b] (r_i + R_length)."""
     G = args.group_size
     picks = rng.choice(len(train_rows), args.prompts_per_step, replace=args.prompts_per_step > len(train_rows))
     rows = [train_rows[i] for i in picks]
@@ -744,7 +739,7 @@ def sample_groups(policy, tok, train_rows: list[dict], rng: np.random.Generator,
                for r in rows for _ in range(G)]  # groups are consecutive
     answers = [r["answer"] for r in rows for _ in range(G)]
     with prec.autocast():
-        p_ids, p_mask, c_ids, c_mask, _, finished = common.generate_text(
+        p_ids, p_mask, c_ids, c_mask, texts, finished = common.generate_text(
             policy, tok, prompts, args.max_new_tokens, args.temperature)  # c_ids, c_mask: [b, T]
     scores = torch.tensor([tasks.score(c, a, f, strict, tok)  # r_i, scored from the ids, as generated
                            for c, a, f in zip(c_ids.tolist(), answers, finished)], device=c_ids.device)  # [b]
@@ -752,7 +747,7 @@ def sample_groups(policy, tok, train_rows: list[dict], rng: np.random.Generator,
     shaped = scores + overlong_penalty(c_mask.sum(1), args.max_new_tokens, args.overlong_buffer,
                                        args.overlong_penalty)  # r_i + R_length(y_i)   [b]
     return dict(p_ids=p_ids, p_mask=p_mask, c_ids=c_ids, c_mask=c_mask, finished=finished,
-                answers=answers, scores=scores, shaped=shaped)
+                answers=answers, texts=texts, scores=scores, shaped=shaped)
 
 
 def groups_to_keep(r: dict, args: Args, tok) -> torch.Tensor:
@@ -803,18 +798,19 @@ def merge_rounds(kept, max_rows: int, pad_id: int):
         return None
     P = max(r["p_ids"].shape[1] for r, _ in parts)
     T = max(r["c_ids"].shape[1] for r, _ in parts)
-    out = {k: [] for k in ("p_ids", "p_mask", "c_ids", "c_mask", "finished", "answers", "scores", "shaped")}
+    out = {k: [] for k in parts[0][0]}  # every field of a round
     for r, idx in parts:
         pp, tt = P - r["p_ids"].shape[1], T - r["c_ids"].shape[1]
         pad = torch.nn.functional.pad
-        out["p_ids"].append(pad(r["p_ids"][idx], (pp, 0), value=pad_id))  # left-padded   [b, P]
-        out["p_mask"].append(pad(r["p_mask"][idx], (pp, 0), value=0))
-        out["c_ids"].append(pad(r["c_ids"][idx], (0, tt), value=pad_id))  # right-padded   [b, T]
-        out["c_mask"].append(pad(r["c_mask"][idx], (0, tt), value=0))
-        for k in ("scores", "shaped"):
-            out[k].append(r[k][idx])
-        for k in ("finished", "answers"):
-            out[k].extend(r[k][i] for i in idx.tolist())
+        for k, v in r.items():
+            if k in ("p_ids", "p_mask"):  # left-padded   [b, P]
+                out[k].append(pad(v[idx], (pp, 0), value=pad_id if k == "p_ids" else 0))
+            elif k in ("c_ids", "c_mask"):  # right-padded   [b, T]
+                out[k].append(pad(v[idx], (0, tt), value=pad_id if k == "c_ids" else 0))
+            elif isinstance(v, torch.Tensor):  # scores, shaped   [b]
+                out[k].append(v[idx])
+            else:  # finished, answers, texts: lists of b
+                out[k].extend(v[i] for i in idx.tolist())
     batch = {k: (torch.cat(v)[:max_rows] if isinstance(v[0], torch.Tensor) else v[:max_rows])
              for k, v in out.items()}
     return batch
@@ -937,13 +933,13 @@ def step_metrics(batch: dict, rounds: list[dict], capped: bool, first: dict, sta
     }
 
 
-def worked_metrics(tok, batch: dict) -> dict:
+def worked_metrics(args: Args, batch: dict) -> dict:
     """--task long-addition: `tasks.format_figures` of the step's samples (the batch trained on):
-    the share worked out, and the reward of each format, under completions/."""
+    the share worked out, and the reward of each format, under completions/; other tasks: {}."""
+    if args.task != "long-addition":
+        return {}
     lengths = batch["c_mask"].sum(1)  # |y_i|, EOS included   [B]
-    texts = tok.batch_decode([ids[:n - int(f)] for ids, n, f in zip(batch["c_ids"].tolist(), lengths.tolist(),
-                                                                     batch["finished"])], skip_special_tokens=True)
-    f = tasks.format_figures(texts, batch["scores"].tolist(), lengths.tolist())
+    f = tasks.format_figures(batch["texts"], batch["scores"].tolist(), lengths.tolist())
     return {"completions/worked_frac": f["worked_frac"], "completions/reward_worked": f["accuracy_worked"],
             "completions/reward_direct": f["accuracy_direct"]}
 
