@@ -254,17 +254,9 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, str
                     batch_size: int = 256) -> float:
     """Held-out accuracy of greedy decoding: the mean of `score` over `rows`, scored from the
     generated token ids (so a special token inside a strict answer counts as wrong)."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        _, _, c_ids, _, _, finished = common.generate_text(model, tokenizer, [r["prompt"] for r in chunk],
-                                                    max_new_tokens, greedy=True)  # c_ids: [b, T]
-        total += sum(score(ids, r["answer"], f, strict, tokenizer)
-                     for ids, r, f in zip(c_ids.tolist(), chunk, finished))
-    model.train(was_training)
-    return total / max(1, len(rows))
+    if not rows:
+        return 0.0
+    return greedy_format_figures(model, tokenizer, rows, max_new_tokens, strict, batch_size)["accuracy"]
 
 
 @torch.no_grad()
@@ -428,7 +420,8 @@ def format_figures(texts: list[str], rewards, lengths) -> dict:
 @torch.no_grad()
 def greedy_format_figures(model, tokenizer, rows: list[dict], max_new_tokens: int, strict: bool | str = "worked",
                           batch_size: int = 256) -> dict:
-    """`format_figures` of greedy decoding on `rows`; its "accuracy" is `greedy_accuracy`'s."""
+    """`format_figures` of greedy decoding on `rows` (its "accuracy" is `greedy_accuracy`), each
+    completion scored by `score` from its generated token ids."""
     was_training = model.training
     model.eval()
     texts, rewards, lengths = [], [], []
