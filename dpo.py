@@ -117,6 +117,11 @@ class Args:
     batch_size: int = 32
     """preference pairs per optimiser step (each pair is two sequences) (TRL:
     per_device_train_batch_size × gradient_accumulation_steps × GPUs)"""
+    micro_batch: Optional[int] = None
+    """preference pairs per forward/backward pass (gradient accumulation), 1..batch_size; default:
+    the whole batch. It changes no number but float rounding: the loss of a micro-batch of n pairs
+    out of B is weighted n/B, so the summed gradient is the batch mean's (TRL:
+    per_device_train_batch_size, with gradient_accumulation_steps)"""
     lr: float = 3e-4
     """peak learning rate of AdamW (tiny-pref: 1e-4..1e-3, where 1e-3 gains more gold reward at a
     KL several times larger and breaks the grammar; a 0.5B+ model: ~5e-7, as in the DPO paper)
@@ -375,6 +380,9 @@ def validate(args: Args) -> None:
                  "max_new_tokens"):
         value = getattr(args, name)
         check(value >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {value})")
+    check(args.micro_batch is None or args.micro_batch >= 1, f"--micro-batch must be ≥ 1 (got {args.micro_batch})")
+    check(args.micro_batch is None or args.micro_batch <= args.batch_size,
+          f"--micro-batch {args.micro_batch} must be ≤ --batch-size {args.batch_size} (pairs per forward pass)")
     check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
     check(args.warmup_steps >= 0, f"--warmup-steps must be ≥ 0 (got {args.warmup_steps})")
     check(args.max_steps is None or args.max_steps >= 1, f"--max-steps must be ≥ 1 (got {args.max_steps})")
@@ -432,16 +440,20 @@ def train(args: Args) -> dict:
     t_train = time.time()
     for step, (epoch, idx) in enumerate(batches[step:], step + 1):
         t0 = time.time()
-        batch = [train_pairs[j] for j in idx]
-        with prec.autocast():
-            pc, pr = pair_logps(policy, tok, batch, device, average,
-                                max_length)  # log π_θ(y_w|x), log π_θ(y_l|x)   [B], [B]
-        # Δ = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)], −log σ(βΔ)
-        losses, r_c, r_r = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], args.beta, args.loss_type,
-                                    args.label_smoothing)  # the loss, r̂(x,y_w), r̂(x,y_l)   [B] each
-        loss = losses.mean()  # L = mean over the batch
+        B, mb = len(idx), args.micro_batch or len(idx)  # pairs per forward/backward pass (--micro-batch)
         opt.zero_grad(set_to_none=True)
-        prec.backward(loss)
+        parts = []  # per micro-batch, detached: the loss, r̂(x,y_w), r̂(x,y_l), log π_θ(y_w|x), log π_θ(y_l|x)
+        for sub in (idx[i:i + mb] for i in range(0, B, mb)):  # gradient accumulation over micro-batches
+            with prec.autocast():
+                pc, pr = pair_logps(policy, tok, [train_pairs[j] for j in sub], device, average,
+                                    max_length)  # log π_θ(y_w|x), log π_θ(y_l|x)   [b], [b]
+            # Δ = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)], −log σ(βΔ)
+            losses, r_c, r_r = dpo_loss(pc, pr, ref_c[sub], ref_r[sub], args.beta, args.loss_type,
+                                        args.label_smoothing)  # the loss, r̂(x,y_w), r̂(x,y_l)   [b] each
+            prec.backward(losses.mean() * (len(sub) / B))  # L = mean over the batch: this one's share b/B
+            parts.append((losses.detach(), r_c, r_r, pc.detach(), pr.detach()))
+        losses, r_c, r_r, pc, pr = (torch.cat(t) for t in zip(*parts))  # the whole batch's   [B] each
+        loss = losses.mean()  # L = mean over the batch
         prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
         grad_norm = common.clip_grad_norm(policy.parameters(), args.grad_clip)  # ‖g‖; g ← g·min(1, c/‖g‖)
         prec.step(opt)  # AdamW: θ ← θ − lr·Adam(g)

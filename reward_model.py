@@ -105,6 +105,11 @@ class Args:
     batch_size: int = 32
     """preference rows per optimiser step (a pair is two sequences, a ranking K) (TRL:
     per_device_train_batch_size × gradient_accumulation_steps × GPUs)"""
+    micro_batch: Optional[int] = None
+    """preference rows per forward/backward pass (gradient accumulation), 1..batch_size; default: the
+    whole batch. It changes no number but float rounding: a micro-batch of n rows out of B weighs
+    its L_RM by n/B and its centering term by its pairs / the batch's N pairs, so the summed
+    gradient is the batch mean's (TRL: per_device_train_batch_size, with gradient_accumulation_steps)"""
     lr: float = 1e-3
     """peak learning rate of AdamW, for the backbone and the head (tiny-pref: 3e-4..3e-3; a 0.5B+
     model: ~1e-5) (TRL: learning_rate)"""
@@ -211,6 +216,17 @@ def ranking_loss(rewards: torch.Tensor, margin: float = 0.0,
     return common.masked_mean(losses, mask[:, l].bool(), dim=1)  # pairs whose loser is real   [B]
 
 
+def ranking_terms(rewards: torch.Tensor, valid: torch.Tensor, margin: float = 0.0):
+    """The two terms of the loss of a batch of rankings, per element: L_RM per ranking (`ranking_loss`)
+    and the rewards of its real pairs, row by row. rewards, valid: [B, K] (`ranking_rewards`).
+    -> (L_RM [B], r_φ(x, y_w) [N], r_φ(x, y_l) [N]), N = Σ_b C(K_b, 2)."""
+    K = rewards.shape[1]
+    w, l = torch.triu_indices(K, K, offset=1, device=rewards.device)  # the pairs i ≻ j   [C]
+    pair_ok = valid[:, l]  # [B, C]
+    bt = ranking_loss(rewards, margin, None if bool(valid.all()) else valid)  # [B]
+    return bt, rewards[:, w][pair_ok], rewards[:, l][pair_ok]  # [B], [N], [N]
+
+
 def centering_penalty(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """(r_w + r_l)² per pair, [B] -> [B]. The Bradley–Terry loss only sees differences, so the
     rewards can drift as a whole; a small weight on this keeps them near 0 (Eisenstein et al. 2023)."""
@@ -306,6 +322,9 @@ def validate(args: Args) -> None:
     for name in ("epochs", "batch_size", "eval_every", "eval_size", "log_every", "max_new_tokens"):
         value = getattr(args, name)
         check(value >= 1, f"--{name.replace('_', '-')} must be ≥ 1 (got {value})")
+    check(args.micro_batch is None or args.micro_batch >= 1, f"--micro-batch must be ≥ 1 (got {args.micro_batch})")
+    check(args.micro_batch is None or args.micro_batch <= args.batch_size,
+          f"--micro-batch {args.micro_batch} must be ≤ --batch-size {args.batch_size} (rows per forward pass)")
     check(args.lr > 0, f"--lr must be > 0 (got {args.lr})")
     check(args.margin >= 0, f"--margin must be ≥ 0 (got {args.margin}): the chosen must win by m")
     check(args.center_coef >= 0, f"--center-coef must be ≥ 0 (got {args.center_coef})")
@@ -378,18 +397,24 @@ def train(args: Args) -> dict:
     for step, (epoch, idx) in enumerate(batches[step:], step + 1):
         t0 = time.time()
         batch = [train_rows[j] for j in idx]
-        with prec.autocast():
-            rewards, valid = ranking_rewards(rm, tok, batch, device, suffix)  # r_φ(x, y_k)  [B, K]
-        K = rewards.shape[1]
-        w, l = torch.triu_indices(K, K, offset=1, device=rewards.device)  # the pairs i ≻ j   [C]
-        pair_ok = valid[:, l]  # [B, C]
-        r_c, r_r = rewards[:, w][pair_ok], rewards[:, l][pair_ok]  # r_φ(x, y_w), r_φ(x, y_l) per pair   [N]
+        B, mb = len(batch), args.micro_batch or len(batch)  # rows per forward/backward pass (--micro-batch)
+        N = sum(len(ranked(r)) * (len(ranked(r)) - 1) // 2 for r in batch)  # the batch's pairs, C(K_b, 2) each
+        opt.zero_grad(set_to_none=True)
+        parts = []  # per micro-batch, detached: L_RM per ranking [b], r_φ(x, y_w) and r_φ(x, y_l) per pair [n]
+        for i in range(0, B, mb):  # gradient accumulation: each mean gets the micro-batch's share of it
+            with prec.autocast():
+                rewards, valid = ranking_rewards(rm, tok, batch[i:i + mb], device, suffix)  # r_φ(x, y_k)  [b, K]
+            bt_b, rc_b, rr_b = ranking_terms(rewards, valid, args.margin)  # [b], [n], [n]
+            loss = bt_b.mean() * (len(bt_b) / B)  # L_RM, a mean over the B rankings: this one's share b/B
+            if args.center_coef > 0:  # + c · center, a mean over the batch's N pairs: this one's share n/N
+                loss = loss + args.center_coef * centering_penalty(rc_b, rr_b).mean() * (len(rc_b) / N)
+            prec.backward(loss)
+            parts.append((bt_b.detach(), rc_b.detach(), rr_b.detach()))
+        bt_rows, r_c, r_r = (torch.cat(t) for t in zip(*parts))  # the whole batch's   [B], [N], [N]
         # L_RM = mean over rankings of the mean over its pairs of −log σ(r_w − r_l − m)  (pairs: K = 2)
-        bt = ranking_loss(rewards, args.margin, None if bool(valid.all()) else valid).mean()
+        bt = bt_rows.mean()
         center = centering_penalty(r_c, r_r).mean()  # mean over pairs of (r_w + r_l)²
         loss = bt + args.center_coef * center if args.center_coef > 0 else bt  # L = L_RM + c · center
-        opt.zero_grad(set_to_none=True)
-        prec.backward(loss)
         prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping
         grad_norm = common.clip_grad_norm(rm.parameters(), args.grad_clip)  # ‖g‖; g ← g·min(1, c/‖g‖)
         prec.step(opt)  # AdamW: φ ← φ − lr·Adam(g)
