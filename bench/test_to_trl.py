@@ -77,6 +77,11 @@ def test_pref_fields():
     kw = to_trl.reward_fields(harness.parse_args(reward_model.Args, ["--no-normalize", "--max-steps", "7"]), 4000)
     assert (kw["max_steps"], kw["center_rewards_coefficient"], kw["max_length"]) == (7, None, 1024)
     assert to_trl.dpo_fields(harness.parse_args(dpo.Args, ["--max-length", "none"]), 4000)["max_length"] is None
+    # --micro-batch 8 of --batch-size 32: 8 pairs per pass, 4 passes accumulated per step
+    kw = to_trl.dpo_fields(harness.parse_args(dpo.Args, ["--micro-batch", "8"]), 4000)
+    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]) == (8, 4)
+    with pytest.raises(common.UsageError, match="--micro-batch 5 must divide the 32 rows"):  # TRL's are equal
+        to_trl.reward_fields(harness.parse_args(reward_model.Args, ["--no-normalize", "--micro-batch", "5"]), 4000)
     # --chat-template: text rows go to TRL as messages (pair_rows); the config is the same
     plain, chat = (to_trl.dpo_fields(harness.parse_args(dpo.Args, flags), 4000)
                    for flags in ([], ["--chat-template"]))

@@ -119,7 +119,11 @@ PREF_STEPS = [  # dpo.py and reward_model.py loop the same way
     R("epochs", ("num_train_epochs", "max_steps"), "field", "max_steps = the script's step count, "
                                                             "epochs × ⌈pairs / batch⌉ (HF would run on past it)"),
     R("batch_size", ("per_device_train_batch_size",), "field", "pairs per step over all processes: "
-                                                               "per_device_train_batch_size × processes"),
+                                                               "per_device_train_batch_size × processes "
+                                                               "× gradient_accumulation_steps"),
+    R("micro_batch", ("per_device_train_batch_size", "gradient_accumulation_steps"), "field",
+      "per_device_train_batch_size = micro_batch; it must divide the rows per process (the scripts allow "
+      "a ragged last micro-batch, TRL does not: error)"),
     R("lr", ("learning_rate",), "field"),
     R("max_steps", ("max_steps",), "field", "min(--max-steps, the epochs' steps)"),
     R("warmup_steps", ("warmup_steps", "lr_scheduler_type"), "field",
@@ -338,9 +342,13 @@ def pref_steps(a, n_pairs: int) -> int:
 
 
 def pref_fields(a, script: str, n_pairs: int, world: int) -> dict:
+    local = per_device(a.batch_size, world, "--batch-size")
+    mb = min(a.micro_batch or local, local)  # as the scripts: a micro-batch larger than the batch is the batch
+    check(local % mb == 0, f"--micro-batch {a.micro_batch} must divide the {local} rows per process "
+                           "(TRL accumulates equal micro-batches)")
     return {**run_fields(a, script, world), **FIXED["all"], **FIXED[script], "max_length": a.max_length,
             "num_train_epochs": a.epochs, "max_steps": pref_steps(a, n_pairs),
-            "per_device_train_batch_size": per_device(a.batch_size, world, "--batch-size"),
+            "per_device_train_batch_size": mb, "gradient_accumulation_steps": local // mb,
             "learning_rate": a.lr, "warmup_steps": a.warmup_steps, "lr_scheduler_type": "linear",
             "max_grad_norm": a.grad_clip, "logging_steps": a.log_every}
 
