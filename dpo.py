@@ -450,7 +450,7 @@ def train(args: Args) -> dict:
             # Δ = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)], −log σ(βΔ)
             losses, r_c, r_r = dpo_loss(pc, pr, ref_c[sub], ref_r[sub], args.beta, args.loss_type,
                                         args.label_smoothing)  # the loss, r̂(x,y_w), r̂(x,y_l)   [b] each
-            prec.backward(losses.mean() * (len(sub) / B))  # L = mean over the batch: this one's share b/B
+            prec.backward(losses.mean() * (len(sub) / B))  # L = mean over the batch: this part's share b/B
             parts.append((losses.detach(), r_c, r_r, pc.detach(), pr.detach()))
         losses, r_c, r_r, pc, pr = (torch.cat(t) for t in zip(*parts))  # the whole batch's   [B] each
         loss = losses.mean()  # L = mean over the batch

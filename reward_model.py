@@ -411,8 +411,7 @@ def train(args: Args) -> dict:
             prec.backward(loss)
             parts.append((bt_b.detach(), rc_b.detach(), rr_b.detach()))
         bt_rows, r_c, r_r = (torch.cat(t) for t in zip(*parts))  # the whole batch's   [B], [N], [N]
-        # L_RM = mean over rankings of the mean over its pairs of −log σ(r_w − r_l − m)  (pairs: K = 2)
-        bt = bt_rows.mean()
+        bt = bt_rows.mean()  # L_RM = mean over rankings of the mean over its pairs of −log σ(r_w − r_l − m)
         center = centering_penalty(r_c, r_r).mean()  # mean over pairs of (r_w + r_l)²
         loss = bt + args.center_coef * center if args.center_coef > 0 else bt  # L = L_RM + c · center
         prec.unscale_(opt)  # float16 only: .grad back to the true gradient, before clipping

@@ -107,7 +107,8 @@ def assert_same(got: dict, keys: list[str]) -> None:
                 torch.testing.assert_close(g_mb, g, rtol=RTOL, atol=ATOL)
         assert w_mb.keys() == w.keys()
         for k in w:
-            torch.testing.assert_close(w_mb[k], w[k], rtol=RTOL, atol=ATOL, msg=lambda s: f"--micro-batch {mb} {k}: {s}")
+            torch.testing.assert_close(w_mb[k], w[k], rtol=RTOL, atol=ATOL,
+                                       msg=lambda s: f"--micro-batch {mb} {k}: {s}")
 
 
 RM_KEYS = ["loss/bt", "loss/center", "loss/total", "rewards/chosen", "rewards/rejected", "rewards/margins",
