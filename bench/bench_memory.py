@@ -2,7 +2,7 @@
 1.5B's real shape, each run in a subprocess for a few optimiser steps, its memory measured and split.
 
     python bench/bench_memory.py --only grpo --sizes 0.5B     # one recipe, one size: 5 runs
-    python bench/bench_memory.py --only grpo --sizes 0.5B --depths 1 2 --k 16   # 2 runs (a part of the fit)
+    python bench/bench_memory.py --only grpo --sizes 0.5B --depths 1 2 --micro 2   # 2 runs (a part of the fit)
     python bench/bench_memory.py                        # every recipe, both sizes: 40 runs (hours on 2 cores)
     python bench/bench_memory.py --report-only          # the tables again, from the runs measured before
     python bench/bench_memory.py --variant gc           # + --gradient-checkpointing (when the scripts have it)
@@ -28,13 +28,16 @@ data are random words at the recipes' lengths: GRPO prompts of 128 tokens and 25
 PPO prompts of 128 and completions of 128, DPO and reward-model rows of 256 + 767 tokens + EOS =
 1024 = --max-length.
 
-The batch. The recipes' batches at these lengths would take minutes per step on 2 cores and more
-memory than this machine has for logits of 152k columns, so every recipe runs at 1/k of its batch
-(two values of k per recipe, RECIPES[...]["scales"]), every ratio (rollout : micro-batch :
-mini-batch) kept, and the full batch is extrapolated: activations and caches are linear in the tokens
-of a forward pass. Not below micro-batches of 2: with one sequence, the peak of the passes is the tied
-embedding's two [V, d] float32 gradients (input and output side) at the end of the backward pass,
-~1.1 GB at any batch, which hides the slope (grpo at k = 16 measured 1.12 GiB at depths 1 and 2).
+The batch. A recipe's memory is set by its micro-batch, the rows of one forward and backward pass:
+the passes run one after another, and what outlives a pass (rollouts, the sampled tokens'
+log-probs) is [B, T] at most, kilobytes, counted as caches and scaled to the recipe's rows. The
+recipes' micro-batches at these lengths would take minutes per pass on 2 cores and more memory than
+this machine has for logits of 152k columns, so a run takes two micro-batches of m rows per
+optimiser step at two values of m (RECIPES[...]["micros"]), below the recipe's micro-batch, and the
+recipe's is extrapolated: activations are linear in the tokens of a pass. Not micro-batches of one
+sequence: with one, the peak of the passes is the tied embedding's two [V, d] float32 gradients
+(input and output side) at the end of the backward pass, ~1.1 GB at any batch, which hides the
+slope (grpo at one sequence measured 1.12 GiB at depths 1 and 2). (A pair is two sequences.)
 
 Rollouts are uniformly random tokens of the full length (`fake_generation`), not sampled: the shapes
 are those a random model samples, the training passes are the script's own, and the hours of
@@ -54,8 +57,9 @@ the script is not changed):
     glibc is told to return every block over 64 KiB to the system at once (MALLOC_MMAP_THRESHOLD_),
     so that the resident set follows the allocations.
 
-The extrapolation. Each part p of a run at depth L and batch fraction b = 1/k is fit as
-p(L, b) = a + c·L + b·(e + f·L) from the four runs L ∈ {1, 2} × two values of k (counted parts are
+The extrapolation. Each part p of a run at depth L and micro-batch fraction b = m / (the recipe's)
+is fit as p(L, b) = a + c·L + b·(e + f·L) from the four runs L ∈ {1, 2} × two values of m (for the
+caches b = 2m / the recipe's rows per step) (counted parts are
 exact in this form: weights are linear in L, caches linear in b), then evaluated at the real depth
 and b = 1. The check: the fit's prediction of the peak at L = 3, against the measured run there.
 
@@ -107,37 +111,40 @@ LENGTHS = dict(grpo_prompt=128, grpo_completion=256, ppo_prompt=128, ppo_complet
 CARDS = (16, 24, 40, 80)
 CUDA_CONTEXT_GIB = 1.0
 
-# The README's GPU recipes (README.md: "On a GPU"), with the flags that set the batch as functions of
-# k (the run is 1/k of the recipe's batch). Evaluations are cut to the least each script allows:
-# they are not what is measured. --no-save-model: no final save inside the measured process.
+# The README's GPU recipes (README.md: "On a GPU"). A recipe's memory is set by its micro-batch (the
+# rows of one forward/backward pass): the passes run one after the other, and what outlives a pass
+# (rollouts, log-probs of the sampled tokens) is [B, T] at most, kilobytes. So a run keeps the
+# recipe's lengths and flags and takes two micro-batches of m rows per optimiser step, at two values
+# of m (`micros`); `micro` is the recipe's micro-batch and `rows` its rows per step (completions,
+# pairs or sequences), and `run(m)` the flags of a run. Evaluations are cut to the least each script
+# allows: they are not what is measured. --no-save-model: no final save inside the measured process.
 RECIPES = {
-    "grpo": dict(script="grpo.py", data="task", full=["--prompts-per-step", "8", "--group-size", "8",
-                                                      "--micro-batch", "16"],
+    "grpo": dict(script="grpo.py", data="task", micro=8, rows=64, micros=(2, 4),
+                 full=["--prompts-per-step", "8", "--group-size", "8", "--micro-batch", "8"],
                  flags=["--max-new-tokens", str(LENGTHS["grpo_completion"]), "--lr", "1e-6", "--beta", "0.04",
                         "--warmup-steps", "10", "--steps", "2", "--eval-every", "100", "--eval-size", "1",
                         "--no-pass-at-k"],
-                 # 64 completions in micro-batches of 16 -> 4k completions in micro-batches of k... as 1/k:
-                 # one prompt, a group of 64/k, micro-batches of 16/k
-                 batch=lambda k: ["--prompts-per-step", "1", "--group-size", str(64 // k), "--micro-batch",
-                                  str(16 // k)],
-                 # at k = 16 (micro-batches of 1) the passes' peak is the tied embedding's two [V, d]
-                 # gradients at the end of the backward pass, the same at any batch: no slope to fit
-                 scales=(8, 4)),
-    "reward_model": dict(script="reward_model.py", data="pairs", full=["--batch-size", "16"],
+                 # one prompt, a group of 2m, micro-batches of m; not m = 1: with one sequence the passes'
+                 # peak is the tied embedding's two [V, d] gradients at the end of the backward pass, the
+                 # same at any batch (no slope to fit)
+                 run=lambda m: ["--prompts-per-step", "1", "--group-size", str(2 * m), "--micro-batch", str(m)]),
+    "reward_model": dict(script="reward_model.py", data="pairs", micro=2, rows=16, micros=(1, 2),
+                         full=["--batch-size", "16", "--micro-batch", "2"],
                          flags=["--lr", "1e-5", "--epochs", "1", "--max-length", "1024", "--max-steps", "2",
                                 "--eval-every", "100", "--eval-size", "1", "--norm-samples", "2",
                                 "--max-new-tokens", "4"],
-                         batch=lambda k: ["--batch-size", str(16 // k)], scales=(16, 8)),
-    "dpo": dict(script="dpo.py", data="pairs", full=["--batch-size", "8"],
+                         run=lambda m: ["--batch-size", str(2 * m), "--micro-batch", str(m)]),  # m pairs
+    "dpo": dict(script="dpo.py", data="pairs", micro=1, rows=8, micros=(1, 2),
+                full=["--batch-size", "8", "--micro-batch", "1"],
                 flags=["--lr", "5e-7", "--epochs", "1", "--beta", "0.1", "--max-length", "1024", "--max-steps", "2",
                        "--eval-every", "100", "--eval-size", "1", "--eval-samples", "1", "--max-new-tokens", "4"],
-                batch=lambda k: ["--batch-size", str(8 // k)], scales=(8, 4)),
-    "ppo": dict(script="ppo.py", data="ppo_pairs", full=["--batch-size", "64", "--mini-batches", "4",
-                                                         "--micro-batch", "8"],
+                run=lambda m: ["--batch-size", str(2 * m), "--micro-batch", str(m)]),  # m pairs
+    "ppo": dict(script="ppo.py", data="ppo_pairs", micro=4, rows=64, micros=(2, 4),
+                full=["--batch-size", "64", "--mini-batches", "4", "--micro-batch", "4"],
                 flags=["--lr", "1e-6", "--max-new-tokens", str(LENGTHS["ppo_completion"]), "--steps", "1",
                        "--ppo-epochs", "1", "--eval-every", "100", "--eval-samples", "1"],
-                batch=lambda k: ["--batch-size", str(64 // k), "--mini-batches", "4", "--micro-batch", str(8 // k)],
-                scales=(4, 2)),  # not micro-batches of 1: see grpo's scales
+                # one mini-batch of two micro-batches per rollout (the optimiser steps are the same size)
+                run=lambda m: ["--batch-size", str(2 * m), "--mini-batches", "1", "--micro-batch", str(m)]),
 }
 TRL_RECIPES = ("grpo", "dpo")  # TRL 1.16 has GRPOTrainer and DPOTrainer (and no PPOTrainer)
 VARIANTS = {"full": [], "gc": ["--gradient-checkpointing"], "lora": ["--lora-r", "16"]}
@@ -380,23 +387,23 @@ def child_env(foreach: bool = False) -> dict:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_name(recipe: str, size: str, depth: int, k: int, variant: str, trl: bool) -> str:
-    return f"{'trl_' if trl else ''}{recipe}-{size}-L{depth}-k{k}-{variant}{'-foreach' if FOREACH else ''}"
+def run_name(recipe: str, size: str, depth: int, m: int, variant: str, trl: bool) -> str:
+    return f"{'trl_' if trl else ''}{recipe}-{size}-L{depth}-m{m}-{variant}{'-foreach' if FOREACH else ''}"
 
 
 def probe_path(*args) -> Path:
     return WORK / "runs" / f"{run_name(*args)}.json"
 
 
-def run_one(recipe: str, size: str, depth: int, k: int, variant: str, trl: bool, python: str,
+def run_one(recipe: str, size: str, depth: int, m: int, variant: str, trl: bool, python: str,
             limit_gib: float, timeout: float, reuse: bool = False) -> dict:
     r = RECIPES[recipe]
     files = make_data()
     model = make_model(size, depth)
-    name = run_name(recipe, size, depth, k, variant, trl)
+    name = run_name(recipe, size, depth, m, variant, trl)
     out_dir, probe_file = WORK / "runs" / name, WORK / "runs" / f"{name}.json"
     shutil.rmtree(out_dir, ignore_errors=True)
-    args = ["--model", str(model), "--data", str(files[r["data"]]), *r["flags"], *r["batch"](k),
+    args = ["--model", str(model), "--data", str(files[r["data"]]), *r["flags"], *r["run"](m),
             *VARIANTS[variant], "--dtype", "bfloat16", "--device", "cpu", "--out-dir", str(out_dir),
             "--no-save-model"]
     if recipe == "ppo":
@@ -404,7 +411,7 @@ def run_one(recipe: str, size: str, depth: int, k: int, variant: str, trl: bool,
     script = [str(BENCH / "to_trl.py"), r["script"]] if trl else [r["script"]]
     cmd = [python, str(Path(__file__).resolve()), "--probe", str(probe_file), *script, *args]
     row = {"run": name, "recipe": recipe, "system": "TRL" if trl else "this repo", "size": size, "depth": depth,
-           "k": k, "variant": variant, "command": " ".join(["python", *script, *args]).replace(str(ROOT) + "/", "")}
+           "m": m, "variant": variant, "command": " ".join(["python", *script, *args]).replace(str(ROOT) + "/", "")}
     t0, load0 = time.time(), os.getloadavg()[0]
     if reuse and probe_file.exists():  # a probe of an earlier invocation (--reuse)
         m = json.loads(probe_file.read_text())
@@ -482,6 +489,13 @@ def fit(points: list[tuple[int, float, float]]):
     return np.linalg.lstsq(X, y, rcond=None)[0]
 
 
+def scale(recipe: str, m: int, part: str) -> float:
+    """b of a run at micro-batch m, for one part: the caches scale with the rows per step (a run has
+    2m, the recipe `rows`), everything else with the micro-batch (m of the recipe's `micro`)."""
+    r = RECIPES[recipe]
+    return 2 * m / r["rows"] if part == "caches" else m / r["micro"]
+
+
 def predict(coef, L, b) -> float:
     return float(coef[0] + coef[1] * L + b * (coef[2] + coef[3] * L))
 
@@ -495,8 +509,8 @@ def extrapolate(rows: list[dict]) -> list[dict]:
             groups.setdefault((r["system"], r["recipe"], r["size"], r["variant"]), []).append(r)
     out = []
     for (system, recipe, size, variant), rs in sorted(groups.items()):
-        fitted = [r for r in rs if r["depth"] in (1, 2) and r["k"] in RECIPES[recipe]["scales"]]
-        if len({(r["depth"], r["k"]) for r in fitted}) < 4:
+        fitted = [r for r in rs if r["depth"] in (1, 2) and r["m"] in RECIPES[recipe]["micros"]]
+        if len({(r["depth"], r["m"]) for r in fitted}) < 4:
             continue
         depth = SHAPES[size]["num_hidden_layers"]
         parts, coefs = {}, {}
@@ -504,23 +518,24 @@ def extrapolate(rows: list[dict]) -> list[dict]:
             if any(r["parts"][p] is None for r in fitted):
                 parts[p] = coefs[p] = None
                 continue
-            c = fit([(r["depth"], 1 / r["k"], r["parts"][p]) for r in fitted])
+            c = fit([(r["depth"], scale(recipe, r["m"], p), r["parts"][p]) for r in fitted])
             coefs[p] = [round(float(x)) for x in c]
             parts[p] = predict(c, depth, 1.0)
 
         def total(ps):  # the steady state: everything counted, plus the larger of the two transients
             return sum(ps[p] for p in PARTS[:5]) + max(ps["activations"], ps["step_temporaries"] or 0)
 
-        def predicted(L, b):
-            return total({p: (None if coefs[p] is None else predict(coefs[p], L, b)) for p in PARTS})
-        def act(L, b):
-            return predict(coefs["activations"], L, b)
-        checks = [{"depth": r["depth"], "k": r["k"], "measured_gib": round(r["peak"] / GIB, 3),
-                   "predicted_gib": round(predicted(r["depth"], 1 / r["k"]) / GIB, 3),
-                   "error_pct": round(100 * (predicted(r["depth"], 1 / r["k"]) / r["peak"] - 1), 1),
+        def predicted(L, m):  # a run's peak at depth L and micro-batch m, from the fit
+            return total({p: (None if coefs[p] is None else predict(coefs[p], L, scale(recipe, m, p))) for p in PARTS})
+
+        def act(L, m):
+            return predict(coefs["activations"], L, scale(recipe, m, "activations"))
+        checks = [{"depth": r["depth"], "m": r["m"], "measured_gib": round(r["peak"] / GIB, 3),
+                   "predicted_gib": round(predicted(r["depth"], r["m"]) / GIB, 3),
+                   "error_pct": round(100 * (predicted(r["depth"], r["m"]) / r["peak"] - 1), 1),
                    "activations_measured_gib": round(r["parts"]["activations"] / GIB, 3),
-                   "activations_predicted_gib": round(act(r["depth"], 1 / r["k"]) / GIB, 3),
-                   "activations_error_pct": round(100 * (act(r["depth"], 1 / r["k"]) / r["parts"]["activations"] - 1), 1)}
+                   "activations_predicted_gib": round(act(r["depth"], r["m"]) / GIB, 3),
+                   "activations_error_pct": round(100 * (act(r["depth"], r["m"]) / r["parts"]["activations"] - 1), 1)}
                   for r in rs if r["depth"] not in (1, 2)]
         peak = total(parts)
         # the activations' growth per layer at the full batch must be positive; where the runs do not
@@ -532,6 +547,9 @@ def extrapolate(rows: list[dict]) -> list[dict]:
         out.append({"system": system, "recipe": recipe, "size": size, "variant": variant, "depth": depth,
                     "parts_gib": {p: (None if v is None else round(v / GIB, 2)) for p, v in parts.items()},
                     "peak_gib": round(peak / GIB, 2), "phases_split": all(r["phases"] for r in fitted),
+                    "micro": RECIPES[recipe]["micro"],
+                    # the same recipe at other micro-batches (the fit is linear in the micro-batch)
+                    "peak_gib_at_micro": {m: round(predicted(depth, m) / GIB, 2) for m in (1, 2, 4, 8, 16)},
                     "coefficients_bytes": coefs, "check": checks,
                     "fits": [c for c in CARDS if peak / GIB + CUDA_CONTEXT_GIB <= c]})
     return out
@@ -549,16 +567,16 @@ def n_params(size: str, depth: int) -> int:
 def lower_bounds(rows: list[dict]) -> list[dict]:
     """Where a recipe has runs but no complete fit: what is counted, at the real depth and batch, is
     a lower bound of the peak. Every model of a run has the same shape, so each counted part scales
-    with the parameters of one model (real depth / run's depth); the caches scale with the batch (k)."""
+    with the parameters of one model (real depth / run's depth); the caches scale with the rows."""
     out, seen = [], set()
-    for r in sorted((r for r in rows if r.get("ok")), key=lambda r: (-r["depth"], r["k"])):
+    for r in sorted((r for r in rows if r.get("ok")), key=lambda r: (-r["depth"], -r["m"])):
         key = (r["system"], r["recipe"], r["size"], r["variant"])
         if key in seen:
             continue
         seen.add(key)
         ratio = n_params(r["size"], SHAPES[r["size"]]["num_hidden_layers"]) / n_params(r["size"], r["depth"])
         parts = {p: r["parts"][p] * ratio for p in PARTS[:4]}
-        parts["caches"] = r["parts"]["caches"] * r["k"]
+        parts["caches"] = r["parts"]["caches"] / scale(r["recipe"], r["m"], "caches")
         total = sum(parts.values())
         out.append({"system": key[0], "recipe": key[1], "size": key[2], "variant": key[3], "from_run": r["run"],
                     "parts_gib": {p: round(v / GIB, 2) for p, v in parts.items()},
@@ -582,7 +600,7 @@ def tables(result: dict) -> str:
     lines = [f"Memory rehearsal on the CPU ({result['date']}, torch {result['torch']}, transformers "
              f"{result['transformers']}; load {result['load']}). Random models of the real shape, the "
              "README's GPU recipes, --dtype bfloat16; peak in GiB at the real depth and full batch, "
-             "extrapolated from depths 1-2 at two batch sizes (see bench/bench_memory.py). Card: the "
+             "extrapolated from depths 1-2 at two micro-batch sizes to the recipe's (see bench/bench_memory.py). Card: the "
              f"smallest of {', '.join(map(str, CARDS))} GB that holds the peak + {CUDA_CONTEXT_GIB:.0f} GB "
              "of CUDA context.", "",
              "| script | system | model | " + " | ".join(VARIANT_NAMES.values()) + " |",
@@ -614,13 +632,13 @@ def tables(result: dict) -> str:
               "| script | system | model | variant | " + " | ".join(PARTS) + " | peak | depth-3 check |",
               "| --- | --- | --- | --- | " + " | ".join("---" for _ in PARTS) + " | --- | --- |"]
     for e in ext:
-        chk = "; ".join(f"L={c['depth']}, k={c['k']}: peak {c['measured_gib']:.2f} measured, {c['predicted_gib']:.2f} "
+        chk = "; ".join(f"L={c['depth']}, m={c['m']}: peak {c['measured_gib']:.2f} measured, {c['predicted_gib']:.2f} "
                         f"fit ({c['error_pct']:+.1f}%); activations {c['activations_measured_gib']:.3f} measured, "
                         f"{c['activations_predicted_gib']:.3f} fit ({c['activations_error_pct']:+.1f}%)"
                         for c in e["check"]) or "—"
         lines.append(f"| {e['recipe']} | {e['system']} | {e['size']} | {e['variant']} | "
                      + " | ".join(gib(e['parts_gib'][p], 1) for p in PARTS) + f" | {e['peak_gib']:.2f} | {chk} |")
-    lines += ["", "Runs (GiB over the baseline; k: the run's batch is 1/k of the recipe's):", "",
+    lines += ["", "Runs (GiB over the baseline; m: the run's micro-batch, two per optimiser step):", "",
               "| run | peak | " + " | ".join(PARTS) + " | largest cache | s | load |",
               "| --- | --- | " + " | ".join("---" for _ in PARTS) + " | --- | --- | --- |"]
     for r in result["runs"]:
@@ -646,7 +664,7 @@ def main():
                     help="depths to run (default 1 2 3: 1 and 2 are fit, the others checked)")
     ap.add_argument("--check-depth-at", choices=["small", "both"], default="small",
                     help="run the check depths at the smaller batch only (default) or at both")
-    ap.add_argument("--k", nargs="+", type=int, help="only these batch divisors (of the recipe's two)")
+    ap.add_argument("--micro", nargs="+", type=int, help="only these run micro-batches (of the recipe's two)")
     ap.add_argument("--variant", choices=list(VARIANTS), default="full",
                     help="full; gc: + --gradient-checkpointing; lora: --lora-r 16 (the scripts' flags)")
     ap.add_argument("--trl", action="store_true", help="TRL's trainers via bench/to_trl.py (grpo, dpo)")
@@ -680,14 +698,14 @@ def main():
             print(f"{recipe}: {script} has no {flag} yet; skipped", flush=True)
             continue
         for size in a.sizes:
-            small, big = RECIPES[recipe]["scales"]
-            plan = [(d, k) for d in sorted(a.depths) for k in (small, big)
-                    if (d in (1, 2) or k == small or a.check_depth_at == "both") and (not a.k or k in a.k)]
+            small, big = RECIPES[recipe]["micros"]
+            plan = [(d, m) for d in sorted(a.depths) for m in (small, big)
+                    if (d in (1, 2) or m == small or a.check_depth_at == "both") and (not a.micro or m in a.micro)]
             if a.report_only:  # every run of this recipe, size and variant measured before
-                plan = [(d, k) for d in range(1, 9) for k in (1, 2, 4, 8, 16, 32, 64)
-                        if probe_path(recipe, size, d, k, a.variant, a.trl).exists()]
-            for depth, k in plan:
-                row = run_one(recipe, size, depth, k, a.variant, a.trl, a.python, a.limit_gib, a.timeout,
+                plan = [(d, m) for d in range(1, 9) for m in (1, 2, 4, 8, 16)
+                        if probe_path(recipe, size, d, m, a.variant, a.trl).exists()]
+            for depth, m in plan:
+                row = run_one(recipe, size, depth, m, a.variant, a.trl, a.python, a.limit_gib, a.timeout,
                              a.reuse or a.report_only)
                 new.append(row)
                 msg = (f"peak {row['peak'] / GIB:.2f} GiB (" + ", ".join(f"{p} {gib(row['parts'][p])}"
