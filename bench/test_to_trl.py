@@ -91,6 +91,72 @@ def test_pref_fields():
          "rejected": [{"role": "assistant", "content": "r"}]}]
 
 
+SCRIPT_ARGS = {"grpo": grpo.Args, "dpo": dpo.Args, "reward_model": reward_model.Args}
+
+
+def script_fields(name, flags):
+    a = harness.parse_args(SCRIPT_ARGS[name], [*flags, *(["--no-normalize"] * (name == "reward_model"))])
+    return a, (to_trl.grpo_fields(a) if name == "grpo" else
+               to_trl.dpo_fields(a, 4000) if name == "dpo" else to_trl.reward_fields(a, 4000))
+
+
+@pytest.mark.parametrize("name", ["grpo", "dpo", "reward_model"])
+def test_gradient_checkpointing_fields(name):
+    # off: False, not TRL's default (on); on: non-reentrant torch.utils.checkpoint, as harness.gradient_checkpointing
+    _, off = script_fields(name, [])
+    assert (off["activation_checkpointing"], off["activation_checkpointing_kwargs"]) == (False, None)
+    _, on = script_fields(name, ["--gradient-checkpointing"])
+    assert (on["activation_checkpointing"], on["activation_checkpointing_kwargs"]) == (True, {"use_reentrant": False})
+    assert {k: v for k, v in on.items() if not k.startswith("activation_checkpointing")} == \
+        {k: v for k, v in off.items() if not k.startswith("activation_checkpointing")}  # nothing else changes
+    cfg = to_trl.config_class(name)(**on)  # as TRL holds it: the deprecated alias mirrors the new name
+    assert cfg.gradient_checkpointing is True and cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
+@pytest.mark.parametrize("name", ["grpo", "dpo", "reward_model"])
+def test_lora_config(name):
+    pytest.importorskip("peft")
+    a, kw = script_fields(name, ["--lora-r", "8", "--lora-alpha", "16"])
+    assert "peft_config" not in kw and kw == script_fields(name, [])[1]  # the trainer's argument, not a field
+    cfg = to_trl.lora_config(a, name)
+    head = name == "reward_model"  # the adapters on the backbone, the score head trained whole
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules) == (8, 16, 0.0, "all-linear")
+    assert (cfg.task_type, cfg.modules_to_save) == (("SEQ_CLS", ["score"]) if head else ("CAUSAL_LM", None))
+    a, _ = script_fields(name, ["--lora-r", "4", "--lora-target-modules", "q_proj, v_proj"])
+    cfg = to_trl.lora_config(a, name)
+    assert (cfg.lora_alpha, set(cfg.target_modules)) == (8, {"q_proj", "v_proj"})  # α = 2r, as the scripts
+    assert to_trl.lora_config(script_fields(name, [])[0], name) is None  # no --lora-r: no adapters
+
+
+def test_lora_dry_run_prints_the_peft_config(capsys):
+    pytest.importorskip("peft")
+    assert to_trl.main(["--dry-run", "grpo.py", "--lora-r", "16", "--gradient-checkpointing"]) == 0
+    printed = capsys.readouterr().out
+    assert "activation_checkpointing=True" in printed and "{'use_reentrant': False}" in printed
+    assert "GRPOTrainer(peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, " \
+           "target_modules='all-linear', task_type='CAUSAL_LM'" in printed
+
+
+def test_lora_target_that_names_no_module_is_one_line(tmp_path):
+    pytest.importorskip("peft")
+    with pytest.raises(common.UsageError, match="--lora-target-modules nope: Target modules {'nope'} not found"):
+        to_trl.run(["grpo.py", "--lora-r", "8", "--lora-target-modules", "nope", "--out-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_long_addition_task():
+    # --task long-addition: grpo.py's rows, and its scoring: the strict answer after the work
+    a = harness.parse_args(grpo.Args, ["--task", "long-addition", "--max-new-tokens", "40"])
+    kw, (train, heldout) = to_trl.config_fields("grpo", a)
+    assert (train, heldout) == tasks.long_addition_task() and kw == to_trl.grpo_fields(a)
+    _, tok = common.load_model(str(common.MODELS_DIR / "tiny-long"), torch.device("cpu"), trainable=False)
+    reward = to_trl.task_reward(tok, tasks.task_scoring(a.task, a.data))
+    r = train[0]
+    texts = [tasks.worked_answer(r["prompt"]), r["answer"], tasks.worked_answer(r["prompt"])[:-1] + "0"]
+    ids = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+    assert reward([r["prompt"]] * 3, texts, completion_ids=ids, answer=[r["answer"]] * 3) == [1.0, 1.0, 0.0]
+
+
 def test_lr_factor_is_the_scripts_schedule():
     # warm-up (k+1)/(w+1), then linear to 0 at the last step; per=2: two optimiser steps per script step
     f = to_trl.lr_factor_fn(total=10, warmup=2, per=2)
@@ -199,6 +265,37 @@ def test_short_run_logs_and_saves(argv, key, tmp_path):
     assert any("trl/loss" in r for r in rows)  # TRL's own logs
     assert summary["steps"] == 2 and json.loads((out / "summary.json").read_text())["final"][key] is not None
     assert (out / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("argv", [
+    ["grpo.py", "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--eval-every", "1",
+     "--eval-size", "8", "--no-pass-at-k"],
+    ["dpo.py", "--max-steps", "2", "--batch-size", "4", "--eval-every", "1", "--eval-size", "8",
+     "--eval-samples", "4", "--max-new-tokens", "8"],
+    ["reward_model.py", "--max-steps", "2", "--batch-size", "4", "--eval-every", "1", "--eval-size", "8",
+     "--no-normalize"],
+])
+def test_short_run_with_lora_and_checkpointing(argv, tmp_path):
+    # --lora-r through TRL's peft_config: only the adapters (and reward_model.py's head) in the optimiser,
+    # trained; grpo.py and dpo.py save the adapter, reward_model.py the merged sequence-classification folder
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    if argv[0] == "dpo.py":
+        pairs = (common.MODELS_DIR / "tiny-pref" / "pairs_train.jsonl").read_text().splitlines()[:20]
+        (tmp_path / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
+        argv = [*argv, "--data", str(tmp_path / "pairs.jsonl")]
+    summary = to_trl.run([*argv, "--lora-r", "8", "--gradient-checkpointing", "--out-dir", str(out),
+                          "--device", "cpu", "--log-every", "1"])
+    assert summary["steps"] == 2 and summary["peft_config"].startswith("LoraConfig(r=8, lora_alpha=16, ")
+    assert summary["trl_config"]["activation_checkpointing"] is True
+    if argv[0] == "reward_model.py":
+        weights = load_file(out / "model" / "model.safetensors")
+        assert not any("lora" in k for k in weights) and "score.weight" in weights  # merged, the usual folder
+        return
+    weights = load_file(out / "model" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and (argv[0] == "grpo.py" or any(v.abs().sum() > 0 for v in lora_b))  # B starts at 0: trained
 
 
 def test_trl_soft_overlong_punishment_is_grpos_overlong_penalty():

@@ -60,6 +60,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -79,6 +81,8 @@ import tasks  # noqa: E402
 from common import UsageError, check  # noqa: E402
 
 SCRIPTS = {"grpo": "GRPOConfig", "dpo": "DPOConfig", "reward_model": "RewardConfig"}
+TRAINERS = {"grpo": "GRPOTrainer", "dpo": "DPOTrainer", "reward_model": "RewardTrainer"}
+TRAINER_ARGS = {"reward_funcs", "peft_config"}  # rows' TRL names that are the trainer's arguments, not config fields
 NO_TRAINER = {
     "ppo": "ppo.py: TRL 1.16 has no PPOTrainer (neither trl nor trl.experimental defines one), so ppo.py "
            "has no TRL trainer to run",
@@ -114,6 +118,23 @@ COMMON_RUN = [  # the flags every script shares
     R("resume", (), "error", "set is an error: TRL resumes its own checkpoints (trainer.train("
                              "resume_from_checkpoint=...))"),
     R("threads", (), "to_trl", "harness.set_threads on the model, as the script (the CPU only)"),
+    R("gradient_checkpointing", ("activation_checkpointing", "activation_checkpointing_kwargs"), "field",
+      "activation_checkpointing=True (transformers 5's name of gradient_checkpointing) with "
+      "activation_checkpointing_kwargs={use_reentrant: False}: non-reentrant torch.utils.checkpoint per "
+      "decoder layer, as the scripts; but HF calls model.activation_checkpointing_enable, which "
+      "checkpoints a layer only in train mode (the Trainer trains in train mode, the scripts in eval "
+      "mode and wrap each layer themselves); off → False (TRL's own default is on)"),
+]
+LORA = [  # every script's --lora-* flags: a peft.LoraConfig as the trainer's peft_config (build_lora)
+    R("lora_r", ("peft_config",), "field", "R > 0 → peft_config=LoraConfig(r=R, ...), passed to the trainer "
+                                          "(TRL calls get_peft_model, as harness.apply_lora); 0 → None, no "
+                                          "adapters; the optimiser then holds the trainable (adapter) weights"),
+    R("lora_alpha", ("peft_config",), "field", "LoraConfig(lora_alpha=α), default 2r as the scripts; idle "
+                                              "without --lora-r"),
+    R("lora_dropout", ("peft_config",), "field", "LoraConfig(lora_dropout=0): the scripts accept only 0 "
+                                                "(TRL trains in train mode, where a dropout would act)"),
+    R("lora_target_modules", ("peft_config",), "field", "LoraConfig(target_modules=): all-linear as it is, "
+                                                       "names as a list; idle without --lora-r"),
 ]
 PREF_STEPS = [  # dpo.py and reward_model.py loop the same way
     R("epochs", ("num_train_epochs", "max_steps"), "field", "max_steps = the script's step count, "
@@ -139,6 +160,11 @@ MAPPING: dict[str, list[Row]] = {
         R("model", (), "to_trl", "common.load_model, passed as the instance; TRL builds the β > 0 reference "
                                  "from the same folder"),
         R("data", (), "to_trl", "tasks.load_task rows {prompt, answer}; `answer` reaches the reward function"),
+        R("task", ("reward_funcs",), "to_trl", "arithmetic or long-addition: tasks.load_task(task=)'s rows, "
+                                               "scored by tasks.score as grpo.py scores them (long addition: "
+                                               "the strict answer after the work); the evaluation logs "
+                                               "long addition's format figures (eval/worked_frac, ...) as "
+                                               "grpo.py, not its per-step completions/worked_frac"),
         R("chat_template", (), "to_trl", "a text prompt goes in as [{role: user, content}], which TRL "
                                          "renders with the tokenizer's chat template "
                                          "(add_generation_prompt); a prompt of messages goes as it is"),
@@ -187,7 +213,9 @@ MAPPING: dict[str, list[Row]] = {
         R("eval_size", (), "to_trl", "held-out prompts of that evaluation"),
         R("pass_at_k", (), "to_trl", "callback: tasks.pass_at_k before and after training"),
         R("log_every", ("logging_steps",), "field", "× mu"),
-        R("save_model", (), "to_trl", "trainer.save_model(<out-dir>/model)"),
+        R("save_model", (), "to_trl", "trainer.save_model(<out-dir>/model); with --lora-r the adapter as "
+                                      "peft saves it, as grpo.py"),
+        *LORA,
     ],
     "dpo": [
         R("model", ("precompute_ref_log_probs",), "to_trl", "common.load_model, passed as the instance; the "
@@ -210,7 +238,9 @@ MAPPING: dict[str, list[Row]] = {
         R("eval_samples", (), "to_trl", "samples of that evaluation"),
         R("max_new_tokens", (), "to_trl", "token limit of those samples"),
         R("log_every", ("logging_steps",), "field"),
-        R("save_model", (), "to_trl", "trainer.save_model(<out-dir>/model)"),
+        R("save_model", (), "to_trl", "trainer.save_model(<out-dir>/model); with --lora-r the adapter as "
+                                      "peft saves it, as dpo.py"),
+        *LORA,
     ],
     "reward_model": [
         R("model", (), "to_trl", "AutoModelForSequenceClassification(num_labels=1) from the same folder "
@@ -231,20 +261,24 @@ MAPPING: dict[str, list[Row]] = {
         R("eval_every", (), "to_trl", "callback: train and held-out pair accuracy (reward_model.score_pairs)"),
         R("eval_size", (), "to_trl", "pairs of that evaluation"),
         R("log_every", ("logging_steps",), "field"),
-        R("save_model", (), "to_trl", "trainer.save_model(<out-dir>/model): a sequence-classification folder"),
+        R("save_model", (), "to_trl", "trainer.save_model(<out-dir>/model): a sequence-classification folder; "
+                                      "with --lora-r the adapters merged in first (merge_and_unload), as "
+                                      "reward_model.py"),
+        R("lora_r", ("peft_config",), "field", "as dpo.py's, with task_type=SEQ_CLS and "
+                                              "modules_to_save=['score']: the adapters on the backbone's "
+                                              "linear layers, the score head trained whole, as reward_model.py "
+                                              "(TRL's docstring asks for modules_to_save=['score'])"),
+        *LORA[1:],
     ],
 }
 # what to_trl sets whatever the flags, because the scripts do it that way
 FIXED = {
-    "all": {"report_to": "none", "save_strategy": "no", "activation_checkpointing": False,
-            "dataloader_num_workers": 0},
+    "all": {"report_to": "none", "save_strategy": "no", "dataloader_num_workers": 0},
     "grpo": {"weight_decay": 0.0, "mask_truncated_completions": False, "disable_dropout": True},
     "dpo": {"weight_decay": 0.0},
     "reward_model": {},
 }
 FIXED_WHY = {
-    "activation_checkpointing": "TRL turns it on by default (as gradient_checkpointing); the "
-                                "scripts do not recompute activations",
     "save_strategy": "the final model only", "weight_decay": "the script's AdamW",
     "mask_truncated_completions": "a cut-off completion is trained on, with reward 0",
     "disable_dropout": "grpo.py trains in eval mode",
@@ -289,7 +323,11 @@ def run_fields(a, script: str, world: int) -> dict:
     import torch
     out = a.out_dir or str(harness.default_run_dir(f"trl_{script}", a.seed))
     return {"output_dir": out, "seed": a.seed, "use_cpu": device.type == "cpu",
-            "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+            "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16,
+            # --gradient-checkpointing: off unless given (TRL turns it on by default); on, non-reentrant
+            # torch.utils.checkpoint per decoder layer, as harness.gradient_checkpointing
+            "activation_checkpointing": a.gradient_checkpointing,
+            "activation_checkpointing_kwargs": {"use_reentrant": False} if a.gradient_checkpointing else None}
 
 
 def per_device(total: int, world: int, flag: str) -> int:
@@ -419,11 +457,57 @@ def pair_rows(pairs: list[dict], margin: float = 0.0, chat_template: bool = Fals
             for p in pairs]
 
 
-def exact_schedule(model, lr: float, weight_decay: float, factor):
-    """The scripts' optimiser and schedule: torch AdamW on every parameter and the LambdaLR."""
+def exact_schedule(trainer, lr: float, weight_decay: float, factor):
+    """The scripts' optimiser and schedule on the built trainer: torch AdamW on every trainable
+    parameter of trainer.model (every weight; with --lora-r the adapters, and reward_model.py's score
+    head, once TRL has wrapped the model) and the LambdaLR. -> the trainer. Set before train(), they
+    are the trainer's (HF builds its own only when none is set)."""
     import torch
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    opt = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=weight_decay)
+    trainer.optimizer, trainer.lr_scheduler = opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return trainer
+
+
+def lora_config(a, script: str):
+    """--lora-r R: the peft.LoraConfig of harness.apply_lora (r = R, α = --lora-alpha or 2r, dropout
+    --lora-dropout (0), --lora-target-modules: all-linear, or names as a list), as the trainer's
+    peft_config; reward_model.py: task SEQ_CLS with modules_to_save=["score"], so that the adapters sit
+    on the backbone and the score head is trained whole, as reward_model.py's head. None without --lora-r."""
+    if not a.lora_r:
+        return None
+    harness.check_lora(a)  # the scripts' checks, and peft installed (one line if not)
+    import peft
+    targets = a.lora_target_modules.strip()
+    head = script == "reward_model"
+    return peft.LoraConfig(
+        r=a.lora_r, lora_alpha=a.lora_alpha if a.lora_alpha is not None else 2 * a.lora_r,
+        lora_dropout=a.lora_dropout, task_type="SEQ_CLS" if head else "CAUSAL_LM",
+        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        modules_to_save=["score"] if head else None)
+
+
+def lora_text(cfg) -> str:
+    """A LoraConfig as the fields that to_trl sets (the dry run, summary.json)."""
+    if cfg is None:
+        return "None"
+    keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type", "modules_to_save")
+    vals = {k: getattr(cfg, k) for k in keys}
+    vals["target_modules"] = sorted(vals["target_modules"]) if isinstance(vals["target_modules"], (set, list)) \
+        else vals["target_modules"]
+    vals["task_type"] = getattr(vals["task_type"], "value", vals["task_type"])
+    return "LoraConfig(" + ", ".join(f"{k}={v!r}" for k, v in vals.items()) + ")"
+
+
+def make_trainer(cls, a, **kw):
+    """cls(**kw), with a --lora-target-modules that names no module of the model as one line."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        if a.lora_r and "arget modules" in str(e):
+            raise UsageError(f"--lora-target-modules {a.lora_target_modules}: "
+                             f"{str(e).strip().splitlines()[0]}") from None
+        raise
 
 
 def make_callback(evaluate, every: int, per: int, total: int, out: Path | None):
@@ -473,7 +557,7 @@ def build_grpo(a, cfg, train_rows, heldout, callbacks=(), out: Path | None = Non
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    strict = a.data is None  # as grpo.py: the built-in task strictly, a --data file by its last number
+    strict = tasks.task_scoring(a.task, a.data)  # as grpo.py: built-in tasks strictly, --data by its last number
     model, tok = common.load_model(a.model, torch.device("cpu"))  # the trainer moves it
     tasks.check_chat_template(tok, a.model, a.chat_template, train_rows + heldout)  # grpo.py's check
 
@@ -485,19 +569,23 @@ def build_grpo(a, cfg, train_rows, heldout, callbacks=(), out: Path | None = Non
 
     def evaluate(m, when):
         with precision(m, a.dtype).autocast():
-            res = {"eval/accuracy": tasks.greedy_accuracy(m, tok, eval_rows, a.max_new_tokens, strict)}
+            if a.task == "long-addition":  # as grpo.py: the accuracy, and the share worked out and each format's
+                f = tasks.greedy_format_figures(m, tok, eval_rows, a.max_new_tokens, strict)
+                res = {"eval/accuracy": f.pop("accuracy"), **{f"eval/{k}": v for k, v in f.items()}}
+            else:
+                res = {"eval/accuracy": tasks.greedy_accuracy(m, tok, eval_rows, a.max_new_tokens, strict)}
             if a.pass_at_k and when != "step":  # as grpo.py: before and after training
                 res.update(tasks.pass_metrics(tasks.pass_at_k(m, tok, eval_rows, a.group_size,
                                                                 a.max_new_tokens, strict, a.temperature)))
         return res
     cbs = list(callbacks) + ([make_callback(evaluate, a.eval_every, a.mu, a.steps, out)] if out else [])
-    opt, sched = exact_schedule(model, a.lr, 0.0, lr_factor_fn(a.steps, a.warmup_steps, a.lr_schedule, a.mu))
     rewards = [task_reward(tok, strict)]
     if a.overlong_buffer > 0:  # r_i + c·R_length(y_i), as grpo.py's shaped reward
         from trl.rewards import get_soft_overlong_punishment
         rewards.append(get_soft_overlong_punishment(a.max_new_tokens, a.overlong_buffer))
-    return GRPOTrainer(model=model, reward_funcs=rewards, args=cfg, train_dataset=data,
-                       processing_class=tok, optimizers=(opt, sched), callbacks=cbs)
+    trainer = make_trainer(GRPOTrainer, a, model=model, reward_funcs=rewards, args=cfg, train_dataset=data,
+                           processing_class=tok, callbacks=cbs, peft_config=lora_config(a, "grpo"))
+    return exact_schedule(trainer, a.lr, 0.0, lr_factor_fn(a.steps, a.warmup_steps, a.lr_schedule, a.mu))
 
 
 def build_dpo(a, cfg, train_pairs, heldout, out: Path | None = None):
@@ -526,11 +614,11 @@ def build_dpo(a, cfg, train_pairs, heldout, out: Path | None = None):
                 "eval/gold_reward": s["gold_reward"], "eval/kl_to_ref": s["kl_to_ref"],
                 "eval/mean_length": s["mean_length"]}
     total = cfg.max_steps
-    opt, sched = exact_schedule(model, a.lr, 0.0, lr_factor_fn(total, a.warmup_steps))
     rows = pair_rows(train_pairs, 0.0, a.chat_template)
-    return DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
-                      processing_class=tok, optimizers=(opt, sched),
-                      callbacks=[make_callback(evaluate, a.eval_every, 1, total, out)] if out else [])
+    trainer = make_trainer(DPOTrainer, a, model=model, args=cfg, train_dataset=Dataset.from_list(rows),
+                           processing_class=tok, peft_config=lora_config(a, "dpo"),
+                           callbacks=[make_callback(evaluate, a.eval_every, 1, total, out)] if out else [])
+    return exact_schedule(trainer, a.lr, 0.0, lr_factor_fn(total, a.warmup_steps))
 
 
 def load_reward_backbone(name: str, seed: int):
@@ -579,11 +667,11 @@ def build_reward(a, cfg, train_pairs, heldout, out: Path | None = None):
             res[f"eval/{name}_accuracy"] = float(rm_lib.pair_accuracy(r_c, r_r))
         return res
     total = cfg.max_steps
-    opt, sched = exact_schedule(model, a.lr, a.weight_decay, lr_factor_fn(total, a.warmup_steps))
     rows = pair_rows(train_pairs, a.margin, a.chat_template)
-    return RewardTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, optimizers=(opt, sched),
-                         callbacks=[make_callback(evaluate, a.eval_every, 1, total, out)] if out else [])
+    trainer = make_trainer(RewardTrainer, a, model=model, args=cfg, train_dataset=Dataset.from_list(rows),
+                           processing_class=tok, peft_config=lora_config(a, "reward_model"),
+                           callbacks=[make_callback(evaluate, a.eval_every, 1, total, out)] if out else [])
+    return exact_schedule(trainer, a.lr, a.weight_decay, lr_factor_fn(total, a.warmup_steps))
 
 
 #####################################################################################################
@@ -609,7 +697,7 @@ def parse(name: str, argv: list[str]):
 def config_fields(name: str, a, world: int = 1):
     """(the config's keyword arguments, (train, heldout) rows: tasks.load_task's or load_preferences')."""
     if name == "grpo":
-        return grpo_fields(a, world), tasks.load_task(a.data)
+        return grpo_fields(a, world), tasks.load_task(a.data, task=a.task)
     if name == "reward_model" and a.data is not None:  # reward_model.py reads rankings; TRL does not
         check(not any("completions" in r and "chosen" not in r for r in tasks.read_jsonl(a.data)),
               f"--data {a.data}: rows of 'completions' (K-wise rankings), which reward_model.py reads but "
@@ -638,11 +726,13 @@ def run(argv: list[str], dry_run: bool = False) -> dict | None:
     shown = {k: getattr(getattr(cfg, k), "value", getattr(cfg, k)) for k in kw}  # as TRL holds them
     if dry_run:
         print(f"{type(cfg).__name__}(\n" + "".join(f"    {k}={v!r},\n" for k, v in shown.items()) + ")")
+        print(f"plus {TRAINERS[name]}(peft_config={lora_text(lora_config(a, name))})")
         print("plus optimizers=(torch AdamW, the script's exact LambdaLR schedule), and the script's "
               "evaluation as a callback")
         return None
-    # TRL 1.16 itself still calls transformers' deprecated is_gradient_checkpointing: not ours to fix
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    # TRL 1.16 itself still calls transformers' deprecated is_gradient_checkpointing, and (around its
+    # generation, with --gradient-checkpointing) gradient_checkpointing_disable/_enable: not ours to fix
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     out = Path(cfg.output_dir) if rank0 else None  # only the main process writes there
     build = {"grpo": build_grpo, "dpo": build_dpo, "reward_model": build_reward}[name]
@@ -659,12 +749,17 @@ def run(argv: list[str], dry_run: bool = False) -> dict | None:
     model_dir = None
     if a.save_model:
         model_dir = str(out / "model")
-        trainer.save_model(model_dir)
+        if a.lora_r and name == "reward_model":  # as reward_model.py: the adapters merged, the usual folder
+            trainer.model.merge_and_unload().save_pretrained(model_dir)
+            trainer.processing_class.save_pretrained(model_dir)
+        else:  # with --lora-r the adapter as peft saves it, as grpo.py and dpo.py
+            trainer.save_model(model_dir)
     final = next((c for c in trainer.callback_handler.callbacks if hasattr(c, "last")), None)
     summary = {"script": f"to_trl {name}", "trl": trl.__version__, "trainer": type(trainer).__name__,
                "steps": trainer.state.global_step, "final": final.last if final else None,
                "model_dir": model_dir, "processes": world, "config": dataclasses.asdict(a),
-               "trl_config": {k: v for k, v in shown.items()}}
+               "trl_config": {k: v for k, v in shown.items()},
+               "peft_config": lora_text(lora_config(a, name))}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\n=== TRL {type(trainer).__name__} summary ({out}): {json.dumps(summary['final'])}")
     return summary
@@ -686,16 +781,23 @@ def check_mapping() -> list[str]:
         problems += [f"{name}.py --{f.replace('_', '-')} has no row in to_trl.MAPPING" for f in ours if f not in rows]
         problems += [f"to_trl.MAPPING[{name!r}] maps --{f.replace('_', '-')}, which {name}.py no longer has"
                      for f in rows if f not in ours]
-        named = {t for r in MAPPING[name] for t in r.trl if t != "reward_funcs"} | set(FIXED["all"]) | set(FIXED[name])
+        named = {t for r in MAPPING[name] for t in r.trl if t not in TRAINER_ARGS} | set(FIXED["all"]) | set(FIXED[name])
         problems += [f"{cls_name} has no field {t!r} (renamed in TRL {trl.__version__}?)" for t in sorted(named - fields)]
+        trainer_args = set(inspect.signature(getattr(trl, TRAINERS[name])).parameters)
+        problems += [f"{TRAINERS[name]} has no argument {t!r} (renamed in TRL {trl.__version__}?)"
+                     for t in sorted({t for r in MAPPING[name] for t in r.trl if t in TRAINER_ARGS} - trainer_args)]
         # the configs that the flags' choices build: each constructs, and sets only what the table names
+        lora = ["--lora-r", "8", "--lora-target-modules", "q_proj,v_proj"] * bool(importlib.util.find_spec("peft"))
         variants = {"grpo": [[], ["--loss-agg", "token-mean"], ["--loss-agg", "constant", "--no-scale-rewards"],
-                             ["--mu", "2", "--micro-batch", "32", "--lr-schedule", "constant"]],
-                    "dpo": [["--loss-type", t] for t in DPO_LOSS],
-                    "reward_model": [["--no-normalize", "--margin", "0.5", "--center-coef", "0.01"]]}[name]
+                             ["--mu", "2", "--micro-batch", "32", "--lr-schedule", "constant"],
+                             ["--gradient-checkpointing", *lora], ["--task", "long-addition", "--max-new-tokens", "40"]],
+                    "dpo": [["--loss-type", t] for t in DPO_LOSS] + [["--gradient-checkpointing", *lora]],
+                    "reward_model": [["--no-normalize", "--margin", "0.5", "--center-coef", "0.01"],
+                                     ["--no-normalize", "--gradient-checkpointing", *lora]]}[name]
         for v in variants:
             a = harness.parse_args(mod.Args, v)
             kw, _ = config_fields(name, a)
+            lora_config(a, name)  # the LoraConfig constructs (peft's own checks)
             extra = set(kw) - named - {"output_dir"}
             if extra:
                 problems.append(f"{name}: fields set but not in the table: {sorted(extra)}")
