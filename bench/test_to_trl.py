@@ -238,6 +238,8 @@ def test_trl_tokenizes_pairs_as_the_scripts_do(tmp_path):
     from trl import RewardConfig
     cfg = RewardConfig(**to_trl.reward_fields(a, len(train)))
     trainer = to_trl.build_reward(a, cfg, train, heldout)
+    # the script's AdamW holds every weight (no --lora-r)
+    assert [p for g in trainer.optimizer.param_groups for p in g["params"]] == list(trainer.model.parameters())
     tok = trainer.processing_class
     for p, ex in zip(train, trainer.train_dataset):
         prompt = tok.encode(p["prompt"], add_special_tokens=False)
@@ -292,6 +294,8 @@ def test_short_run_with_lora_and_checkpointing(argv, tmp_path):
     if argv[0] == "reward_model.py":
         weights = load_file(out / "model" / "model.safetensors")
         assert not any("lora" in k for k in weights) and "score.weight" in weights  # merged, the usual folder
+        start, _ = to_trl.load_reward_backbone(summary["config"]["model"], summary["config"]["seed"])
+        assert not torch.equal(weights["score.weight"], start.score.weight.detach())  # the head trained whole
         return
     weights = load_file(out / "model" / "adapter_model.safetensors")
     lora_b = [v for k, v in weights.items() if "lora_B" in k]

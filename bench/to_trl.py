@@ -41,6 +41,15 @@ a bias-free `score` head drawn from N(0, initializer_range²); reward_model.py: 
 N(0, 1/(d+1))). The saved model is TRL's (`save_model` into <out-dir>/model): for reward_model.py a
 sequence-classification folder, which tasks.load_reward_model and ppo.py --reward-model read.
 
+Memory options: --gradient-checkpointing becomes activation_checkpointing=True (transformers 5's
+name of gradient_checkpointing) with non-reentrant torch.utils.checkpoint, as the scripts; HF
+checkpoints each decoder layer in train mode, the scripts wrap each layer themselves in eval mode.
+--lora-r R (with --lora-alpha, --lora-dropout, --lora-target-modules) becomes the trainer's
+peft_config, the peft.LoraConfig that harness.apply_lora builds (α = 2r by default); for
+reward_model.py with modules_to_save=["score"], so the head is trained whole, and the saved folder
+has the adapters merged in, as reward_model.py's. The optimiser holds the trainable weights of the
+model TRL wrapped (with --lora-r the adapters, and the score head).
+
 Chat data: rows of messages go to TRL as they are, and with --chat-template text rows go as one user
 and one assistant message, which TRL renders with the tokenizer's chat template; the evaluation
 renders them as the script does (tasks.render_chat), and reads a reward model where TRL trained it,
