@@ -120,8 +120,9 @@ class Args:
     micro_batch: Optional[int] = None
     """preference pairs per forward/backward pass (gradient accumulation), 1..batch_size; default:
     the whole batch. It changes no number but float rounding: the loss of a micro-batch of n pairs
-    out of B is weighted n/B, so the summed gradient is the batch mean's (TRL:
-    per_device_train_batch_size, with gradient_accumulation_steps)"""
+    out of B is weighted n/B, so the summed gradient is the batch mean's. π_ref's log-probs and the
+    evaluation take passes of the same size (TRL: per_device_train_batch_size, with
+    gradient_accumulation_steps)"""
     lr: float = 3e-4
     """peak learning rate of AdamW (tiny-pref: 1e-4..1e-3, where 1e-3 gains more gold reward at a
     KL several times larger and breaks the grammar; a 0.5B+ model: ~5e-7, as in the DPO paper)
@@ -349,6 +350,14 @@ def all_pair_logps(model, tokenizer, pairs: list[dict], device, average: bool, m
     return torch.cat(c), torch.cat(r)  # [N], [N]
 
 
+def per_pass(args: Args) -> int:
+    """Pairs per forward pass without gradient (π_ref's log-probs, evaluation): with --micro-batch,
+    no more than a training pass holds, so that the memory the micro-batch fits is not exceeded
+    there (at 1,024 tokens and a 152k vocabulary, one pair's logits are 0.3 G numbers); without it,
+    256 (the CPU default's numbers depend on it, through float rounding)."""
+    return args.micro_batch or 256
+
+
 def implicit_reward_accuracy(chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta: float,
                              loss_type: str) -> float:
     """Held-out pair accuracy of the implicit reward r̂ = β log π_θ/π_ref: the fraction of pairs
@@ -422,8 +431,8 @@ def train(args: Args) -> dict:
     print(f"log π_ref of {len(used)} train and {len(heldout)} held-out pairs, once …", flush=True)
     with prec.autocast():
         ref_c[used], ref_r[used] = all_pair_logps(ref, tok, [train_pairs[j] for j in used], device, average,
-                                                  max_length)
-        ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average, max_length)  # held out   [M]
+                                                  max_length, per_pass(args))
+        ref_hc, ref_hr = all_pair_logps(ref, tok, heldout, device, average, max_length, per_pass(args))  # [M]
     load_seconds = time.time() - t_start
 
     evaluate = evaluator(policy, ref, tok, heldout, ref_hc, ref_hr, eval_prompts, args, gold, device, prec,
@@ -542,7 +551,7 @@ def evaluator(policy, ref, tok, heldout: list[dict], ref_hc, ref_hr, eval_prompt
 
     def evaluate() -> dict:
         with prec.autocast():
-            pc, pr = all_pair_logps(policy, tok, heldout, device, average, max_length)  # [M], [M]
+            pc, pr = all_pair_logps(policy, tok, heldout, device, average, max_length, per_pass(args))  # [M], [M]
             s = sample_and_score(policy, ref, tok, eval_prompts, args.max_new_tokens, args.seed + 1, gold)
         return {"eval/heldout_pair_accuracy": implicit_reward_accuracy(pc, pr, ref_hc, ref_hr, args.beta,
                                                                        args.loss_type),

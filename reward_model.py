@@ -109,7 +109,8 @@ class Args:
     """preference rows per forward/backward pass (gradient accumulation), 1..batch_size; default: the
     whole batch. It changes no number but float rounding: a micro-batch of n rows out of B weighs
     its L_RM by n/B and its centering term by its pairs / the batch's N pairs, so the summed
-    gradient is the batch mean's (TRL: per_device_train_batch_size, with gradient_accumulation_steps)"""
+    gradient is the batch mean's. The evaluation and the normalisation's scoring take passes of the
+    same size (TRL: per_device_train_batch_size, with gradient_accumulation_steps)"""
     lr: float = 1e-3
     """peak learning rate of AdamW, for the backbone and the head (tiny-pref: 3e-4..3e-3; a 0.5B+
     model: ~1e-5) (TRL: learning_rate)"""
@@ -386,7 +387,7 @@ def train(args: Args) -> dict:
     ceiling = tasks.ceiling_accuracy(heldout) if gold else None
     train_ceiling = tasks.ceiling_accuracy(train_probe) if gold else None
     print_header(out, device, prec, args, rm, len(train_rows), len(heldout), cuts, max_length, tok, suffix)
-    evaluate = evaluator(rm, tok, train_probe, heldout, device, prec, suffix)
+    evaluate = evaluator(rm, tok, train_probe, heldout, device, prec, suffix, args.micro_batch or 256)
     if ckpt is None:  # the start model, at step 0
         start = evaluate_start(evaluate, log, ceiling, gold)
         ev, step = start, 0
@@ -449,9 +450,10 @@ def train(args: Args) -> dict:
     if args.normalize:
         with torch.no_grad(), prec.autocast():
             raw = []
-            for i in range(0, len(norm_texts), 256):
-                ids, mask, _, _ = common.encode_prompt_completion(tok, norm_prompts[i:i + 256],
-                                                                  norm_texts[i:i + 256], device)  # [b, L]
+            b = 2 * args.micro_batch if args.micro_batch else 256  # sequences per pass: with --micro-batch, a training pass's
+            for i in range(0, len(norm_texts), b):
+                ids, mask, _, _ = common.encode_prompt_completion(tok, norm_prompts[i:i + b],
+                                                                  norm_texts[i:i + b], device)  # [b, L]
                 raw.append(rm(*tasks.append_after_last(ids, mask, suffix, pad_id=tok.pad_token_id)))  # [b]
             raw = torch.cat(raw)  # r_φ of the SFT samples   [N]
         rm.reward_mean.fill_(raw.mean().item())  # μ
@@ -513,13 +515,14 @@ def print_header(out, device, prec, args: Args, rm, n_train: int, n_heldout: int
 
 
 def evaluator(rm, tok, train_probe: list[dict], heldout: list[dict], device, prec,
-              suffix: list[int] | None = None):
-    """A closure: the pair accuracy of r_φ on a sample of the training pairs and on the held-out pairs."""
+              suffix: list[int] | None = None, per_pass: int = 256):
+    """A closure: the pair accuracy of r_φ on a sample of the training pairs and on the held-out pairs,
+    `per_pass` pairs per forward pass."""
     def evaluate() -> dict:
         m = {}
         for name, pairs in (("train", train_probe), ("heldout", heldout)):
             with prec.autocast():
-                r_c, r_r = score_pairs(rm, tok, pairs, device, suffix=suffix)  # [N], [N]
+                r_c, r_r = score_pairs(rm, tok, pairs, device, per_pass, suffix=suffix)  # [N], [N]
             m[f"eval/{name}_accuracy"] = float(pair_accuracy(r_c, r_r))
         return m
     return evaluate

@@ -128,7 +128,9 @@ RECIPES = {
                  # peak is the tied embedding's two [V, d] gradients at the end of the backward pass, the
                  # same at any batch (no slope to fit)
                  run=lambda m: ["--prompts-per-step", "1", "--group-size", str(2 * m), "--micro-batch", str(m)]),
-    "reward_model": dict(script="reward_model.py", data="pairs", micro=2, rows=16, micros=(1, 2),
+    # (4 and 8 pairs: at fewer, the peak of a step is the [V, d] float32 embedding gradient that the
+    # second micro-batch's backward pass adds to .grad, the same at any micro-batch: no slope to fit)
+    "reward_model": dict(script="reward_model.py", data="pairs", micro=2, rows=16, micros=(4, 8),
                          full=["--batch-size", "16", "--micro-batch", "2"],
                          flags=["--lr", "1e-5", "--epochs", "1", "--max-length", "1024", "--max-steps", "2",
                                 "--eval-every", "100", "--eval-size", "1", "--norm-samples", "2",
@@ -139,7 +141,8 @@ RECIPES = {
                 flags=["--lr", "5e-7", "--epochs", "1", "--beta", "0.1", "--max-length", "1024", "--max-steps", "2",
                        "--eval-every", "100", "--eval-size", "1", "--eval-samples", "1", "--max-new-tokens", "4"],
                 run=lambda m: ["--batch-size", str(2 * m), "--micro-batch", str(m)]),  # m pairs
-    "ppo": dict(script="ppo.py", data="ppo_pairs", micro=4, rows=64, micros=(2, 4),
+    # (8 and 16 sequences: at 2 and 4 the passes of 256 tokens are below the loading's peak at 1-2 layers)
+    "ppo": dict(script="ppo.py", data="ppo_pairs", micro=4, rows=64, micros=(8, 16),
                 full=["--batch-size", "64", "--mini-batches", "4", "--micro-batch", "4"],
                 flags=["--lr", "1e-6", "--max-new-tokens", str(LENGTHS["ppo_completion"]), "--steps", "1",
                        "--ppo-epochs", "1", "--eval-every", "100", "--eval-samples", "1"],
