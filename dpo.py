@@ -32,7 +32,7 @@ Run:
     python dpo.py --loss-type ipo --beta 0.5          # IPO;  also: hinge, length_norm, reference_free
     python dpo.py --label-smoothing 0.1               # conservative DPO (labels flipped 10% of the time)
     python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --chat-template --batch-size 8 \\
-        --lr 5e-7 --epochs 1 --max-new-tokens 256 --max-length 1024      # one GPU, your own pairs
+        --micro-batch 1 --lr 5e-7 --epochs 1 --max-new-tokens 256 --max-length 1024   # one GPU, your pairs
     python dpo.py --save-every 100 --out-dir runs/x    # a checkpoint every 100 steps; stopped by
     python dpo.py --resume runs/x                      # Ctrl-C, it goes on from the last one
 """

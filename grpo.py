@@ -48,7 +48,7 @@ Run:
     python grpo.py --dynamic-sampling --epsilon-high 0.28 --loss-agg token-mean \\
         --max-new-tokens 6 --overlong-buffer 2      # DAPO's four changes
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --data gsm8k.jsonl --chat-template \\
-        --max-new-tokens 256 --prompts-per-step 8 --group-size 8 --lr 1e-6 --beta 0.04  # one GPU
+        --max-new-tokens 256 --prompts-per-step 8 --group-size 8 --micro-batch 8 --lr 1e-6  # one GPU
     python grpo.py --save-every 100 --out-dir runs/x   # a checkpoint every 100 steps; stopped by
     python grpo.py --resume runs/x                     # Ctrl-C, it goes on from the last one
 """

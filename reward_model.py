@@ -36,7 +36,7 @@ Run:
     python reward_model.py                            # the built-in task, `tiny-pref`, CPU, ~1 minute
     python reward_model.py --margin 0.5 --center-coef 0.01
     python reward_model.py --model Qwen/Qwen2.5-0.5B-Instruct --data pairs.jsonl --chat-template \\
-        --batch-size 16 --lr 1e-5 --epochs 1 --max-new-tokens 256        # one GPU, your own pairs
+        --batch-size 16 --micro-batch 2 --lr 1e-5 --epochs 1 --max-new-tokens 256   # one GPU, your pairs
     python reward_model.py --save-every 100 --out-dir runs/x  # a checkpoint every 100 steps; stopped by
     python reward_model.py --resume runs/x                    # Ctrl-C, it goes on from the last one
 """

@@ -144,8 +144,10 @@ RECIPES = {
     # (8 and 16 sequences: at 2 and 4 the passes of 256 tokens are below the loading's peak at 1-2 layers)
     "ppo": dict(script="ppo.py", data="ppo_pairs", micro=4, rows=64, micros=(8, 16),
                 full=["--batch-size", "64", "--mini-batches", "4", "--micro-batch", "4"],
+                # two epochs: two optimiser steps (one optimiser holds the policy and the value model),
+                # so that the second's passes run with the first's gradients and AdamW state in place
                 flags=["--lr", "1e-6", "--max-new-tokens", str(LENGTHS["ppo_completion"]), "--steps", "1",
-                       "--ppo-epochs", "1", "--eval-every", "100", "--eval-samples", "1"],
+                       "--ppo-epochs", "2", "--eval-every", "100", "--eval-samples", "1"],
                 # one mini-batch of two micro-batches per rollout (the optimiser steps are the same size)
                 run=lambda m: ["--batch-size", str(2 * m), "--mini-batches", "1", "--micro-batch", str(m)]),
 }
