@@ -247,7 +247,9 @@ def probe(out_file: str, script: str, argv: list[str]) -> None:
             parts[part] += n
             return True
         opts = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
-        params = [p for o in opts for g in o.param_groups for p in g["params"]]
+        # trained: what an optimiser holds and updates (a script may hand AdamW every parameter, the
+        # frozen base of LoRA included: those get no gradient and no state, and count as frozen)
+        params = [p for o in opts for g in o.param_groups for p in g["params"] if p.requires_grad]
         for p in params:
             add(p, "trained_weights")
         for p in params:
