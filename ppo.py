@@ -105,7 +105,8 @@ Run:
     python ppo.py --policy-loss kl-penalty --penalty-kl-control fixed   # ... with a fixed β_pen
     python ppo.py --policy-loss trpo                     # TRPO: one natural-gradient step per rollout
     python ppo.py --model PATH/sft --reward-model runs/reward_model__s1__.../model --data pairs.jsonl \\
-        --batch-size 64 --mini-batches 4 --micro-batch 8 --lr 1e-6 --max-new-tokens 128   # one GPU
+        --batch-size 64 --mini-batches 4 --micro-batch 4 --gradient-checkpointing --lr 1e-6 \\
+        --max-new-tokens 128                                     # one GPU (24 GB at 0.5B)
     python ppo.py --save-every 100 --out-dir runs/x    # a checkpoint every 100 steps; stopped by
     python ppo.py --resume runs/x                      # Ctrl-C, it goes on from the last one
 """
