@@ -70,8 +70,9 @@ ARMS = {
 # completions are 4 tokens answered directly or 23-31 worked out column by column: every arm runs at
 # the task's measured recipe (--lr 1e-4, β = 0, 40 new tokens; at the default 3e-4 accuracy
 # collapses) plus its one switch. Dr. GRPO = the constant normaliser and no std scaling; the
-# overlong pair at 30 new tokens, which cut the longest worked answers (31 tokens with EOS), so that
-# truncation happens and the shaping has lengths to act on (penalty from 26 tokens up).
+# overlong pair at 32 new tokens (the task allows no fewer than its longest worked answer, 31 with
+# EOS) with a buffer of 4: the penalty starts at 29 tokens, where the worked answers of sums with
+# two or three carries are (29-31 tokens), so the shaping taxes right answers that need the length.
 LONG_BASE = ["--task", "long-addition", "--model", "models/tiny-long", "--max-new-tokens", "40", "--lr", "1e-4",
              "--eval-every", "25", "--no-pass-at-k"]
 LONG_ARMS = {
@@ -79,11 +80,14 @@ LONG_ARMS = {
     "token-mean": (["--loss-agg", "token-mean"], "grpo"),
     "dr-grpo": (["--loss-agg", "constant", "--no-scale-rewards"], "grpo"),
     "dynamic-sampling": (["--dynamic-sampling"], "grpo"),
-    "grpo-mnt30": (["--max-new-tokens", "30"], None),
-    "overlong": (["--max-new-tokens", "30", "--overlong-buffer", "4"], "grpo-mnt30"),
+    "grpo-mnt32": (["--max-new-tokens", "32"], None),
+    "overlong": (["--max-new-tokens", "32", "--overlong-buffer", "4"], "grpo-mnt32"),
     "grpo-mu4": (["--mu", "4"], None),
     "gspo-mu4": (["--mu", "4", "--ratio", "sequence"], "grpo-mu4"),
     "cispo-mu4": (["--mu", "4", "--policy-loss", "cispo"], "grpo-mu4"),
+    # grpo.py's own defaults, one at a time: its β = 0.04, and its lr 3e-4 (tuned on 4-token answers)
+    "beta0.04": (["--beta", "0.04"], "grpo"),
+    "lr3e-4": (["--lr", "3e-4"], "grpo"),
 }
 TASKS = {"arith": ([], ARMS, "grpo_family"), "long-addition": (LONG_BASE, LONG_ARMS, "grpo_family_long")}
 
@@ -297,9 +301,10 @@ def plot_long(result: dict, path: Path) -> None:
     groups = [("loss normaliser", ["grpo", "token-mean", "dr-grpo"], "len_incorrect_curve",
                "wrong completions' length"),
               ("dynamic sampling", ["grpo", "dynamic-sampling"], None, "accuracy vs completions generated"),
-              ("30 new tokens", ["grpo-mnt30", "overlong"], "no_eos_curve", "share cut off at 30 tokens"),
-              ("μ = 4", ["grpo-mu4", "gspo-mu4", "cispo-mu4"], "clip_curve", "clip fraction")]
-    fig, axes = plt.subplots(2, 4, figsize=(19, 8))
+              ("32 new tokens", ["grpo-mnt32", "overlong"], "penalty_curve", "overlong penalty (mean over samples)"),
+              ("μ = 4", ["grpo-mu4", "gspo-mu4", "cispo-mu4"], "clip_curve", "clip fraction"),
+              ("grpo.py's defaults", ["grpo", "beta0.04", "lr3e-4"], "length_curve", "sampled length")]
+    fig, axes = plt.subplots(2, 5, figsize=(23, 8))
     for col, (title, arms, key, label) in enumerate(groups):
         for arm in arms:
             rs = [r for r in runs if r["arm"] == arm]
