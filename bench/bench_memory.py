@@ -377,6 +377,14 @@ def make_data() -> dict:
     return files
 
 
+def first_rows(path: Path, n: int) -> Path:
+    """The first n rows of a data file, beside it."""
+    out = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    if not out.exists():
+        out.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
+    return out
+
+
 #####################################################################################################
 #####  one run
 #####################################################################################################
@@ -410,7 +418,10 @@ def run_one(recipe: str, size: str, depth: int, m: int, variant: str, trl: bool,
     name = run_name(recipe, size, depth, m, variant, trl)
     out_dir, probe_file = WORK / "runs" / name, WORK / "runs" / f"{name}.json"
     shutil.rmtree(out_dir, ignore_errors=True)
-    args = ["--model", str(model), "--data", str(files[r["data"]]), *r["flags"], *r["run"](m),
+    data = files[r["data"]]
+    if trl and recipe == "dpo":  # TRL computes π_ref's log-probs of every training pair before the first
+        data = first_rows(data, 20)  # step, dpo.py of the pairs it will use: 16 + 4 held out, not 64 + 16
+    args = ["--model", str(model), "--data", str(data), *r["flags"], *r["run"](m),
             *VARIANTS[variant], "--dtype", "bfloat16", "--device", "cpu", "--out-dir", str(out_dir),
             "--no-save-model"]
     if recipe == "ppo":
