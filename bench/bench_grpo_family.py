@@ -239,13 +239,30 @@ def long_table(arms: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot (headless), or None with one line when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is missing: no plot (run with bench/.venv/bin/python)")
+        return None
+    return plt
+
+
+def accuracy_band(ax, rs: list[dict], arm: str):
+    """An arm's held-out accuracy over steps: the mean over its seeds, and a band from min to max."""
+    steps = [c[0] for c in rs[0]["curve"]]
+    acc = np.array([[c[2] for c in r["curve"]] for r in rs])  # [seeds, evals]
+    line, = ax.plot(steps, acc.mean(0), marker="o", ms=3, label=f"{arm} ({len(rs)} seeds)")
+    ax.fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+    return line
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     runs = result["runs"]
     groups = [("μ = 1", ["grpo", "dynamic-sampling"]), ("max 6 tokens", ["grpo-mnt6", "overlong"]),
@@ -258,10 +275,7 @@ def plot(result: dict, path: Path) -> None:
             rs = [r for r in runs if r["arm"] == arm]
             if not rs:
                 continue
-            steps = [c[0] for c in rs[0]["curve"]]
-            acc = np.array([[c[2] for c in r["curve"]] for r in rs])  # [seeds, evals]
-            line, = axes[0, col].plot(steps, acc.mean(0), marker="o", ms=3, label=f"{arm} ({len(rs)} seeds)")
-            axes[0, col].fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+            line = accuracy_band(axes[0, col], rs, arm)
             if col == 0:  # dynamic sampling: the same curves against completions generated
                 for r in rs:
                     axes[1, 0].plot([c[1] for c in r["curve"]], [c[2] for c in r["curve"]],
@@ -290,12 +304,8 @@ def plot(result: dict, path: Path) -> None:
 def plot_long(result: dict, path: Path) -> None:
     """The long-addition family: held-out accuracy (top) and one figure per pair (bottom), mean
     over seeds, band = min..max."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is missing: no plot (run with bench/.venv/bin/python)")
+    plt = pyplot()
+    if plt is None:
         return
     runs = result["runs"]
     groups = [("loss normaliser", ["grpo", "token-mean", "dr-grpo"], "len_incorrect_curve",
@@ -310,10 +320,7 @@ def plot_long(result: dict, path: Path) -> None:
             rs = [r for r in runs if r["arm"] == arm]
             if not rs:
                 continue
-            steps = [c[0] for c in rs[0]["curve"]]
-            acc = np.array([[c[2] for c in r["curve"]] for r in rs])  # [seeds, evals]
-            line, = axes[0, col].plot(steps, acc.mean(0), marker="o", ms=3, label=f"{arm} ({len(rs)} seeds)")
-            axes[0, col].fill_between(steps, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.15)
+            line = accuracy_band(axes[0, col], rs, arm)
             if key is None:
                 for r in rs:
                     axes[1, col].plot([c[1] for c in r["curve"]], [c[2] for c in r["curve"]],
