@@ -1100,21 +1100,32 @@ def check_lora(args) -> None:
     _peft()
 
 
+def lora_config(args, **overrides):
+    """The peft.LoraConfig of the --lora-* flags: r = --lora-r, α = --lora-alpha (default 2r), dropout
+    --lora-dropout (0), --lora-target-modules (all-linear, or names), task CAUSAL_LM; `overrides`
+    replace or add fields (bench/to_trl.py: a reward model's task and head). None without --lora-r."""
+    check_lora(args)
+    if not getattr(args, "lora_r", 0):
+        return None
+    targets = args.lora_target_modules.strip()
+    return _peft().LoraConfig(**{
+        "r": args.lora_r, "lora_alpha": args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
+        "lora_dropout": args.lora_dropout, "task_type": "CAUSAL_LM",
+        "target_modules": targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+        **overrides})
+
+
 def apply_lora(model, args, ckpt: Checkpoint | None = None, name: str = "model"):
     """--lora-r R: `model` with LoRA adapters on --lora-target-modules, only they trainable (the base
     frozen); on --resume, with the checkpoint's adapter weights (<checkpoint>/<name>/). Without
-    --lora-r: `model` itself. The adapters are those of peft's `get_peft_model` with a LoraConfig
-    of r = --lora-r, α = --lora-alpha (default 2r), dropout 0, task CAUSAL_LM; the base model is
-    changed in place (its linear layers wrapped), so code that holds the base sees the adapters."""
-    check_lora(args)
-    if not getattr(args, "lora_r", 0):
+    --lora-r: `model` itself. The adapters are those of peft's `get_peft_model` with `lora_config`;
+    the base model is changed in place (its linear layers wrapped), so code that holds the base sees
+    the adapters."""
+    config = lora_config(args)
+    if config is None:
         return model
     peft = _peft()
     targets = args.lora_target_modules.strip()
-    config = peft.LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_r,
-        lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()])
     training = model.training
     try:
         lora = peft.get_peft_model(model, config)

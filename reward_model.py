@@ -399,7 +399,7 @@ def train(args: Args) -> dict:
         t0 = time.time()
         batch = [train_rows[j] for j in idx]
         B, mb = len(batch), args.micro_batch or len(batch)  # rows per forward/backward pass (--micro-batch)
-        N = sum(len(ranked(r)) * (len(ranked(r)) - 1) // 2 for r in batch)  # the batch's pairs, C(K_b, 2) each
+        N = len(ranking_pairs(batch))  # the batch's pairs, C(K_b, 2) per ranking
         opt.zero_grad(set_to_none=True)
         parts = []  # per micro-batch, detached: L_RM per ranking [b], r_φ(x, y_w) and r_φ(x, y_l) per pair [n]
         for i in range(0, B, mb):  # gradient accumulation: each mean gets the micro-batch's share of it
@@ -450,7 +450,8 @@ def train(args: Args) -> dict:
     if args.normalize:
         with torch.no_grad(), prec.autocast():
             raw = []
-            b = 2 * args.micro_batch if args.micro_batch else 256  # sequences per pass: with --micro-batch, a training pass's
+            # sequences per pass: with --micro-batch, a training pass's (its pairs' two sequences each)
+            b = 2 * args.micro_batch if args.micro_batch else 256
             for i in range(0, len(norm_texts), b):
                 ids, mask, _, _ = common.encode_prompt_completion(tok, norm_prompts[i:i + b],
                                                                   norm_texts[i:i + b], device)  # [b, L]

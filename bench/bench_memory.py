@@ -417,7 +417,6 @@ def run_one(recipe: str, size: str, depth: int, m: int, variant: str, trl: bool,
     model = make_model(size, depth)
     name = run_name(recipe, size, depth, m, variant, trl)
     out_dir, probe_file = WORK / "runs" / name, WORK / "runs" / f"{name}.json"
-    shutil.rmtree(out_dir, ignore_errors=True)
     data = files[r["data"]]
     if trl and recipe == "dpo":  # TRL computes π_ref's log-probs of every training pair before the first
         data = first_rows(data, 20)  # step, dpo.py of the pairs it will use: 16 + 4 held out, not 64 + 16
@@ -432,10 +431,12 @@ def run_one(recipe: str, size: str, depth: int, m: int, variant: str, trl: bool,
            "m": m, "variant": variant, "command": " ".join(["python", *script, *args]).replace(str(ROOT) + "/", "")}
     t0, load0 = time.time(), os.getloadavg()[0]
     if reuse and probe_file.exists():  # a probe of an earlier invocation (--reuse)
-        m = json.loads(probe_file.read_text())
-        if not m.get("error") and m.get("snapshots"):
-            row.update(wall_seconds=m.get("wall_seconds", 0.0), load=m.get("load", [None, None]), reused=True)
-            return measured(row, m)
+        probed = json.loads(probe_file.read_text())
+        if not probed.get("error") and probed.get("snapshots"):
+            row.update(wall_seconds=probed.get("wall_seconds", 0.0), load=probed.get("load", [None, None]),
+                       reused=True)
+            return measured(row, probed)
+    shutil.rmtree(out_dir, ignore_errors=True)  # (after the reuse check: never a running run's folder)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(FOREACH), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     killed = None
@@ -456,15 +457,15 @@ def run_one(recipe: str, size: str, depth: int, m: int, variant: str, trl: bool,
     row.update(wall_seconds=round(time.time() - t0, 1), load=[round(load0, 2), round(os.getloadavg()[0], 2)])
     shutil.rmtree(out_dir, ignore_errors=True)
     try:
-        m = json.loads(probe_file.read_text())
+        probed = json.loads(probe_file.read_text())
     except (OSError, ValueError):
-        m = None
-    if killed or proc.returncode != 0 or m is None or m["error"] or not m["snapshots"]:
+        probed = None
+    if killed or proc.returncode != 0 or probed is None or probed["error"] or not probed["snapshots"]:
         row["error"] = killed or "\n".join(output.strip().splitlines()[-8:]) or "no measurement"
         return row
-    m.update(wall_seconds=row["wall_seconds"], load=row["load"])
-    probe_file.write_text(json.dumps(m))
-    return measured(row, m)
+    probed.update(wall_seconds=row["wall_seconds"], load=row["load"])
+    probe_file.write_text(json.dumps(probed))
+    return measured(row, probed)
 
 
 def measured(row: dict, m: dict) -> dict:

@@ -53,3 +53,13 @@ def test_fit_recovers_a_bilinear_law_and_extrapolates():
         return 3 + 5 * L + b * (7 + 11 * L)
     coef = bench_memory.fit([(L, b, law(L, b)) for L in (1, 2) for b in (1 / 16, 1 / 8)])
     assert abs(bench_memory.predict(coef, 24, 1.0) - law(24, 1.0)) < 1e-6
+
+
+def test_recipes_micro_and_rows_are_the_recipes_flags():
+    """`micro` and `rows`, which the fit scales to, are those of the recipe's own flags (`full`, the
+    README's GPU recipe): a micro-batch changed in one place and not the other fails here."""
+    for name, r in bench_memory.RECIPES.items():
+        flags = r["full"]
+        value = {flags[i]: int(flags[i + 1]) for i in range(0, len(flags), 2)}
+        rows = value["--prompts-per-step"] * value["--group-size"] if name == "grpo" else value["--batch-size"]
+        assert (value["--micro-batch"], rows) == (r["micro"], r["rows"]), name

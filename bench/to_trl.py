@@ -479,21 +479,11 @@ def exact_schedule(trainer, lr: float, weight_decay: float, factor):
 
 
 def lora_config(a, script: str):
-    """--lora-r R: the peft.LoraConfig of harness.apply_lora (r = R, α = --lora-alpha or 2r, dropout
-    --lora-dropout (0), --lora-target-modules: all-linear, or names as a list), as the trainer's
-    peft_config; reward_model.py: task SEQ_CLS with modules_to_save=["score"], so that the adapters sit
-    on the backbone and the score head is trained whole, as reward_model.py's head. None without --lora-r."""
-    if not a.lora_r:
-        return None
-    harness.check_lora(a)  # the scripts' checks, and peft installed (one line if not)
-    import peft
-    targets = a.lora_target_modules.strip()
-    head = script == "reward_model"
-    return peft.LoraConfig(
-        r=a.lora_r, lora_alpha=a.lora_alpha if a.lora_alpha is not None else 2 * a.lora_r,
-        lora_dropout=a.lora_dropout, task_type="SEQ_CLS" if head else "CAUSAL_LM",
-        target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
-        modules_to_save=["score"] if head else None)
+    """--lora-r R: harness.lora_config (the scripts' LoraConfig) as the trainer's peft_config;
+    reward_model.py: task SEQ_CLS with modules_to_save=["score"], so that the adapters sit on the
+    backbone and the score head is trained whole, as reward_model.py's head. None without --lora-r."""
+    head = {"task_type": "SEQ_CLS", "modules_to_save": ["score"]} if script == "reward_model" else {}
+    return harness.lora_config(a, **head)
 
 
 def lora_text(cfg) -> str:
